@@ -1,0 +1,107 @@
+"""Resolve, read and convert torchvision weights; export Flax variables back to torch."""
+
+import hashlib
+import os
+import urllib.error
+
+import numpy as np
+import torch
+import torchvision
+
+from converters.mapping import state_dict_to_variables, variables_to_state_dict
+from xprune_jax import __version__, models
+from xprune_jax.checkpoint import Model
+from xprune_jax.errors import UserError
+
+
+def _weights_enum(arch: str, name: str):
+    """A torchvision weights enum from 'ResNet50_Weights.IMAGENET1K_V1', 'IMAGENET1K_V1' or 'DEFAULT'."""
+    try:
+        if "." in name:
+            return torchvision.models.get_weight(name)
+        return torchvision.models.get_model_weights(arch)[name]
+    except (KeyError, ValueError, AttributeError):
+        raise UserError(f"unknown weights {name!r} for {arch}: give a .pth file or one of "
+                        f"{', '.join(w.name for w in torchvision.models.get_model_weights(arch))}") from None
+
+
+def _looks_like_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.exists(weights)
+
+
+def resolve_weights(arch: str, weights: str) -> tuple[str, object | None]:
+    """``(file path, weights enum or None)``, as torchvision resolves them.
+
+    A weights name is looked up in the torch hub cache (``$TORCH_HOME/hub/checkpoints/<official
+    file name>``) and downloaded there when it is missing and a network is available.
+    """
+    if _looks_like_path(weights):
+        if not os.path.isfile(weights):
+            raise UserError(f"weights file {weights} does not exist: give an existing .pth file or a torchvision "
+                            f"weights name such as {torchvision.models.get_model_weights(arch).DEFAULT}")
+        return weights, None
+    enum = _weights_enum(arch, weights)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(enum.url, cached, hash_prefix=None, progress=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            raise UserError(f"could not download {enum.url} ({e.__class__.__name__}); without a network, "
+                            f"place the official file at {cached}") from None
+    return cached, enum
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A ``.pth`` file laid out like torchvision's downloads, as float32 NumPy arrays."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"cannot read weights file {path}: not a readable torch checkpoint ({reason}); "
+                        "re-download it or point --weights at the right file") from None
+    for nested in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(nested), dict):
+            obj = obj[nested]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"weights file {path} holds no state_dict of tensors; save one with "
+                        "torch.save(model.state_dict(), path)")
+    return {k: v.detach().float().numpy() for k, v in obj.items()}
+
+
+def preprocess_config(arch: str, enum=None) -> dict:
+    """The eval transform of the weights (or of the architecture's default weights)."""
+    t = (enum or torchvision.models.get_model_weights(arch).DEFAULT).transforms()
+    return {"resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]), "mean": list(t.mean), "std": list(t.std),
+            "interpolation": t.interpolation.value}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert(arch: str, weights: str) -> Model:
+    """torchvision weights (a file or a weights name) -> a Flax :class:`Model` of ``arch``."""
+    architecture = models.get_architecture(arch)
+    path, enum = resolve_weights(arch, weights)
+    spec = architecture.default_spec()
+    variables = state_dict_to_variables(read_state_dict(path), models.variable_shapes(arch, spec), what=arch)
+    meta = {
+        "preprocess": preprocess_config(arch, enum),
+        "categories": list((enum or torchvision.models.get_model_weights(arch).DEFAULT).meta["categories"]),
+        "provenance": {
+            "source": "torchvision", "weights": weights if enum is None else str(enum), "file": os.path.abspath(path),
+            "sha256": _sha256(path), "converter": __name__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "xprune_jax": __version__,
+        },
+    }
+    return Model(arch, spec, variables, meta)
+
+
+def to_torch_state_dict(variables: dict) -> dict[str, torch.Tensor]:
+    """Flax variables -> a torchvision state_dict (loadable with ``load_state_dict(strict=True)``)."""
+    return {k: torch.from_numpy(v.copy()) for k, v in variables_to_state_dict(variables).items()}

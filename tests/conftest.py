@@ -1,0 +1,26 @@
+"""Shared test set-up: float32 parity settings, the JAX compilation cache, real COCO images."""
+
+import os
+import pathlib
+
+import jax
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COCO_SUBSET = pathlib.Path(os.environ.get("XPRUNE_COCO_SUBSET", REPO.parent / "shared" / "coco_val2017_subset"))
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def coco_root() -> pathlib.Path:
+    if not (COCO_SUBSET / "val2017").is_dir():
+        pytest.fail(f"the real COCO subset is missing at {COCO_SUBSET}; set XPRUNE_COCO_SUBSET")
+    return COCO_SUBSET
+
+
+@pytest.fixture(scope="session")
+def coco_images(coco_root) -> list[pathlib.Path]:
+    return sorted((coco_root / "val2017").glob("*.jpg"))

@@ -1,0 +1,3 @@
+from xprune_jax.cli import run
+
+run()

@@ -1,0 +1,87 @@
+"""``xprune COMMAND --flags`` (= ``python -m xprune_jax``): the command-line contract of DESIGN.md.
+
+Errors are one line on stderr with exit status 2; they name the problem and the fix.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from xprune_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("arch", None, "Architecture name, e.g. resnet50 (convert).")
+flags.DEFINE_string("weights", None, "A torchvision .pth file or weights name such as ResNet50_Weights.IMAGENET1K_V1.")
+flags.DEFINE_string("model", None, "A model directory written by `xprune convert`.")
+flags.DEFINE_string("images", None, "A folder of images (predict).")
+flags.DEFINE_string("out", None, "Where to write the result.")
+flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "xprune_jax", "jax"),
+                    "JAX's persistent compilation cache ('' disables it).")
+
+
+def _require(*names: str) -> None:
+    missing = [f"--{n}" for n in names if getattr(FLAGS, n) in (None, "")]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}; see `xprune --helpfull`")
+
+
+def convert_command() -> None:
+    _require("arch", "weights", "out")
+    from xprune_jax import models
+    from xprune_jax.checkpoint import save_model
+
+    models.get_architecture(FLAGS.arch)
+    try:
+        from converters.torchvision_io import convert
+    except ImportError as e:
+        raise UserError(f"converting needs torch and torchvision ({e}); install them with "
+                        "`pip install -e '.[torch]'`") from None
+    model = convert(FLAGS.arch, FLAGS.weights)
+    save_model(model, FLAGS.out, overwrite=FLAGS.overwrite)
+    print(f"wrote {FLAGS.out} ({FLAGS.arch} from {model.meta['provenance']['weights']})")
+
+
+def predict_command() -> None:
+    _require("model", "images", "out")
+    import numpy as np
+
+    from xprune_jax import models, predict
+    from xprune_jax.checkpoint import load_model
+    from xprune_jax.data.images import list_images
+    from xprune_jax.fileio import atomic_path
+
+    model = load_model(FLAGS.model)
+    paths = list_images(FLAGS.images)
+    task = models.get_architecture(model.arch).task
+    if task != "classification":
+        raise UserError(f"predict for {task} models is not available yet")
+    logits = predict.classify(model, paths, FLAGS.batch_size)
+    with atomic_path(FLAGS.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, files=np.asarray([os.path.basename(p) for p in paths]), logits=logits)
+    print(f"wrote {FLAGS.out} ({len(paths)} images)")
+
+
+COMMANDS = {"convert": convert_command, "predict": predict_command}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: xprune {{{'|'.join(COMMANDS)}}} --flags (got {' '.join(argv[1:]) or 'nothing'})")
+    if FLAGS.cache_dir:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", FLAGS.cache_dir)
+    logging.set_verbosity(logging.WARNING)
+    try:
+        COMMANDS[argv[1]]()
+    except UserError as e:
+        print(f"xprune {argv[1]}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    app.run(main)
