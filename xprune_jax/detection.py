@@ -1,0 +1,42 @@
+"""The one interface every detector implements, so COCO evaluation and prediction are written once.
+
+A detector's preprocessing differs (torchvision's GeneralizedRCNNTransform, Ultralytics' letterbox
+with rectangular batches), so each detector supplies a :class:`DetectionPipeline`; the harness in
+``xprune_jax.evaluation`` drives any of them the same way:
+
+    batches = pipeline.plan(sizes, batch_size)           # host: group images, fix input shapes
+    for batch in batches:
+        arrays, metas = zip(*(pipeline.preprocess(img, batch.input_shape) for img in images))
+        out = jitted(pipeline.forward)(variables, stack(arrays))   # device: padded detections
+        boxes = pipeline.to_original(out["boxes"][i], metas[i])    # host: original pixels
+
+Static shapes throughout: every output is padded to ``max_detections`` with a ``valid`` mask.
+"""
+
+import dataclasses
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    indices: tuple[int, ...]  # positions in the image list
+    input_shape: tuple[int, int]  # (H, W) of the batch tensor; few distinct values = few compilations
+
+
+class DetectionPipeline(Protocol):
+    max_detections: int
+
+    def plan(self, sizes: list[tuple[int, int]], batch_size: int) -> list[BatchPlan]:
+        """Group images (given as original (h, w)) into batches with fixed input shapes."""
+
+    def preprocess(self, image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, Any]:
+        """HWC uint8 RGB image -> (HWC float32 network input of ``input_shape``, meta for to_original)."""
+
+    def forward(self, variables: dict, images) -> dict:
+        """Jittable: [B, H, W, 3] -> {"boxes" [B, N, 4] xyxy in input pixels, "scores" [B, N],
+        "labels" [B, N] COCO category ids (1..90), "valid" [B, N] bool}, N = max_detections."""
+
+    def to_original(self, boxes: np.ndarray, meta: Any) -> np.ndarray:
+        """Boxes [N, 4] in input pixels -> xyxy in the original image's pixels."""
