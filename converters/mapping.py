@@ -45,7 +45,7 @@ def _to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
 
 
 def _leaves(tree: dict):
-    for collection, sub in tree.items():
+    for collection, sub in sorted(tree.items(), key=lambda item: item[0] != "params"):
         for path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
             yield collection, tuple(p.key for p in path), leaf
 
@@ -79,11 +79,12 @@ def state_dict_to_variables(
             missing.append(key)
             continue
         used.add(key)
-        value = _to_flax_layout(path[-1], np.asarray(state_dict[key], dtype=np.float32))
-        if value.shape != tuple(shape.shape):
-            misshaped.append(f"{key} (file {tuple(value.shape)}, model {tuple(shape.shape)})")
+        value = np.asarray(state_dict[key], dtype=np.float32)
+        want = _to_torch_layout(path[-1], np.empty(shape.shape, np.bool_)).shape
+        if value.shape != want:
+            misshaped.append(f"{key} (file {tuple(value.shape)}, model {tuple(want)})")
             continue
-        _set(variables, (collection, *path), value)
+        _set(variables, (collection, *path), _to_flax_layout(path[-1], value))
     unexpected = [k for k in state_dict if k not in used and not k.endswith(IGNORED_TORCH_KEYS)]
     if missing or unexpected or misshaped:
         problems = [f"{len(l)} {n} keys: {_listing(l)}" for n, l in

@@ -1,0 +1,68 @@
+"""The command line end to end, as a user runs it: `xprune convert` then `xprune predict`."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from tests.conftest import REPO
+
+ARCH = "shufflenet_v2_x0_5"
+
+
+def xprune(*args, check=True):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "xprune_jax", *args, f"--cache_dir={REPO / '.cache' / 'jax'}"],
+                            capture_output=True, text=True, env=env, cwd=REPO)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, coco_images):
+    tmp = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(ARCH, weights=None).eval()
+    torch.save(model.state_dict(), tmp / "w.pth")
+    (tmp / "images").mkdir()
+    for path in coco_images[:3]:
+        shutil.copy(path, tmp / "images")
+    return tmp, model
+
+
+def test_convert_then_predict_matches_torch(workdir):
+    tmp, torch_model = workdir
+    xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
+    xprune("predict", f"--model={tmp / 'model'}", f"--images={tmp / 'images'}", f"--out={tmp / 'logits.npz'}",
+           "--batch_size=2")  # 3 images: the last batch is padded
+    result = np.load(tmp / "logits.npz")
+    files = sorted(os.listdir(tmp / "images"))
+    assert list(result["files"]) == files
+    transform = torchvision.models.ShuffleNet_V2_X0_5_Weights.DEFAULT.transforms()
+    batch = torch.stack([transform(Image.open(tmp / "images" / f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        want = torch_model(batch).numpy()
+    np.testing.assert_allclose(result["logits"], want, atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("args, message", [
+    (("convert", f"--arch={ARCH}", "--out=/tmp/x"), "missing --weights"),
+    (("convert", "--arch=nope", "--weights=w.pth", "--out=/tmp/x"), "unknown architecture 'nope'"),
+    (("predict", "--model=/nonexistent", "--images=/tmp", "--out=/tmp/x.npz"), "is not a model directory"),
+])
+def test_errors_are_one_line_with_exit_status_2(args, message):
+    result = xprune(*args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_unknown_command_prints_usage():
+    result = xprune("frobnicate", check=False)
+    assert result.returncode != 0 and "usage: xprune {convert|predict" in result.stderr

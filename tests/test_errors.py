@@ -1,0 +1,118 @@
+"""Every bad input gets a one-line UserError that names the problem and the fix."""
+
+import json
+import os
+import shutil
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from converters import torchvision_io
+from xprune_jax import models
+from xprune_jax.checkpoint import Model, load_model, save_model
+from xprune_jax.data.images import list_images, load_rgb
+from xprune_jax.errors import UserError
+
+ARCH = "shufflenet_v2_x0_5"  # the smallest backbone keeps these tests fast
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "shufflenet.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model(ARCH, weights=None).state_dict(), path)
+    return path
+
+
+def _raises(match, fn, *args):
+    with pytest.raises(UserError, match=match) as info:
+        fn(*args)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_missing_weights_file():
+    _raises("does not exist: give an existing .pth file", torchvision_io.convert, ARCH, "/nonexistent/w.pth")
+
+
+def test_corrupt_weights_file(weights_file, tmp_path):
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(weights_file.read_bytes()[:5000])
+    _raises("not a readable torch checkpoint", torchvision_io.convert, ARCH, str(truncated))
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    _raises("cannot read weights file", torchvision_io.convert, ARCH, str(text))
+
+
+def test_file_without_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([1, 2, 3], path)
+    _raises("holds no state_dict of tensors", torchvision_io.convert, ARCH, str(path))
+
+
+def test_architecture_mismatch_names_keys(weights_file):
+    message = _raises("do not fit resnet18", torchvision_io.convert, "resnet18", str(weights_file))
+    assert "100 missing keys: bn1.bias, bn1.weight, conv1.weight" in message
+    assert "unexpected keys: conv1.0.weight" in message
+    assert "fc.weight (file (1000, 1024), model (1000, 512))" in message
+
+
+def test_mis_shaped_weights_are_named(tmp_path):
+    torch.manual_seed(0)
+    state_dict = torchvision.models.get_model("shufflenet_v2_x1_0", weights=None).state_dict()
+    path = tmp_path / "wider.pth"
+    torch.save(state_dict, path)
+    message = _raises("mis-shaped keys", torchvision_io.convert, ARCH, str(path))
+    assert "stage2.0.branch1.2.weight (file (58, 24, 1, 1), model (24, 24, 1, 1))" in message
+
+
+def test_unknown_weights_name():
+    _raises("unknown weights 'IMAGENET9K' for resnet50.*IMAGENET1K_V1", torchvision_io.convert, "resnet50", "IMAGENET9K")
+
+
+def test_unknown_architecture():
+    _raises("unknown architecture 'resnet5'; choose one of", models.get_architecture, "resnet5")
+
+
+def test_weights_name_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, dst, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    message = _raises("could not download .*place the official file at", torchvision_io.convert, ARCH, "DEFAULT")
+    assert str(tmp_path / "hub" / "checkpoints" / "shufflenetv2_x0.5-f707e7126e.pth") in message
+
+
+def test_model_dir_errors(weights_file, tmp_path):
+    _raises("is not a model directory", load_model, str(tmp_path))
+    model = torchvision_io.convert(ARCH, str(weights_file))
+    save_model(model, str(tmp_path / "m"))
+    _raises("already exists: choose another --out or pass --overwrite", save_model, model, str(tmp_path / "m"))
+    save_model(model, str(tmp_path / "m"), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no staging directories left behind
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "m", broken)
+    (broken / "model.json").write_text("{not json")
+    _raises("model.json is corrupt", load_model, str(broken))
+
+    shutil.rmtree(broken / "variables")
+    (broken / "model.json").write_text((tmp_path / "m" / "model.json").read_text())
+    _raises("cannot read the variables", load_model, str(broken))
+
+    wrong = Model(ARCH, models.get_architecture("shufflenet_v2_x1_0").default_spec(), model.variables, model.meta)
+    save_model(wrong, str(tmp_path / "wrong"))
+    _raises("variables do not match the spec", load_model, str(tmp_path / "wrong"))
+
+
+def test_image_errors(tmp_path):
+    _raises("does not exist: point --images", list_images, str(tmp_path / "none"))
+    _raises("no images .* in", list_images, str(tmp_path))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    _raises("cannot read image .*bad.jpg.*remove or replace", load_rgb, str(bad))
