@@ -105,3 +105,10 @@ def convert(arch: str, weights: str) -> Model:
 def to_torch_state_dict(variables: dict) -> dict[str, torch.Tensor]:
     """Flax variables -> a torchvision state_dict (loadable with ``load_state_dict(strict=True)``)."""
     return {k: torch.from_numpy(v.copy()) for k, v in variables_to_state_dict(variables).items()}
+
+
+def torch_model(arch: str, variables: dict) -> torch.nn.Module:
+    """The torchvision model of ``arch`` (default spec) holding ``variables``, in eval mode."""
+    model = torchvision.models.get_model(arch, weights=None)
+    model.load_state_dict(to_torch_state_dict(variables), strict=True)
+    return model.eval()

@@ -7,6 +7,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from xprune_jax.errors import UserError
 
@@ -18,6 +19,7 @@ flags.DEFINE_string("images", None, "A folder of images (predict).")
 flags.DEFINE_string("out", None, "Where to write the result.")
 flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py (run).", lock_config=True)
 flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "xprune_jax", "jax"),
                     "JAX's persistent compilation cache ('' disables it).")
 
@@ -65,7 +67,20 @@ def predict_command() -> None:
     print(f"wrote {FLAGS.out} ({len(paths)} images)")
 
 
-COMMANDS = {"convert": convert_command, "predict": predict_command}
+def run_command() -> None:
+    _require("config")
+    from xprune_jax import runs
+    from xprune_jax.experiments import get_experiment
+
+    config = FLAGS.config
+    experiment = get_experiment(config.experiment)
+    run_dir = runs.start_run(config)
+    results, report = experiment(config, run_dir)
+    runs.finish_run(run_dir, results, report)
+    print(f"wrote {os.path.join(run_dir, 'report.md')}")
+
+
+COMMANDS = {"convert": convert_command, "predict": predict_command, "run": run_command}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,67 @@
+"""Torch reference models for parity checks (tests and the ``parity`` experiment).
+
+Random weights *and* random BN statistics (the defaults of 0 and 1 hide bugs); any layer's output
+read with forward hooks.
+"""
+
+import numpy as np
+import torch
+
+
+def _batch_norms(model):
+    return [m for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d"]
+
+
+@torch.no_grad()
+def randomize_batch_norm(model: torch.nn.Module, calibration: torch.Tensor | None = None, seed: int = 0):
+    """Random affine parameters and random running statistics.
+
+    With ``calibration`` images the statistics are first measured on them (so that a deep random
+    net does not saturate or blow up and the comparison stays sensitive), then perturbed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    norms = _batch_norms(model)
+    for m in norms:
+        m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.6 + 0.7)
+        m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    if calibration is not None:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration pass
+        model.train()(calibration)
+    for m in norms:
+        std = m.running_var.sqrt() if calibration is not None else torch.ones_like(m.running_var)
+        m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.2 * std)
+        m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+    return model.eval()
+
+
+def random_torchvision(arch: str, calibration: torch.Tensor | None = None, seed: int = 0, **kwargs) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(seed)
+    return randomize_batch_norm(torchvision.models.get_model(arch, weights=None, **kwargs), calibration, seed)
+
+
+@torch.no_grad()
+def outputs_by_name(model: torch.nn.Module, names, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """The model's output and the outputs of the named submodules, NCHW tensors as NHWC arrays."""
+    modules, captured, handles = dict(model.named_modules()), {}, []
+    for name in names:
+        def hook(_, __, out, name=name):
+            out = out.detach().numpy()
+            captured[name] = out.transpose(0, 2, 3, 1) if out.ndim == 4 else out
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, captured
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| relative to the scale (max |want|) of the reference tensor."""
+    want = np.asarray(want, np.float64)
+    return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / max(np.max(np.abs(want)), 1e-12))

@@ -1,0 +1,24 @@
+"""`xprune run` end to end on the README's demo config (one small architecture to stay fast): the
+run folder holds the report, the results, the plots, the config and the environment, and the report
+states exactly the numbers in results.json."""
+
+import json
+
+from tests.test_cli import xprune
+
+
+def test_demo_parity_run(tmp_path):
+    out = tmp_path / "run"
+    xprune("run", "--config=configs/demo.py", "--config.archs=('shufflenet_v2_x0_5',)", f"--config.out_dir={out}")
+    results = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["archs"] == ["shufflenet_v2_x0_5"] and config["seed"] == 0
+    assert "jax" in json.loads((out / "environment.json").read_text())
+    r = results["shufflenet_v2_x0_5"]
+    assert r["images"] == 4 and r["layers_compared"] > 50
+    assert r["worst_layer_relative_error"] < 1e-4 and r["logits_relative_error"] < 1e-4
+    assert r["top1_agreement"] == 1.0
+    report = (out / "report.md").read_text()
+    assert f"`{r['worst_layer']}` | {r['worst_layer_relative_error']:.1e} | {r['logits_relative_error']:.1e}" in report
+    assert (out / "plots" / "parity_shufflenet_v2_x0_5.png").stat().st_size > 10_000
+    assert list(r["layer_relative_errors"])[0] == "conv1.0"  # listed in execution (depth) order
