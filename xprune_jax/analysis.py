@@ -1,0 +1,103 @@
+"""Per-layer facts derived once for every architecture from a traced forward pass: execution
+order, kind, output shape, parameters and FLOPs.
+
+Nothing here is written per architecture: layers are the modules that ``capture`` their output,
+found by an abstract trace (no computation), with costs read from the parameter shapes.
+"""
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xprune_jax import models
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    name: str  # torch module path
+    kind: str  # stem | conv | pointwise | depthwise | shortcut | head | block
+    shape: tuple[int, ...]  # output shape of one image (H, W, C) or (C,)
+    params: int  # parameters under this module (a block: all of its layers)
+    flops: int  # multiply-accumulates for one image, torchvision's "GFLOPS" convention
+
+
+def traced_layers(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict, dict, list[str]]:
+    """One abstract trace (no computation): variable shapes, captured output shapes by name, and
+    module paths in the order their calls *finish* (a block after its layers)."""
+    order = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.path:
+            order.append(".".join(context.module.path))
+        return out
+
+    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    variables = jax.eval_shape(module.init, jax.random.key(0), x)
+    with nn.intercept_methods(record):
+        _, outputs = jax.eval_shape(functools.partial(models.apply_with_intermediates, module), variables, x)
+    return variables, outputs, order
+
+
+def _subtree(params: dict, name: str) -> dict:
+    """Parameters of the module at torch path ``name`` (module names may themselves hold dots)."""
+    node, rest = params, name
+    while rest:
+        match = max((k for k in node if rest == k or rest.startswith(k + ".")), key=len, default=None)
+        if match is None:
+            return {}
+        node, rest = node[match], rest[len(match) + 1:]
+    return node
+
+
+def _kernels(tree: dict):
+    return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if path[-1].key == "kernel"]
+
+
+def describe_layers(arch: str, spec, input_size: int | tuple[int, int] | None = None) -> list[LayerInfo]:
+    """Every captured layer of the model in execution order, for one image of ``input_size``."""
+    size = input_size or models.get_architecture(arch).input_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    variables, outputs, order = traced_layers(models.build(arch, spec), (1, *hw, 3))
+    params = variables["params"]
+    captured = [name for name in order if name in outputs]
+    layers, first_conv = [], True
+    flops_of = {}
+    for name in captured:
+        out_shape = tuple(outputs[name].shape[1:])
+        tree = _subtree(params, name)
+        own = tree.get("kernel") if isinstance(tree, dict) else None
+        n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+        if own is not None:
+            spatial = math.prod(out_shape[:-1]) if len(out_shape) > 1 else 1
+            flops = int(spatial * math.prod(own.shape))
+            flops_of[name] = flops
+            kind = _kind(name, own.shape, first_conv)
+            first_conv = False
+        else:  # a block: the sum over the layers inside it
+            flops = sum(f for n, f in flops_of.items() if n.startswith(name + "."))
+            kind = "block"
+        layers.append(LayerInfo(name, kind, out_shape, n_params, flops))
+    return layers
+
+
+def _kind(name: str, kernel_shape: tuple[int, ...], first_conv: bool) -> str:
+    if len(kernel_shape) == 2:
+        return "head"
+    if first_conv:
+        return "stem"
+    if "downsample" in name:
+        return "shortcut"
+    kh, kw, per_group_in, _ = kernel_shape
+    if per_group_in == 1 and kh * kw > 1:
+        return "depthwise"
+    return "pointwise" if kh * kw == 1 else "conv"
+
+
+def total_flops(layers: list[LayerInfo]) -> int:
+    return sum(layer.flops for layer in layers if layer.kind != "block")

@@ -1,0 +1,47 @@
+"""Gradient x activation statistics of every layer from ONE jitted forward + backward per batch.
+
+The gradient with respect to each layer's output comes from the ``perturbations`` collection that
+``capture`` sets up (no hooks, no second model). Each layer's a * dL/da is reduced inside the same
+jitted function, so only a few numbers per layer leave it, and batches accumulate by addition.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from xprune_jax import models
+from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS
+
+
+def _reduce(a, g) -> dict:
+    """Sums over the images of a batch; per-channel values keep the channel (last) axis."""
+    ag = (a * g).reshape(a.shape[0], -1, a.shape[-1])  # [images, positions, channels]
+    return {
+        "abs": jnp.sum(jnp.abs(ag)),  # sum over images of sum_i |a_i g_i|
+        "signed": jnp.sum(jnp.abs(jnp.sum(ag, axis=(1, 2)))),  # sum over images of |sum_i a_i g_i|
+        "channel_abs": jnp.sum(jnp.abs(ag), axis=(0, 1)),
+        "channel_signed": jnp.sum(jnp.abs(jnp.sum(ag, axis=1)), axis=0),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def statistics_step(module, objective):
+    """A jitted ``(variables, batch) -> {layer: {abs, signed, channel_abs, channel_signed}}``.
+
+    ``batch`` holds ``images`` plus whatever the objective reads (``weights`` masks padded images).
+    """
+
+    def step(variables, batch):
+        shapes = jax.eval_shape(module.init, jax.random.key(0), batch["images"])[PERTURBATIONS]
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def loss(perturbations):
+            out, state = module.apply({**variables, PERTURBATIONS: perturbations}, batch["images"], mutable=[INTERMEDIATES])
+            return objective(out, batch), state[INTERMEDIATES]
+
+        grads, acts = jax.grad(loss, has_aux=True)(zeros)
+        acts, grads = models.flatten_names(acts), models.flatten_names(grads)
+        return {name: _reduce(acts[name], grads[name]) for name in acts}
+
+    return jax.jit(step)
