@@ -66,3 +66,37 @@ def test_errors_are_one_line_with_exit_status_2(args, message):
 def test_unknown_command_prints_usage():
     result = xprune("frobnicate", check=False)
     assert result.returncode != 0 and "usage: xprune {convert|predict" in result.stderr
+
+
+def test_score_writes_layers_and_comparison(workdir, coco_root):
+    import json
+
+    tmp, _ = workdir
+    if not (tmp / "model").exists():
+        xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
+    out = tmp / "scores.json"
+    result = xprune("score", f"--model={tmp / 'model'}", "--criterion=grad_x_act,l1,random", f"--coco={coco_root}",
+                    "--calib_images=3", "--batch_size=2", "--seed=5", f"--out={out}")
+    scores = json.loads(out.read_text())
+    assert scores["criterion"] == "grad_x_act" and scores["objective"] == "cross_entropy"
+    assert len(scores["calibration"]["images"]) == 3 and scores["calibration"]["seed"] == 5
+    layer = next(l for l in scores["layers"] if l["name"] == "stage2.1.branch2.0")
+    assert layer["kind"] == "pointwise" and layer["shape"] == [28, 28, 24] and layer["params"] == 24 * 24
+    assert layer["flops"] == 28 * 28 * 24 * 24 and len(layer["channel_scores"]) == 24
+    assert layer["score"] == layer["scores"]["grad_x_act"] > 0
+    assert {(r["a"], r["b"]) for r in scores["comparison"]} == {("grad_x_act", "l1"), ("grad_x_act", "random"), ("l1", "random")}
+    assert "grad_x_act vs l1: Spearman" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--criterion=shap",), "unknown criterion 'shap'"),
+    (("--criterion=grad_x_act:median",), "has no variant 'median'"),
+    (("--coco=/nonexistent",), "has no val2017/"),
+    (("--calib_images=100000",), "holds only"),
+])
+def test_score_errors(workdir, coco_root, args, message):
+    tmp, _ = workdir
+    if not (tmp / "model").exists():
+        xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
+    result = xprune("score", f"--model={tmp / 'model'}", f"--coco={coco_root}", f"--out={tmp / 'x.json'}", *args, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -17,6 +17,12 @@ flags.DEFINE_string("weights", None, "A torchvision .pth file or weights name su
 flags.DEFINE_string("model", None, "A model directory written by `xprune convert`.")
 flags.DEFINE_string("images", None, "A folder of images (predict).")
 flags.DEFINE_string("out", None, "Where to write the result.")
+flags.DEFINE_string("coco", None, "A COCO root laid out like the official download: val2017/, annotations/.")
+flags.DEFINE_list("criterion", ["grad_x_act"], "Criteria, comma-separated; the first is the primary one "
+                  "(grad_x_act, grad_x_act:mean, grad_x_act:signed, l1, l1:mean, random).")
+flags.DEFINE_string("objective", "", "The scalar attribution explains ('' = the task's default: cross_entropy).")
+flags.DEFINE_integer("calib_images", 32, "Calibration images drawn from --coco (score).")
+flags.DEFINE_integer("seed", 0, "Seed of the calibration draw and of the random criterion.")
 flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py (run).", lock_config=True)
@@ -67,6 +73,23 @@ def predict_command() -> None:
     print(f"wrote {FLAGS.out} ({len(paths)} images)")
 
 
+def score_command() -> None:
+    _require("model", "out")
+    from xprune_jax.attribution.score import score_model
+    from xprune_jax.checkpoint import load_model, write_json_atomic
+
+    model = load_model(FLAGS.model)
+    result = score_model(model, FLAGS.criterion, FLAGS.objective, FLAGS.coco or "", FLAGS.calib_images,
+                         FLAGS.batch_size, FLAGS.seed)
+    result["model"] = os.path.abspath(FLAGS.model)
+    write_json_atomic(FLAGS.out, result)
+    print(f"wrote {FLAGS.out}: {len(result['layers'])} layers, criteria {', '.join(result['criteria'])}, "
+          f"objective {result['objective']}")
+    for row in result["comparison"]:
+        print(f"  {row['a']} vs {row['b']}: Spearman {row['spearman']:+.2f}, Kendall {row['kendall']:+.2f}, "
+              f"bottom-{row['bottom_k']} overlap {row['bottom_k_overlap']:.0%}")
+
+
 def run_command() -> None:
     _require("config")
     from xprune_jax import runs
@@ -80,7 +103,7 @@ def run_command() -> None:
     print(f"wrote {os.path.join(run_dir, 'report.md')}")
 
 
-COMMANDS = {"convert": convert_command, "predict": predict_command, "run": run_command}
+COMMANDS = {"convert": convert_command, "predict": predict_command, "score": score_command, "run": run_command}
 
 
 def main(argv: list[str]) -> None:
