@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xprune_jax import models
+from xprune_jax import models, tree_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +44,8 @@ def traced_layers(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict
     return variables, outputs, order
 
 
-def _subtree(params: dict, name: str) -> dict:
-    """Parameters of the module at torch path ``name`` (module names may themselves hold dots)."""
-    node, rest = params, name
-    while rest:
-        match = max((k for k in node if rest == k or rest.startswith(k + ".")), key=len, default=None)
-        if match is None:
-            return {}
-        node, rest = node[match], rest[len(match) + 1:]
-    return node
-
-
-def _kernels(tree: dict):
+def kernels(tree: dict) -> list:
+    """Every conv/linear kernel in a variable subtree."""
     return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if path[-1].key == "kernel"]
 
 
@@ -70,7 +60,7 @@ def describe_layers(arch: str, spec, input_size: int | tuple[int, int] | None = 
     flops_of = {}
     for name in captured:
         out_shape = tuple(outputs[name].shape[1:])
-        tree = _subtree(params, name)
+        tree = tree_paths.get(params, name, {})
         own = tree.get("kernel") if isinstance(tree, dict) else None
         n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
         if own is not None:

@@ -6,7 +6,8 @@ import zlib
 
 import numpy as np
 
-from xprune_jax.analysis import LayerInfo, _kernels, _subtree
+from xprune_jax import tree_paths
+from xprune_jax.analysis import LayerInfo, kernels
 from xprune_jax.errors import UserError
 
 
@@ -97,12 +98,12 @@ class L1(Criterion):
     def __call__(self, inputs):
         scores = {}
         for layer in inputs.layers:
-            kernels = [np.asarray(k) for k in _kernels(_subtree(inputs.params, layer.name))]
-            total = sum(float(np.abs(k).sum()) for k in kernels)
-            size = sum(k.size for k in kernels)
+            layer_kernels = [np.asarray(k) for k in kernels(tree_paths.get(inputs.params, layer.name, {}))]
+            total = sum(float(np.abs(k).sum()) for k in layer_kernels)
+            size = sum(k.size for k in layer_kernels)
             channels = None
             if layer.kind != "block":
-                (kernel,) = kernels
+                (kernel,) = layer_kernels
                 channels = np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(0)
                 if self.variant == "mean":
                     channels = channels / (kernel.size // kernel.shape[-1])

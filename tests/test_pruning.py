@@ -1,0 +1,198 @@
+"""Pruning surgery is exact, budgets are honoured, pruned checkpoints round-trip, bad plans fail clearly.
+
+The reference for "exact" is the *original* network with the pruned units masked:
+- removed residual blocks: the BN that feeds the residual add gets scale and shift 0, so the
+  branch adds nothing (ResNet: relu(0 + x) = x, since x is itself a ReLU output);
+- a removed ShuffleNetV2 branch: its weights turned into an exact identity (its input is >= 0);
+- shrunk channels: scale and shift 0 in every BN of the group, so the channel carries 0 onwards.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from converters.mapping import state_dict_to_variables
+from tests.conftest import COCO_SUBSET
+from tests.torch_reference import random_torchvision, relative_error
+from xprune_jax import analysis, models, tree_paths
+from xprune_jax.attribution.score import score_model
+from xprune_jax.checkpoint import Model, load_model, save_model
+from xprune_jax.errors import UserError
+from xprune_jax.pruning.plan import Plan, apply_plan, count_params, make_plan
+from xprune_jax.pruning.rules import rules_for
+
+ARCHS = ["resnet50", "mobilenet_v2", "shufflenet_v2_x1_0"]
+
+
+def _load(paths) -> torch.Tensor:
+    transform = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
+    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def images(coco_images):
+    return _load([coco_images[5], coco_images[9]])
+
+
+@functools.lru_cache(maxsize=None)
+def _model(arch: str, seed: int = 2) -> Model:
+    """A converted model with random weights and BN statistics calibrated on real images."""
+    calibration = _load(sorted((COCO_SUBSET / "val2017").glob("*.jpg"))[:4])
+    torch_model = random_torchvision(arch, calibration, seed=seed)
+    spec = models.get_architecture(arch).default_spec()
+    variables = state_dict_to_variables({k: v.detach().numpy() for k, v in torch_model.state_dict().items()},
+                                        models.variable_shapes(arch, spec), arch)
+    return Model(arch, spec, variables, {"preprocess": {"crop": 224}})
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(module):
+    return jax.jit(module.apply)
+
+
+def _run(model: Model, images) -> np.ndarray:
+    return np.asarray(_forward(model.module)(model.variables, images.permute(0, 2, 3, 1).numpy()))
+
+
+def _mask_removed(model: Model, units) -> dict:
+    variables = jax.tree_util.tree_map(np.array, model.variables)
+    for unit in units:
+        if model.arch.startswith("shufflenet"):
+            _identity_branch(variables, unit)
+        else:
+            last = _norm_names(variables, unit)[-1]  # the BN whose output meets the skip connection
+            tree_paths.get(variables["params"], last)["scale"][:] = 0
+            tree_paths.get(variables["params"], last)["bias"][:] = 0
+    return variables
+
+
+def _norm_names(variables, unit):
+    """The block's BN layers in order (bn1 < bn3, conv.1 < conv.3)."""
+    block = tree_paths.get(variables["batch_stats"], unit)
+    return [f"{unit}.{n}" for n in sorted(block, key=lambda n: [int(t) if t.isdigit() else t for t in n.replace("bn", "bn.").split(".")])]
+
+
+def _identity_branch(variables, unit):
+    params, stats = variables["params"], variables["batch_stats"]
+    for conv in ("branch2.0", "branch2.5"):
+        kernel = tree_paths.get(params, f"{unit}.{conv}")["kernel"]
+        kernel[:] = np.eye(kernel.shape[2], kernel.shape[3])[None, None]
+    dw = tree_paths.get(params, f"{unit}.branch2.3")["kernel"]
+    dw[:] = 0
+    dw[1, 1] = 1
+    for bn in ("branch2.1", "branch2.4", "branch2.6"):
+        tree_paths.get(params, f"{unit}.{bn}")["scale"][:] = 1
+        tree_paths.get(params, f"{unit}.{bn}")["bias"][:] = 0
+        tree_paths.get(stats, f"{unit}.{bn}")["mean"][:] = 0
+        tree_paths.get(stats, f"{unit}.{bn}")["var"][:] = 1 - 1e-5
+
+
+def _mask_channels(model: Model, plan: Plan) -> dict:
+    variables = jax.tree_util.tree_map(np.array, model.variables)
+    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+    for name in plan.selected:
+        dropped = np.setdiff1d(np.arange(groups[name].width), plan.keep_channels[name])
+        for bn in groups[name].norms:
+            tree_paths.get(variables["params"], bn)["scale"][dropped] = 0
+            tree_paths.get(variables["params"], bn)["bias"][dropped] = 0
+    return variables
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode, budget", [("remove", "layers=30%"), ("shrink", "flops=-20%")])
+def test_surgery_equals_masking(arch, mode, budget, images):
+    model = _model(arch)
+    scores = score_model(model, ["random"], seed=1, progress=False)  # any ranking will do; random is fast
+    plan = make_plan(model, scores, mode, budget)
+    pruned = apply_plan(model, plan)
+    masked = _mask_removed(model, plan.selected) if mode == "remove" else _mask_channels(model, plan)
+    want = _run(dataclasses.replace(model, variables=masked), images)
+    got = _run(pruned, images)
+    assert relative_error(got, want) < 1e-5
+    assert relative_error(want, _run(model, images)) > 1e-3  # the pruning changed the network: a real test
+    if mode == "remove":
+        assert all(tree_paths.get(pruned.variables["params"], u) is None for u in plan.selected
+                   if not arch.startswith("shufflenet"))
+        assert len(jax.tree_util.tree_leaves(pruned.variables)) < len(jax.tree_util.tree_leaves(model.variables))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_budget_is_honoured_and_predicted(arch, tmp_path):
+    model = _model(arch)
+    scores = score_model(model, ["l1"], progress=False)
+    for mode, budget, target in [("remove", "flops=-15%", 0.15), ("shrink", "flops=-30%", 0.30),
+                                 ("shrink", "params=-5%", None)]:
+        plan = make_plan(model, scores, mode, budget)
+        save_model(apply_plan(model, plan), str(tmp_path / mode), overwrite=True)
+        pruned = load_model(str(tmp_path / mode))
+        flops = analysis.total_flops(analysis.describe_layers(arch, pruned.spec))
+        assert flops == plan.flops_after and count_params(arch, pruned.spec) == plan.params_after
+        assert plan.params_after == sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
+        if target:
+            assert flops <= (1 - target) * plan.flops_before
+        else:
+            assert plan.params_after <= 0.95 * plan.params_before
+        assert pruned.meta["plans"][-1]["selected"] == plan.selected
+
+
+def test_flops_agree_with_xla_cost_analysis():
+    """Independent check of the analytic counts: XLA's compiled FLOPs shrink by the same ratio."""
+    model = _model("resnet50")
+    plan = make_plan(model, score_model(model, ["l1"], progress=False), "shrink", "flops=-30%")
+    pruned = apply_plan(model, plan)
+
+    def xla_flops(m):
+        x = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
+        return jax.jit(m.module.apply).lower(m.variables, x).compile().cost_analysis()["flops"]
+
+    xla_ratio = xla_flops(pruned) / xla_flops(model)
+    assert xla_ratio == pytest.approx(plan.flops_after / plan.flops_before, abs=0.01)
+
+
+def test_zero_mode_keeps_the_graph_and_zeroes_the_layers():
+    model = _model("mobilenet_v2")
+    plan = make_plan(model, score_model(model, ["l1"], progress=False), "zero", "layers=5%")
+    pruned = apply_plan(model, plan)
+    assert pruned.spec == model.spec and plan.flops_after == plan.flops_before
+    assert len(plan.selected) == round(0.05 * (sum(1 for l in analysis.describe_layers("mobilenet_v2", model.spec)
+                                                   if l.kind not in ("block", "stem", "head"))))
+    for name in plan.selected:
+        assert not np.any(tree_paths.get(pruned.variables["params"], name)["kernel"])
+    assert np.any(tree_paths.get(pruned.variables["params"], "features.3.conv.2")["kernel"]) or \
+        "features.3.conv.2" in plan.selected
+
+
+def test_pruning_a_pruned_model_and_reloading(tmp_path, images):
+    model = _model("resnet50")
+    once = apply_plan(model, make_plan(model, score_model(model, ["random"], seed=0, progress=False), "remove", "layers=20%"))
+    twice = apply_plan(once, make_plan(once, score_model(once, ["l1"], progress=False), "shrink", "flops=-10%"))
+    save_model(twice, str(tmp_path / "twice"))
+    loaded = load_model(str(tmp_path / "twice"))
+    assert len(loaded.meta["plans"]) == 2 and loaded.spec == twice.spec
+    np.testing.assert_array_equal(_run(loaded, images), _run(twice, images))
+    with pytest.raises(UserError, match="made for another model"):  # scores of the unpruned model don't fit
+        make_plan(once, score_model(model, ["l1"], progress=False), "remove", "layers=10%")
+
+
+def test_invalid_plans_get_clear_errors():
+    model = _model("resnet50")
+    scores = score_model(model, ["l1"], progress=False)
+    with pytest.raises(UserError, match="can't be met by remove on resnet50"):
+        make_plan(model, scores, "remove", "flops=-90%")
+    with pytest.raises(UserError, match="bad --budget"):
+        make_plan(model, scores, "remove", "half")
+    with pytest.raises(UserError, match="zero mode keeps every FLOP"):
+        make_plan(model, scores, "zero", "flops=-30%")
+    plan = make_plan(model, scores, "remove", "layers=10%")
+    with pytest.raises(UserError, match="names 'layer9.1', which is not a remove-able unit"):
+        apply_plan(model, dataclasses.replace(plan, selected=["layer9.1"]))
+    with pytest.raises(UserError, match="prunes 'layer2.1', which is protected"):
+        apply_plan(model, dataclasses.replace(plan, selected=["layer2.1"], protected=[*plan.protected, "layer2.1"]))
+    protected = make_plan(model, scores, "remove", "layers=99%", protect=["layer3"])
+    assert not any(u.startswith("layer3.") for u in protected.selected)

@@ -1,0 +1,211 @@
+"""Plans: which layers a score file's criterion ranks lowest, chosen under a budget, and the new
+(spec, variables) pair they produce.
+
+Budgets: ``layers=5%`` (the bottom fraction of the eligible units: the paper's global 5%),
+``flops=-30%`` or ``params=-30%`` (a reduction target). Modes: ``zero`` (the paper's; no speed-up),
+``remove`` (depth pruning), ``shrink`` (width pruning).
+"""
+
+import dataclasses
+import math
+import re
+
+import jax
+import numpy as np
+
+from xprune_jax import analysis, models, tree_paths
+from xprune_jax.checkpoint import Model
+from xprune_jax.errors import UserError
+from xprune_jax.pruning import surgery
+from xprune_jax.pruning.rules import rules_for
+
+MODES = ("zero", "remove", "shrink")
+PROTECTED_KINDS = ("stem", "head")
+
+
+@dataclasses.dataclass
+class Plan:
+    mode: str
+    budget: str
+    criterion: str
+    selected: list[str]  # zero: layers; remove: blocks/units; shrink: channel groups (by producing conv)
+    keep_channels: dict[str, list[int]]  # shrink: the channels each selected group keeps
+    protected: list[str]
+    flops_before: int
+    flops_after: int  # FLOPs of the network that runs (zeroed layers still cost their FLOPs)
+    params_before: int
+    params_after: int  # parameters stored (zeroed ones included)
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    match = re.fullmatch(r"(layers|flops|params)=-?(\d+(?:\.\d+)?)%", text.replace(" ", ""))
+    if not match or not 0 < float(match.group(2)) < 100:
+        raise UserError(f"bad --budget {text!r}: use layers=5%, flops=-30% or params=-30% (between 0 and 100%)")
+    return match.group(1), float(match.group(2)) / 100
+
+
+def count_params(arch: str, spec) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(models.variable_shapes(arch, spec)["params"])))
+
+
+def _input_size(model: Model):
+    return model.meta.get("preprocess", {}).get("crop")
+
+
+def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), shrink_ratio: float = 0.5,
+              round_to: int = 8) -> Plan:
+    """Rank the eligible units by the score file's criterion (lowest first) and take them under the budget."""
+    if mode not in MODES:
+        raise UserError(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
+    kind, target = parse_budget(budget)
+    layers = analysis.describe_layers(model.arch, model.spec, _input_size(model))
+    score = _scores_by_layer(scores, layers, model.arch)
+    protected = sorted({l.name for l in layers if l.kind in PROTECTED_KINDS} | set(protect))
+    flops_before, params_before = analysis.total_flops(layers), count_params(model.arch, model.spec)
+
+    if mode == "zero":
+        if kind != "layers":
+            raise UserError("zero mode keeps every FLOP and parameter; use --budget=layers=N% (the paper: layers=5%)")
+        eligible = [l.name for l in layers if l.kind != "block" and l.name not in protected]
+        chosen = sorted(eligible, key=lambda n: (score[n], n))[: max(1, round(target * len(eligible)))]
+        return Plan(mode, budget, scores["criterion"], chosen, {}, protected, flops_before, flops_before,
+                    params_before, params_before)
+
+    rules = rules_for(model.spec)
+    if mode == "remove":
+        units = [u for u in rules.removable(model.spec) if not _touches(u, protected)]
+        costs = {u: _unit_costs(u, layers, model.variables) for u in units}
+        unit_score = {u: sum(score[l.name] for l in layers if l.kind != "block" and l.name.startswith(u + ".")) for u in units}
+        ranked = sorted(units, key=lambda u: (unit_score[u], u))
+        savings = lambda chosen: tuple(sum(costs[u][i] for u in chosen) for i in (0, 1))  # noqa: E731
+        chosen = _take(ranked, kind, target, savings, flops_before, params_before, mode, model.arch)
+        spec = rules.remove(model.spec, chosen)
+        keep = {}
+    else:
+        groups = {g.name: g for g in rules.groups(model.spec)
+                  if not any(_touches(n, protected) for n in g.producers + g.depthwise)}
+        keep = {}
+        for name, g in groups.items():
+            n_keep = min(g.width - 1, max(round_to, math.ceil((1 - shrink_ratio) * g.width / round_to) * round_to))
+            channel = np.asarray(_channel_scores(scores, name, g.width))
+            keep[name] = sorted(int(i) for i in np.argsort(-channel, kind="stable")[:n_keep])
+        groups = {n: g for n, g in groups.items() if 0 < len(keep[n]) < g.width}
+        by_layer = {l.name: l for l in layers}
+        ranked = sorted(groups, key=lambda n: (score[n], n))
+        savings = lambda chosen: _shrink_savings([groups[n] for n in chosen], keep, by_layer)  # noqa: E731
+        chosen = _take(ranked, kind, target, savings, flops_before, params_before, mode, model.arch)
+        keep = {n: keep[n] for n in chosen}
+        spec = model.spec
+        for n in chosen:
+            spec = rules.resize(spec, n, len(keep[n]))
+    after = analysis.total_flops(analysis.describe_layers(model.arch, spec, _input_size(model)))
+    return Plan(mode, budget, scores["criterion"], chosen, keep, protected, flops_before, after,
+                params_before, count_params(model.arch, spec))
+
+
+def _take(ranked, kind, target, savings, flops_before, params_before, mode, arch) -> list[str]:
+    """The lowest-ranked units, as many as the budget needs; ``savings(units) -> (flops, params)``."""
+    if kind == "layers":
+        return ranked[: max(1, round(target * len(ranked)))]
+    total, index = (flops_before, 0) if kind == "flops" else (params_before, 1)
+    chosen = []
+    for unit in ranked:
+        if savings(chosen)[index] >= target * total:
+            break
+        chosen.append(unit)
+    saved = savings(chosen)[index]
+    if saved < target * total:
+        raise UserError(f"budget {kind}=-{target:.0%} can't be met by {mode} on {arch}: all {len(ranked)} eligible "
+                        f"units together cut {saved / total:.1%}; lower the budget or use another mode")
+    return chosen
+
+
+def _touches(name: str, protected) -> bool:
+    return any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in protected)
+
+
+def _unit_costs(unit: str, layers, variables) -> tuple[int, int]:
+    """FLOPs and parameters that removing ``unit`` saves (every layer inside it goes)."""
+    flops = sum(l.flops for l in layers if l.kind != "block" and l.name.startswith(unit + "."))
+    params = tree_paths.get(variables["params"], unit, {})
+    return flops, int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+
+
+def _shrink_savings(groups, keep: dict, by_layer) -> tuple[int, int]:
+    """FLOPs and parameters saved by narrowing ``groups`` together: a conv's cost scales with its
+    kept output and input fractions (a depthwise conv's with its channels), and each BN loses two
+    parameters a channel."""
+    out_fraction, in_fraction, bn_params = {}, {}, 0
+    for g in groups:
+        fraction = len(keep[g.name]) / g.width
+        out_fraction.update({n: fraction for n in g.producers + g.depthwise})
+        in_fraction.update({n: fraction for n in g.consumers})
+        bn_params += 2 * len(g.norms) * (g.width - len(keep[g.name]))
+    flops = params = 0
+    for name in set(out_fraction) | set(in_fraction):
+        layer, f = by_layer[name], out_fraction.get(name, 1.0) * in_fraction.get(name, 1.0)
+        flops += layer.flops - round(layer.flops * f)
+        params += layer.params - round(layer.params * f)
+    return flops, params + bn_params
+
+
+def _scores_by_layer(scores: dict, layers, arch: str) -> dict[str, float]:
+    if scores.get("arch") not in (None, arch):
+        raise UserError(f"the scores were computed for {scores['arch']}, not {arch}; run `xprune score` on this model")
+    by_name = {entry["name"]: entry["score"] for entry in scores["layers"]}
+    missing = [l.name for l in layers if l.name not in by_name]
+    extra = sorted(set(by_name) - {l.name for l in layers})
+    if missing or extra:
+        example = ", ".join((missing or extra)[:3])
+        raise UserError(f"the scores file was made for another model ({len(missing)} layers lack a score, {len(extra)} "
+                        f"scored layers are not in this model, e.g. {example}); run `xprune score` on this very model")
+    return by_name
+
+
+def _channel_scores(scores: dict, name: str, width: int):
+    entry = next(e for e in scores["layers"] if e["name"] == name)
+    values = entry.get("channel_scores")
+    if values is None or len(values) != width:
+        raise UserError(f"the scores file has no per-channel scores for {name}; shrink needs a criterion "
+                        "that defines them (grad_x_act, l1, random)")
+    return values
+
+
+def validate_plan(model: Model, plan: Plan) -> None:
+    """Clear errors for plans that name unknown or protected layers (e.g. a hand-edited plan file)."""
+    if plan.mode not in MODES:
+        raise UserError(f"plan mode {plan.mode!r} is unknown; choose one of: {', '.join(MODES)}")
+    layers = analysis.describe_layers(model.arch, model.spec, _input_size(model))
+    if plan.mode == "zero":
+        known = {l.name for l in layers if l.kind != "block"}
+    elif plan.mode == "remove":
+        known = set(rules_for(model.spec).removable(model.spec))
+    else:
+        known = {g.name for g in rules_for(model.spec).groups(model.spec)}
+    for name in plan.selected:
+        if name not in known:
+            raise UserError(f"the plan names {name!r}, which is not a {plan.mode}-able unit of this "
+                            f"{model.arch} model; eligible: {', '.join(sorted(known)[:6])}, ...")
+        if _touches(name, plan.protected):
+            raise UserError(f"the plan prunes {name!r}, which is protected ({', '.join(plan.protected)}); "
+                            "drop it from the plan or from the protected list")
+
+
+def apply_plan(model: Model, plan: Plan) -> Model:
+    """The pruned model: a new (spec, variables) pair, with the plan recorded in its metadata."""
+    validate_plan(model, plan)
+    if plan.mode == "zero":
+        spec, variables = model.spec, surgery.zero_layers(model.variables, plan.selected)
+    elif plan.mode == "remove":
+        spec = rules_for(model.spec).remove(model.spec, plan.selected)
+        variables = surgery.restrict_to_spec(model.variables, model.arch, spec)
+    else:
+        rules = rules_for(model.spec)
+        groups = {g.name: g for g in rules.groups(model.spec)}
+        spec, variables = model.spec, model.variables
+        for name in plan.selected:
+            keep = np.asarray(plan.keep_channels[name])
+            variables = surgery.shrink_group(variables, groups[name], keep)
+            spec = rules.resize(spec, name, len(keep))
+    meta = {**model.meta, "plans": [*model.meta.get("plans", []), dataclasses.asdict(plan)]}
+    return Model(model.arch, spec, variables, meta)

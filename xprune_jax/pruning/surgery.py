@@ -1,0 +1,56 @@
+"""Rewrites of the variables that go with a rewritten spec. Written once for every architecture:
+they only address subtrees by torch path and slice arrays along channel axes."""
+
+import copy
+
+import jax
+import numpy as np
+
+from xprune_jax import models, tree_paths
+from xprune_jax.pruning.rules import ChannelGroup
+
+
+def _copy(variables: dict) -> dict:
+    return jax.tree_util.tree_map(np.array, copy.deepcopy(jax.tree_util.tree_map(np.asarray, variables)))
+
+
+def restrict_to_spec(variables: dict, arch: str, spec) -> dict:
+    """Keep exactly the variables that ``spec`` has (after blocks were removed from it)."""
+    expected = models.variable_shapes(arch, spec)
+
+    def keep(tree, want):
+        return {k: keep(v, want[k]) if isinstance(v, dict) else v for k, v in tree.items() if k in want}
+
+    kept = keep(_copy(variables), expected)
+    assert jax.tree_util.tree_structure(kept) == jax.tree_util.tree_structure(expected)
+    return kept
+
+
+def shrink_group(variables: dict, group: ChannelGroup, keep: np.ndarray) -> dict:
+    """Keep only the channels ``keep`` of ``group`` in every layer that produces, carries or reads them."""
+    out = _copy(variables)
+    params, stats = out["params"], out.get("batch_stats", {})
+    for name in group.producers + group.depthwise:
+        layer = tree_paths.get(params, name)
+        layer["kernel"] = layer["kernel"][..., keep]
+        if "bias" in layer:
+            layer["bias"] = layer["bias"][keep]
+    for name in group.norms:
+        for tree in (tree_paths.get(params, name), tree_paths.get(stats, name)):
+            for key in tree:
+                tree[key] = tree[key][keep]
+    for name in group.consumers:
+        layer = tree_paths.get(params, name)
+        layer["kernel"] = layer["kernel"][:, :, keep, :]
+    return out
+
+
+def zero_layers(variables: dict, names) -> dict:
+    """The paper's operation: zero the layers' weights and biases (the graph and its cost stay)."""
+    out = _copy(variables)
+    for name in names:
+        layer = tree_paths.get(out["params"], name)
+        for key in ("kernel", "bias"):
+            if key in layer:
+                layer[key] = np.zeros_like(layer[key])
+    return out
