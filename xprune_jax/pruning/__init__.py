@@ -1,0 +1,1 @@
+"""Pruning: plans under budgets, per-architecture rules, and the surgery that rewrites (spec, variables)."""
