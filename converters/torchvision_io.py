@@ -112,3 +112,15 @@ def torch_model(arch: str, variables: dict) -> torch.nn.Module:
     model = torchvision.models.get_model(arch, weights=None)
     model.load_state_dict(to_torch_state_dict(variables), strict=True)
     return model.eval()
+
+
+def export_torch(model: Model, path: str) -> None:
+    """Write ``{"arch", "spec", "state_dict"}`` with torch.save (atomically): the state_dict is in
+    torchvision's layout and key names; the spec says which blocks exist and how wide each layer is
+    (an unpruned or zero-pruned model loads straight into ``torchvision.models.get_model(arch)``)."""
+    from xprune_jax.fileio import atomic_path
+    from xprune_jax.spec import spec_to_dict
+
+    with atomic_path(path) as tmp:
+        torch.save({"arch": model.arch, "spec": spec_to_dict(model.spec),
+                    "state_dict": to_torch_state_dict(model.variables)}, tmp)

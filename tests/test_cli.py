@@ -100,3 +100,27 @@ def test_score_errors(workdir, coco_root, args, message):
         xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
     result = xprune("score", f"--model={tmp / 'model'}", f"--coco={coco_root}", f"--out={tmp / 'x.json'}", *args, check=False)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_prune_remove_then_export(workdir, coco_root):
+    import json
+
+    tmp, _ = workdir
+    if not (tmp / "model").exists():
+        xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
+    xprune("score", f"--model={tmp / 'model'}", "--criterion=l1", f"--out={tmp / 'l1.json'}")
+    result = xprune("prune", f"--model={tmp / 'model'}", f"--scores={tmp / 'l1.json'}", "--mode=remove",
+                    "--budget=flops=-10%", f"--out={tmp / 'pruned'}", f"--export_torch={tmp / 'pruned.pt'}")
+    plan = json.loads((tmp / "pruned.plan.json").read_text())
+    assert plan["mode"] == "remove" and plan["flops_after"] <= 0.9 * plan["flops_before"]
+    assert "FLOPs" in result.stdout and json.loads((tmp / "pruned" / "model.json").read_text())["plans"][0] == plan
+    exported = torch.load(tmp / "pruned.pt", weights_only=True)
+    removed = plan["selected"][0]
+    assert exported["arch"] == ARCH and not any(k.startswith(removed + ".branch2") for k in exported["state_dict"])
+    units = {u["name"]: u for u in exported["spec"]["units"]}
+    assert units[removed]["branch2"] is None
+    # The pruned model predicts (end to end through the CLI).
+    xprune("predict", f"--model={tmp / 'pruned'}", f"--images={tmp / 'images'}", f"--out={tmp / 'p.npz'}")
+    bad = xprune("prune", f"--model={tmp / 'model'}", f"--scores={tmp / 'l1.json'}", "--mode=zero",
+                 "--budget=flops=-10%", f"--out={tmp / 'z'}", check=False)
+    assert bad.returncode == 2 and "zero mode keeps every FLOP" in bad.stderr

@@ -23,6 +23,14 @@ flags.DEFINE_list("criterion", ["grad_x_act"], "Criteria, comma-separated; the f
 flags.DEFINE_string("objective", "", "The scalar attribution explains ('' = the task's default: cross_entropy).")
 flags.DEFINE_integer("calib_images", 32, "Calibration images drawn from --coco (score).")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration draw and of the random criterion.")
+flags.DEFINE_string("scores", None, "A scores file written by `xprune score` (prune).")
+flags.DEFINE_enum("mode", None, ["zero", "remove", "shrink"], "zero: the paper's (no speed-up); remove: depth; shrink: width.")
+flags.DEFINE_string("budget", None, "layers=5% (bottom fraction of eligible units), flops=-30% or params=-30%.")
+flags.DEFINE_list("protect", [], "Extra layers or blocks never to prune (the stem and heads always are).")
+flags.DEFINE_string("plan", None, "Apply this plan JSON (e.g. hand-edited) instead of --scores/--mode/--budget.")
+flags.DEFINE_float("shrink_ratio", 0.5, "Fraction of a selected group's channels that shrink removes.")
+flags.DEFINE_integer("round_to", 8, "Shrink keeps a multiple of this many channels.")
+flags.DEFINE_string("export_torch", None, "Also write the model as a torch file {arch, spec, state_dict} (classifiers).")
 flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py (run).", lock_config=True)
@@ -90,6 +98,47 @@ def score_command() -> None:
               f"bottom-{row['bottom_k']} overlap {row['bottom_k_overlap']:.0%}")
 
 
+def prune_command() -> None:
+    _require("model", "out")
+    import dataclasses
+    import json
+
+    from xprune_jax.checkpoint import load_model, save_model, write_json_atomic
+    from xprune_jax.pruning.plan import Plan, apply_plan, make_plan
+
+    model = load_model(FLAGS.model)
+    if FLAGS.plan:
+        try:
+            with open(FLAGS.plan) as f:
+                plan = Plan(**json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"cannot read plan {FLAGS.plan} ({e}); write one with `xprune prune --scores=...`") from None
+    else:
+        _require("scores", "mode", "budget")
+        plan = make_plan(model, _read_json(FLAGS.scores, "scores file", "`xprune score`"), FLAGS.mode, FLAGS.budget,
+                         FLAGS.protect, FLAGS.shrink_ratio, FLAGS.round_to)
+    pruned = apply_plan(model, plan)
+    save_model(pruned, FLAGS.out, overwrite=FLAGS.overwrite)
+    write_json_atomic(FLAGS.out.rstrip("/") + ".plan.json", dataclasses.asdict(plan))
+    if FLAGS.export_torch:
+        from converters.torchvision_io import export_torch
+
+        export_torch(pruned, FLAGS.export_torch)
+    print(f"wrote {FLAGS.out} ({plan.mode}, {len(plan.selected)} units): FLOPs {plan.flops_before / 1e9:.3f}G -> "
+          f"{plan.flops_after / 1e9:.3f}G ({plan.flops_after / plan.flops_before - 1:+.1%}), params "
+          f"{plan.params_before / 1e6:.2f}M -> {plan.params_after / 1e6:.2f}M; plan in {FLAGS.out.rstrip('/')}.plan.json")
+
+
+def _read_json(path: str, what: str, maker: str):
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what} {path} ({e.__class__.__name__}); make one with {maker}") from None
+
+
 def run_command() -> None:
     _require("config")
     from xprune_jax import runs
@@ -103,7 +152,8 @@ def run_command() -> None:
     print(f"wrote {os.path.join(run_dir, 'report.md')}")
 
 
-COMMANDS = {"convert": convert_command, "predict": predict_command, "score": score_command, "run": run_command}
+COMMANDS = {"convert": convert_command, "predict": predict_command, "score": score_command, "prune": prune_command,
+            "run": run_command}
 
 
 def main(argv: list[str]) -> None:
