@@ -121,6 +121,11 @@ def test_prune_remove_then_export(workdir, coco_root):
     assert units[removed]["branch2"] is None
     # The pruned model predicts (end to end through the CLI).
     xprune("predict", f"--model={tmp / 'pruned'}", f"--images={tmp / 'images'}", f"--out={tmp / 'p.npz'}")
+    bench = xprune("bench", f"--model={tmp / 'model'}", f"--model={tmp / 'pruned'}", "--repeats=3", "--warmup=1",
+                   "--batch_size=2", f"--out={tmp / 'bench.json'}")
+    summary = json.loads((tmp / "bench.json").read_text())["summary"]
+    assert summary["model"]["ratio_median"] == 1.0 and summary["pruned"]["n"] == 3
+    assert summary["pruned"]["median_ms"] > 0 and "| pruned |" in bench.stdout
     bad = xprune("prune", f"--model={tmp / 'model'}", f"--scores={tmp / 'l1.json'}", "--mode=zero",
                  "--budget=flops=-10%", f"--out={tmp / 'z'}", check=False)
     assert bad.returncode == 2 and "zero mode keeps every FLOP" in bad.stderr

@@ -14,7 +14,7 @@ from xprune_jax.errors import UserError
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", None, "Architecture name, e.g. resnet50 (convert).")
 flags.DEFINE_string("weights", None, "A torchvision .pth file or weights name such as ResNet50_Weights.IMAGENET1K_V1.")
-flags.DEFINE_string("model", None, "A model directory written by `xprune convert`.")
+flags.DEFINE_multi_string("model", None, "A model directory written by `xprune convert` or `prune` (bench: several).")
 flags.DEFINE_string("images", None, "A folder of images (predict).")
 flags.DEFINE_string("out", None, "Where to write the result.")
 flags.DEFINE_string("coco", None, "A COCO root laid out like the official download: val2017/, annotations/.")
@@ -31,6 +31,8 @@ flags.DEFINE_string("plan", None, "Apply this plan JSON (e.g. hand-edited) inste
 flags.DEFINE_float("shrink_ratio", 0.5, "Fraction of a selected group's channels that shrink removes.")
 flags.DEFINE_integer("round_to", 8, "Shrink keeps a multiple of this many channels.")
 flags.DEFINE_string("export_torch", None, "Also write the model as a torch file {arch, spec, state_dict} (classifiers).")
+flags.DEFINE_integer("repeats", 20, "Timed rounds per model (bench).")
+flags.DEFINE_integer("warmup", 3, "Untimed calls per model before timing (bench).")
 flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py (run).", lock_config=True)
@@ -39,9 +41,15 @@ flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache",
 
 
 def _require(*names: str) -> None:
-    missing = [f"--{n}" for n in names if getattr(FLAGS, n) in (None, "")]
+    missing = [f"--{n}" for n in names if getattr(FLAGS, n) in (None, "", [])]
     if missing:
         raise UserError(f"missing {', '.join(missing)}; see `xprune --helpfull`")
+
+
+def _one_model() -> str:
+    if len(FLAGS.model) != 1:
+        raise UserError(f"this command takes one --model, got {len(FLAGS.model)}")
+    return FLAGS.model[0]
 
 
 def convert_command() -> None:
@@ -69,7 +77,7 @@ def predict_command() -> None:
     from xprune_jax.data.images import list_images
     from xprune_jax.fileio import atomic_path
 
-    model = load_model(FLAGS.model)
+    model = load_model(_one_model())
     paths = list_images(FLAGS.images)
     task = models.get_architecture(model.arch).task
     if task != "classification":
@@ -86,10 +94,10 @@ def score_command() -> None:
     from xprune_jax.attribution.score import score_model
     from xprune_jax.checkpoint import load_model, write_json_atomic
 
-    model = load_model(FLAGS.model)
+    model = load_model(_one_model())
     result = score_model(model, FLAGS.criterion, FLAGS.objective, FLAGS.coco or "", FLAGS.calib_images,
                          FLAGS.batch_size, FLAGS.seed)
-    result["model"] = os.path.abspath(FLAGS.model)
+    result["model"] = os.path.abspath(_one_model())
     write_json_atomic(FLAGS.out, result)
     print(f"wrote {FLAGS.out}: {len(result['layers'])} layers, criteria {', '.join(result['criteria'])}, "
           f"objective {result['objective']}")
@@ -106,7 +114,7 @@ def prune_command() -> None:
     from xprune_jax.checkpoint import load_model, save_model, write_json_atomic
     from xprune_jax.pruning.plan import Plan, apply_plan, make_plan
 
-    model = load_model(FLAGS.model)
+    model = load_model(_one_model())
     if FLAGS.plan:
         try:
             with open(FLAGS.plan) as f:
@@ -139,6 +147,36 @@ def _read_json(path: str, what: str, maker: str):
         raise UserError(f"cannot read {what} {path} ({e.__class__.__name__}); make one with {maker}") from None
 
 
+def bench_command() -> None:
+    _require("model")
+    import jax
+    import numpy as np
+
+    from xprune_jax import parallel, runs, timing
+    from xprune_jax.checkpoint import load_model, write_json_atomic
+
+    mesh = parallel.data_mesh()
+    batch_size = parallel.round_up_batch(FLAGS.batch_size, mesh)
+    calls, names = {}, []
+    for path in FLAGS.model:
+        model = load_model(path)
+        size = model.meta.get("preprocess", {}).get("crop", 224)
+        x = jax.device_put(np.random.default_rng(0).standard_normal((batch_size, size, size, 3), np.float32),
+                           parallel.batch_sharding(mesh))
+        variables = jax.device_put(model.variables, parallel.replicated(mesh))
+        forward = jax.jit(model.module.apply)
+        name = os.path.basename(os.path.normpath(path))
+        names.append(name)
+        calls[name] = lambda f=forward, v=variables, x=x: f(v, x)
+    summary = timing.summarize(timing.time_side_by_side(calls, FLAGS.repeats, FLAGS.warmup, FLAGS.seed), names[0])
+    print(f"batch {batch_size} on {jax.default_backend()}, {FLAGS.repeats} rounds in random order after "
+          f"{FLAGS.warmup} warm-up calls each:")
+    print(timing.markdown_table(summary, names[0]))
+    if FLAGS.out:
+        write_json_atomic(FLAGS.out, {"batch_size": batch_size, "models": FLAGS.model, "summary": summary,
+                                      "environment": runs.environment()})
+
+
 def run_command() -> None:
     _require("config")
     from xprune_jax import runs
@@ -153,7 +191,7 @@ def run_command() -> None:
 
 
 COMMANDS = {"convert": convert_command, "predict": predict_command, "score": score_command, "prune": prune_command,
-            "run": run_command}
+            "bench": bench_command, "run": run_command}
 
 
 def main(argv: list[str]) -> None:
