@@ -54,8 +54,12 @@ def _load_classification(path, preprocess):
 
 
 def score_model(model: Model, criteria: list[str], objective: str = "", coco_root: str = "", calib_images: int = 32,
-                batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict:
-    """Scores of every layer under each criterion, with layer metadata and a comparison."""
+                batch_size: int = 8, seed: int = 0, progress: bool = True, all_channel_scores: bool = False) -> dict:
+    """Scores of every layer under each criterion, with layer metadata and a comparison.
+
+    ``channel_scores`` are the primary (first) criterion's; ``all_channel_scores`` adds every
+    criterion's under ``channel_scores_by``.
+    """
     task = models.get_architecture(model.arch).task
     if task != "classification":
         raise UserError(f"scoring {task} models is not available yet (only classifiers so far)")
@@ -82,6 +86,8 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
             "flops": layer.flops, "score": results[primary][layer.name].score,
             "scores": {c: results[c][layer.name].score for c in results},
             "channel_scores": _listed(results[primary][layer.name].channel_scores),
+            **({"channel_scores_by": {c: _listed(results[c][layer.name].channel_scores) for c in results}}
+               if all_channel_scores else {}),
         } for layer in layers],
         "comparison": compare({c: {n: s.score for n, s in r.items()} for c, r in results.items()}),
         "environment": runs.environment(),

@@ -18,7 +18,7 @@ def register(name: str):
 
 def get_experiment(name: str) -> Callable:
     # Experiments import their (possibly heavy) dependencies on registration.
-    from xprune_jax.experiments import parity  # noqa: F401
+    from xprune_jax.experiments import parity, prune  # noqa: F401
 
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r} in the config; choose one of: {', '.join(sorted(EXPERIMENTS))}")

@@ -13,10 +13,10 @@ import jax
 import numpy as np
 
 from xprune_jax import models, runs
-from xprune_jax.checkpoint import save_model
 from xprune_jax.data.images import classification_transform, list_images, load_rgb
 from xprune_jax.errors import UserError
 from xprune_jax.experiments import register
+from xprune_jax.experiments.common import prepare_model
 
 
 @register("parity")
@@ -33,16 +33,8 @@ def parity(config, run_dir: str) -> tuple[dict, str]:
     for arch in config.archs:
         preprocess = torchvision_io.preprocess_config(arch)
         batch = np.stack([classification_transform(load_rgb(p), **preprocess) for p in images])
-        weights = config.weights.get(arch, "random")
-        if weights == "random":
-            torch_model = reference.random_torchvision(arch, torch.from_numpy(batch.transpose(0, 3, 1, 2)),
-                                                       seed=config.seed)
-            weights = os.path.join(run_dir, "weights", f"{arch}-random-seed{config.seed}.pth")
-            os.makedirs(os.path.dirname(weights), exist_ok=True)
-            torch.save(torch_model.state_dict(), weights)
-        model = torchvision_io.convert(arch, weights)
-        save_model(model, os.path.join(run_dir, "models", arch), overwrite=True)
-        if config.weights.get(arch, "random") != "random":
+        model, torch_model = prepare_model(arch, config.weights.get(arch, "random"), images, config.seed, run_dir)
+        if torch_model is None:
             torch_model = torchvision_io.torch_model(arch, model.variables)
         apply = jax.jit(functools.partial(models.apply_with_intermediates, model.module))
         logits, acts = apply(model.variables, batch)

@@ -1,0 +1,31 @@
+"""ShuffleNetV2 x1.0: every criterion, the paper's protocol (zero, bottom 5%) beside remove and
+shrink at several FLOPs budgets, on the bundled demo images.
+
+    xprune run --config=configs/prune_shufflenet_v2.py
+
+``weights="random"`` needs no download (seeded random weights, BN statistics calibrated then
+randomised); the metric is then fidelity to the unpruned model, not accuracy. Point ``weights`` at
+a model dir or a torchvision weights name for real networks, and ``coco`` at a COCO root.
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.experiment = "prune"
+    config.arch = "shufflenet_v2_x1_0"
+    config.weights = "random"
+    config.coco = ""  # '' = the bundled demo COCO folder
+    config.eval_images = 0  # 0 = all images of the COCO folder
+    config.criteria = ("grad_x_act", "grad_x_act:mean", "grad_x_act:signed", "l1", "random")
+    config.objective = ""
+    config.calib_images = 4
+    config.batch_size = 4
+    config.seeds = (0,)
+    config.seed = 0
+    config.prunings = ("zero:layers=5%", "remove:flops=-10%", "remove:flops=-20%", "shrink:flops=-10%", "shrink:flops=-30%")
+    config.save_models = False
+    config.bench = ml_collections.ConfigDict({"batch_size": 1, "repeats": 10, "warmup": 2})
+    config.out_dir = ""
+    return config

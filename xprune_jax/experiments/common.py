@@ -1,0 +1,34 @@
+"""What experiments share: getting a converted model to work on."""
+
+import os
+
+import numpy as np
+
+from xprune_jax.checkpoint import Model, load_model, save_model
+from xprune_jax.data.images import classification_transform, load_rgb
+from xprune_jax.errors import UserError
+
+
+def prepare_model(arch: str, weights: str, images: list[str], seed: int, run_dir: str) -> tuple[Model, object]:
+    """``(model, torch model or None)``. ``weights`` is a model dir, any ``xprune convert --weights``
+    value, or ``"random"``: seeded random torch weights with BN statistics calibrated on ``images``
+    and then randomised (what can be checked without downloads)."""
+    if weights and os.path.isfile(os.path.join(weights, "model.json")):
+        return load_model(weights), None
+    try:
+        import torch
+
+        from converters import reference, torchvision_io
+    except ImportError as e:
+        raise UserError(f"converting weights needs torch and torchvision ({e}); `pip install -e '.[torch]'`") from None
+    torch_model = None
+    if weights == "random":
+        preprocess = torchvision_io.preprocess_config(arch)
+        batch = np.stack([classification_transform(load_rgb(p), **preprocess) for p in images])
+        torch_model = reference.random_torchvision(arch, torch.from_numpy(batch.transpose(0, 3, 1, 2)), seed=seed)
+        weights = os.path.join(run_dir, "weights", f"{arch}-random-seed{seed}.pth")
+        os.makedirs(os.path.dirname(weights), exist_ok=True)
+        torch.save(torch_model.state_dict(), weights)
+    model = torchvision_io.convert(arch, weights)
+    save_model(model, os.path.join(run_dir, "models", arch), overwrite=True)
+    return model, torch_model
