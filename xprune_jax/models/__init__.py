@@ -12,6 +12,7 @@ from xprune_jax.models.layers import INTERMEDIATES
 from xprune_jax.models.mobilenet_v2 import MobileNetV2, mobilenet_v2_spec
 from xprune_jax.models.resnet import ResNet, resnet_spec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2, shufflenet_v2_spec
+from xprune_jax.models.yolov8 import SCALES as YOLOV8_SCALES, YOLOv8, yolov8_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,8 @@ for _name in ("resnet18", "resnet34", "resnet50", "resnet101"):
 register(Architecture("mobilenet_v2", "classification", MobileNetV2, mobilenet_v2_spec, 224))
 for _name in ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0"):
     register(Architecture(_name, "classification", ShuffleNetV2, lambda n=_name: shufflenet_v2_spec(n), 224))
+for _scale in YOLOV8_SCALES:
+    register(Architecture(f"yolov8{_scale}", "detection", YOLOv8, lambda s=_scale: yolov8_spec(s), 640))
 
 
 def get_architecture(name: str) -> Architecture:

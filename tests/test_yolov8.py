@@ -1,0 +1,296 @@
+"""YOLOv8 parity with Ultralytics 8.4, through the real path: an Ultralytics DetectionModel with random
+weights and BN statistics -> a .pt file laid out like the official release (fp16 whole module) ->
+convert -> Orbax model dir -> load -> jitted apply, compared with the torch model read back from the
+same file in float32, on real COCO images. The validation pipeline (rect batches, letterbox, NMS,
+box scaling) is compared with Ultralytics' own code."""
+
+import copy
+import functools
+import types
+
+import cv2
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from ultralytics.data.augment import LetterBox
+from ultralytics.data.base import BaseDataset
+from ultralytics.data.converter import coco80_to_coco91_class
+from ultralytics.nn.tasks import DetectionModel, parse_model, yaml_model_load
+from ultralytics.utils import downloads
+from ultralytics.utils.nms import non_max_suppression
+from ultralytics.utils.ops import scale_boxes
+from ultralytics.utils.patches import imread
+
+from converters.mapping import state_dict_to_variables
+from converters.ultralytics_io import DFL_KEY, convert
+from tests.torch_reference import outputs_by_name, randomize_batch_norm, relative_error
+from xprune_jax import models
+from xprune_jax.checkpoint import load_model, save_model
+from xprune_jax.errors import UserError
+from xprune_jax.models.yolov8_pipeline import COCO80_TO_COCO91, YOLOv8Pipeline
+from xprune_jax.ops import box_iou
+
+IMGSZ = 320  # small inputs keep the CPU test fast; the code paths are those of 640
+CLASS_BIAS = -5.0  # mean class logit bias: random heads then score like trained ones (many boxes above conf 0.001)
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(module):
+    return jax.jit(functools.partial(models.apply_with_intermediates, module))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(pipeline):
+    return jax.jit(pipeline.forward)
+
+
+def _save_like_official(model: torch.nn.Module, path) -> None:
+    """The layout of the release files (``strip_optimizer``): the whole module in fp16 under ``model``."""
+    torch.save({"date": "2024-01-01T00:00:00", "version": "8.4.190", "license": "AGPL-3.0 License",
+                "docs": "https://docs.ultralytics.com", "epoch": -1, "best_fitness": None,
+                "model": copy.deepcopy(model).half(), "ema": None, "updates": None, "optimizer": None,
+                "train_args": {"model": "yolov8n.yaml", "data": "coco.yaml", "imgsz": 640, "batch": 16},
+                "train_metrics": {}, "train_results": {}}, path)
+
+
+@pytest.fixture(scope="module")
+def batch(coco_images):
+    """Three real landscape COCO images letterboxed by the pipeline into one rectangular batch."""
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in coco_images[:12]]
+    images = [im for im in images if im.shape[1] > im.shape[0]][:3]
+    pipeline = YOLOv8Pipeline(models.get_architecture("yolov8n").default_spec(), imgsz=IMGSZ)
+    (plan,) = pipeline.plan([im.shape[:2] for im in images], batch_size=4)
+    arrays, metas = zip(*(pipeline.preprocess(images[i], plan.input_shape) for i in plan.indices))
+    return types.SimpleNamespace(x=np.stack(arrays), metas=metas, shape=plan.input_shape,
+                                 nchw=torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, batch):
+    """scale -> (official-layout .pt file of random YOLOv8 weights, torch model read back from it in float32)."""
+    made = {}
+
+    def make(scale: str):
+        if scale not in made:
+            seed = "nsmlx".index(scale)
+            torch.manual_seed(seed)
+            model = randomize_batch_norm(DetectionModel(f"yolov8{scale}.yaml", verbose=False), batch.nchw, seed)
+            with torch.no_grad():
+                for branch in model.model[22].cv3:
+                    branch[2].bias.normal_(CLASS_BIAS, 1.0)
+            path = tmp_path_factory.mktemp(f"yolov8{scale}") / f"yolov8{scale}.pt"
+            _save_like_official(model, path)
+            made[scale] = path, torch.load(path, weights_only=False)["model"].float().eval()
+        return made[scale]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def converted(checkpoint, tmp_path_factory):
+    """scale -> the model converted from its checkpoint file, saved as a model dir and loaded back."""
+    made = {}
+
+    def make(scale: str):
+        if scale not in made:
+            out = tmp_path_factory.mktemp(f"yolov8{scale}_model") / "model"
+            save_model(convert(f"yolov8{scale}", str(checkpoint(scale)[0])), str(out))
+            made[scale] = load_model(str(out))
+        return made[scale]
+
+    return make
+
+
+def _assert_head_output_matches(got, want):
+    assert got.shape == want.shape
+    assert relative_error(got[:, :4], want[:, :4]) < 1e-4, "boxes"
+    assert relative_error(got[:, 4:], want[:, 4:]) < 1e-4, "class scores"
+
+
+@pytest.mark.parametrize("scale", ["n", "s"])
+def test_every_layer_and_head_output_match_ultralytics(scale, checkpoint, converted, batch):
+    _, torch_model = checkpoint(scale)
+    model = converted(scale)
+    out, acts = _apply(model.module)(model.variables, batch.x)
+    (torch_out, _), torch_acts = outputs_by_name(torch_model, [n for n in acts if n != "model.22"], batch.nchw)
+    assert len(acts) > 80 and {"model.0.conv", "model.2.m.0", "model.9", "model.22.cv3.2.2", "model.22"} <= set(acts)
+    errors = {name: relative_error(acts[name], torch_acts[name]) for name in torch_acts}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-4, f"{worst}: relative error {errors[worst]:.2e}"
+    _assert_head_output_matches(np.asarray(out), torch_out.numpy())
+    np.testing.assert_array_equal(acts["model.22"], np.swapaxes(out, 1, 2))  # captured channels-last
+
+
+def test_model_dir_records_provenance(converted, checkpoint):
+    model = converted("n")
+    prov = model.meta["provenance"]
+    assert model.arch == "yolov8n" and model.spec.scale == "n" and not model.spec.fused
+    assert prov["source"] == "ultralytics" and prov["scale"] == "n" and len(prov["sha256"]) == 64
+    assert prov["file"] == str(checkpoint("n")[0]) and prov["checkpoint_ultralytics_version"] == "8.4.190"
+    assert model.meta["preprocess"]["imgsz"] == 640 and len(model.meta["categories"]) == 80
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(model.variables))
+
+
+@pytest.mark.parametrize("bias_shift", [0.0, -3.0], ids=["above_max_nms", "below_max_nms"])
+def test_detections_match_ultralytics_validation(bias_shift, checkpoint, converted, batch):
+    """conf 0.001, IoU 0.7, multi-label, 300 per image, boxes scaled back to the original images.
+
+    The class bias makes about 140k box-class pairs pass conf per image (so the 30000 cap applies);
+    shifted by -3, about 23k (the cap does not)."""
+    torch_model = copy.deepcopy(checkpoint("n")[1])
+    model = converted("n")
+    variables = jax.tree_util.tree_map(np.array, model.variables)
+    with torch.no_grad():
+        for i, branch in enumerate(torch_model.model[22].cv3):
+            branch[2].bias += bias_shift
+            variables["params"]["model.22"][f"cv3.{i}.2"]["bias"] = branch[2].bias.numpy().copy()
+    pipeline = YOLOv8Pipeline(model.spec, imgsz=IMGSZ)
+    out = jax.tree_util.tree_map(np.asarray, _forward(pipeline)(variables, batch.x))
+    with torch.no_grad():
+        reference = non_max_suppression(torch_model(batch.nchw)[0], 0.001, 0.7, multi_label=True, max_det=300,
+                                        max_time_img=1e3)
+    coco91 = np.asarray(coco80_to_coco91_class())
+    matched = total = 0
+    for i, (want, meta) in enumerate(zip(reference, batch.metas)):
+        want_boxes = scale_boxes(batch.shape, want[:, :4].clone(), meta.original_shape,
+                                 ratio_pad=(meta.gain, meta.pad)).numpy()
+        valid = out["valid"][i]
+        boxes = pipeline.to_original(out["boxes"][i][valid], meta)
+        assert 200 <= len(want) == valid.sum()
+        iou = np.asarray(box_iou(want_boxes, boxes))
+        same = ((coco91[want[:, 5].numpy().astype(int)][:, None] == out["labels"][i][valid][None])
+                & (np.abs(want[:, 4].numpy()[:, None] - out["scores"][i][valid][None]) <= 1e-3))
+        matched += int(np.sum(np.any(same & (iou >= 0.99), axis=1)))
+        total += len(want)
+    assert matched >= 0.99 * total, f"{matched} of {total} Ultralytics detections matched"
+
+
+def test_fused_conversion_matches_unfused(checkpoint, converted, batch):
+    path, torch_model = checkpoint("n")
+    fused = convert(None, str(path), fuse=True)
+    assert fused.spec.fused and set(fused.variables) == {"params"}
+    assert set(fused.variables["params"]["model.0"]["conv"]) == {"kernel", "bias"}
+    out, acts = _apply(fused.module)(fused.variables, batch.x)
+    with torch.no_grad():
+        torch_out = torch_model(batch.nchw)[0].numpy()
+    _assert_head_output_matches(np.asarray(out), torch_out)
+    fused_torch = copy.deepcopy(torch_model).fuse(verbose=False)
+    _, torch_acts = outputs_by_name(fused_torch, ["model.4.m.1.cv2.conv", "model.21"], batch.nchw)
+    for name, want in torch_acts.items():  # the fused convs output what Ultralytics' fused convs do
+        assert relative_error(acts[name], want) < 1e-4, name
+
+
+@pytest.mark.parametrize("imgsz", [320, 800], ids=["shrink", "enlarge"])
+def test_preprocess_matches_ultralytics_loader_and_letterbox(imgsz, coco_images):
+    pipeline = YOLOv8Pipeline(models.get_architecture("yolov8n").default_spec(), imgsz=imgsz)
+    for path in coco_images[:3]:
+        loader = types.SimpleNamespace(ims=[None], im_files=[str(path)], npy_files=[path.with_suffix(".none.npy")],
+                                       cache=None, channels=3, cv2_flag=cv2.IMREAD_COLOR, imgsz=imgsz, augment=False)
+        image, original, resized = BaseDataset.load_image(loader, 0)
+        shape = tuple(int(s) for s in pipeline.plan([original], 1)[0].input_shape)
+        labels = LetterBox(new_shape=imgsz, scaleup=False)(
+            {"img": image, "rect_shape": shape, "ratio_pad": (resized[0] / original[0], resized[1] / original[1])})
+        got, meta = pipeline.preprocess(imread(str(path))[..., ::-1], shape)
+        np.testing.assert_array_equal(got, labels["img"][..., ::-1].astype(np.float32) / 255.0)
+        assert (meta.gain, meta.pad, meta.original_shape) == (*labels["ratio_pad"], original)
+
+
+@pytest.mark.parametrize("imgsz,batch_size", [(640, 16), (320, 5)])
+def test_rect_batches_match_ultralytics(imgsz, batch_size, coco_images):
+    sizes = []
+    for path in coco_images:
+        with Image.open(path) as im:
+            sizes.append(im.size[::-1])
+    dataset = types.SimpleNamespace(ni=len(sizes), batch_size=batch_size, labels=[{"shape": s} for s in sizes],
+                                    im_files=list(range(len(sizes))), imgsz=imgsz, stride=32, pad=0.5)
+    BaseDataset.set_rectangle(dataset)
+    plans = YOLOv8Pipeline(models.get_architecture("yolov8n").default_spec(), imgsz=imgsz).plan(sizes, batch_size)
+    assert [i for plan in plans for i in plan.indices] == dataset.im_files
+    assert [plan.input_shape for plan in plans] == [tuple(s) for s in dataset.batch_shapes.tolist()]
+    assert len({plan.input_shape for plan in plans}) > 1
+
+
+def test_class_ids_map_to_coco91_like_ultralytics():
+    assert list(COCO80_TO_COCO91) == coco80_to_coco91_class()
+
+
+@pytest.mark.parametrize("scale", "nsmlx")
+def test_every_scale_fits_ultralytics_state_dict(scale):
+    """The spec derived from the scale constants gives Ultralytics' module tree, key for key and shape for shape."""
+    arch = f"yolov8{scale}"
+    layers, _ = parse_model(yaml_model_load(f"{arch}.yaml"), ch=3, verbose=False)  # DetectionModel's .model
+    state_dict = {f"model.{k}": v.numpy() for k, v in layers.state_dict().items()}
+    np.testing.assert_array_equal(state_dict.pop(DFL_KEY).reshape(-1), np.arange(16))
+    spec = models.get_architecture(arch).default_spec()
+    variables = state_dict_to_variables(state_dict, models.variable_shapes(arch, spec, input_size=64), arch)
+    n_params = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables["params"]))
+    assert n_params == sum(v.size for k, v in state_dict.items() if not k.endswith(
+        ("running_mean", "running_var", "num_batches_tracked")))
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "training_checkpoint"])
+def test_other_layouts_convert_like_the_release_file(layout, checkpoint, converted, tmp_path):
+    """A plain state_dict file, and a training checkpoint (``model`` None, the weights under ``ema``)."""
+    module = torch.load(checkpoint("n")[0], weights_only=False)["model"]
+    path = tmp_path / "weights.pt"
+    torch.save(module.state_dict() if layout == "state_dict" else {"epoch": 3, "model": None, "ema": module}, path)
+    variables = convert(None, str(path)).variables
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, converted("n").variables)
+
+
+def test_official_name_is_looked_up_where_ultralytics_looks(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "yolov8n.pt").write_bytes(checkpoint("n")[0].read_bytes())
+    model = convert(None, "yolov8n.pt")
+    assert model.arch == "yolov8n" and model.meta["provenance"]["weights"] == "yolov8n.pt"
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Download failure. Environment may be offline.")
+
+    monkeypatch.setattr(downloads, "safe_download", offline)
+    with pytest.raises(UserError, match=r"could not download yolov8s.pt .*place the official file in") as error:
+        convert(None, "yolov8s.pt")
+    assert "\n" not in str(error.value)
+
+
+def _truncated(path, good):
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+
+
+def _resnet_state_dict(path, _):
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+
+
+def _foreign_pickle(path, _):
+    torch.save({"model": torch.nn.Linear(2, 2), "epoch": -1}, path)
+
+
+def _yolo11(path, _):
+    _save_like_official(DetectionModel("yolo11n.yaml", verbose=False), path)
+
+
+def _yolo26_state_dict(path, _):
+    torch.save(DetectionModel("yolo26n.yaml", verbose=False).state_dict(), path)
+
+
+@pytest.mark.parametrize("write,message", [
+    (_truncated, "cannot read weights file .*not a readable torch checkpoint"),
+    (_resnet_state_dict, "holds no YOLOv8 weights"),
+    (_foreign_pickle, "holds a Linear, not an Ultralytics DetectionModel"),
+    (_yolo11, "is a yolo11n model; supported are YOLOv8 n/s/m/l/x detection .*YOLO11/12"),
+    (_yolo26_state_dict, "end-to-end .*; supported are YOLOv8 n/s/m/l/x detection .*YOLO26"),
+], ids=["truncated", "resnet_state_dict", "foreign_pickle", "yolo11", "yolo26_state_dict"])
+def test_bad_checkpoints_fail_with_one_line_user_error(write, message, checkpoint, tmp_path):
+    path = tmp_path / "weights.pt"
+    write(path, checkpoint("n")[0])
+    with pytest.raises(UserError, match=message) as error:
+        convert(None, str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_arch_must_agree_with_the_checkpoint(checkpoint):
+    with pytest.raises(UserError, match="holds yolov8n weights, not yolov8s: pass --arch=yolov8n"):
+        convert("yolov8s", str(checkpoint("n")[0]))

@@ -1,0 +1,122 @@
+"""YOLOv8 COCO validation as Ultralytics 8.4.190's ``DetectionValidator`` runs it (``model.val()``),
+as a :class:`xprune_jax.detection.DetectionPipeline`.
+
+- Batches are rectangular (``BaseDataset.set_rectangle``): images sorted by aspect ratio h/w
+  (``np.argsort``, so give the images in Ultralytics' order, sorted file names, for identical
+  batches), each batch shaped ``ceil(shape * imgsz / 32 + 0.5) * 32`` where shape is ``(max ar, 1)``
+  for landscape batches, ``(1, 1 / min ar)`` for portrait ones and ``(1, 1)`` for mixed ones. The
+  shapes thus depend on the batch size (Ultralytics' default: 16).
+- Resize (``BaseDataset.load_image``): the long side to ``imgsz``, the other side ``ceil``-ed, with
+  cv2 INTER_LINEAR whether shrinking or enlarging (older 8.x versions used INTER_AREA to shrink; not
+  verified here). Letterbox (``LetterBox(scaleup=False)``, centred) to the batch shape with 114;
+  RGB / 255. Ultralytics decodes JPEGs with cv2; the caller's decoder may differ slightly.
+- NMS (``non_max_suppression`` as the validator calls it): conf 0.001, IoU 0.7, multi-label (one
+  candidate per box and class scoring above conf, in box-major order), at most 30000 candidates by
+  score, class-aware through a ``class * 7680`` coordinate offset, 300 detections. Static shapes:
+  the candidates are the top 30000 box-class pairs (padding marked invalid). Ultralytics' NMS time
+  limit (2 s + 0.05 s per image, after which it leaves the rest of the batch empty) is not
+  reproduced: on a slow CPU it can truncate Ultralytics' own results.
+- Boxes go back to the original image like ``scale_boxes`` with the letterbox's ``ratio_pad``
+  (per-axis gains in this version; older 8.x used ``ratio_pad[0][0]`` for both axes), clipped to
+  the image. Labels map 80 -> 91 COCO ids (``coco80_to_coco91_class``), or to class + 1 for models
+  with another number of classes.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xprune_jax.detection import BatchPlan
+from xprune_jax.models.yolov8 import MAX_STRIDE, YOLOv8, YOLOv8Spec
+from xprune_jax.ops import nms
+
+COCO80_TO_COCO91 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+                    32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+                    58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+                    88, 89, 90)
+
+
+@dataclasses.dataclass(frozen=True)
+class LetterboxMeta:
+    original_shape: tuple[int, int]  # (h, w) of the original image
+    gain: tuple[float, float]  # (y, x): input pixels per original pixel
+    pad: tuple[int, int]  # (left, top) padding in input pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class YOLOv8Pipeline:
+    """Ultralytics' validation settings; for a converted model,
+    ``YOLOv8Pipeline(model.spec, imgsz=model.meta["preprocess"]["imgsz"])``."""
+
+    spec: YOLOv8Spec
+    imgsz: int = 640
+    conf_threshold: float = 0.001
+    iou_threshold: float = 0.7
+    max_detections: int = 300
+    max_candidates: int = 30000  # Ultralytics' max_nms
+    class_offset: float = 7680.0  # Ultralytics' max_wh
+    batch_pad: float = 0.5
+    pad_value: int = 114
+
+    def plan(self, sizes: list[tuple[int, int]], batch_size: int) -> list[BatchPlan]:
+        shapes = np.asarray(sizes)
+        aspect = shapes[:, 0] / shapes[:, 1]
+        order = aspect.argsort()
+        plans = []
+        for start in range(0, len(order), batch_size):
+            indices = order[start: start + batch_size]
+            low, high = aspect[indices].min(), aspect[indices].max()
+            relative = (high, 1.0) if high < 1 else (1.0, 1.0 / low) if low > 1 else (1.0, 1.0)
+            height, width = (math.ceil(r * self.imgsz / MAX_STRIDE + self.batch_pad) * MAX_STRIDE for r in relative)
+            plans.append(BatchPlan(tuple(int(i) for i in indices), (height, width)))
+        return plans
+
+    def preprocess(self, image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, LetterboxMeta]:
+        import cv2  # Ultralytics' own dependency, needed only here
+
+        h0, w0 = image.shape[:2]
+        ratio = self.imgsz / max(h0, w0)
+        if ratio != 1:
+            size = (min(math.ceil(w0 * ratio), self.imgsz), min(math.ceil(h0 * ratio), self.imgsz))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        h1, w1 = image.shape[:2]
+        ratio = min(input_shape[0] / h1, input_shape[1] / w1, 1.0)
+        new_w, new_h = max(round(w1 * ratio), 1), max(round(h1 * ratio), 1)
+        if (new_w, new_h) != (w1, h1):
+            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        dw, dh = (input_shape[1] - new_w) / 2, (input_shape[0] - new_h) / 2
+        top, bottom, left, right = round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
+        image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(self.pad_value,) * 3)
+        meta = LetterboxMeta((h0, w0), (h1 / h0 * ratio, w1 / w0 * ratio), (left, top))
+        return image.astype(np.float32) / 255.0, meta
+
+    def forward(self, variables: dict, images) -> dict:
+        predictions = jnp.swapaxes(YOLOv8(self.spec).apply(variables, images), 1, 2)
+        return jax.vmap(self._select)(predictions)
+
+    def _select(self, predictions):
+        """One image's ``[A, 4 + nc]`` predictions -> padded detections after multi-label NMS."""
+        centers, half_sizes = predictions[:, :2], predictions[:, 2:4] / 2
+        boxes = jnp.concatenate([centers - half_sizes, centers + half_sizes], axis=-1)
+        scores = predictions[:, 4:].reshape(-1)  # box-major: the order of torch.where(scores > conf)
+        num_classes = predictions.shape[1] - 4
+        candidate_scores, pairs = jax.lax.top_k(
+            jnp.where(scores > self.conf_threshold, scores, -jnp.inf), min(self.max_candidates, scores.size))
+        candidates = candidate_scores > self.conf_threshold
+        box_index, classes = pairs // num_classes, pairs % num_classes
+        candidate_boxes = boxes[box_index]
+        offset_boxes = candidate_boxes + (classes.astype(boxes.dtype) * self.class_offset)[:, None]
+        keep, valid = nms(offset_boxes, candidate_scores, candidates, self.iou_threshold, self.max_detections)
+        class_ids = np.asarray(COCO80_TO_COCO91 if num_classes == 80 else range(1, num_classes + 1), np.int32)
+        return {"boxes": jnp.where(valid[:, None], candidate_boxes[keep], 0.0),
+                "scores": jnp.where(valid, candidate_scores[keep], 0.0),
+                "labels": jnp.where(valid, jnp.asarray(class_ids)[classes[keep]], 0),
+                "valid": valid}
+
+    def to_original(self, boxes: np.ndarray, meta: LetterboxMeta) -> np.ndarray:
+        (gain_y, gain_x), (pad_x, pad_y), (height, width) = meta.gain, meta.pad, meta.original_shape
+        boxes = (np.asarray(boxes, np.float64) - (pad_x, pad_y, pad_x, pad_y)) / (gain_x, gain_y, gain_x, gain_y)
+        return np.clip(boxes, 0, (width, height, width, height)).astype(np.float32)
