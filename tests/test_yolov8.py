@@ -5,7 +5,9 @@ same file in float32, on real COCO images. The validation pipeline (rect batches
 box scaling) is compared with Ultralytics' own code."""
 
 import copy
+import dataclasses
 import functools
+import json
 import types
 
 import cv2
@@ -29,6 +31,7 @@ from converters.ultralytics_io import DFL_KEY, convert
 from tests.torch_reference import outputs_by_name, randomize_batch_norm, relative_error
 from xprune_jax import models
 from xprune_jax.checkpoint import load_model, save_model
+from xprune_jax.evaluation.coco import coco_metrics, evaluate, load_ground_truth
 from xprune_jax.errors import UserError
 from xprune_jax.models.yolov8_pipeline import COCO80_TO_COCO91, YOLOv8Pipeline
 from xprune_jax.ops import box_iou
@@ -294,3 +297,95 @@ def test_bad_checkpoints_fail_with_one_line_user_error(write, message, checkpoin
 def test_arch_must_agree_with_the_checkpoint(checkpoint):
     with pytest.raises(UserError, match="holds yolov8n weights, not yolov8s: pass --arch=yolov8n"):
         convert("yolov8s", str(checkpoint("n")[0]))
+
+
+def test_coco_eval_resumes_and_gives_the_same_map_as_ultralytics(checkpoint, converted, coco_root, tmp_path):
+    """`xprune eval`'s harness on real COCO images: files, compiled shapes, resume after a crash, and
+    the same pycocotools AP as Ultralytics' own postprocessed detections of the same model."""
+    model = converted("n")
+    model = dataclasses.replace(model, meta={**model.meta, "preprocess": {"imgsz": IMGSZ}})
+    out = tmp_path / "eval"
+    metrics = evaluate(model, str(coco_root), str(out), batch_size=2, max_images=4, progress=False)
+    detections = json.loads((out / "detections.json").read_text())
+    latency = json.loads((out / "latency.json").read_text())
+    assert metrics["images"] == 4 and metrics["detections"] == len(detections) > 0
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
+    assert {"image_id", "file_name", "category_id", "bbox", "score"} == set(detections[0])
+    assert latency["compiled_shapes"] == len({p.input_shape for p in YOLOv8Pipeline(model.spec, IMGSZ).plan(
+        [(e["height"], e["width"]) for e in _first_images(coco_root, 4)], 2)})
+    assert not (out / "detections.partial.jsonl").exists()
+
+    # A crashed run left the first batch's images in the partial log: the rerun does only the rest.
+    first_batch = YOLOv8Pipeline(model.spec, IMGSZ).plan([(e["height"], e["width"]) for e in _first_images(coco_root, 4)], 2)[0]
+    ids = [_first_images(coco_root, 4)[i]["id"] for i in first_batch.indices]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    with open(resumed / "detections.partial.jsonl", "w") as f:
+        for image_id in ids:
+            f.write(json.dumps({"image_id": image_id, "detections": [d for d in detections if d["image_id"] == image_id]}) + "\n")
+        f.write('{"image_id": 1, "detec')  # a line cut short by the crash
+    again = evaluate(model, str(coco_root), str(resumed), batch_size=2, max_images=4, progress=False)
+    assert json.loads((resumed / "latency.json").read_text())["images_this_run"] == 2
+    assert json.loads((resumed / "detections.json").read_text()) == detections and again == metrics
+
+    # Ultralytics' detections of the same model on the same letterboxed batches, through the same metric code.
+    pipeline, torch_model = YOLOv8Pipeline(model.spec, IMGSZ), checkpoint("n")[1]
+    entries, coco91 = _first_images(coco_root, 4), np.asarray(coco80_to_coco91_class())
+    reference = []
+    for plan in pipeline.plan([(e["height"], e["width"]) for e in entries], 2):
+        arrays, metas = zip(*(pipeline.preprocess(np.asarray(Image.open(coco_root / "val2017" / entries[i]["file_name"]).convert("RGB")),
+                                                  plan.input_shape) for i in plan.indices))
+        with torch.no_grad():
+            results = non_max_suppression(torch_model(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))[0], 0.001, 0.7,
+                                          multi_label=True, max_det=300, max_time_img=1e3)
+        for i, want, meta in zip(plan.indices, results, metas):
+            boxes = scale_boxes(plan.input_shape, want[:, :4].clone(), meta.original_shape, ratio_pad=(meta.gain, meta.pad)).numpy()
+            reference += [{"image_id": entries[i]["id"], "category_id": int(coco91[int(c)]), "score": float(s),
+                           "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]}
+                          for (x1, y1, x2, y2), s, c in zip(boxes, want[:, 4].numpy(), want[:, 5].numpy())]
+    ids = [e["id"] for e in entries]
+    ground_truth = load_ground_truth(str(coco_root / "annotations" / "instances_val2017.json"))
+    theirs = coco_metrics(ground_truth, reference, ids)
+    assert abs(theirs["AP"] - metrics["AP"]) <= 1e-3 and abs(theirs["AP50"] - metrics["AP50"]) <= 1e-3
+    # A random net scores AP 0 on real labels, which would make that check vacuous: also score both
+    # against labels made from Ultralytics' top boxes, jittered, where the AP is far from 0 and 1.
+    rng = np.random.default_rng(0)
+    pseudo = []
+    for image_id in ids:
+        top = sorted((d for d in reference if d["image_id"] == image_id), key=lambda d: -d["score"])[:15]
+        for d in top:
+            x, y, w, h = d["bbox"]
+            jitter = rng.uniform(-0.15, 0.15, 4) * [w, h, w, h]
+            pseudo.append({"id": len(pseudo) + 1, "image_id": image_id, "category_id": d["category_id"], "iscrowd": 0,
+                           "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]], "area": float(w * h)})
+    pseudo_gt = load_ground_truth_dict({**json.loads((coco_root / "annotations" / "instances_val2017.json").read_text()),
+                                        "annotations": pseudo})
+    ours_vs_pseudo, theirs_vs_pseudo = coco_metrics(pseudo_gt, detections, ids), coco_metrics(pseudo_gt, reference, ids)
+    assert 0.05 < theirs_vs_pseudo["AP"] < 0.95
+    assert abs(ours_vs_pseudo["AP"] - theirs_vs_pseudo["AP"]) <= 1e-3
+    assert abs(ours_vs_pseudo["AP50"] - theirs_vs_pseudo["AP50"]) <= 1e-3
+
+
+def load_ground_truth_dict(dataset: dict):
+    from pycocotools.coco import COCO
+
+    ground_truth = COCO()
+    ground_truth.dataset = dataset
+    ground_truth.createIndex()
+    return ground_truth
+
+
+def _first_images(coco_root, n):
+    dataset = json.loads((coco_root / "annotations" / "instances_val2017.json").read_text())
+    return sorted(dataset["images"], key=lambda e: e["file_name"])[:n]
+
+
+def test_harness_gives_ap_1_for_ground_truth(coco_root):
+    ground_truth = load_ground_truth(str(coco_root / "annotations" / "instances_val2017.json"))
+    ids = sorted(ground_truth.getImgIds())[:20]
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in ground_truth.loadAnns(ground_truth.getAnnIds(imgIds=ids, iscrowd=False))]
+    metrics = coco_metrics(ground_truth, perfect, ids)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    shifted = [{**d, "bbox": [d["bbox"][0] + d["bbox"][2] * 0.3, *d["bbox"][1:]]} for d in perfect]
+    assert coco_metrics(ground_truth, shifted, ids)["AP"] < 0.9  # the harness can tell a bad detector

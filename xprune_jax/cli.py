@@ -35,6 +35,9 @@ flags.DEFINE_integer("repeats", 20, "Timed rounds per model (bench).")
 flags.DEFINE_integer("warmup", 3, "Untimed calls per model before timing (bench).")
 flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+flags.DEFINE_bool("fuse", False, "YOLOv8: fold every BatchNorm into its conv on conversion (convert).")
+flags.DEFINE_integer("max_images", 0, "Evaluate only the first N images of the COCO root (0 = all).")
+flags.DEFINE_string("annotations", None, "predict: a COCO instances json whose image ids the results should use.")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py (run).", lock_config=True)
 flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "xprune_jax", "jax"),
                     "JAX's persistent compilation cache ('' disables it).")
@@ -58,12 +61,16 @@ def convert_command() -> None:
     from xprune_jax.checkpoint import save_model
 
     models.get_architecture(FLAGS.arch)
+    yolo = FLAGS.arch.startswith("yolov8")
     try:
-        from converters.torchvision_io import convert
+        if yolo:
+            from converters.ultralytics_io import convert
+        else:
+            from converters.torchvision_io import convert
     except ImportError as e:
-        raise UserError(f"converting needs torch and torchvision ({e}); install them with "
-                        "`pip install -e '.[torch]'`") from None
-    model = convert(FLAGS.arch, FLAGS.weights)
+        extra = "yolo" if yolo else "torch"
+        raise UserError(f"converting {FLAGS.arch} needs {e.name}; install it with `pip install -e '.[{extra}]'`") from None
+    model = convert(FLAGS.arch, FLAGS.weights, fuse=FLAGS.fuse) if yolo else convert(FLAGS.arch, FLAGS.weights)
     save_model(model, FLAGS.out, overwrite=FLAGS.overwrite)
     print(f"wrote {FLAGS.out} ({FLAGS.arch} from {model.meta['provenance']['weights']})")
 
@@ -73,20 +80,33 @@ def predict_command() -> None:
     import numpy as np
 
     from xprune_jax import models, predict
-    from xprune_jax.checkpoint import load_model
+    from xprune_jax.checkpoint import load_model, write_json_atomic
     from xprune_jax.data.images import list_images
     from xprune_jax.fileio import atomic_path
 
     model = load_model(_one_model())
+    if models.get_architecture(model.arch).task == "detection":
+        from xprune_jax.evaluation.coco import predict_folder
+
+        detections = predict_folder(model, FLAGS.images, FLAGS.batch_size, FLAGS.annotations)
+        write_json_atomic(FLAGS.out, detections)
+        print(f"wrote {FLAGS.out} ({len(detections)} detections)")
+        return
     paths = list_images(FLAGS.images)
-    task = models.get_architecture(model.arch).task
-    if task != "classification":
-        raise UserError(f"predict for {task} models is not available yet")
     logits = predict.classify(model, paths, FLAGS.batch_size)
     with atomic_path(FLAGS.out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, files=np.asarray([os.path.basename(p) for p in paths]), logits=logits)
     print(f"wrote {FLAGS.out} ({len(paths)} images)")
+
+
+def eval_command() -> None:
+    _require("model", "coco", "out")
+    from xprune_jax.checkpoint import load_model
+    from xprune_jax.evaluation.coco import evaluate
+
+    metrics = evaluate(load_model(_one_model()), FLAGS.coco, FLAGS.out, FLAGS.batch_size, FLAGS.max_images)
+    print(f"wrote {FLAGS.out}: AP {metrics['AP']:.4f}, AP50 {metrics['AP50']:.4f} on {metrics['images']} images")
 
 
 def score_command() -> None:
@@ -190,7 +210,7 @@ def run_command() -> None:
     print(f"wrote {os.path.join(run_dir, 'report.md')}")
 
 
-COMMANDS = {"convert": convert_command, "predict": predict_command, "score": score_command, "prune": prune_command,
+COMMANDS = {"convert": convert_command, "predict": predict_command, "eval": eval_command, "score": score_command, "prune": prune_command,
             "bench": bench_command, "run": run_command}
 
 

@@ -13,6 +13,7 @@ from xprune_jax.models.mobilenet_v2 import MobileNetV2, mobilenet_v2_spec
 from xprune_jax.models.resnet import ResNet, resnet_spec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2, shufflenet_v2_spec
 from xprune_jax.models.yolov8 import SCALES as YOLOV8_SCALES, YOLOv8, yolov8_spec
+from xprune_jax.models.yolov8_pipeline import YOLOv8Pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Architecture:
     module: type[nn.Module]  # built as module(spec)
     default_spec: Callable[[], Any]
     input_size: int  # the size the reference weights were trained at (for init and examples)
+    pipeline: Callable | None = None  # detectors: Model -> its DetectionPipeline (evaluation, predict)
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -37,7 +39,8 @@ register(Architecture("mobilenet_v2", "classification", MobileNetV2, mobilenet_v
 for _name in ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0"):
     register(Architecture(_name, "classification", ShuffleNetV2, lambda n=_name: shufflenet_v2_spec(n), 224))
 for _scale in YOLOV8_SCALES:
-    register(Architecture(f"yolov8{_scale}", "detection", YOLOv8, lambda s=_scale: yolov8_spec(s), 640))
+    register(Architecture(f"yolov8{_scale}", "detection", YOLOv8, lambda s=_scale: yolov8_spec(s), 640,
+                          lambda m: YOLOv8Pipeline(m.spec, imgsz=m.meta["preprocess"]["imgsz"])))
 
 
 def get_architecture(name: str) -> Architecture:

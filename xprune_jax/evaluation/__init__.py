@@ -1,0 +1,1 @@
+"""COCO evaluation of any detector through its DetectionPipeline."""

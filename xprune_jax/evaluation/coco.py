@@ -1,0 +1,189 @@
+"""Jitted, batched detection over image folders and COCO evaluation with pycocotools, for every
+detector (through its :class:`xprune_jax.detection.DetectionPipeline`).
+
+Decoding and preprocessing run in threads ahead of the device. Each finished batch is appended to
+``detections.partial.jsonl``, so a crashed run resumes without redoing finished images; the final
+files are written atomically.
+"""
+
+import concurrent.futures
+import contextlib
+import io
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import tqdm
+
+from xprune_jax import models, parallel
+from xprune_jax.checkpoint import Model, write_json_atomic
+from xprune_jax.data.images import list_images, load_rgb
+from xprune_jax.errors import UserError
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+
+
+def coco_paths(root: str) -> tuple[str, str]:
+    images, annotations = os.path.join(root, "val2017"), os.path.join(root, "annotations", "instances_val2017.json")
+    for path in (images, annotations):
+        if not os.path.exists(path):
+            raise UserError(f"COCO root {root} has no {os.path.relpath(path, root)}: point --coco at a folder laid out "
+                            "like the official download (val2017/, annotations/instances_val2017.json)")
+    return images, annotations
+
+
+def load_ground_truth(annotation_file: str):
+    from pycocotools.coco import COCO
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(annotation_file)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read COCO annotations {annotation_file} ({e.__class__.__name__}: {e}); "
+                        "use the official instances_val2017.json layout") from None
+
+
+def pipeline_for(model: Model):
+    architecture = models.get_architecture(model.arch)
+    if architecture.pipeline is None:
+        raise UserError(f"{model.arch} is a {architecture.task} model; this command needs a detector")
+    return architecture.pipeline(model)
+
+
+def image_id_from_name(path: str) -> int | None:
+    """COCO-style file names (``000000000139.jpg``) carry the image id as their integer stem."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return int(stem) if stem.isdigit() else None
+
+
+def detect(model: Model, paths: list[str], image_ids: list, sizes: list[tuple[int, int]], batch_size: int,
+           partial_file: str | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+    """COCO result entries for ``paths`` and a latency record. ``sizes`` are original (h, w)."""
+    pipeline = pipeline_for(model)
+    mesh = parallel.data_mesh()
+    batch_size = parallel.round_up_batch(batch_size, mesh)
+    forward = jax.jit(pipeline.forward)
+    variables = jax.device_put(model.variables, parallel.replicated(mesh))
+    done = _read_partial(partial_file)
+    plans = [p for p in pipeline.plan(sizes, batch_size) if not all(image_ids[i] in done for i in p.indices)]
+
+    def prepare(plan):
+        arrays, metas = zip(*(pipeline.preprocess(np.asarray(load_rgb(paths[i])), plan.input_shape) for i in plan.indices))
+        return parallel.pad_batch(np.stack(arrays), batch_size), metas
+
+    latencies, shapes_seen, compile_seconds = [], set(), 0.0
+    start = time.perf_counter()
+    remaining = sum(len(p.indices) for p in plans)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, \
+            tqdm.tqdm(total=remaining, unit="img", desc="detect", disable=not progress) as bar, \
+            (open(partial_file, "a") if partial_file else contextlib.nullcontext()) as log:
+        futures = [pool.submit(prepare, p) for p in plans[:2]]
+        for k, plan in enumerate(plans):
+            batch, metas = futures[k].result()
+            if k + 2 < len(plans):
+                futures.append(pool.submit(prepare, plans[k + 2]))
+            tick = time.perf_counter()
+            out = jax.device_get(forward(variables, jax.device_put(batch, parallel.batch_sharding(mesh))))
+            seconds = time.perf_counter() - tick
+            if plan.input_shape not in shapes_seen:  # the first call of a shape compiles
+                shapes_seen.add(plan.input_shape)
+                compile_seconds += seconds
+            else:
+                latencies += [seconds / len(plan.indices)] * len(plan.indices)
+            for j, i in enumerate(plan.indices):
+                entries = _entries(pipeline, out, j, metas[j], image_ids[i], os.path.basename(paths[i]))
+                done[image_ids[i]] = entries
+                if log:
+                    log.write(json.dumps({"image_id": image_ids[i], "detections": entries}) + "\n")
+            if log:
+                log.flush()
+            bar.update(len(plan.indices))
+    elapsed = time.perf_counter() - start
+    ordered = [entry for image_id in image_ids for entry in done.get(image_id, [])]
+    record = {"images": len(paths), "images_this_run": remaining, "batch_size": batch_size,
+              "compiled_shapes": len(shapes_seen), "first_call_seconds": compile_seconds,
+              "per_image_seconds_median": float(np.median(latencies)) if latencies else None,
+              "per_image_seconds_p90": float(np.percentile(latencies, 90)) if latencies else None,
+              "per_image_seconds": latencies, "images_per_second": remaining / elapsed if elapsed else None,
+              "backend": jax.default_backend()}
+    return ordered, record
+
+
+def _entries(pipeline, out: dict, j: int, meta, image_id, file_name: str) -> list[dict]:
+    valid = np.asarray(out["valid"][j], bool)
+    boxes = pipeline.to_original(np.asarray(out["boxes"][j])[valid], meta)
+    entries = []
+    for (x1, y1, x2, y2), score, label in zip(boxes, np.asarray(out["scores"][j])[valid], np.asarray(out["labels"][j])[valid]):
+        entries.append({"image_id": image_id, "file_name": file_name, "category_id": int(label),
+                        "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
+                        "score": round(float(score), 5)})
+    return entries
+
+
+def _read_partial(path: str | None) -> dict:
+    done = {}
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a crash: that image is redone
+                    continue
+                done[record["image_id"]] = record["detections"]
+    return done
+
+
+def coco_metrics(ground_truth, detections: list[dict], image_ids: list[int]) -> dict:
+    """pycocotools bbox metrics restricted to ``image_ids``."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        return {name: 0.0 for name in METRIC_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = ground_truth.loadRes([{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in detections])
+        evaluator = COCOeval(ground_truth, results, "bbox")
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+
+
+def evaluate(model: Model, coco_root: str, out_dir: str, batch_size: int = 8, max_images: int = 0,
+             progress: bool = True) -> dict:
+    """``xprune eval``: detections.json, metrics.json and latency.json in ``out_dir``."""
+    image_dir, annotation_file = coco_paths(coco_root)
+    ground_truth = load_ground_truth(annotation_file)
+    entries = sorted(ground_truth.dataset["images"], key=lambda e: e["file_name"])  # Ultralytics' order
+    entries = [e for e in entries if os.path.exists(os.path.join(image_dir, e["file_name"]))]
+    if max_images:
+        entries = entries[:max_images]
+    if not entries:
+        raise UserError(f"no annotated image of {annotation_file} is in {image_dir}: check the COCO root")
+    os.makedirs(out_dir, exist_ok=True)
+    partial = os.path.join(out_dir, "detections.partial.jsonl")
+    detections, latency = detect(model, [os.path.join(image_dir, e["file_name"]) for e in entries],
+                                 [e["id"] for e in entries], [(e["height"], e["width"]) for e in entries],
+                                 batch_size, partial, progress)
+    metrics = coco_metrics(ground_truth, detections, [e["id"] for e in entries])
+    metrics.update({"images": len(entries), "detections": len(detections), "arch": model.arch})
+    write_json_atomic(os.path.join(out_dir, "detections.json"), detections)
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    write_json_atomic(os.path.join(out_dir, "latency.json"), latency)
+    os.remove(partial)
+    return metrics
+
+
+def predict_folder(model: Model, folder: str, batch_size: int = 8, annotation_file: str | None = None,
+                   progress: bool = True) -> list[dict]:
+    """``xprune predict`` for detectors: COCO result entries for every image of ``folder``."""
+    paths = list_images(folder)
+    ids_by_name = {}
+    if annotation_file:
+        ids_by_name = {e["file_name"]: e["id"] for e in load_ground_truth(annotation_file).dataset["images"]}
+    image_ids = [ids_by_name.get(os.path.basename(p), image_id_from_name(p)) for p in paths]
+    sizes = [load_rgb(p).size[::-1] for p in paths]
+    detections, _ = detect(model, paths, image_ids, sizes, batch_size, None, progress)
+    return detections
