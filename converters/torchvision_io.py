@@ -1,7 +1,9 @@
 """Resolve, read and convert torchvision weights; export Flax variables back to torch."""
 
+import dataclasses
 import hashlib
 import os
+import re
 import urllib.error
 
 import numpy as np
@@ -69,8 +71,34 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in obj.items()}
 
 
+# torchvision's own key upgrades (the modules' ``_load_from_state_dict`` for state_dict version < 2),
+# as (pattern, replacement): the official COCO_V1 detection files keep these version-1 keys.
+_LEGACY_KEYS = (
+    (re.compile(r"^(.*fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$"), r"\1.0.\2"),
+    (re.compile(r"^(rpn\.head\.conv)\.(weight|bias)$"), r"\1.0.0.\2"),
+    (re.compile(r"^(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)$"),
+     lambda m: f"{m[1]}.{int(m[2]) // 2}.0.{m[3]}"),
+)
+
+
+def upgrade_legacy_keys(state_dict: dict) -> dict:
+    """Rename version-1 keys (``rpn.head.conv.weight``, ``backbone.fpn.inner_blocks.0.weight``,
+    RetinaNet's ``head.classification_head.conv.2.weight``) to the current module paths, as torchvision
+    does when it loads them; current keys pass unchanged."""
+    upgraded = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _LEGACY_KEYS:
+            key = pattern.sub(replacement, key)
+        upgraded[key] = value
+    return upgraded
+
+
 def preprocess_config(arch: str, enum=None) -> dict:
-    """The eval transform of the weights (or of the architecture's default weights)."""
+    """The eval transform of the weights (or of the architecture's default weights). Detection
+    weights carry no sizes: their ``GeneralizedRCNNTransform`` settings are the spec's."""
+    architecture = models.get_architecture(arch)
+    if architecture.task == "detection":
+        return dataclasses.asdict(architecture.default_spec().transform)
     t = (enum or torchvision.models.get_model_weights(arch).DEFAULT).transforms()
     return {"resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]), "mean": list(t.mean), "std": list(t.std),
             "interpolation": t.interpolation.value}
@@ -89,7 +117,8 @@ def convert(arch: str, weights: str) -> Model:
     architecture = models.get_architecture(arch)
     path, enum = resolve_weights(arch, weights)
     spec = architecture.default_spec()
-    variables = state_dict_to_variables(read_state_dict(path), models.variable_shapes(arch, spec), what=arch)
+    state_dict = upgrade_legacy_keys(read_state_dict(path))
+    variables = state_dict_to_variables(state_dict, models.variable_shapes(arch, spec), what=arch)
     meta = {
         "preprocess": preprocess_config(arch, enum),
         "categories": list((enum or torchvision.models.get_model_weights(arch).DEFAULT).meta["categories"]),

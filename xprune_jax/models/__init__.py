@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from xprune_jax.errors import UserError
 from xprune_jax.models.layers import INTERMEDIATES
 from xprune_jax.models.mobilenet_v2 import MobileNetV2, mobilenet_v2_spec
+from xprune_jax.models.rcnn import (FasterRCNN, RetinaNet, TorchvisionDetectionPipeline, fasterrcnn_resnet50_fpn_spec,
+                                    retinanet_resnet50_fpn_spec)
 from xprune_jax.models.resnet import ResNet, resnet_spec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2, shufflenet_v2_spec
 from xprune_jax.models.yolov8 import SCALES as YOLOV8_SCALES, YOLOv8, yolov8_spec
@@ -41,6 +43,10 @@ for _name in ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", 
 for _scale in YOLOV8_SCALES:
     register(Architecture(f"yolov8{_scale}", "detection", YOLOv8, lambda s=_scale: yolov8_spec(s), 640,
                           lambda m: YOLOv8Pipeline(m.spec, imgsz=m.meta["preprocess"]["imgsz"])))
+register(Architecture("fasterrcnn_resnet50_fpn", "detection", FasterRCNN, fasterrcnn_resnet50_fpn_spec, 800,
+                      lambda m: TorchvisionDetectionPipeline(m.module)))
+register(Architecture("retinanet_resnet50_fpn", "detection", RetinaNet, retinanet_resnet50_fpn_spec, 800,
+                      lambda m: TorchvisionDetectionPipeline(m.module)))
 
 
 def get_architecture(name: str) -> Architecture:

@@ -1,0 +1,257 @@
+"""Parity of torchvision's Faster R-CNN and RetinaNet (ResNet-50-FPN, COCO_V1) through the real path.
+
+A torch detector with random weights and calibrated, randomised FrozenBN (eps 0) statistics is saved
+in the official file's layout (version-1 keys, FrozenBN without ``num_batches_tracked``) under its
+official name in the torch hub cache, converted by weights name, and run by its DetectionPipeline.
+Three real COCO images of different sizes share one padded shape (so one compilation per model, and
+per-image clipping inside a batch is exercised). The FPN levels, RPN objectness and proposals, the
+detections (box for box) and the pycocotools AP are compared with torchvision's.
+
+The random classifiers are sharpened so that class scores spread over (0, 1) and the real test-time
+thresholds (0.05) keep boxes; small transform sizes keep the run short.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from converters.torchvision_io import convert, upgrade_legacy_keys
+from tests.torch_reference import randomize_batch_norm, random_torchvision, relative_error
+from xprune_jax import models
+from xprune_jax.models.rcnn import TorchvisionDetectionPipeline
+from xprune_jax.spec import spec_from_dict, spec_to_dict
+
+SMALL = {"min_size": 320, "max_size": 512}
+INPUT_SHAPE = (320, 448)
+# arch -> (weights name, classification layer, factor that spreads its random scores)
+DETECTORS = {
+    "fasterrcnn_resnet50_fpn": ("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", "roi_heads.box_predictor.cls_score", 4.0),
+    "retinanet_resnet50_fpn": ("RetinaNet_ResNet50_FPN_Weights.COCO_V1", "head.classification_head.cls_logits", 60.0),
+}
+
+
+def _small_pipeline(arch: str, spec) -> TorchvisionDetectionPipeline:
+    return TorchvisionDetectionPipeline(models.build(arch, dataclasses.replace(
+        spec, transform=dataclasses.replace(spec.transform, **SMALL))))
+
+
+@pytest.fixture(scope="module")
+def images(coco_images) -> list[tuple[int, np.ndarray]]:
+    """(COCO id, uint8 RGB) of the first three images padded to INPUT_SHAPE with distinct resized sizes."""
+    arch = "retinanet_resnet50_fpn"
+    pipeline = _small_pipeline(arch, models.get_architecture(arch).default_spec())
+    picked, sizes = [], set()
+    for path in coco_images:
+        width, height = Image.open(path).size
+        size = pipeline.resized_size(height, width)
+        if pipeline.plan([(height, width)], 1)[0].input_shape == INPUT_SHAPE and size not in sizes:
+            sizes.add(size)
+            picked.append((int(path.stem), np.array(Image.open(path).convert("RGB"))))
+        if len(picked) == 3:
+            return picked
+    pytest.fail(f"fewer than three COCO subset images pad to {INPUT_SHAPE}")
+
+
+def _freeze_batch_norm(module: torch.nn.Module) -> None:
+    """BatchNorm2d -> FrozenBatchNorm2d with eps 0, as the COCO_V1 builders leave the backbone."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            frozen = torchvision.ops.misc.FrozenBatchNorm2d(child.num_features, eps=0.0)
+            frozen.load_state_dict(child.state_dict())  # FrozenBN drops num_batches_tracked
+            setattr(module, name, frozen)
+        else:
+            _freeze_batch_norm(child)
+
+
+def _legacy_layout(state_dict: dict) -> dict:
+    """The version-1 keys of the official COCO_V1 files (the inverse of torchvision's upgrades)."""
+    legacy = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"(fpn\.(?:inner|layer)_blocks\.\d+)\.0\.", r"\1.", key)
+        key = re.sub(r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv.", key)
+        key = re.sub(r"(_head\.conv)\.(\d+)\.0\.", lambda m: f"{m[1]}.{2 * int(m[2])}.", key)
+        legacy[key] = value
+    return legacy
+
+
+def _torch_outputs(model, batch) -> dict:
+    """Detections, FPN levels (NHWC) and, for Faster R-CNN, objectness and proposals."""
+    captured, hooks = {}, [model.backbone.register_forward_hook(lambda m, i, out: captured.update(fpn=out))]
+    if hasattr(model, "rpn"):
+        hooks.append(model.rpn.head.register_forward_hook(lambda m, i, out: captured.update(rpn_head=out)))
+        hooks.append(model.rpn.register_forward_hook(lambda m, i, out: captured.update(proposals=out[0])))
+    with torch.no_grad():
+        detections = model(batch)
+    for hook in hooks:
+        hook.remove()
+    out = {"detections": [{k: v.numpy() for k, v in d.items()} for d in detections],
+           "fpn": {k: v.permute(0, 2, 3, 1).numpy() for k, v in captured["fpn"].items()}}
+    if "rpn_head" in captured:
+        objectness, _ = torchvision.models.detection.rpn.concat_box_prediction_layers(*captured["rpn_head"])
+        out["objectness"] = objectness.reshape(len(batch), -1).numpy()
+        out["proposals"] = [p.numpy() for p in captured["proposals"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module", params=list(DETECTORS))
+def run(request, images, tmp_path_factory, monkeypatch_module) -> dict:
+    arch = request.param
+    weights, classifier, sharpen = DETECTORS[arch]
+    batch = [torch.from_numpy(image).permute(2, 0, 1).float() / 255 for _, image in images]
+    torch_model = random_torchvision(arch, seed=1, weights_backbone=None, **SMALL)
+    randomize_batch_norm(torch_model.backbone.body, torch_model.transform(batch)[0].tensors, seed=1)
+    _freeze_batch_norm(torch_model.backbone.body)
+    with torch.no_grad():
+        torch_model.get_submodule(classifier).weight.mul_(sharpen)
+    torch_model.eval()
+
+    legacy = _legacy_layout(torch_model.state_dict())
+    torch_model.load_state_dict(legacy)  # torchvision itself reads this layout (and upgrades its keys)
+    home = tmp_path_factory.mktemp(arch) / "torch_home"
+    path = home / "hub" / "checkpoints" / torchvision.models.get_weight(weights).url.rsplit("/", 1)[1]
+    path.parent.mkdir(parents=True)
+    torch.save(legacy, path)
+    monkeypatch_module.setenv("TORCH_HOME", str(home))
+    model = convert(arch, weights)
+
+    pipeline = _small_pipeline(arch, model.spec)
+    (plan,) = pipeline.plan([image.shape[:2] for _, image in images], batch_size=len(images))
+    inputs, metas = zip(*(pipeline.preprocess(image, plan.input_shape) for _, image in images))
+    apply = jax.jit(lambda variables, x: models.apply_with_intermediates(pipeline.module, variables, x))
+    out, acts = jax.tree_util.tree_map(np.asarray, apply(model.variables, np.stack(inputs)))
+    detections = [{"boxes": pipeline.to_original(out["boxes"][i][out["valid"][i]], meta),
+                   "scores": out["scores"][i][out["valid"][i]], "labels": out["labels"][i][out["valid"][i]]}
+                  for i, meta in enumerate(metas)]
+    torch_inputs = torch_model.transform(batch)[0].tensors.permute(0, 2, 3, 1).numpy()
+    return {"arch": arch, "weights": weights, "model": model, "input_shape": plan.input_shape,
+            "jax": {"inputs": np.stack(inputs), "detections": detections, "acts": acts},
+            "torch": {"inputs": torch_inputs, **_torch_outputs(torch_model, batch)}}
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    return inter / (_area(a)[:, None] + _area(b)[None] - inter)
+
+
+def _matched(want: dict, got: dict) -> tuple[float, float]:
+    """Fractions of ``want``'s and of ``got``'s boxes with a counterpart at IoU >= 0.99, the same label
+    and a score within 1e-3."""
+    same = ((_iou(want["boxes"], got["boxes"]) >= 0.99) & (want["labels"][:, None] == got["labels"][None])
+            & (np.abs(want["scores"][:, None] - got["scores"][None]) <= 1e-3))
+    return same.any(1).mean(), same.any(0).mean()
+
+
+def test_converted_by_weights_name_with_the_weights_metadata(run):
+    model, enum = run["model"], torchvision.models.get_weight(run["weights"])
+    assert run["input_shape"] == INPUT_SHAPE
+    assert model.meta["provenance"]["weights"] == str(enum)
+    assert model.meta["categories"] == list(enum.meta["categories"]) and len(model.meta["categories"]) == 91
+    assert model.meta["preprocess"]["min_size"] == 800 and model.meta["preprocess"]["max_size"] == 1333
+
+
+def test_inputs_fpn_levels_objectness_and_proposals_match_torch(run):
+    acts, want = run["jax"]["acts"], run["torch"]
+    assert np.abs(run["jax"]["inputs"] - want["inputs"]).max() < 1e-5  # resize, normalise, pad
+    for name, level in want["fpn"].items():
+        assert relative_error(acts[f"backbone.fpn.{name}"], level) < 1e-4, name
+    if "objectness" not in want:
+        return
+    assert relative_error(acts["rpn.objectness"], want["objectness"]) < 1e-4
+    for got, proposals in zip(acts["rpn.proposals"], want["proposals"]):
+        got = got[np.any(got != 0, axis=1)]
+        assert len(got) == len(proposals)
+        # Ranks can swap between proposals whose objectness ties to ~1e-6; the boxes are the same.
+        assert (_iou(proposals, got).max(1) >= 0.99).mean() >= 0.99
+
+
+def test_detections_match_torch_box_for_box(run):
+    for got, want in zip(run["jax"]["detections"], run["torch"]["detections"]):
+        assert len(want["boxes"]) > 10
+        assert abs(len(got["boxes"]) - len(want["boxes"])) <= 0.01 * len(want["boxes"])
+        assert min(_matched(want, got)) >= 0.99
+
+
+def test_coco_ap_matches_torch(run, coco_root, images):
+    """All twelve pycocotools stats on the subset's annotations (about 0 with random weights: this
+    checks the COCO export, box for box is the sharp check)."""
+    ids = [image_id for image_id, _ in images]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(coco_root / "annotations" / "instances_val2017.json"))
+
+    def coco_stats(detections) -> np.ndarray:
+        results = [{"image_id": image_id, "category_id": int(label), "score": float(score),
+                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]}
+                   for image_id, d in zip(ids, detections)
+                   for (x1, y1, x2, y2), score, label in zip(d["boxes"], d["scores"], d["labels"])]
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluation = COCOeval(coco, coco.loadRes(results), "bbox")
+            evaluation.params.imgIds = ids
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+        return evaluation.stats
+
+    np.testing.assert_allclose(coco_stats(run["jax"]["detections"]), coco_stats(run["torch"]["detections"]), atol=1e-3)
+
+
+def test_plan_batches_each_image_once_at_few_padded_shapes(coco_root):
+    """At the real 800/1333 sizes, the COCO subset needs 19 exact torchvision shapes (10 with bucket 128)."""
+    with open(coco_root / "annotations" / "instances_val2017.json") as f:
+        sizes = [(image["height"], image["width"]) for image in json.load(f)["images"]]
+    for bucket, num_shapes in ((32, 19), (128, 10)):
+        pipeline = TorchvisionDetectionPipeline(models.build("fasterrcnn_resnet50_fpn", models.get_architecture(
+            "fasterrcnn_resnet50_fpn").default_spec()), bucket=bucket)
+        batches = pipeline.plan(sizes, batch_size=8)
+        assert sorted(i for b in batches for i in b.indices) == list(range(len(sizes)))
+        assert len({b.input_shape for b in batches}) == num_shapes and max(len(b.indices) for b in batches) == 8
+        for b in batches:
+            for i in b.indices:
+                resized = pipeline.resized_size(*sizes[i])
+                assert all(r <= s < r + bucket and s % bucket == 0 for r, s in zip(resized, b.input_shape))
+
+
+def test_specs_match_torchvision_builders():
+    """Every test-time hyper-parameter of the default specs equals the torchvision model's; specs round-trip."""
+    faster = torchvision.models.get_model("fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None)
+    retina = torchvision.models.get_model("retinanet_resnet50_fpn", weights=None, weights_backbone=None)
+    f, r = (models.get_architecture(a).default_spec() for a in ("fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"))
+    for spec, torch_model, anchors in ((f, faster, faster.rpn.anchor_generator), (r, retina, retina.anchor_generator)):
+        t = torch_model.transform
+        assert (t.min_size, t.max_size, t.size_divisible) == ((spec.transform.min_size,), spec.transform.max_size, 32)
+        assert (list(t.image_mean), list(t.image_std)) == (list(spec.transform.mean), list(spec.transform.std))
+        assert anchors.sizes == spec.anchor_sizes and anchors.aspect_ratios == (spec.aspect_ratios,) * 5
+        assert spec.body.bn_eps == 0.0 and spec.num_classes == 91
+        assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec  # stored in model dirs
+    rpn, heads = faster.rpn, faster.roi_heads
+    assert (rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"], rpn.nms_thresh, rpn.score_thresh) == (
+        f.rpn_pre_nms_top_n, f.rpn_post_nms_top_n, f.rpn_nms_thresh, f.rpn_score_thresh)
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (f.score_thresh, f.nms_thresh,
+                                                                               f.detections_per_img)
+    assert heads.box_roi_pool.output_size == (f.roi_size, f.roi_size) and heads.box_roi_pool.sampling_ratio == 2
+    assert (retina.score_thresh, retina.nms_thresh, retina.detections_per_img, retina.topk_candidates) == (
+        r.score_thresh, r.nms_thresh, r.detections_per_img, r.topk_candidates)
+    state_dict = faster.state_dict()
+    assert upgrade_legacy_keys(state_dict).keys() == state_dict.keys()  # current keys pass unchanged

@@ -1,0 +1,412 @@
+"""torchvision's ``fasterrcnn_resnet50_fpn`` and ``retinanet_resnet50_fpn`` (COCO_V1) in Flax.
+
+Module names are torch module paths (``backbone.fpn.inner_blocks.0.0``, ``rpn.head.cls_logits``,
+``roi_heads.box_head.fc6``, ``head.classification_head.conv.0.0``), so parameter paths are the
+state_dict keys and the generic converter maps them. The backbone is ResNet-50 with FrozenBN of
+eps 0 (``overwrite_eps(model, 0.0)`` in the builders).
+
+Everything has static shapes: candidates and detections are padded, with ``valid`` masks.
+Models take the normalised, zero-padded batch of :class:`TorchvisionDetectionPipeline` and read
+each image's unpadded size from the padding itself (no 8-bit value equals mean * 255, so a row or
+column of a real image is never exactly 0 in all channels), so clipping follows torchvision's
+per-image sizes while the input stays a plain ``[B, H, W, 3]`` array.
+
+Besides every conv and linear output, the models capture ``backbone.fpn.<level>`` (the FPN
+outputs under torchvision's feature names), ``rpn.objectness`` (logits ``[B, anchors]``, in
+torch's (level, y, x, anchor) order) and ``rpn.proposals`` (``[B, post_nms_top_n, 4]``, by
+decreasing objectness, zero where invalid).
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xprune_jax.detection import BatchPlan
+from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, Conv2d, Linear, capture
+from xprune_jax.models.resnet import ResNetBackbone, ResNetSpec, resnet_spec
+from xprune_jax.ops import (BoxCoder, batched_nms, clip_boxes_to_image, grid_anchors, multiscale_roi_align,
+                            small_box_mask)
+from xprune_jax.spec import register_spec
+
+RPN_MIN_BOX_SIZE = 1e-3  # torchvision's RegionProposalNetwork.min_size
+DETECTION_MIN_BOX_SIZE = 1e-2  # RoIHeads.postprocess_detections' remove_small_boxes
+
+
+@register_spec
+@dataclasses.dataclass(frozen=True)
+class TransformSpec:
+    """``GeneralizedRCNNTransform`` at test time."""
+
+    min_size: int = 800
+    max_size: int = 1333
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    size_divisible: int = 32
+
+
+@register_spec
+@dataclasses.dataclass(frozen=True)
+class FasterRCNNSpec:
+    body: ResNetSpec
+    fpn_stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+    fpn_width: int = 256
+    anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,))  # per level
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_top_n: int = 1000  # per level
+    rpn_post_nms_top_n: int = 1000  # per image
+    rpn_nms_thresh: float = 0.7
+    rpn_score_thresh: float = 0.0
+    roi_size: int = 7
+    roi_sampling_ratio: int = 2
+    representation_size: int = 1024
+    num_classes: int = 91  # with background
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    transform: TransformSpec = TransformSpec()
+
+
+@register_spec
+@dataclasses.dataclass(frozen=True)
+class RetinaNetSpec:
+    body: ResNetSpec
+    fpn_stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
+    fpn_width: int = 256
+    anchor_sizes: tuple[tuple[int, ...], ...] = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))
+                                                      for x in (32, 64, 128, 256, 512))
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    head_depth: int = 4  # 3x3 conv + ReLU layers in each subnet
+    num_classes: int = 91
+    topk_candidates: int = 1000  # per level
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 300
+    transform: TransformSpec = TransformSpec()
+
+
+def _frozen_bn_resnet50() -> ResNetSpec:
+    return dataclasses.replace(resnet_spec("resnet50"), bn_eps=0.0)
+
+
+def fasterrcnn_resnet50_fpn_spec() -> FasterRCNNSpec:
+    return FasterRCNNSpec(_frozen_bn_resnet50())
+
+
+def retinanet_resnet50_fpn_spec() -> RetinaNetSpec:
+    return RetinaNetSpec(_frozen_bn_resnet50())
+
+
+def capture_as(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
+    """:func:`~xprune_jax.models.layers.capture` under ``<module path>.<name>``."""
+    x = module.perturb(name, x, collection=PERTURBATIONS)
+    module.sow(INTERMEDIATES, name, x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+    return x
+
+
+def unpadded_sizes(images: jax.Array) -> jax.Array:
+    """``[B, 2]`` float (height, width) of each image's content: up to its last non-zero row/column."""
+    nonzero = images != 0
+    rows = jnp.any(nonzero, axis=(2, 3))
+    cols = jnp.any(nonzero, axis=(1, 3))
+    height = jnp.max(jnp.where(rows, jnp.arange(1, rows.shape[1] + 1), 0), axis=1)
+    width = jnp.max(jnp.where(cols, jnp.arange(1, cols.shape[1] + 1), 0), axis=1)
+    return jnp.stack([height, width], axis=1).astype(jnp.float32)
+
+
+def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of torch's ``interpolate(mode="nearest", size=...)`` along one axis."""
+    if out_size == 2 * in_size:
+        return np.arange(out_size) // 2
+    scale = np.float32(in_size) / np.float32(out_size)
+    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
+
+
+class FeaturePyramidNetwork(nn.Module):
+    """``FeaturePyramidNetwork`` with ``LastLevelMaxPool`` (extra "pool") or ``LastLevelP6P7`` from
+    P5 (extra "p6p7"). Returns the levels finest first, named as torchvision's feature dict."""
+
+    width: int
+    extra: str  # "pool" | "p6p7"
+
+    @nn.compact
+    def __call__(self, stages: list[jax.Array]) -> list[jax.Array]:
+        laterals = [Conv2d(self.width, 1, use_bias=True, name=f"inner_blocks.{i}.0")(x) for i, x in enumerate(stages)]
+        last = laterals[-1]
+        levels = [Conv2d(self.width, 3, use_bias=True, name=f"layer_blocks.{len(stages) - 1}.0")(last)]
+        for i in range(len(stages) - 2, -1, -1):
+            (height, width), (in_h, in_w) = laterals[i].shape[1:3], last.shape[1:3]
+            last = laterals[i] + last[:, _nearest_indices(in_h, height)][:, :, _nearest_indices(in_w, width)]
+            levels.insert(0, Conv2d(self.width, 3, use_bias=True, name=f"layer_blocks.{i}.0")(last))
+        names = [str(i) for i in range(len(levels))]
+        if self.extra == "pool":  # max_pool2d(kernel 1, stride 2) is a subsampling
+            levels.append(levels[-1][:, ::2, ::2])
+            names.append("pool")
+        else:
+            p6 = Conv2d(self.width, 3, 2, use_bias=True, name="extra_blocks.p6")(levels[-1])
+            levels += [p6, Conv2d(self.width, 3, 2, use_bias=True, name="extra_blocks.p7")(nn.relu(p6))]
+            names += ["p6", "p7"]
+        return [capture_as(self, name, level) for name, level in zip(names, levels)]
+
+
+class SharedConv2d(nn.Module):
+    """A ``torch.nn.Conv2d`` (stride 1, bias) that a head applies to every level.
+
+    Its output is captured once, all levels packed as ``[B, sum_l H_l * W_l, C]``, so that the
+    layer's activation and gradient cover every level it runs on.
+    """
+
+    features: int
+    kernel_size: int
+
+    @nn.compact
+    def __call__(self, levels: list[jax.Array]) -> list[jax.Array]:
+        k, pad = self.kernel_size, self.kernel_size // 2
+        kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                            (k, k, levels[0].shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        outputs = [jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), ((pad, pad), (pad, pad)),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias.astype(x.dtype)
+                   for x in levels]
+        packed = capture(self, jnp.concatenate([y.reshape(y.shape[0], -1, self.features) for y in outputs], axis=1))
+        split_at = np.cumsum([y.shape[1] * y.shape[2] for y in outputs])[:-1]
+        return [part.reshape(y.shape) for part, y in zip(jnp.split(packed, split_at, axis=1), outputs)]
+
+
+def _relu(levels: list[jax.Array]) -> list[jax.Array]:
+    return [nn.relu(x) for x in levels]
+
+
+def _anchors(spec, levels: list[jax.Array], input_shape: tuple[int, int]) -> list[np.ndarray]:
+    """The AnchorGenerator's anchors, split per level (NumPy constants: the shapes are static)."""
+    feature_sizes = [level.shape[1:3] for level in levels]
+    anchors = grid_anchors(spec.anchor_sizes, (spec.aspect_ratios,) * len(levels), feature_sizes, input_shape)
+    counts = [h * w * len(spec.aspect_ratios) * len(sizes) for (h, w), sizes in zip(feature_sizes, spec.anchor_sizes)]
+    return np.split(anchors, np.cumsum(counts)[:-1])
+
+
+def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[b, index[b]]`` for ``x [B, N, ...]`` and ``index [B, K]``."""
+    return jax.vmap(lambda rows, i: rows[i])(x, index)
+
+
+class RegionProposalNetwork(nn.Module):
+    """``RPNHead`` and test-time proposal selection: per level top-n objectness, decode, clip to
+    the image, drop small boxes, NMS per level (batched over level ids), post-NMS top-n."""
+
+    spec: FasterRCNNSpec
+
+    @nn.compact
+    def __call__(self, levels, image_sizes, input_shape):
+        s = self.spec
+        num_anchors = len(s.aspect_ratios) * len(s.anchor_sizes[0])
+        batch = levels[0].shape[0]
+        t = _relu(SharedConv2d(s.fpn_width, 3, name="head.conv.0.0")(levels))
+        head_logits = SharedConv2d(num_anchors, 1, name="head.cls_logits")(t)
+        head_deltas = SharedConv2d(4 * num_anchors, 1, name="head.bbox_pred")(t)
+        # (y, x, anchor) order within each level, as torch's permute_and_flatten.
+        objectness = capture_as(self, "objectness", jnp.concatenate([x.reshape(batch, -1) for x in head_logits], axis=1))
+        split_at = np.cumsum([np.prod(x.shape[1:]) for x in head_logits])[:-1]
+        coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        top_logits, top_boxes, level_ids = [], [], []
+        for level, (logits, deltas, anchors) in enumerate(
+                zip(jnp.split(objectness, split_at, axis=1), head_deltas, _anchors(s, levels, input_shape))):
+            logits_top, index = jax.lax.top_k(logits, min(s.rpn_pre_nms_top_n, logits.shape[1]))
+            top_logits.append(logits_top)
+            top_boxes.append(coder.decode(_gather(deltas.reshape(batch, -1, 4), index), jnp.asarray(anchors)[index]))
+            level_ids.append(np.full(index.shape[1], level, np.int32))
+        proposals, valid = jax.vmap(self._select, in_axes=(0, 0, None, 0))(
+            jnp.concatenate(top_boxes, axis=1), jnp.concatenate(top_logits, axis=1),
+            jnp.asarray(np.concatenate(level_ids)), image_sizes)
+        return capture_as(self, "proposals", proposals), valid
+
+    def _select(self, boxes, logits, level_ids, image_size):
+        s = self.spec
+        scores = jax.nn.sigmoid(logits)
+        boxes = clip_boxes_to_image(boxes, image_size[0], image_size[1])
+        candidates = small_box_mask(boxes, RPN_MIN_BOX_SIZE) & (scores >= s.rpn_score_thresh)
+        keep, valid = batched_nms(boxes, scores, level_ids, candidates, s.rpn_nms_thresh, s.rpn_post_nms_top_n)
+        return jnp.where(valid[:, None], boxes[keep], 0.0), valid
+
+
+def _padded_detections(boxes, scores, labels, keep, valid) -> dict:
+    return {"boxes": jnp.where(valid[:, None], boxes[keep], 0.0), "scores": jnp.where(valid, scores[keep], 0.0),
+            "labels": jnp.where(valid, labels[keep], 0).astype(jnp.int32), "valid": valid}
+
+
+class RoIHeads(nn.Module):
+    """``MultiScaleRoIAlign`` + ``TwoMLPHead`` + ``FastRCNNPredictor`` + ``postprocess_detections``."""
+
+    spec: FasterRCNNSpec
+
+    @nn.compact
+    def __call__(self, levels, proposals, valid, image_sizes, input_shape):
+        s = self.spec
+        batch, num_rois = proposals.shape[:2]
+        pooled = multiscale_roi_align(levels, proposals, input_shape, s.roi_size, s.roi_sampling_ratio)
+        x = pooled.transpose(0, 1, 4, 2, 3).reshape(batch * num_rois, -1)  # torch's (C, H, W) flatten for fc6
+        x = nn.relu(Linear(s.representation_size, name="box_head.fc6")(x))
+        x = nn.relu(Linear(s.representation_size, name="box_head.fc7")(x))
+        logits = Linear(s.num_classes, name="box_predictor.cls_score")(x).reshape(batch, num_rois, -1)
+        deltas = Linear(4 * s.num_classes, name="box_predictor.bbox_pred")(x).reshape(batch, num_rois, -1, 4)
+        return jax.vmap(self._detections)(logits, deltas, proposals, valid, image_sizes)
+
+    def _detections(self, logits, deltas, proposals, valid, image_size):
+        s = self.spec
+        boxes = BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas, proposals[:, None])
+        boxes = clip_boxes_to_image(boxes, image_size[0], image_size[1])[:, 1:].reshape(-1, 4)  # drop background
+        scores = jax.nn.softmax(logits, axis=-1)[:, 1:]
+        labels = jnp.broadcast_to(jnp.arange(1, s.num_classes, dtype=jnp.int32), scores.shape).reshape(-1)
+        candidates = jnp.broadcast_to(valid[:, None], scores.shape).reshape(-1)
+        scores = scores.reshape(-1)
+        candidates &= (scores > s.score_thresh) & small_box_mask(boxes, DETECTION_MIN_BOX_SIZE)
+        keep, kept = batched_nms(boxes, scores, labels, candidates, s.nms_thresh, s.detections_per_img)
+        return _padded_detections(boxes, scores, labels, keep, kept)
+
+
+class FasterRCNN(nn.Module):
+    """``[B, H, W, 3]`` normalised padded images -> padded detections in input pixels."""
+
+    spec: FasterRCNNSpec
+
+    @nn.compact
+    def __call__(self, images):
+        s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
+        stages = ResNetBackbone(s.body, name="backbone.body")(images)
+        levels = FeaturePyramidNetwork(s.fpn_width, "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
+        proposals, valid = RegionProposalNetwork(s, name="rpn")(levels, image_sizes, input_shape)
+        return RoIHeads(s, name="roi_heads")(levels[:-1], proposals, valid, image_sizes, input_shape)
+
+
+class RetinaNetHead(nn.Module):
+    """Classification and regression subnets, shared over levels: ``(logits [B, HWA, K],
+    deltas [B, HWA, 4])`` per level, in torch's (y, x, anchor) order."""
+
+    spec: RetinaNetSpec
+
+    @nn.compact
+    def __call__(self, levels):
+        s = self.spec
+        num_anchors = len(s.aspect_ratios) * len(s.anchor_sizes[0])
+
+        def subnet(prefix: str, last: str, outputs: int) -> list[jax.Array]:
+            x = levels
+            for i in range(s.head_depth):
+                x = _relu(SharedConv2d(s.fpn_width, 3, name=f"{prefix}.conv.{i}.0")(x))
+            return SharedConv2d(outputs, 3, name=f"{prefix}.{last}")(x)
+
+        logits = subnet("classification_head", "cls_logits", num_anchors * s.num_classes)
+        deltas = subnet("regression_head", "bbox_reg", 4 * num_anchors)
+        return [(c.reshape(c.shape[0], -1, s.num_classes), r.reshape(r.shape[0], -1, 4)) for c, r in zip(logits, deltas)]
+
+
+class RetinaNet(nn.Module):
+    """``[B, H, W, 3]`` normalised padded images -> padded detections in input pixels."""
+
+    spec: RetinaNetSpec
+
+    @nn.compact
+    def __call__(self, images):
+        s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
+        stages = ResNetBackbone(s.body, name="backbone.body")(images)
+        levels = FeaturePyramidNetwork(s.fpn_width, "p6p7", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
+        coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        scores, boxes, labels = [], [], []
+        for (logits, deltas), anchors in zip(RetinaNetHead(s, name="head")(levels), _anchors(s, levels, input_shape)):
+            # Per level: the top-k (anchor, class) scores above the threshold.
+            level_scores = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)
+            level_scores = jnp.where(level_scores > s.score_thresh, level_scores, -jnp.inf)
+            top_scores, index = jax.lax.top_k(level_scores, min(s.topk_candidates, level_scores.shape[1]))
+            anchor_index = index // s.num_classes
+            scores.append(top_scores)
+            labels.append(index % s.num_classes)
+            boxes.append(coder.decode(_gather(deltas, anchor_index), jnp.asarray(anchors)[anchor_index]))
+        return jax.vmap(self._detections)(jnp.concatenate(boxes, axis=1), jnp.concatenate(scores, axis=1),
+                                          jnp.concatenate(labels, axis=1), image_sizes)
+
+    def _detections(self, boxes, scores, labels, image_size):
+        s = self.spec
+        boxes = clip_boxes_to_image(boxes, image_size[0], image_size[1])
+        keep, kept = batched_nms(boxes, scores, labels, scores > s.score_thresh, s.nms_thresh, s.detections_per_img)
+        return _padded_detections(boxes, scores, labels, keep, kept)
+
+
+def _linear_taps(in_size: int, out_size: int):
+    """torch's bilinear (align_corners=False) source indices and weights along one axis, in float32."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    source = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+                        np.float32(0))
+    low = source.astype(np.int64)
+    high = np.minimum(low + 1, in_size - 1)
+    frac = np.clip(source - low.astype(np.float32), 0, 1).astype(np.float32)
+    return low, high, np.float32(1) - frac, frac
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` of an HWC float32
+    image, summed in torch's CPU order (along x within each row, then along y)."""
+    low, high, w_low, w_high = _linear_taps(image.shape[1], width)
+    rows = image[:, low] * w_low[None, :, None] + image[:, high] * w_high[None, :, None]
+    low, high, w_low, w_high = _linear_taps(image.shape[0], height)
+    return rows[low] * w_low[:, None, None] + rows[high] * w_high[:, None, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchvisionDetectionPipeline:
+    """:class:`~xprune_jax.detection.DetectionPipeline` of torchvision's R-CNN family:
+    ``GeneralizedRCNNTransform`` (normalise, resize, zero-pad bottom/right) around ``module``.
+
+    ``bucket`` (a multiple of ``size_divisible``) rounds the padded shapes: 32 gives exactly
+    torchvision's padding (its eval uses one image per batch), so outputs match torchvision box
+    for box; a larger bucket means fewer compilations, at the cost of exactness near the padding.
+    """
+
+    module: FasterRCNN | RetinaNet
+    bucket: int = 32
+
+    def __post_init__(self):
+        if self.bucket % self.module.spec.transform.size_divisible:
+            raise ValueError(f"bucket {self.bucket} is not a multiple of {self.module.spec.transform.size_divisible}")
+
+    @property
+    def max_detections(self) -> int:
+        return self.module.spec.detections_per_img
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The transform's output size: scaled by min(min_size / short side, max_size / long side), floored."""
+        t = self.module.spec.transform
+        scale = min(t.min_size / min(height, width), t.max_size / max(height, width))
+        return math.floor(height * scale), math.floor(width * scale)
+
+    def plan(self, sizes: list[tuple[int, int]], batch_size: int) -> list[BatchPlan]:
+        """Batches of images with the same padded shape (in order of first appearance)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (height, width) in enumerate(sizes):
+            shape = tuple(-(-side // self.bucket) * self.bucket for side in self.resized_size(height, width))
+            groups.setdefault(shape, []).append(index)
+        return [BatchPlan(tuple(indices[i:i + batch_size]), shape)
+                for shape, indices in groups.items() for i in range(0, len(indices), batch_size)]
+
+    def preprocess(self, image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, tuple]:
+        """uint8 HWC RGB -> the normalised, resized image zero-padded to ``input_shape``; meta is
+        ``(original (h, w), resized (h, w))``."""
+        t = self.module.spec.transform
+        x = (image.astype(np.float32) / np.float32(255) - np.asarray(t.mean, np.float32)) / np.asarray(t.std, np.float32)
+        resized = self.resized_size(*image.shape[:2])
+        if resized[0] > input_shape[0] or resized[1] > input_shape[1]:
+            raise ValueError(f"input shape {input_shape} is smaller than the resized image {resized}")
+        out = np.zeros((*input_shape, 3), np.float32)
+        out[:resized[0], :resized[1]] = resize_bilinear(x, *resized)
+        return out, (tuple(image.shape[:2]), resized)
+
+    def forward(self, variables: dict, images) -> dict:
+        return self.module.apply(variables, images)
+
+    def to_original(self, boxes: np.ndarray, meta: tuple) -> np.ndarray:
+        """torchvision's ``resize_boxes``: x and y scaled by the float32 ratio original / resized."""
+        (height, width), (resized_h, resized_w) = meta
+        ratio_h, ratio_w = np.float32(height) / np.float32(resized_h), np.float32(width) / np.float32(resized_w)
+        return np.asarray(boxes, np.float32) * np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
