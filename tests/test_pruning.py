@@ -196,3 +196,56 @@ def test_invalid_plans_get_clear_errors():
         apply_plan(model, dataclasses.replace(plan, selected=["layer2.1"], protected=[*plan.protected, "layer2.1"]))
     protected = make_plan(model, scores, "remove", "layers=99%", protect=["layer3"])
     assert not any(u.startswith("layer3.") for u in protected.selected)
+
+
+@functools.lru_cache(maxsize=None)
+def _yolo_model() -> Model:
+    """yolov8n with random weights and random BN statistics (surgery exactness needs no torch)."""
+    spec = models.get_architecture("yolov8n").default_spec()
+    variables = jax.tree_util.tree_map(np.array, models.init_variables("yolov8n", spec, seed=3, input_size=320))
+    rng = np.random.default_rng(3)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        key = path[-1].key
+        if key in ("mean", "bias"):
+            leaf[...] = rng.normal(0, 0.1, leaf.shape)
+        elif key in ("var", "scale"):
+            leaf[...] = rng.uniform(0.5, 1.5, leaf.shape)
+    return Model("yolov8n", spec, variables, {"preprocess": {"imgsz": 320}})
+
+
+@pytest.mark.parametrize("mode, budget", [("remove", "layers=50%"), ("shrink", "flops=-10%")])
+def test_yolov8_surgery_equals_masking(mode, budget, coco_images):
+    from xprune_jax.models.yolov8_pipeline import YOLOv8Pipeline
+
+    model = _yolo_model()
+    pipeline = YOLOv8Pipeline(model.spec, imgsz=320)
+    x = np.stack([pipeline.preprocess(np.asarray(Image.open(p).convert("RGB")), (320, 320))[0] for p in coco_images[:2]])
+    plan = make_plan(model, score_model_like(model, seed=4), mode, budget, round_to=4)
+    pruned = apply_plan(model, plan)
+    masked = jax.tree_util.tree_map(np.array, model.variables)
+    if mode == "remove":
+        for unit in plan.selected:  # a masked shortcut bottleneck adds 0: it is the identity
+            tree_paths.get(masked["params"], f"{unit}.cv2.bn")["scale"][:] = 0
+            tree_paths.get(masked["params"], f"{unit}.cv2.bn")["bias"][:] = 0
+    else:
+        groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+        for name in plan.selected:
+            dropped = np.setdiff1d(np.arange(groups[name].width), plan.keep_channels[name])
+            for bn in groups[name].norms:
+                tree_paths.get(masked["params"], bn)["scale"][dropped] = 0
+                tree_paths.get(masked["params"], bn)["bias"][dropped] = 0
+    got = np.asarray(_forward(pruned.module)(pruned.variables, x))
+    want = np.asarray(_forward(model.module)(masked, x))
+    assert relative_error(got, want) < 1e-5
+    assert relative_error(want, np.asarray(_forward(model.module)(model.variables, x))) > 1e-4
+    assert plan.flops_after < plan.flops_before and not any(s.startswith("model.22") for s in plan.selected)
+
+
+def score_model_like(model: Model, seed: int) -> dict:
+    """A random-criterion score file for any model (layers from the analysis, seeded scores)."""
+    from xprune_jax.attribution.criteria import ScoringInputs, get_criterion
+
+    layers = analysis.describe_layers(model.arch, model.spec, 320)
+    scores = get_criterion("random")(ScoringInputs(layers, {}, seed=seed))
+    return {"criterion": "random", "arch": model.arch, "layers": [
+        {"name": l.name, "score": scores[l.name].score, "channel_scores": list(scores[l.name].channel_scores)} for l in layers]}

@@ -17,7 +17,7 @@ from xprune_jax import analysis, models, tree_paths
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
 from xprune_jax.pruning import surgery
-from xprune_jax.pruning.rules import rules_for
+from xprune_jax.pruning.rules import protected_units, rules_for
 
 MODES = ("zero", "remove", "shrink")
 PROTECTED_KINDS = ("stem", "head")
@@ -49,7 +49,8 @@ def count_params(arch: str, spec) -> int:
 
 
 def _input_size(model: Model):
-    return model.meta.get("preprocess", {}).get("crop")
+    preprocess = model.meta.get("preprocess", {})
+    return preprocess.get("crop") or preprocess.get("imgsz")
 
 
 def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), shrink_ratio: float = 0.5,
@@ -60,13 +61,13 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
     kind, target = parse_budget(budget)
     layers = analysis.describe_layers(model.arch, model.spec, _input_size(model))
     score = _scores_by_layer(scores, layers, model.arch)
-    protected = sorted({l.name for l in layers if l.kind in PROTECTED_KINDS} | set(protect))
+    protected = sorted({l.name for l in layers if l.kind in PROTECTED_KINDS} | set(protected_units(model.spec)) | set(protect))
     flops_before, params_before = analysis.total_flops(layers), count_params(model.arch, model.spec)
 
     if mode == "zero":
         if kind != "layers":
             raise UserError("zero mode keeps every FLOP and parameter; use --budget=layers=N% (the paper: layers=5%)")
-        eligible = [l.name for l in layers if l.kind != "block" and l.name not in protected]
+        eligible = [l.name for l in layers if l.kind != "block" and not _touches(l.name, protected)]
         chosen = sorted(eligible, key=lambda n: (score[n], n))[: max(1, round(target * len(eligible)))]
         return Plan(mode, budget, scores["criterion"], chosen, {}, protected, flops_before, flops_before,
                     params_before, params_before)
@@ -197,8 +198,9 @@ def apply_plan(model: Model, plan: Plan) -> Model:
     if plan.mode == "zero":
         spec, variables = model.spec, surgery.zero_layers(model.variables, plan.selected)
     elif plan.mode == "remove":
-        spec = rules_for(model.spec).remove(model.spec, plan.selected)
-        variables = surgery.restrict_to_spec(model.variables, model.arch, spec)
+        rules = rules_for(model.spec)
+        spec = rules.remove(model.spec, plan.selected)
+        variables = rules.remove_variables(model.arch, model.spec, model.variables, plan.selected)
     else:
         rules = rules_for(model.spec)
         groups = {g.name: g for g in rules.groups(model.spec)}

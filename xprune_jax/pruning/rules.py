@@ -5,14 +5,18 @@
 - ``groups(spec)``: channel groups that can shrink together (width pruning): the convs that produce
   the channels, the BNs and depthwise convs that carry them, and the convs that consume them.
 - ``resize(spec, group, keep)``: the spec with a group narrowed to ``keep`` channels.
+- ``protected(spec)``: units never pruned by default beyond the stem and classifier heads.
+- ``remove_variables(arch, spec, variables, names)``: the variables without the removed units
+  (by default: delete their subtrees; YOLOv8 also folds a C2f's concat slot).
 
-Everything else (which variables to delete or slice, FLOPs, exactness) is generic.
+Everything else (slicing channels, FLOPs, plans) is generic.
 """
 
 import dataclasses
 
 from xprune_jax.errors import UserError
 from xprune_jax.models.mobilenet_v2 import MobileNetV2Spec
+from xprune_jax.models.yolov8 import YOLOv8Spec
 from xprune_jax.models.resnet import ResNetSpec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2Spec
 
@@ -27,7 +31,19 @@ class ChannelGroup:
     consumers: tuple[str, ...] = ()  # input channels (kernel axis -2)
 
 
-class ResNetRules:
+class Rules:
+    @staticmethod
+    def protected(spec) -> list[str]:
+        return []
+
+    @classmethod
+    def remove_variables(cls, arch: str, spec, variables: dict, names) -> dict:
+        from xprune_jax.pruning.surgery import restrict_to_spec
+
+        return restrict_to_spec(variables, arch, cls.remove(spec, names))
+
+
+class ResNetRules(Rules):
     """Bottlenecks / basic blocks after the first of a stage can go; inner widths can shrink."""
 
     @staticmethod
@@ -56,7 +72,7 @@ class ResNetRules:
             if b.name == block_name else b for b in spec.blocks))
 
 
-class MobileNetV2Rules:
+class MobileNetV2Rules(Rules):
     """Inverted residuals with a skip can go; the expanded (hidden) width can shrink."""
 
     @staticmethod
@@ -85,7 +101,7 @@ class MobileNetV2Rules:
             dataclasses.replace(b, hidden=keep) if b.name == block_name else b for b in spec.blocks))
 
 
-class ShuffleNetV2Rules:
+class ShuffleNetV2Rules(Rules):
     """A stride-1 unit's branch can become the identity (the channel shuffle stays); the branch's
     middle width can shrink."""
 
@@ -112,7 +128,65 @@ class ShuffleNetV2Rules:
             dataclasses.replace(u, branch2=(keep, u.branch2[1])) if u.name == unit_name else u for u in spec.units))
 
 
-RULES = {ResNetSpec: ResNetRules, MobileNetV2Spec: MobileNetV2Rules, ShuffleNetV2Spec: ShuffleNetV2Rules}
+class YOLOv8Rules(Rules):
+    """Bottlenecks of the backbone's C2f blocks (those with a shortcut) can go: masked, such a
+    bottleneck is the identity, so its slot in the C2f's concat is folded into the previous slot.
+    Each bottleneck's inner width can shrink. The Detect head is protected."""
+
+    @staticmethod
+    def protected(spec: YOLOv8Spec) -> list[str]:
+        return [spec.detect.name]
+
+    @staticmethod
+    def removable(spec: YOLOv8Spec) -> list[str]:
+        return [f"{c.name}.{b.name}" for c in spec.c2fs if c.shortcut for b in c.bottlenecks]
+
+    @staticmethod
+    def remove(spec: YOLOv8Spec, names) -> YOLOv8Spec:
+        return dataclasses.replace(spec, c2fs=tuple(
+            dataclasses.replace(c, bottlenecks=tuple(b for b in c.bottlenecks if f"{c.name}.{b.name}" not in names))
+            for c in spec.c2fs))
+
+    @classmethod
+    def remove_variables(cls, arch: str, spec: YOLOv8Spec, variables: dict, names) -> dict:
+        import numpy as np
+
+        from xprune_jax import tree_paths
+
+        variables = super().remove_variables(arch, spec, variables, names)
+        for c2f in spec.c2fs:
+            gone = [i for i, b in enumerate(c2f.bottlenecks) if f"{c2f.name}.{b.name}" in names]
+            if not gone:
+                continue
+            kernel = np.array(tree_paths.get(variables["params"], f"{c2f.name}.cv2.conv")["kernel"])
+            h = c2f.hidden
+            for i in sorted(gone, reverse=True):  # bottleneck i's output is slot i + 2; its input slot i + 1
+                kernel[:, :, (i + 1) * h:(i + 2) * h] += kernel[:, :, (i + 2) * h:(i + 3) * h]
+                kernel = np.delete(kernel, np.s_[(i + 2) * h:(i + 3) * h], axis=2)
+            tree_paths.get(variables["params"], f"{c2f.name}.cv2.conv")["kernel"] = kernel
+        return variables
+
+    @staticmethod
+    def groups(spec: YOLOv8Spec) -> list[ChannelGroup]:
+        norms = (lambda p: ()) if spec.fused else (lambda p: (f"{p}.cv1.bn",))
+        return [ChannelGroup(f"{c.name}.{b.name}.cv1.conv", b.hidden, (f"{c.name}.{b.name}.cv1.conv",),
+                             norms(f"{c.name}.{b.name}"), (), (f"{c.name}.{b.name}.cv2.conv",))
+                for c in spec.c2fs for b in c.bottlenecks]
+
+    @staticmethod
+    def resize(spec: YOLOv8Spec, group: str, keep: int) -> YOLOv8Spec:
+        path = group.removesuffix(".cv1.conv")
+        return dataclasses.replace(spec, c2fs=tuple(
+            dataclasses.replace(c, bottlenecks=tuple(dataclasses.replace(b, hidden=keep) if f"{c.name}.{b.name}" == path else b
+                                                     for b in c.bottlenecks)) for c in spec.c2fs))
+
+
+RULES = {ResNetSpec: ResNetRules, MobileNetV2Spec: MobileNetV2Rules, ShuffleNetV2Spec: ShuffleNetV2Rules,
+         YOLOv8Spec: YOLOv8Rules}
+
+
+def protected_units(spec) -> list[str]:
+    return RULES[type(spec)].protected(spec) if type(spec) in RULES else []
 
 
 def rules_for(spec):
