@@ -389,3 +389,25 @@ def test_harness_gives_ap_1_for_ground_truth(coco_root):
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
     shifted = [{**d, "bbox": [d["bbox"][0] + d["bbox"][2] * 0.3, *d["bbox"][1:]]} for d in perfect]
     assert coco_metrics(ground_truth, shifted, ids)["AP"] < 0.9  # the harness can tell a bad detector
+
+
+def test_cli_convert_eval_predict(checkpoint, coco_root, tmp_path):
+    """The command line on a detector: convert an official-layout file, evaluate two COCO images,
+    predict a folder (image ids from COCO-style file names)."""
+    from tests.test_cli import xprune
+
+    xprune("convert", "--arch=yolov8n", f"--weights={checkpoint('n')[0]}", f"--out={tmp_path / 'model'}")
+    xprune("eval", f"--model={tmp_path / 'model'}", f"--coco={coco_root}", f"--out={tmp_path / 'eval'}",
+           "--max_images=2", "--batch_size=2")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == 2 and metrics["arch"] == "yolov8n"
+    images = tmp_path / "images"
+    images.mkdir()
+    first = sorted((coco_root / "val2017").glob("*.jpg"))[0]
+    (images / first.name).write_bytes(first.read_bytes())
+    xprune("predict", f"--model={tmp_path / 'model'}", f"--images={images}", f"--out={tmp_path / 'pred.json'}")
+    predictions = json.loads((tmp_path / "pred.json").read_text())
+    assert predictions and {p["image_id"] for p in predictions} == {int(first.stem)}
+    assert all(p["file_name"] == first.name and len(p["bbox"]) == 4 for p in predictions)
+    missing = xprune("eval", f"--model={tmp_path / 'model'}", f"--coco={tmp_path}", f"--out={tmp_path / 'e2'}", check=False)
+    assert missing.returncode == 2 and "has no val2017" in missing.stderr
