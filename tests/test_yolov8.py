@@ -411,3 +411,62 @@ def test_cli_convert_eval_predict(checkpoint, coco_root, tmp_path):
     assert all(p["file_name"] == first.name and len(p["bbox"]) == 4 for p in predictions)
     missing = xprune("eval", f"--model={tmp_path / 'model'}", f"--coco={tmp_path}", f"--out={tmp_path / 'e2'}", check=False)
     assert missing.returncode == 2 and "has no val2017" in missing.stderr
+
+
+def test_grad_x_act_matches_torch_autograd(checkpoint, converted, batch):
+    """The confidence objective (top-100 best-class scores before NMS), every layer's gradient x
+    activation statistics against torch autograd with forward hooks, in float64 on both sides."""
+    from xprune_jax.attribution.objectives import CONFIDENCE_TOP_K, confidence
+    from xprune_jax.attribution.statistics import statistics_step
+
+    torch_model = copy.deepcopy(checkpoint("n")[1]).double()
+    model = converted("n")
+    x = torch.from_numpy(batch.x[:2]).permute(0, 3, 1, 2).double()
+    with jax.enable_x64(True):
+        variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), model.variables)
+        stats = statistics_step(model.module, confidence)(variables, {"images": np.asarray(batch.x[:2], np.float64),
+                                                                       "weights": np.ones(2)})
+        stats = jax.tree_util.tree_map(np.asarray, stats)
+    modules, outputs = dict(torch_model.named_modules()), {}
+    names = [n for n in stats if n != "model.22"]  # the head's capture is its (transposed) output
+
+    def keep(name):
+        def hook(_, __, out):
+            out.retain_grad()
+            outputs[name] = out
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    out = torch_model(x)[0]
+    torch.topk(out[:, 4:, :].max(1).values, CONFIDENCE_TOP_K, dim=-1).values.sum().backward()
+    for h in handles:
+        h.remove()
+    assert len(names) > 80
+    for name in names:
+        a = outputs[name]
+        ag = (a * a.grad).detach().permute(0, 2, 3, 1).reshape(a.shape[0], -1, a.shape[1])
+        assert stats[name]["abs"] == pytest.approx(ag.abs().sum().item(), rel=1e-4), name
+        assert stats[name]["signed"] == pytest.approx(ag.sum((1, 2)).abs().sum().item(), rel=1e-4, abs=1e-9), name
+        np.testing.assert_allclose(stats[name]["channel_abs"], ag.abs().sum((0, 1)).numpy(), rtol=1e-4,
+                                   atol=1e-8 * ag.abs().max().item(), err_msg=name)
+
+
+def test_score_then_prune_a_detector(converted, coco_root):
+    """Scoring calibrates through the detector's own letterbox; the scores drive a plan whose pruned
+    model runs through the validation pipeline."""
+    from xprune_jax.attribution.score import score_model
+    from xprune_jax.pruning.plan import apply_plan, make_plan
+
+    model = converted("n")
+    model = dataclasses.replace(model, meta={**model.meta, "preprocess": {"imgsz": IMGSZ}})
+    scores = score_model(model, ["grad_x_act", "l1"], coco_root=str(coco_root), calib_images=2, batch_size=2,
+                         seed=1, progress=False)
+    assert scores["objective"] == "confidence" and len(scores["calibration"]["images"]) == 2
+    by_name = {l["name"]: l for l in scores["layers"]}
+    assert by_name["model.2.m.0.cv1.conv"]["score"] > 0 and by_name["model.0.conv"]["kind"] == "stem"
+    plan = make_plan(model, scores, "remove", "layers=50%")
+    pruned = apply_plan(model, plan)
+    assert plan.selected and all(s.startswith(("model.2.", "model.4.", "model.6.", "model.8.")) for s in plan.selected)
+    pipeline = YOLOv8Pipeline(pruned.spec, imgsz=IMGSZ)
+    x = np.zeros((1, IMGSZ, IMGSZ, 3), np.float32)
+    assert jax.jit(pipeline.forward)(pruned.variables, x)["boxes"].shape == (1, 300, 4)

@@ -89,5 +89,12 @@ def _kind(name: str, kernel_shape: tuple[int, ...], first_conv: bool) -> str:
     return "pointwise" if kh * kw == 1 else "conv"
 
 
+def input_size(model) -> int:
+    """The square input side a model's layer analysis and scoring use: the classifier's crop, the
+    detector's letterbox size, else the architecture's reference size."""
+    preprocess = model.meta.get("preprocess", {})
+    return preprocess.get("crop") or preprocess.get("imgsz") or models.get_architecture(model.arch).input_size
+
+
 def total_flops(layers: list[LayerInfo]) -> int:
     return sum(layer.flops for layer in layers if layer.kind != "block")

@@ -10,7 +10,8 @@ import optax
 from xprune_jax.errors import UserError
 
 OBJECTIVES: dict[str, Callable] = {}
-DEFAULT_OBJECTIVE = {"classification": "cross_entropy"}
+DEFAULT_OBJECTIVE = {"classification": "cross_entropy", "detection": "confidence"}
+CONFIDENCE_TOP_K = 100
 
 
 def register(name: str):
@@ -29,6 +30,19 @@ def cross_entropy(logits, batch: dict):
     labels = jnp.where(batch["labels"] >= 0, batch["labels"], own)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(losses * batch["weights"])
+
+
+@register("confidence")
+def confidence(outputs, batch: dict):
+    """Label-free: the sum over images of the top-k best-class scores before NMS.
+
+    Reads the YOLOv8 output layout ``[B, 4 + classes, anchors]`` (boxes, then class scores)."""
+    if not hasattr(outputs, "ndim") or outputs.ndim != 3:
+        raise UserError("the confidence objective reads YOLOv8-style outputs [B, 4 + classes, anchors]; "
+                        "this model's outputs are not yet supported")
+    best = jnp.max(outputs[:, 4:, :], axis=1)
+    top = jax.lax.top_k(best, min(CONFIDENCE_TOP_K, best.shape[-1]))[0]
+    return jnp.sum(jnp.sum(top, axis=-1) * batch["weights"])
 
 
 def get_objective(name: str, task: str) -> tuple[str, Callable]:

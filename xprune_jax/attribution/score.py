@@ -29,13 +29,23 @@ def calibration_images(coco_root: str, n: int, seed: int) -> list[str]:
     return [paths[i] for i in sorted(picks)]
 
 
+def calibration_loader(model: Model):
+    """path -> network input of ``analysis.input_size(model)`` squared, as the model's own preprocessing makes it."""
+    if models.get_architecture(model.arch).task == "classification":
+        return functools.partial(_load_classification, preprocess=model.meta["preprocess"])
+    from xprune_jax.evaluation.coco import pipeline_for
+
+    pipeline, side = pipeline_for(model), analysis.input_size(model)
+    return lambda path: pipeline.preprocess(np.asarray(load_rgb(path)), (side, side))[0]
+
+
 def gather_statistics(model: Model, paths: list[str], objective, batch_size: int, progress: bool = True) -> dict:
     """Summed gradient x activation statistics over ``paths`` (one jitted pass per batch)."""
     mesh = parallel.data_mesh()
     batch_size = parallel.round_up_batch(batch_size, mesh)
     step = statistics_step(model.module, objective)
     variables = jax.device_put(model.variables, parallel.replicated(mesh))
-    load = functools.partial(_load_classification, preprocess=model.meta["preprocess"])
+    load = calibration_loader(model)
     total = None
     with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=not progress) as bar:
         for _, images in prefetch(paths, load, batch_size):
@@ -61,13 +71,11 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     criterion's under ``channel_scores_by``.
     """
     task = models.get_architecture(model.arch).task
-    if task != "classification":
-        raise UserError(f"scoring {task} models is not available yet (only classifiers so far)")
     chosen = [get_criterion(name) for name in criteria]
     if not chosen:
         raise UserError("no --criterion given; choose from grad_x_act, grad_x_act:mean, grad_x_act:signed, l1, l1:mean, random")
     objective_name, objective_fn = get_objective(objective, task)
-    layers = analysis.describe_layers(model.arch, model.spec, model.meta["preprocess"]["crop"])
+    layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     inputs = ScoringInputs(layers, model.variables["params"], seed=seed)
     paths = []
     if any(c.needs_data for c in chosen):

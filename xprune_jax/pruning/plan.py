@@ -48,18 +48,13 @@ def count_params(arch: str, spec) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(models.variable_shapes(arch, spec)["params"])))
 
 
-def _input_size(model: Model):
-    preprocess = model.meta.get("preprocess", {})
-    return preprocess.get("crop") or preprocess.get("imgsz")
-
-
 def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), shrink_ratio: float = 0.5,
               round_to: int = 8) -> Plan:
     """Rank the eligible units by the score file's criterion (lowest first) and take them under the budget."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
     kind, target = parse_budget(budget)
-    layers = analysis.describe_layers(model.arch, model.spec, _input_size(model))
+    layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     score = _scores_by_layer(scores, layers, model.arch)
     protected = sorted({l.name for l in layers if l.kind in PROTECTED_KINDS} | set(protected_units(model.spec)) | set(protect))
     flops_before, params_before = analysis.total_flops(layers), count_params(model.arch, model.spec)
@@ -99,7 +94,7 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
         spec = model.spec
         for n in chosen:
             spec = rules.resize(spec, n, len(keep[n]))
-    after = analysis.total_flops(analysis.describe_layers(model.arch, spec, _input_size(model)))
+    after = analysis.total_flops(analysis.describe_layers(model.arch, spec, analysis.input_size(model)))
     return Plan(mode, budget, scores["criterion"], chosen, keep, protected, flops_before, after,
                 params_before, count_params(model.arch, spec))
 
@@ -176,7 +171,7 @@ def validate_plan(model: Model, plan: Plan) -> None:
     """Clear errors for plans that name unknown or protected layers (e.g. a hand-edited plan file)."""
     if plan.mode not in MODES:
         raise UserError(f"plan mode {plan.mode!r} is unknown; choose one of: {', '.join(MODES)}")
-    layers = analysis.describe_layers(model.arch, model.spec, _input_size(model))
+    layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     if plan.mode == "zero":
         known = {l.name for l in layers if l.kind != "block"}
     elif plan.mode == "remove":
