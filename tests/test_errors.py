@@ -110,7 +110,11 @@ def test_model_dir_errors(weights_file, tmp_path):
     _raises("variables do not match the spec", load_model, str(tmp_path / "wrong"))
 
 
-def test_image_errors(tmp_path):
+@pytest.mark.parametrize("ultralytics_imported", [False, True])
+def test_image_errors(tmp_path, ultralytics_imported):
+    if ultralytics_imported:  # it patches PIL.Image.open, whose failures then raise other types
+        import ultralytics.utils.patches  # noqa: F401
+
     _raises("does not exist: point --images", list_images, str(tmp_path / "none"))
     _raises("no images .* in", list_images, str(tmp_path))
     bad = tmp_path / "bad.jpg"

@@ -25,7 +25,7 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, ValueError) as e:
+    except Exception as e:  # PIL raises many types, and Ultralytics patches Image.open with its own fallbacks
         raise UserError(f"cannot read image {path} ({e.__class__.__name__}: {e}); remove or replace the file") from None
 
 
