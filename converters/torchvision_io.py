@@ -1,7 +1,6 @@
 """Resolve, read and convert torchvision weights; export Flax variables back to torch."""
 
 import dataclasses
-import hashlib
 import os
 import re
 import urllib.error
@@ -14,6 +13,7 @@ from converters.mapping import state_dict_to_variables, variables_to_state_dict
 from xprune_jax import __version__, models
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
+from xprune_jax.fileio import atomic_path, file_sha256
 
 
 def _weights_enum(arch: str, name: str):
@@ -104,14 +104,6 @@ def preprocess_config(arch: str, enum=None) -> dict:
             "interpolation": t.interpolation.value}
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert(arch: str, weights: str) -> Model:
     """torchvision weights (a file or a weights name) -> a Flax :class:`Model` of ``arch``."""
     architecture = models.get_architecture(arch)
@@ -124,7 +116,7 @@ def convert(arch: str, weights: str) -> Model:
         "categories": list((enum or torchvision.models.get_model_weights(arch).DEFAULT).meta["categories"]),
         "provenance": {
             "source": "torchvision", "weights": weights if enum is None else str(enum), "file": os.path.abspath(path),
-            "sha256": _sha256(path), "converter": __name__, "torch": torch.__version__,
+            "sha256": file_sha256(path), "converter": __name__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "xprune_jax": __version__,
         },
     }
@@ -147,7 +139,6 @@ def export_torch(model: Model, path: str) -> None:
     """Write ``{"arch", "spec", "state_dict"}`` with torch.save (atomically): the state_dict is in
     torchvision's layout and key names; the spec says which blocks exist and how wide each layer is
     (an unpruned or zero-pruned model loads straight into ``torchvision.models.get_model(arch)``)."""
-    from xprune_jax.fileio import atomic_path
     from xprune_jax.spec import spec_to_dict
 
     with atomic_path(path) as tmp:

@@ -11,7 +11,6 @@ UserError.
 """
 
 import dataclasses
-import hashlib
 import os
 import re
 
@@ -22,6 +21,7 @@ from converters.mapping import state_dict_to_variables
 from xprune_jax import __version__, models
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
+from xprune_jax.fileio import file_sha256
 from xprune_jax.models.yolov8 import LAYERS, SCALES, fuse_batch_norms, yolov8_spec
 
 SUPPORTED = "YOLOv8 n/s/m/l/x detection checkpoints (Detect head with DFL and NMS, Ultralytics 8.x)"
@@ -139,14 +139,6 @@ def _coco_names() -> list[str]:
     return [names[i] for i in sorted(names)]
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert(arch: str | None, weights: str, fuse: bool = False) -> Model:
     """An Ultralytics YOLOv8 checkpoint (a file or an official name) -> a float32 Flax :class:`Model`.
 
@@ -175,7 +167,7 @@ def convert(arch: str | None, weights: str, fuse: bool = False) -> Model:
         "preprocess": {"imgsz": checkpoint.imgsz},
         "categories": names,
         "provenance": {
-            "source": "ultralytics", "weights": weights, "file": os.path.abspath(path), "sha256": _sha256(path),
+            "source": "ultralytics", "weights": weights, "file": os.path.abspath(path), "sha256": file_sha256(path),
             "scale": scale, "fused": fuse, "checkpoint_ultralytics_version": checkpoint.version,
             "converter": __name__, "torch": torch.__version__, "ultralytics": ultralytics.__version__,
             "xprune_jax": __version__,

@@ -1,6 +1,7 @@
 """Atomic file writes: results are either complete or absent, never half-written."""
 
 import contextlib
+import hashlib
 import os
 import tempfile
 
@@ -18,3 +19,11 @@ def atomic_path(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
