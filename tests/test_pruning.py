@@ -249,3 +249,33 @@ def score_model_like(model: Model, seed: int) -> dict:
     scores = get_criterion("random")(ScoringInputs(layers, {}, seed=seed))
     return {"criterion": "random", "arch": model.arch, "layers": [
         {"name": l.name, "score": scores[l.name].score, "channel_scores": list(scores[l.name].channel_scores)} for l in layers]}
+
+
+@pytest.mark.parametrize("mode, budget", [("remove", "layers=40%"), ("shrink", "flops=-10%")])
+def test_detector_backbone_surgery_equals_masking(mode, budget, coco_images):
+    """Faster R-CNN's ResNet-50 body under the ResNet rules: the FPN levels of the pruned detector
+    equal those of the original with the same blocks or channels masked."""
+    arch = "fasterrcnn_resnet50_fpn"
+    spec = models.get_architecture(arch).default_spec()
+    variables = jax.tree_util.tree_map(np.array, models.init_variables(arch, spec, seed=5, input_size=256))
+    rng = np.random.default_rng(5)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]:
+        leaf[...] = rng.uniform(0.5, 1.5, leaf.shape) if path[-1].key == "var" else rng.normal(0, 0.1, leaf.shape)
+    model = Model(arch, spec, variables, {"preprocess": {"crop": 256}})
+    x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((256, 256)), np.float32) / 255 - 0.45
+                  for p in coco_images[:2]])
+    plan = make_plan(model, score_model_like(model, seed=6), mode, budget)
+    assert plan.selected and all(s.startswith("backbone.body.layer") for s in plan.selected)
+    pruned = apply_plan(model, plan)
+    if mode == "remove":
+        masked = _mask_removed(model, plan.selected)
+    else:
+        masked = _mask_channels(model, plan)
+
+    def fpn_levels(m, v):
+        _, acts = jax.jit(functools.partial(models.apply_with_intermediates, m.module))(v, x)
+        return np.concatenate([np.asarray(acts[f"backbone.fpn.{k}"]).ravel() for k in range(4)])
+
+    want = fpn_levels(model, masked)
+    assert relative_error(fpn_levels(pruned, pruned.variables), want) < 1e-5
+    assert relative_error(want, fpn_levels(model, model.variables)) > 1e-3

@@ -16,6 +16,7 @@ import dataclasses
 
 from xprune_jax.errors import UserError
 from xprune_jax.models.mobilenet_v2 import MobileNetV2Spec
+from xprune_jax.models.rcnn import FasterRCNNSpec, RetinaNetSpec
 from xprune_jax.models.yolov8 import YOLOv8Spec
 from xprune_jax.models.resnet import ResNetSpec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2Spec
@@ -181,7 +182,38 @@ class YOLOv8Rules(Rules):
                                                      for b in c.bottlenecks)) for c in spec.c2fs))
 
 
-RULES = {ResNetSpec: ResNetRules, MobileNetV2Spec: MobileNetV2Rules, ShuffleNetV2Spec: ShuffleNetV2Rules,
+class DetectorBackboneRules(Rules):
+    """Faster R-CNN and RetinaNet: the ResNet rules applied to ``backbone.body``. The FPN, the RPN
+    and the heads are protected (their widths are shared across pyramid levels)."""
+
+    prefix = "backbone.body."
+
+    @staticmethod
+    def protected(spec) -> list[str]:
+        return ["backbone.fpn", "rpn", "roi_heads", "head"]
+
+    @classmethod
+    def removable(cls, spec) -> list[str]:
+        return [cls.prefix + name for name in ResNetRules.removable(spec.body)]
+
+    @classmethod
+    def remove(cls, spec, names):
+        return dataclasses.replace(spec, body=ResNetRules.remove(spec.body, [n.removeprefix(cls.prefix) for n in names]))
+
+    @classmethod
+    def groups(cls, spec) -> list[ChannelGroup]:
+        def prefixed(names):
+            return tuple(cls.prefix + n for n in names)
+
+        return [ChannelGroup(cls.prefix + g.name, g.width, prefixed(g.producers), prefixed(g.norms),
+                             prefixed(g.depthwise), prefixed(g.consumers)) for g in ResNetRules.groups(spec.body)]
+
+    @classmethod
+    def resize(cls, spec, group: str, keep: int):
+        return dataclasses.replace(spec, body=ResNetRules.resize(spec.body, group.removeprefix(cls.prefix), keep))
+
+
+RULES = {ResNetSpec: ResNetRules, FasterRCNNSpec: DetectorBackboneRules, RetinaNetSpec: DetectorBackboneRules, MobileNetV2Spec: MobileNetV2Rules, ShuffleNetV2Spec: ShuffleNetV2Rules,
          YOLOv8Spec: YOLOv8Rules}
 
 
