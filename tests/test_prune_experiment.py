@@ -8,7 +8,7 @@ from tests.test_cli import xprune
 
 def test_prune_pipeline_end_to_end(tmp_path):
     out = tmp_path / "run"
-    xprune("run", "--config=configs/prune_shufflenet_v2.py", "--config.arch=shufflenet_v2_x0_5",
+    xprune("run", "--config=configs/structural.py:shufflenet_v2_x0_5",
            "--config.criteria=('grad_x_act', 'l1')", "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%')",
            "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.calib_images=2", f"--config.out_dir={out}")
     results = json.loads((out / "results.json").read_text())

@@ -1,7 +1,7 @@
-"""ShuffleNetV2 x1.0: every criterion, the paper's protocol (zero, bottom 5%) beside remove and
-shrink at several FLOPs budgets, on the bundled demo images.
+"""Structural pruning of one classifier: every criterion, `remove` and `shrink` at several FLOPs
+budgets beside the paper's `zero`, on the bundled demo images.
 
-    xprune run --config=configs/prune_shufflenet_v2.py
+    xprune run --config=configs/structural.py:resnet50      (or mobilenet_v2, shufflenet_v2_x1_0, ...)
 
 ``weights="random"`` needs no download (seeded random weights, BN statistics calibrated then
 randomised); the metric is then fidelity to the unpruned model, not accuracy. Point ``weights`` at
@@ -11,10 +11,10 @@ a model dir or a torchvision weights name for real networks, and ``coco`` at a C
 import ml_collections
 
 
-def get_config():
+def get_config(arch: str = "shufflenet_v2_x1_0"):
     config = ml_collections.ConfigDict()
     config.experiment = "prune"
-    config.arch = "shufflenet_v2_x1_0"
+    config.arch = arch
     config.weights = "random"
     config.coco = ""  # '' = the bundled demo COCO folder
     config.eval_images = 0  # 0 = all images of the COCO folder
@@ -24,7 +24,8 @@ def get_config():
     config.batch_size = 4
     config.seeds = (0,)
     config.seed = 0
-    config.prunings = ("zero:layers=5%", "remove:flops=-10%", "remove:flops=-20%", "shrink:flops=-10%", "shrink:flops=-30%")
+    config.prunings = ("zero:layers=5%", "remove:flops=-10%", "remove:flops=-20%", "shrink:flops=-10%",
+                       "shrink:flops=-20%", "shrink:flops=-30%")
     config.save_models = False
     config.bench = ml_collections.ConfigDict({"batch_size": 1, "repeats": 10, "warmup": 2})
     config.out_dir = ""
