@@ -12,6 +12,7 @@ thresholds (0.05) keep boxes; small transform sizes keep the run short.
 """
 
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -141,7 +142,8 @@ def run(request, images, tmp_path_factory, monkeypatch_module) -> dict:
                    "scores": out["scores"][i][out["valid"][i]], "labels": out["labels"][i][out["valid"][i]]}
                   for i, meta in enumerate(metas)]
     torch_inputs = torch_model.transform(batch)[0].tensors.permute(0, 2, 3, 1).numpy()
-    return {"arch": arch, "weights": weights, "model": model, "input_shape": plan.input_shape,
+    return {"arch": arch, "weights": weights, "model": model, "input_shape": plan.input_shape, "pipeline": pipeline,
+            "torch_model": torch_model, "torch_image_sizes": torch_model.transform(batch)[0].image_sizes,
             "jax": {"inputs": np.stack(inputs), "detections": detections, "acts": acts},
             "torch": {"inputs": torch_inputs, **_torch_outputs(torch_model, batch)}}
 
@@ -255,3 +257,117 @@ def test_specs_match_torchvision_builders():
         r.score_thresh, r.nms_thresh, r.detections_per_img, r.topk_candidates)
     state_dict = faster.state_dict()
     assert upgrade_legacy_keys(state_dict).keys() == state_dict.keys()  # current keys pass unchanged
+
+
+def _torch_confidence(model, x: torch.Tensor, image_sizes: list) -> torch.Tensor:
+    """The confidence objective from the torch model's internals, as its forward runs them: the sum
+    over images of the top-100 pre-NMS scores (RetinaNet: sigmoid over all anchors, classes and
+    levels; Faster R-CNN: each proposal's best non-background softmax score)."""
+    from xprune_jax.detection import CONFIDENCE_TOP_K
+
+    features = model.backbone(x)
+    if hasattr(model, "rpn"):
+        images = torchvision.models.detection.image_list.ImageList(x, image_sizes)
+        proposals, _ = model.rpn(images, features)
+        heads = model.roi_heads
+        logits, _ = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, proposals, image_sizes)))
+        best = torch.softmax(logits, -1)[:, 1:].max(-1).values.split([len(p) for p in proposals])
+        return sum(torch.topk(b, min(CONFIDENCE_TOP_K, len(b))).values.sum() for b in best)
+    scores = torch.sigmoid(model.head(list(features.values()))["cls_logits"]).flatten(1)
+    return torch.topk(scores, CONFIDENCE_TOP_K, dim=-1).values.sum()
+
+
+def test_confidence_grad_x_act_matches_torch_autograd(run):
+    """The label-free confidence objective: every captured layer's gradient x activation statistics
+    against torch autograd of the same objective (forward hooks that retain the gradient), in float64
+    on both sides, on two real images. Heads shared over levels are captured as all their levels
+    packed ``[B, sum HW, C]``: the torch side concatenates each level's hook output in level order.
+    Layers without a gradient in torch (the RPN head: proposals are detached; box regression) must
+    have zero statistics in JAX too."""
+    from xprune_jax.attribution.objectives import confidence
+    from xprune_jax.attribution.statistics import statistics_step
+
+    torch_model = copy.deepcopy(run["torch_model"]).double()
+    inputs = run["jax"]["inputs"][:2]
+    with jax.enable_x64(True):
+        variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), run["model"].variables)
+        batch = {"images": np.asarray(inputs, np.float64), "weights": np.ones(2)}
+        stats = statistics_step(run["pipeline"].module, confidence)(variables, batch)
+        stats = jax.tree_util.tree_map(np.asarray, stats)
+
+    modules, outputs = dict(torch_model.named_modules()), {}
+    skipped = {n for n in stats if n not in modules}
+    assert all(n.startswith("backbone.fpn.") or n in ("rpn.objectness", "rpn.proposals") for n in skipped), skipped
+    names = sorted(set(stats) - skipped)
+
+    def keep(name):
+        def hook(_, __, out):
+            if out.requires_grad:
+                out.retain_grad()
+            outputs.setdefault(name, []).append(out)
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    x = torch.from_numpy(inputs).permute(0, 3, 1, 2).double()
+    _torch_confidence(torch_model, x, run["torch_image_sizes"][:2]).backward()
+    for h in handles:
+        h.remove()
+    assert len(names) > 60
+    gradient_free = []
+    for name in names:
+        parts = []
+        for a in outputs[name]:
+            ag = (a * a.grad if a.grad is not None else torch.zeros_like(a)).detach()
+            parts.append(ag.permute(0, 2, 3, 1).reshape(ag.shape[0], -1, ag.shape[1]) if ag.ndim == 4 else ag[:, None])
+        ag = torch.cat(parts, dim=1)  # levels of a shared head, in order; linear layers: one row per RoI
+        if ag.abs().max() == 0:
+            gradient_free.append(name)
+        s = stats[name]
+        assert s["abs"] == pytest.approx(ag.abs().sum().item(), rel=1e-4, abs=1e-12), name
+        assert s["signed"] == pytest.approx(ag.sum((1, 2)).abs().sum().item(), rel=1e-4, abs=1e-12), name
+        np.testing.assert_allclose(s["channel_abs"], ag.abs().sum((0, 1)).numpy(), rtol=1e-4,
+                                   atol=1e-8 * ag.abs().max().item() + 1e-15, err_msg=name)
+    # Besides these, FPN convs of levels that pool no RoI (Faster R-CNN) or hold none of the top-100
+    # scores (RetinaNet) at this small size get no gradient.
+    if run["arch"] == "fasterrcnn_resnet50_fpn":
+        expected = {"roi_heads.box_predictor.bbox_pred", "rpn.head.bbox_pred", "rpn.head.cls_logits", "rpn.head.conv.0.0"}
+    else:
+        expected = {n for n in names if n.startswith("head.regression_head.")}
+    assert expected <= set(gradient_free), gradient_free
+    assert all(n.startswith("backbone.fpn.") for n in set(gradient_free) - expected), gradient_free
+    assert stats["backbone.body.conv1"]["abs"] > 0
+
+
+def test_confidence_outputs_are_the_top_100_pre_nms_scores(run):
+    """``outputs["confidence"]`` [B, 100], by decreasing score, equals torch's own pre-NMS scores (float32)."""
+    from xprune_jax.attribution.objectives import confidence
+
+    torch_model = run["torch_model"]
+    inputs = run["jax"]["inputs"]
+    out = jax.jit(run["pipeline"].module.apply)(run["model"].variables, inputs)
+    got = np.asarray(out["confidence"])
+    assert got.shape == (len(inputs), 100) and np.all(np.diff(got, axis=1) <= 0)
+    with torch.no_grad():
+        want = [_torch_confidence(torch_model, torch.from_numpy(inputs[i:i + 1]).permute(0, 3, 1, 2),
+                                  run["torch_image_sizes"][i:i + 1]).item() for i in range(len(inputs))]
+    np.testing.assert_allclose(got.sum(1), want, rtol=1e-4)
+    weights = np.array([1.0, 0.0, 1.0])
+    assert float(confidence(out, {"weights": weights})) == pytest.approx(got.sum(1) @ weights, rel=1e-6)
+
+
+def test_score_model_calibrates_through_the_detector_pipeline(run, coco_root):
+    """Calibration pads every image to the pipeline's square side (max_size rounded up) and scores with
+    the confidence objective."""
+    from xprune_jax.attribution.score import calibration_loader, score_model
+
+    if run["arch"] != "retinanet_resnet50_fpn":
+        pytest.skip("one detector is enough: the same loader serves both")
+    spec = run["model"].spec
+    model = dataclasses.replace(run["model"], spec=dataclasses.replace(
+        spec, transform=dataclasses.replace(spec.transform, **SMALL)))
+    assert calibration_loader(model)(sorted((coco_root / "val2017").glob("*.jpg"))[0]).shape == (512, 512, 3)
+    scores = score_model(model, ["grad_x_act"], coco_root=str(coco_root), calib_images=2, batch_size=2,
+                         progress=False)
+    assert scores["objective"] == "confidence" and len(scores["calibration"]["images"]) == 2
+    by_name = {layer["name"]: layer for layer in scores["layers"]}
+    assert by_name["backbone.body.layer1.0.conv1"]["score"] > 0

@@ -416,7 +416,8 @@ def test_cli_convert_eval_predict(checkpoint, coco_root, tmp_path):
 def test_grad_x_act_matches_torch_autograd(checkpoint, converted, batch):
     """The confidence objective (top-100 best-class scores before NMS), every layer's gradient x
     activation statistics against torch autograd with forward hooks, in float64 on both sides."""
-    from xprune_jax.attribution.objectives import CONFIDENCE_TOP_K, confidence
+    from xprune_jax.attribution.objectives import confidence
+    from xprune_jax.detection import CONFIDENCE_TOP_K
     from xprune_jax.attribution.statistics import statistics_step
 
     torch_model = copy.deepcopy(checkpoint("n")[1]).double()

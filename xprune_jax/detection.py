@@ -19,6 +19,9 @@ from typing import Any, Protocol
 import numpy as np
 
 
+CONFIDENCE_TOP_K = 100  # detectors output (and the confidence objective sums) each image's top-k pre-NMS scores
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
     indices: tuple[int, ...]  # positions in the image list

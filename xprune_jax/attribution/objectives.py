@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xprune_jax.detection import CONFIDENCE_TOP_K
 from xprune_jax.errors import UserError
 
 OBJECTIVES: dict[str, Callable] = {}
 DEFAULT_OBJECTIVE = {"classification": "cross_entropy", "detection": "confidence"}
-CONFIDENCE_TOP_K = 100
 
 
 def register(name: str):
@@ -34,12 +34,27 @@ def cross_entropy(logits, batch: dict):
 
 @register("confidence")
 def confidence(outputs, batch: dict):
-    """Label-free: the sum over images of the top-k best-class scores before NMS.
+    """Label-free: the sum over the valid images of each image's top-k (k = ``CONFIDENCE_TOP_K`` = 100)
+    class scores before any thresholding or NMS.
 
-    Reads the YOLOv8 output layout ``[B, 4 + classes, anchors]`` (boxes, then class scores)."""
+    - YOLOv8 (outputs ``[B, 4 + classes, anchors]``: boxes, then class scores): the top-k of each
+      anchor's best-class score.
+    - RetinaNet (a dict of detections): the top-k sigmoid class scores over all anchors and classes
+      of all levels.
+    - Faster R-CNN (a dict of detections): the top-k of each proposal's best non-background softmax
+      score from the box predictor. As in torchvision, proposals carry no gradient (the RPN's box
+      deltas are detached), so the RPN head gets none.
+
+    Detectors whose outputs are a dict provide these per-image scores as ``outputs["confidence"]``
+    ``[B, k]`` (fewer than k candidates count as zeros)."""
+    if isinstance(outputs, dict):
+        if "confidence" not in outputs:
+            raise UserError("the confidence objective needs the model's pre-NMS scores (outputs['confidence']); "
+                            "this model does not provide them")
+        return jnp.sum(jnp.sum(outputs["confidence"], axis=-1) * batch["weights"])
     if not hasattr(outputs, "ndim") or outputs.ndim != 3:
-        raise UserError("the confidence objective reads YOLOv8-style outputs [B, 4 + classes, anchors]; "
-                        "this model's outputs are not yet supported")
+        raise UserError("the confidence objective reads YOLOv8-style outputs [B, 4 + classes, anchors] or a detector's "
+                        "outputs['confidence']; this model's outputs are not supported")
     best = jnp.max(outputs[:, 4:, :], axis=1)
     top = jax.lax.top_k(best, min(CONFIDENCE_TOP_K, best.shape[-1]))[0]
     return jnp.sum(jnp.sum(top, axis=-1) * batch["weights"])

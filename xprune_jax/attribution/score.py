@@ -30,12 +30,14 @@ def calibration_images(coco_root: str, n: int, seed: int) -> list[str]:
 
 
 def calibration_loader(model: Model):
-    """path -> network input of ``analysis.input_size(model)`` squared, as the model's own preprocessing makes it."""
+    """path -> network input of ``analysis.input_size(model)`` squared, as the model's own preprocessing makes it
+    (a detector pipeline that resizes to a size range, like torchvision's, pads to its ``square_side``)."""
     if models.get_architecture(model.arch).task == "classification":
         return functools.partial(_load_classification, preprocess=model.meta["preprocess"])
     from xprune_jax.evaluation.coco import pipeline_for
 
-    pipeline, side = pipeline_for(model), analysis.input_size(model)
+    pipeline = pipeline_for(model)
+    side = getattr(pipeline, "square_side", None) or analysis.input_size(model)
     return lambda path: pipeline.preprocess(np.asarray(load_rgb(path)), (side, side))[0]
 
 

@@ -15,6 +15,12 @@ Besides every conv and linear output, the models capture ``backbone.fpn.<level>`
 outputs under torchvision's feature names), ``rpn.objectness`` (logits ``[B, anchors]``, in
 torch's (level, y, x, anchor) order) and ``rpn.proposals`` (``[B, post_nms_top_n, 4]``, by
 decreasing objectness, zero where invalid).
+
+Besides the padded detections, both models output ``confidence`` ``[B, CONFIDENCE_TOP_K]``: each
+image's top-k class scores before any thresholding or NMS, which the label-free ``confidence``
+objective sums (see :func:`xprune_jax.attribution.objectives.confidence`). Gradients follow
+torchvision's graph: the RPN's box deltas (and objectness) are detached where proposals are decoded
+and selected, so proposals carry no gradient into the RPN head.
 """
 
 import dataclasses
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xprune_jax.detection import CONFIDENCE_TOP_K
 from xprune_jax.detection import BatchPlan
 from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, Conv2d, Linear, capture
 from xprune_jax.models.resnet import ResNetBackbone, ResNetSpec, resnet_spec
@@ -212,8 +219,10 @@ class RegionProposalNetwork(nn.Module):
         split_at = np.cumsum([np.prod(x.shape[1:]) for x in head_logits])[:-1]
         coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         top_logits, top_boxes, level_ids = [], [], []
+        # torchvision detaches the objectness and the box deltas here: proposals carry no gradient.
         for level, (logits, deltas, anchors) in enumerate(
-                zip(jnp.split(objectness, split_at, axis=1), head_deltas, _anchors(s, levels, input_shape))):
+                zip(jnp.split(jax.lax.stop_gradient(objectness), split_at, axis=1),
+                    [jax.lax.stop_gradient(d) for d in head_deltas], _anchors(s, levels, input_shape))):
             logits_top, index = jax.lax.top_k(logits, min(s.rpn_pre_nms_top_n, logits.shape[1]))
             top_logits.append(logits_top)
             top_boxes.append(coder.decode(_gather(deltas.reshape(batch, -1, 4), index), jnp.asarray(anchors)[index]))
@@ -221,7 +230,8 @@ class RegionProposalNetwork(nn.Module):
         proposals, valid = jax.vmap(self._select, in_axes=(0, 0, None, 0))(
             jnp.concatenate(top_boxes, axis=1), jnp.concatenate(top_logits, axis=1),
             jnp.asarray(np.concatenate(level_ids)), image_sizes)
-        return capture_as(self, "proposals", proposals), valid
+        # As in torchvision (proposals from detached deltas; roi_align gives boxes no gradient), none flows here.
+        return jax.lax.stop_gradient(capture_as(self, "proposals", proposals)), valid
 
     def _select(self, boxes, logits, level_ids, image_size):
         s = self.spec
@@ -259,12 +269,15 @@ class RoIHeads(nn.Module):
         boxes = BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas, proposals[:, None])
         boxes = clip_boxes_to_image(boxes, image_size[0], image_size[1])[:, 1:].reshape(-1, 4)  # drop background
         scores = jax.nn.softmax(logits, axis=-1)[:, 1:]
+        # Label-free confidence: the top-k of each valid proposal's best non-background score.
+        best = jnp.where(valid, jnp.max(scores, axis=-1), 0.0)
+        confidence = jax.lax.top_k(best, min(CONFIDENCE_TOP_K, best.shape[0]))[0]
         labels = jnp.broadcast_to(jnp.arange(1, s.num_classes, dtype=jnp.int32), scores.shape).reshape(-1)
         candidates = jnp.broadcast_to(valid[:, None], scores.shape).reshape(-1)
         scores = scores.reshape(-1)
         candidates &= (scores > s.score_thresh) & small_box_mask(boxes, DETECTION_MIN_BOX_SIZE)
         keep, kept = batched_nms(boxes, scores, labels, candidates, s.nms_thresh, s.detections_per_img)
-        return _padded_detections(boxes, scores, labels, keep, kept)
+        return {**_padded_detections(boxes, scores, labels, keep, kept), "confidence": confidence}
 
 
 class FasterRCNN(nn.Module):
@@ -314,18 +327,22 @@ class RetinaNet(nn.Module):
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
         levels = FeaturePyramidNetwork(s.fpn_width, "p6p7", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
         coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
-        scores, boxes, labels = [], [], []
+        scores, boxes, labels, confidence = [], [], [], []
         for (logits, deltas), anchors in zip(RetinaNetHead(s, name="head")(levels), _anchors(s, levels, input_shape)):
             # Per level: the top-k (anchor, class) scores above the threshold.
             level_scores = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)
+            # The image's top-k over all levels lies within the per-level top-k (before thresholding).
+            confidence.append(jax.lax.top_k(level_scores, min(CONFIDENCE_TOP_K, level_scores.shape[1]))[0])
             level_scores = jnp.where(level_scores > s.score_thresh, level_scores, -jnp.inf)
             top_scores, index = jax.lax.top_k(level_scores, min(s.topk_candidates, level_scores.shape[1]))
             anchor_index = index // s.num_classes
             scores.append(top_scores)
             labels.append(index % s.num_classes)
             boxes.append(coder.decode(_gather(deltas, anchor_index), jnp.asarray(anchors)[anchor_index]))
-        return jax.vmap(self._detections)(jnp.concatenate(boxes, axis=1), jnp.concatenate(scores, axis=1),
-                                          jnp.concatenate(labels, axis=1), image_sizes)
+        detections = jax.vmap(self._detections)(jnp.concatenate(boxes, axis=1), jnp.concatenate(scores, axis=1),
+                                                jnp.concatenate(labels, axis=1), image_sizes)
+        confidence = jnp.concatenate(confidence, axis=1)
+        return {**detections, "confidence": jax.lax.top_k(confidence, min(CONFIDENCE_TOP_K, confidence.shape[1]))[0]}
 
     def _detections(self, boxes, scores, labels, image_size):
         s = self.spec
@@ -374,6 +391,12 @@ class TorchvisionDetectionPipeline:
     @property
     def max_detections(self) -> int:
         return self.module.spec.detections_per_img
+
+    @property
+    def square_side(self) -> int:
+        """The side of the square padded shape that holds every resized image (its long side is at
+        most ``max_size``): what calibration uses to batch images of any size with one compilation."""
+        return -(-self.module.spec.transform.max_size // self.bucket) * self.bucket
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """The transform's output size: scaled by min(min_size / short side, max_size / long side), floored."""
