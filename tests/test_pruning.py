@@ -222,18 +222,13 @@ def test_yolov8_surgery_equals_masking(mode, budget, coco_images):
     x = np.stack([pipeline.preprocess(np.asarray(Image.open(p).convert("RGB")), (320, 320))[0] for p in coco_images[:2]])
     plan = make_plan(model, score_model_like(model, seed=4), mode, budget, round_to=4)
     pruned = apply_plan(model, plan)
-    masked = jax.tree_util.tree_map(np.array, model.variables)
     if mode == "remove":
+        masked = jax.tree_util.tree_map(np.array, model.variables)
         for unit in plan.selected:  # a masked shortcut bottleneck adds 0: it is the identity
             tree_paths.get(masked["params"], f"{unit}.cv2.bn")["scale"][:] = 0
             tree_paths.get(masked["params"], f"{unit}.cv2.bn")["bias"][:] = 0
     else:
-        groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
-        for name in plan.selected:
-            dropped = np.setdiff1d(np.arange(groups[name].width), plan.keep_channels[name])
-            for bn in groups[name].norms:
-                tree_paths.get(masked["params"], bn)["scale"][dropped] = 0
-                tree_paths.get(masked["params"], bn)["bias"][dropped] = 0
+        masked = _mask_channels(model, plan)
     got = np.asarray(_forward(pruned.module)(pruned.variables, x))
     want = np.asarray(_forward(model.module)(masked, x))
     assert relative_error(got, want) < 1e-5

@@ -73,7 +73,10 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
         costs = {u: _unit_costs(u, layers, model.variables) for u in units}
         unit_score = {u: sum(score[l.name] for l in layers if l.kind != "block" and l.name.startswith(u + ".")) for u in units}
         ranked = sorted(units, key=lambda u: (unit_score[u], u))
-        savings = lambda chosen: tuple(sum(costs[u][i] for u in chosen) for i in (0, 1))  # noqa: E731
+
+        def savings(chosen):  # removals don't interact: their savings add up
+            return tuple(sum(costs[u][i] for u in chosen) for i in (0, 1))
+
         chosen = _take(ranked, kind, target, savings, flops_before, params_before, mode, model.arch)
         spec = rules.remove(model.spec, chosen)
         keep = {}
@@ -88,7 +91,10 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
         groups = {n: g for n, g in groups.items() if 0 < len(keep[n]) < g.width}
         by_layer = {l.name: l for l in layers}
         ranked = sorted(groups, key=lambda n: (score[n], n))
-        savings = lambda chosen: _shrink_savings([groups[n] for n in chosen], keep, by_layer)  # noqa: E731
+
+        def savings(chosen):
+            return _shrink_savings([groups[n] for n in chosen], keep, by_layer)
+
         chosen = _take(ranked, kind, target, savings, flops_before, params_before, mode, model.arch)
         keep = {n: keep[n] for n in chosen}
         spec = model.spec
