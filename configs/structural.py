@@ -17,7 +17,9 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.arch = arch
     config.weights = "random"
     config.coco = ""  # '' = the bundled demo COCO folder
-    config.eval_images = 0  # 0 = all images of the COCO folder
+    config.image_folder = ""  # classifiers: an ImageFolder root with train/ (calibration) and val/ (top-1 accuracy)
+    config.calib_split = "val2017"  # detectors: the COCO split that calibration images come from
+    config.eval_images = 0  # 0 = all evaluation images
     config.criteria = ("grad_x_act", "grad_x_act:mean", "grad_x_act:signed", "l1", "random")
     config.objective = ""
     config.calib_images = 4

@@ -1,6 +1,7 @@
 """Resolve, read and convert torchvision weights; export Flax variables back to torch."""
 
 import dataclasses
+import json
 import os
 import re
 import urllib.error
@@ -93,31 +94,80 @@ def upgrade_legacy_keys(state_dict: dict) -> dict:
     return upgraded
 
 
-def preprocess_config(arch: str, enum=None) -> dict:
+def preprocess_config(arch: str, enum=None, spec=None) -> dict:
     """The eval transform of the weights (or of the architecture's default weights). Detection
     weights carry no sizes: their ``GeneralizedRCNNTransform`` settings are the spec's."""
     architecture = models.get_architecture(arch)
     if architecture.task == "detection":
-        return dataclasses.asdict(architecture.default_spec().transform)
+        return dataclasses.asdict((spec or architecture.default_spec()).transform)
     t = (enum or torchvision.models.get_model_weights(arch).DEFAULT).transforms()
     return {"resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]), "mean": list(t.mean), "std": list(t.std),
             "interpolation": t.interpolation.value}
 
 
+# The classifier layer of each family -> how many of its outputs make one class (RetinaNet: 9 anchors).
+_CLASS_LAYERS = {"fc.weight": 1, "classifier.1.weight": 1, "roi_heads.box_predictor.cls_score.weight": 1,
+                 "head.classification_head.cls_logits.weight": 9}
+CARD_FIELDS = ("categories", "preprocess", "transform", "dataset", "command", "metrics")
+
+
+def read_model_card(path: str) -> dict:
+    """The model card beside a weights file (``X.pth`` -> ``X.json``), or ``{}``.
+
+    Weights trained here (``benchmarks/fixtures/``) carry one: ``categories``, the classifiers'
+    eval ``preprocess`` or the detectors' ``transform`` sizes, and how they were made.
+    """
+    card_path = os.path.splitext(path)[0] + ".json"
+    if not os.path.isfile(card_path):
+        return {}
+    try:
+        with open(card_path) as f:
+            card = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model card {card_path} is not valid JSON ({e}); fix or remove it") from None
+    unknown = sorted(set(card) - set(CARD_FIELDS))
+    if not isinstance(card, dict) or unknown:
+        raise UserError(f"model card {card_path} has unknown fields {unknown}; allowed: {', '.join(CARD_FIELDS)}")
+    return card
+
+
+def _num_classes(state_dict: dict, default: int) -> int:
+    for key, per_class in _CLASS_LAYERS.items():
+        if key in state_dict:
+            return state_dict[key].shape[0] // per_class
+    return default
+
+
 def convert(arch: str, weights: str) -> Model:
-    """torchvision weights (a file or a weights name) -> a Flax :class:`Model` of ``arch``."""
+    """torchvision weights (a file or a weights name) -> a Flax :class:`Model` of ``arch``.
+
+    The number of classes comes from the weights; a model card beside a file (:func:`read_model_card`)
+    gives the categories and input sizes of weights trained on other data.
+    """
     architecture = models.get_architecture(arch)
     path, enum = resolve_weights(arch, weights)
-    spec = architecture.default_spec()
     state_dict = upgrade_legacy_keys(read_state_dict(path))
+    card = read_model_card(path) if enum is None else {}
+    spec = architecture.default_spec()
+    spec = dataclasses.replace(spec, num_classes=_num_classes(state_dict, spec.num_classes))
+    if "transform" in card:
+        spec = dataclasses.replace(spec, transform=dataclasses.replace(spec.transform, **card["transform"]))
     variables = state_dict_to_variables(state_dict, models.variable_shapes(arch, spec), what=arch)
+    default_categories = list((enum or torchvision.models.get_model_weights(arch).DEFAULT).meta["categories"])
+    if "categories" in card:
+        categories = list(card["categories"])
+    elif spec.num_classes == len(default_categories):
+        categories = default_categories
+    else:
+        categories = [str(i) for i in range(spec.num_classes)]
     meta = {
-        "preprocess": preprocess_config(arch, enum),
-        "categories": list((enum or torchvision.models.get_model_weights(arch).DEFAULT).meta["categories"]),
+        "preprocess": card.get("preprocess") or preprocess_config(arch, enum, spec),
+        "categories": categories,
         "provenance": {
             "source": "torchvision", "weights": weights if enum is None else str(enum), "file": os.path.abspath(path),
             "sha256": file_sha256(path), "converter": __name__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "xprune_jax": __version__,
+            **({"model_card": {k: card[k] for k in ("dataset", "command", "metrics") if k in card}} if card else {}),
         },
     }
     return Model(arch, spec, variables, meta)
@@ -129,9 +179,13 @@ def to_torch_state_dict(variables: dict) -> dict[str, torch.Tensor]:
 
 
 def torch_model(arch: str, variables: dict) -> torch.nn.Module:
-    """The torchvision model of ``arch`` (default spec) holding ``variables``, in eval mode."""
-    model = torchvision.models.get_model(arch, weights=None)
-    model.load_state_dict(to_torch_state_dict(variables), strict=True)
+    """The torchvision model of ``arch`` (default spec, any number of classes) holding ``variables``, in eval mode."""
+    state_dict = to_torch_state_dict(variables)
+    kwargs = {}
+    if (num_classes := _num_classes(state_dict, 0)):
+        kwargs["num_classes"] = num_classes
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
 

@@ -92,7 +92,7 @@ def test_score_writes_layers_and_comparison(workdir, coco_root):
     (("--criterion=shap",), "unknown criterion 'shap'"),
     (("--criterion=grad_x_act:median",), "has no variant 'median'"),
     (("--coco=/nonexistent",), "has no val2017/"),
-    (("--calib_images=100000",), "holds only"),
+    (("--calib_images=100000",), "calibration images asked for, but only"),
 ])
 def test_score_errors(workdir, coco_root, args, message):
     tmp, _ = workdir

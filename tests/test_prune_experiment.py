@@ -4,6 +4,32 @@ produced, and the report states exactly the numbers in results.json."""
 import json
 
 from tests.test_cli import xprune
+from xprune_jax.experiments.prune import format_metric
+
+
+def assert_report_holds_results(report: str, results: dict) -> None:
+    """Every run's row, every summary cell and every verdict of the report come from results.json."""
+    metric = results["metric"]
+    for r in results["rows"]:
+        if "infeasible" in r:
+            assert f"| {r['criterion']} | {r['mode']} | {r['budget']} | {r['seed']} | - | infeasible: " in report
+            continue
+        line = (f"| {r['criterion']} | {r['mode']} | {r['budget']} | {r['seed']} | {len(r['selected'])} | "
+                f"{format_metric(metric, r['metrics'][metric])} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
+                f"{r['latency_ratio']:.3f} [{r['latency_ratio_iqr'][0]:.3f}, {r['latency_ratio_iqr'][1]:.3f}] |")
+        assert line in report, line
+    for s in results["summary"]:
+        value = f"{format_metric(metric, s['metric_mean'])} ± {format_metric(metric, s['metric_std'])}"
+        line = (f"| {s['mode']} | {s['budget']} | {s['criterion']} | {s['n']} | {'**' + value + '**' if s['best'] else value} | "
+                f"{s['flops_ratio']:.3f} | {s['params_ratio']:.3f} | {s['latency_ratio']:.3f} |")
+        assert line in report, line
+        runs = [r for r in results["rows"] if "infeasible" not in r and (r["mode"], r["budget"], r["criterion"]) ==
+                (s["mode"], s["budget"], s["criterion"])]
+        assert s["n"] == len(runs) and abs(s["metric_mean"] - sum(r["metrics"][metric] for r in runs) / len(runs)) < 1e-12
+    for mode, budget in {(s["mode"], s["budget"]) for s in results["summary"]}:
+        best = max((s for s in results["summary"] if (s["mode"], s["budget"]) == (mode, budget)), key=lambda s: s["metric_mean"])
+        assert f"- `{mode}` at {budget}: best is `{best['criterion']}` ({format_metric(metric, best['metric_mean'])})." in report
+    assert f"{metric} {format_metric(metric, results['unpruned']['metrics'][metric])}, latency {results['unpruned']['latency_ms']:.2f} ms" in report
 
 
 def test_prune_pipeline_end_to_end(tmp_path):
@@ -14,12 +40,10 @@ def test_prune_pipeline_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
     assert {(r["criterion"], r["mode"]) for r in rows} == {(c, m) for c in ("grad_x_act", "l1") for m in ("zero", "remove", "shrink")}
-    report = (out / "report.md").read_text()
+    assert results["metric"] == "top1_agreement" and results["unpruned"]["metrics"]["top1_agreement"] == 1.0
     for r in rows:
         assert r["flops_ratio"] == 1.0 if r["mode"] == "zero" else r["flops_ratio"] <= 0.9
-        line = (f"| {r['criterion']} | {r['mode']} | {r['budget']} | {r['seed']} | {len(r['selected'])} | "
-                f"{r['top1_agreement']:.1%} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | {r['latency_ratio']:.3f}")
-        assert line in report, line
+    assert_report_holds_results((out / "report.md").read_text(), results)
     scores = json.loads((out / "scores" / "seed0.json").read_text())
     assert scores["calibration"]["seed"] == 0 and len(scores["calibration"]["images"]) == 2
     for plot in ("layer_scores.png", "criteria_ranks.png", "tradeoff.png"):

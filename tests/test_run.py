@@ -9,7 +9,7 @@ from tests.test_cli import xprune
 
 def test_demo_parity_run(tmp_path):
     out = tmp_path / "run"
-    xprune("run", "--config=configs/demo.py", "--config.archs=('shufflenet_v2_x0_5',)", f"--config.out_dir={out}")
+    xprune("run", "--config=configs/parity.py", "--config.archs=('shufflenet_v2_x0_5',)", f"--config.out_dir={out}")
     results = json.loads((out / "results.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["archs"] == ["shufflenet_v2_x0_5"] and config["seed"] == 0
@@ -22,3 +22,4 @@ def test_demo_parity_run(tmp_path):
     assert f"`{r['worst_layer']}` | {r['worst_layer_relative_error']:.1e} | {r['logits_relative_error']:.1e}" in report
     assert (out / "plots" / "parity_shufflenet_v2_x0_5.png").stat().st_size > 10_000
     assert list(r["layer_relative_errors"])[0] == "conv1.0"  # listed in execution (depth) order
+

@@ -28,6 +28,7 @@ from ultralytics.utils.patches import imread
 
 from converters.mapping import state_dict_to_variables
 from converters.ultralytics_io import DFL_KEY, convert
+from tests.pseudo_ground_truth import pseudo_ground_truth
 from tests.torch_reference import outputs_by_name, randomize_batch_norm, relative_error
 from xprune_jax import models
 from xprune_jax.checkpoint import load_model, save_model
@@ -62,13 +63,14 @@ def _save_like_official(model: torch.nn.Module, path) -> None:
 @pytest.fixture(scope="module")
 def batch(coco_images):
     """Three real landscape COCO images letterboxed by the pipeline into one rectangular batch."""
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in coco_images[:12]]
-    images = [im for im in images if im.shape[1] > im.shape[0]][:3]
+    loaded = [(p, np.asarray(Image.open(p).convert("RGB"))) for p in coco_images[:12]]
+    paths, images = zip(*[(p, im) for p, im in loaded if im.shape[1] > im.shape[0]][:3])
     pipeline = YOLOv8Pipeline(models.get_architecture("yolov8n").default_spec(), imgsz=IMGSZ)
     (plan,) = pipeline.plan([im.shape[:2] for im in images], batch_size=4)
     arrays, metas = zip(*(pipeline.preprocess(images[i], plan.input_shape) for i in plan.indices))
     return types.SimpleNamespace(x=np.stack(arrays), metas=metas, shape=plan.input_shape,
-                                 nchw=torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+                                 nchw=torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2),
+                                 paths=[paths[i] for i in plan.indices])
 
 
 @pytest.fixture(scope="module")
@@ -349,30 +351,11 @@ def test_coco_eval_resumes_and_gives_the_same_map_as_ultralytics(checkpoint, con
     assert abs(theirs["AP"] - metrics["AP"]) <= 1e-3 and abs(theirs["AP50"] - metrics["AP50"]) <= 1e-3
     # A random net scores AP 0 on real labels, which would make that check vacuous: also score both
     # against labels made from Ultralytics' top boxes, jittered, where the AP is far from 0 and 1.
-    rng = np.random.default_rng(0)
-    pseudo = []
-    for image_id in ids:
-        top = sorted((d for d in reference if d["image_id"] == image_id), key=lambda d: -d["score"])[:15]
-        for d in top:
-            x, y, w, h = d["bbox"]
-            jitter = rng.uniform(-0.15, 0.15, 4) * [w, h, w, h]
-            pseudo.append({"id": len(pseudo) + 1, "image_id": image_id, "category_id": d["category_id"], "iscrowd": 0,
-                           "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]], "area": float(w * h)})
-    pseudo_gt = load_ground_truth_dict({**json.loads((coco_root / "annotations" / "instances_val2017.json").read_text()),
-                                        "annotations": pseudo})
+    pseudo_gt = pseudo_ground_truth(coco_root / "annotations" / "instances_val2017.json", reference, ids)
     ours_vs_pseudo, theirs_vs_pseudo = coco_metrics(pseudo_gt, detections, ids), coco_metrics(pseudo_gt, reference, ids)
     assert 0.05 < theirs_vs_pseudo["AP"] < 0.95
     assert abs(ours_vs_pseudo["AP"] - theirs_vs_pseudo["AP"]) <= 1e-3
     assert abs(ours_vs_pseudo["AP50"] - theirs_vs_pseudo["AP50"]) <= 1e-3
-
-
-def load_ground_truth_dict(dataset: dict):
-    from pycocotools.coco import COCO
-
-    ground_truth = COCO()
-    ground_truth.dataset = dataset
-    ground_truth.createIndex()
-    return ground_truth
 
 
 def _first_images(coco_root, n):
@@ -413,23 +396,11 @@ def test_cli_convert_eval_predict(checkpoint, coco_root, tmp_path):
     assert missing.returncode == 2 and "has no val2017" in missing.stderr
 
 
-def test_grad_x_act_matches_torch_autograd(checkpoint, converted, batch):
-    """The confidence objective (top-100 best-class scores before NMS), every layer's gradient x
-    activation statistics against torch autograd with forward hooks, in float64 on both sides."""
-    from xprune_jax.attribution.objectives import confidence
-    from xprune_jax.detection import CONFIDENCE_TOP_K
-    from xprune_jax.attribution.statistics import statistics_step
-
-    torch_model = copy.deepcopy(checkpoint("n")[1]).double()
-    model = converted("n")
-    x = torch.from_numpy(batch.x[:2]).permute(0, 3, 1, 2).double()
-    with jax.enable_x64(True):
-        variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), model.variables)
-        stats = statistics_step(model.module, confidence)(variables, {"images": np.asarray(batch.x[:2], np.float64),
-                                                                       "weights": np.ones(2)})
-        stats = jax.tree_util.tree_map(np.asarray, stats)
+def _torch_grad_x_act(torch_model, names, x, objective):
+    """Every named layer's a * dL/da (``[B, positions, channels]``) by torch autograd: forward hooks that
+    retain each output's gradient (Captum's LayerGradientXActivation), ``objective(model outputs)``
+    back-propagated once. A layer the objective does not reach gets zeros."""
     modules, outputs = dict(torch_model.named_modules()), {}
-    names = [n for n in stats if n != "model.22"]  # the head's capture is its (transposed) output
 
     def keep(name):
         def hook(_, __, out):
@@ -438,18 +409,119 @@ def test_grad_x_act_matches_torch_autograd(checkpoint, converted, batch):
         return hook
 
     handles = [modules[n].register_forward_hook(keep(n)) for n in names]
-    out = torch_model(x)[0]
-    torch.topk(out[:, 4:, :].max(1).values, CONFIDENCE_TOP_K, dim=-1).values.sum().backward()
+    objective(torch_model(x)).backward()
     for h in handles:
         h.remove()
-    assert len(names) > 80
-    for name in names:
-        a = outputs[name]
-        ag = (a * a.grad).detach().permute(0, 2, 3, 1).reshape(a.shape[0], -1, a.shape[1])
-        assert stats[name]["abs"] == pytest.approx(ag.abs().sum().item(), rel=1e-4), name
-        assert stats[name]["signed"] == pytest.approx(ag.sum((1, 2)).abs().sum().item(), rel=1e-4, abs=1e-9), name
-        np.testing.assert_allclose(stats[name]["channel_abs"], ag.abs().sum((0, 1)).numpy(), rtol=1e-4,
-                                   atol=1e-8 * ag.abs().max().item(), err_msg=name)
+    return {name: (a * a.grad if a.grad is not None else torch.zeros_like(a)).detach().permute(0, 2, 3, 1)
+            .reshape(a.shape[0], -1, a.shape[1]).numpy() for name, a in outputs.items()}
+
+
+def _grad_x_act_errors(stats, want) -> dict[str, float]:
+    """Per layer, the worst relative error of the JAX statistics (sum |a g|, sum over images of |sum a g|,
+    and both per channel) against torch's ``a * g``. Sums that cancel to near zero are judged against
+    a floor: 1e-5 for the per-image signed sum (an absolute 1e-9 at 1e-4), 1e-4 of the layer's largest
+    |a g| for the channels (an absolute 1e-8 of it at 1e-4)."""
+    errors = {}
+    for name, ag in want.items():
+        channel_floor = max(1e-4 * np.abs(ag).max(), 1e-300)
+        reference = {"abs": (np.abs(ag).sum(), 1e-300), "signed": (np.abs(ag.sum((1, 2))).sum(), 1e-5),
+                     "channel_abs": (np.abs(ag).sum((0, 1)), channel_floor),
+                     "channel_signed": (np.abs(ag.sum(1)).sum(0), channel_floor)}
+        errors[name] = max(float(np.max(np.abs(np.asarray(stats[name][key]) - w) / np.maximum(np.abs(w), floor)))
+                           for key, (w, floor) in reference.items())
+    return errors
+
+
+def _float64_statistics(model, objective, batch: dict) -> dict:
+    from xprune_jax.attribution.statistics import statistics_step
+
+    with jax.enable_x64(True):
+        variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), model.variables)
+        batch = {**batch, "images": np.asarray(batch["images"], np.float64), "weights": np.ones(len(batch["images"]))}
+        return jax.tree_util.tree_map(np.asarray, statistics_step(model.module, objective)(variables, batch))
+
+
+def test_grad_x_act_matches_torch_autograd(checkpoint, converted, batch):
+    """The confidence objective (top-100 best-class scores before NMS), every layer's gradient x
+    activation statistics against torch autograd with forward hooks, in float64 on both sides."""
+    from xprune_jax.attribution.objectives import confidence
+    from xprune_jax.detection import CONFIDENCE_TOP_K
+
+    torch_model = copy.deepcopy(checkpoint("n")[1]).double()
+    stats = _float64_statistics(converted("n"), confidence, {"images": batch.x[:2]})
+    names = [n for n in stats if n != "model.22"]  # the head's capture is its (transposed) output
+    want = _torch_grad_x_act(torch_model, names, batch.nchw[:2].double(), lambda out: torch.topk(
+        out[0][:, 4:, :].max(1).values, CONFIDENCE_TOP_K, dim=-1).values.sum())
+    assert len(names) > 80 and set(want) == set(names)
+    errors = _grad_x_act_errors(stats, want)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-4, f"{worst}: relative error {errors[worst]:.2e}"
+
+
+def test_grad_x_act_with_the_loss_objective_matches_torch_autograd(checkpoint, converted, batch, coco_root):
+    """The loss objective (Ultralytics' v8DetectionLoss of each image as a batch of one, summed) against
+    the real COCO ground truth of two letterboxed images: every layer's gradient x activation statistics
+    against torch autograd of Ultralytics' own loss on the eval-mode model's raw head maps, in float64
+    on both sides. Ground truth as ``xprune score --objective=loss`` builds it: the non-crowd COCO boxes
+    (``detection_targets``) mapped into the input by the letterbox (``to_input``), padded with a mask.
+    Dropping one box on the JAX side must break the match."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    from xprune_jax.attribution.objectives import loss
+    from xprune_jax.attribution.score import detection_targets
+
+    n_images, max_boxes = 2, 32
+    height, width = batch.shape
+    pipeline = YOLOv8Pipeline(models.get_architecture("yolov8n").default_spec(), imgsz=IMGSZ)
+    targets = detection_targets(str(coco_root / "annotations" / "instances_val2017.json"),
+                                [str(p) for p in batch.paths[:n_images]], num_classes=80)
+    gt = {"gt_boxes": np.zeros((n_images, max_boxes, 4), np.float32),
+          "gt_classes": np.zeros((n_images, max_boxes), np.int32), "gt_mask": np.zeros((n_images, max_boxes), bool)}
+    torch_batches = []
+    for i, ((xywh, classes), meta) in enumerate(zip(targets, batch.metas)):
+        xyxy = pipeline.to_input(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), meta)
+        n = len(classes)
+        assert 0 < n <= max_boxes
+        gt["gt_boxes"][i, :n], gt["gt_classes"][i, :n], gt["gt_mask"][i, :n] = xyxy, classes, True
+        xyxy = xyxy.astype(np.float64)  # the float32 boxes JAX gets, exactly
+        centre_size = np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+        torch_batches.append({"batch_idx": torch.zeros(n, dtype=torch.float64),
+                              "cls": torch.from_numpy(classes.astype(np.float64)).view(-1, 1),
+                              "bboxes": torch.from_numpy(centre_size / [width, height, width, height])})
+    assert sum(len(c) for c, _ in targets) >= 4  # real, several-object ground truth
+
+    torch_model = copy.deepcopy(checkpoint("n")[1]).double()
+    torch_model.args = get_cfg()  # default.yaml: box 7.5, cls 0.5, dfl 1.5
+    criterion = v8DetectionLoss(torch_model)
+
+    def torch_loss(out):
+        raw = out[1]  # eval mode: (decoded, raw head maps)
+        return sum(criterion({"boxes": raw["boxes"][i:i + 1], "scores": raw["scores"][i:i + 1],
+                              "feats": [f[i:i + 1] for f in raw["feats"]]}, torch_batches[i])[0].sum()
+                   for i in range(n_images))
+
+    stats = _float64_statistics(converted("n"), loss, {"images": batch.x[:n_images], **gt})
+    names = [n for n in stats if n != "model.22"]  # the head's capture is its (transposed) output
+    # Ultralytics pads the targets and holds the loss in tensors of the default dtype: float64 for them
+    # too, else its float32 assigner and boxes move the tiny gradients of saturated heads by ~1e-3.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        want = _torch_grad_x_act(torch_model, names, batch.nchw[:n_images].double(), torch_loss)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    assert len(names) > 80 and set(want) == set(names)
+    assert np.abs(want["model.22.cv3.0.2"]).sum() > 0 and np.abs(want["model.2.m.0"]).sum() > 0
+    errors = _grad_x_act_errors(stats, want)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-4, f"{worst}: relative error {errors[worst]:.2e}"
+
+    dropped = {**gt, "gt_mask": gt["gt_mask"].copy()}
+    dropped["gt_mask"][0, 0] = False  # one ground-truth box fewer on the JAX side only
+    stats = _float64_statistics(converted("n"), loss, {"images": batch.x[:n_images], **dropped})
+    errors = _grad_x_act_errors(stats, want)
+    assert max(errors.values()) > 1e-2, "the comparison cannot tell a missing ground-truth box"
 
 
 def test_score_then_prune_a_detector(converted, coco_root):

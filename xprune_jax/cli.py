@@ -22,7 +22,7 @@ flags.DEFINE_list("criterion", ["grad_x_act"], "Criteria, comma-separated; the f
                   "(grad_x_act, grad_x_act:mean, grad_x_act:signed, l1, l1:mean, random).")
 flags.DEFINE_string("objective", "", "The scalar attribution explains ('' = the task's default: cross_entropy).")
 flags.DEFINE_integer("calib_images", 32, "Calibration images drawn from --coco (score).")
-flags.DEFINE_integer("seed", 0, "Seed of the calibration draw and of the random criterion.")
+flags.DEFINE_integer("seed", 0, "Seed of the calibration draw and of the random criterion (synth: of the dataset).")
 flags.DEFINE_string("scores", None, "A scores file written by `xprune score` (prune).")
 flags.DEFINE_enum("mode", None, ["zero", "remove", "shrink"], "zero: the paper's (no speed-up); remove: depth; shrink: width.")
 flags.DEFINE_string("budget", None, "layers=5% (bottom fraction of eligible units), flops=-30% or params=-30%.")
@@ -38,6 +38,10 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 flags.DEFINE_bool("fuse", False, "YOLOv8: fold every BatchNorm into its conv on conversion (convert).")
 flags.DEFINE_integer("max_images", 0, "Evaluate only the first N images of the COCO root (0 = all).")
 flags.DEFINE_string("annotations", None, "predict: a COCO instances json whose image ids the results should use.")
+flags.DEFINE_integer("train_images", 2000, "Training images to generate (synth).")
+flags.DEFINE_integer("val_images", 200, "Validation images to generate (synth).")
+flags.DEFINE_integer("image_size", 256, "Side of the generated square images in pixels (synth).")
+flags.DEFINE_integer("crop_size", 64, "Side of the classification crops in pixels (synth).")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py (run).", lock_config=True)
 flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "xprune_jax", "jax"),
                     "JAX's persistent compilation cache ('' disables it).")
@@ -210,8 +214,19 @@ def run_command() -> None:
     print(f"wrote {os.path.join(run_dir, 'report.md')}")
 
 
+def synth_command() -> None:
+    _require("coco", "out")
+    from xprune_jax.data.synthetic import make_dataset
+
+    existed = os.path.exists(FLAGS.out)
+    summary = make_dataset(FLAGS.out, FLAGS.coco, FLAGS.seed, FLAGS.train_images, FLAGS.val_images, FLAGS.image_size,
+                           FLAGS.crop_size)
+    counts = ", ".join(f"{split} {s['images']} images / {s['objects']} objects" for split, s in summary["splits"].items())
+    print(f"{'kept' if existed else 'wrote'} {FLAGS.out} ({counts})")
+
+
 COMMANDS = {"convert": convert_command, "predict": predict_command, "eval": eval_command, "score": score_command, "prune": prune_command,
-            "bench": bench_command, "run": run_command}
+            "bench": bench_command, "run": run_command, "synth": synth_command}
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,8 @@
 """Objectives: the scalar L whose gradient attribution explains, summed over the valid images of a
-batch (so each image's gradient is its own dL/da, whatever the batch size)."""
+batch (so each image's gradient is its own dL/da, whatever the batch size). Each is called as
+``objective(outputs, batch, intermediates)``: the model's outputs, the batch (``images``,
+``weights`` masking padded images, and the ground truth where the objective needs it) and the
+captured intermediates (nested, as Flax returns them)."""
 
 from typing import Callable
 
@@ -23,7 +26,7 @@ def register(name: str):
 
 
 @register("cross_entropy")
-def cross_entropy(logits, batch: dict):
+def cross_entropy(logits, batch: dict, intermediates=None):
     """Cross-entropy against ``batch["labels"]`` where given (>= 0), else against the model's own
     top-1 prediction."""
     own = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
@@ -33,7 +36,7 @@ def cross_entropy(logits, batch: dict):
 
 
 @register("confidence")
-def confidence(outputs, batch: dict):
+def confidence(outputs, batch: dict, intermediates=None):
     """Label-free: the sum over the valid images of each image's top-k (k = ``CONFIDENCE_TOP_K`` = 100)
     class scores before any thresholding or NMS.
 
@@ -60,8 +63,41 @@ def confidence(outputs, batch: dict):
     return jnp.sum(jnp.sum(top, axis=-1) * batch["weights"])
 
 
-def get_objective(name: str, task: str) -> tuple[str, Callable]:
+@register("loss")
+def loss(outputs, batch: dict, intermediates):
+    """The model's own training loss against the calibration images' ground truth: for YOLOv8,
+    Ultralytics' v8 detection loss (task-aligned assigner, BCE, CIoU, DFL; :mod:`xprune_jax.losses.yolov8`),
+    computed for each image as Ultralytics computes it for a batch of one, and summed over the valid
+    images. ``batch`` carries ``gt_boxes`` ``[B, M, 4]`` (xyxy input pixels), ``gt_classes`` ``[B, M]``
+    and ``gt_mask`` ``[B, M]``. BatchNorm uses the running statistics, as everywhere here."""
+    from xprune_jax import models
+    from xprune_jax.losses.yolov8 import detection_loss, head_maps_from_intermediates
+
+    if "gt_boxes" not in batch:
+        raise UserError("the loss objective needs the calibration images' ground truth; give a COCO root with "
+                        "annotations for the calibration split")
+    box_maps, class_maps = head_maps_from_intermediates(models.flatten_names(intermediates))
+
+    def one(box_maps, class_maps, boxes, classes, mask):
+        single = lambda x: x[None]  # noqa: E731
+        return detection_loss(jax.tree_util.tree_map(single, box_maps), jax.tree_util.tree_map(single, class_maps),
+                              boxes[None], classes[None], mask[None])["total"]
+
+    per_image = jax.vmap(one)(box_maps, class_maps, batch["gt_boxes"], batch["gt_classes"], batch["gt_mask"])
+    return jnp.sum(per_image * batch["weights"])
+
+
+LOSS_ARCHS = ("yolov8",)  # the detectors whose training loss is ported (torchvision's are not yet)
+
+
+def get_objective(name: str, task: str, arch: str = "") -> tuple[str, Callable]:
     name = name or DEFAULT_OBJECTIVE.get(task, "")
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective {name!r} for a {task} model; choose one of: {', '.join(sorted(OBJECTIVES))}")
+    if name == "loss" and not arch.startswith(LOSS_ARCHS):
+        raise UserError(f"the loss objective is ported for YOLOv8 only, not {arch or task} models yet; "
+                        "use --objective=confidence (label-free)")
+    if (name == "cross_entropy") != (task == "classification"):
+        raise UserError(f"objective {name!r} does not fit a {task} model; choose "
+                        f"{'cross_entropy' if task == 'classification' else 'confidence or loss'}")
     return name, OBJECTIVES[name]

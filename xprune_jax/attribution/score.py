@@ -17,16 +17,20 @@ from xprune_jax.data.images import classification_transform, list_images, load_r
 from xprune_jax.errors import UserError
 
 
-def calibration_images(coco_root: str, n: int, seed: int) -> list[str]:
-    """``n`` images of ``coco_root/val2017`` drawn with ``seed`` (a different seed, other images)."""
-    folder = os.path.join(coco_root, "val2017")
+def calibration_images(coco_root: str, n: int, seed: int, split: str = "val2017") -> list[str]:
+    """``n`` images of ``coco_root/<split>`` drawn with ``seed`` (a different seed, other images)."""
+    folder = os.path.join(coco_root, split)
     if not os.path.isdir(folder):
-        raise UserError(f"COCO folder {coco_root} has no val2017/: point --coco at a folder laid out like the official download")
-    paths = list_images(folder)
-    if n > len(paths):
-        raise UserError(f"--calib_images={n} but {folder} holds only {len(paths)} images; ask for at most {len(paths)}")
-    picks = np.random.default_rng(seed).choice(len(paths), size=n, replace=False)
-    return [paths[i] for i in sorted(picks)]
+        raise UserError(f"COCO folder {coco_root} has no {split}/: point --coco at a folder laid out like the official download")
+    return draw(list_images(folder), n, seed)
+
+
+def draw(items: list, n: int, seed: int) -> list[int]:
+    """``n`` of ``items`` drawn without replacement with ``seed``, in their original order."""
+    if n > len(items):
+        raise UserError(f"{n} calibration images asked for, but only {len(items)} are available; ask for at most {len(items)}")
+    picks = np.random.default_rng(seed).choice(len(items), size=n, replace=False)
+    return [items[i] for i in sorted(picks)]
 
 
 def calibration_loader(model: Model):
@@ -41,24 +45,82 @@ def calibration_loader(model: Model):
     return lambda path: pipeline.preprocess(np.asarray(load_rgb(path)), (side, side))[0]
 
 
-def gather_statistics(model: Model, paths: list[str], objective, batch_size: int, progress: bool = True) -> dict:
-    """Summed gradient x activation statistics over ``paths`` (one jitted pass per batch)."""
+def gather_statistics(model: Model, paths: list[str], objective, batch_size: int, progress: bool = True,
+                      ground_truth=None) -> dict:
+    """Summed gradient x activation statistics over ``paths`` (one jitted pass per batch).
+
+    ``ground_truth``: classifiers' class indices (else -1: the model's own top-1), or for detectors
+    a COCO annotation file holding the images, whose boxes go to the objective (``loss``).
+    """
     mesh = parallel.data_mesh()
     batch_size = parallel.round_up_batch(batch_size, mesh)
     step = statistics_step(model.module, objective)
     variables = jax.device_put(model.variables, parallel.replicated(mesh))
-    load = calibration_loader(model)
+    load = _example_loader(model, paths, ground_truth)
     total = None
     with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=not progress) as bar:
-        for _, images in prefetch(paths, load, batch_size):
-            weights = parallel.pad_batch(np.ones(len(images), np.float32), batch_size)
-            batch = {"images": parallel.pad_batch(np.stack(images), batch_size), "weights": weights,
-                     "labels": np.full(batch_size, -1, np.int32)}
+        for _, examples in prefetch(list(range(len(paths))), load, batch_size):
+            batch = {key: parallel.pad_batch(np.stack([e[key] for e in examples]), batch_size) for key in examples[0]}
+            batch["weights"] = parallel.pad_batch(np.ones(len(examples), np.float32), batch_size)
             batch = jax.device_put(batch, parallel.batch_sharding(mesh))
             stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), step(variables, batch))
             total = stats if total is None else jax.tree_util.tree_map(np.add, total, stats)
-            bar.update(len(images))
+            bar.update(len(examples))
     return total
+
+
+def _example_loader(model: Model, paths: list[str], ground_truth):
+    """index -> the objective's inputs for one calibration image."""
+    image = calibration_loader(model)
+    if models.get_architecture(model.arch).task == "classification":
+        labels = np.full(len(paths), -1, np.int32) if ground_truth is None else np.asarray(ground_truth, np.int32)
+        return lambda i: {"images": image(paths[i]), "labels": labels[i]}
+    if ground_truth is None:
+        return lambda i: {"images": image(paths[i])}
+    from xprune_jax.evaluation.coco import pipeline_for
+
+    pipeline = pipeline_for(model)
+    if not hasattr(pipeline, "to_input"):
+        raise UserError(f"ground-truth objectives are not supported for {model.arch} yet; use --objective=confidence")
+    targets = detection_targets(annotation_file=ground_truth, paths=paths, num_classes=len(model.meta["categories"]))
+    max_boxes = max(8, -(-max(len(t[0]) for t in targets) // 8) * 8)  # one padded size per run: one compilation
+    side = analysis.input_size(model)
+
+    def load(i):
+        array, meta = pipeline.preprocess(np.asarray(load_rgb(paths[i])), (side, side))
+        boxes, classes = targets[i]
+        xyxy = pipeline.to_input(np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1), meta)
+        n = len(boxes)
+        return {"images": array, "gt_boxes": np.pad(xyxy, ((0, max_boxes - n), (0, 0))),
+                "gt_classes": np.pad(classes, (0, max_boxes - n)), "gt_mask": np.arange(max_boxes) < n}
+
+    return load
+
+
+def detection_targets(annotation_file: str, paths: list[str], num_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image: its non-crowd COCO boxes (xywh, original pixels) and class indices (the model's)."""
+    from xprune_jax.evaluation.coco import load_ground_truth
+    from xprune_jax.models.yolov8_pipeline import category_ids
+
+    if not os.path.isfile(annotation_file):
+        raise UserError(f"the loss objective needs ground truth, but {annotation_file} does not exist; "
+                        "give a COCO root with annotations for the calibration split, or use --objective=confidence")
+    coco = load_ground_truth(annotation_file)
+    ids = {e["file_name"]: e["id"] for e in coco.dataset["images"]}
+    to_class = {c: i for i, c in enumerate(category_ids(num_classes))}
+    targets = []
+    for path in paths:
+        name = os.path.basename(path)
+        if name not in ids:
+            raise UserError(f"calibration image {name} has no entry in {annotation_file}; calibrate on annotated images")
+        annotations = [a for a in coco.imgToAnns[ids[name]] if not a.get("iscrowd")]
+        unknown = {a["category_id"] for a in annotations} - set(to_class)
+        if unknown:
+            raise UserError(f"{annotation_file} uses category ids {sorted(unknown)} that this {num_classes}-class model "
+                            "does not predict; calibrate on data with the model's classes")
+        targets.append((np.asarray([a["bbox"] for a in annotations], np.float32).reshape(-1, 4),
+                        np.asarray([to_class[a["category_id"]] for a in annotations], np.int32)))
+    return targets
 
 
 def _load_classification(path, preprocess):
@@ -66,8 +128,12 @@ def _load_classification(path, preprocess):
 
 
 def score_model(model: Model, criteria: list[str], objective: str = "", coco_root: str = "", calib_images: int = 32,
-                batch_size: int = 8, seed: int = 0, progress: bool = True, all_channel_scores: bool = False) -> dict:
+                batch_size: int = 8, seed: int = 0, progress: bool = True, all_channel_scores: bool = False,
+                calibration: tuple[list[str], object] | None = None) -> dict:
     """Scores of every layer under each criterion, with layer metadata and a comparison.
+
+    Calibration images are ``calib_images`` of ``coco_root/val2017`` drawn with ``seed``, or the
+    given ``calibration = (paths, ground truth or None)`` (see :func:`gather_statistics`).
 
     ``channel_scores`` are the primary (first) criterion's; ``all_channel_scores`` adds every
     criterion's under ``channel_scores_by``.
@@ -76,21 +142,28 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     chosen = [get_criterion(name) for name in criteria]
     if not chosen:
         raise UserError("no --criterion given; choose from grad_x_act, grad_x_act:mean, grad_x_act:signed, l1, l1:mean, random")
-    objective_name, objective_fn = get_objective(objective, task)
+    objective_name, objective_fn = get_objective(objective, task, model.arch)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     inputs = ScoringInputs(layers, model.variables["params"], seed=seed)
-    paths = []
+    paths, ground_truth = [], None
     if any(c.needs_data for c in chosen):
-        if not coco_root:
-            raise UserError("data-driven criteria need calibration images: pass --coco=ROOT")
-        paths = calibration_images(coco_root, calib_images, seed)
-        inputs.statistics = gather_statistics(model, paths, objective_fn, batch_size, progress)
+        paths, ground_truth = calibration or (None, None)
+        if paths is None:
+            if not coco_root:
+                raise UserError("data-driven criteria need calibration images: pass --coco=ROOT")
+            paths = calibration_images(coco_root, calib_images, seed)
+            if objective_name == "loss":
+                ground_truth = os.path.join(coco_root, "annotations", "instances_val2017.json")
+        if objective_name == "loss" and ground_truth is None:
+            raise UserError("the loss objective needs the calibration images' ground truth; give a COCO root with annotations")
+        inputs.statistics = gather_statistics(model, paths, objective_fn, batch_size, progress, ground_truth)
         inputs.n_images = len(paths)
     results = {c.full_name: c(inputs) for c in chosen}
     primary = chosen[0].full_name
     return {
         "criterion": primary, "criteria": list(results), "objective": objective_name, "arch": model.arch,
-        "calibration": {"images": [os.path.basename(p) for p in paths], "seed": seed, "batch_size": batch_size},
+        "calibration": {"images": [os.path.basename(p) for p in paths], "seed": seed, "batch_size": batch_size,
+                        "ground_truth": ground_truth if isinstance(ground_truth, str) else ground_truth is not None},
         "layers": [{
             "name": layer.name, "kind": layer.kind, "shape": list(layer.shape), "params": layer.params,
             "flops": layer.flops, "score": results[primary][layer.name].score,

@@ -38,7 +38,7 @@ def statistics_step(module, objective):
 
         def loss(perturbations):
             out, state = module.apply({**variables, PERTURBATIONS: perturbations}, batch["images"], mutable=[INTERMEDIATES])
-            return objective(out, batch), state[INTERMEDIATES]
+            return objective(out, batch, state[INTERMEDIATES]), state[INTERMEDIATES]
 
         grads, acts = jax.grad(loss, has_aux=True)(zeros)
         acts, grads = models.flatten_names(acts), models.flatten_names(grads)

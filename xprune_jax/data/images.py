@@ -21,6 +21,30 @@ def list_images(folder: str) -> list[str]:
     return files
 
 
+def image_folder(root: str, classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """A labelled image set in torchvision's ImageFolder layout (``root/<class name>/*.png``):
+    ``(paths, labels, class names)``. With ``classes`` (a model's categories), labels index them."""
+    if not os.path.isdir(root):
+        raise UserError(f"labelled image folder {root} does not exist: give a folder laid out as <class name>/<image>")
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not found:
+        raise UserError(f"{root} has no class subfolders: give a folder laid out as <class name>/<image> (ImageFolder)")
+    classes = list(classes) if classes is not None else found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f"{root} has classes {unknown} that the model does not know ({', '.join(classes)}); "
+                        "evaluate it with the model trained on these classes")
+    paths, labels = [], []
+    for name in found:
+        files = sorted(os.path.join(root, name, f) for f in os.listdir(os.path.join(root, name))
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += files
+        labels += [classes.index(name)] * len(files)
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
+    return paths, np.asarray(labels, np.int32), classes
+
+
 def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:

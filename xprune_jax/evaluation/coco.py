@@ -59,12 +59,13 @@ def image_id_from_name(path: str) -> int | None:
 
 
 def detect(model: Model, paths: list[str], image_ids: list, sizes: list[tuple[int, int]], batch_size: int,
-           partial_file: str | None = None, progress: bool = True) -> tuple[list[dict], dict]:
-    """COCO result entries for ``paths`` and a latency record. ``sizes`` are original (h, w)."""
+           partial_file: str | None = None, progress: bool = True, forward=None) -> tuple[list[dict], dict]:
+    """COCO result entries for ``paths`` and a latency record. ``sizes`` are original (h, w);
+    ``forward`` is a ``jax.jit`` of the pipeline's forward to reuse (one is made otherwise)."""
     pipeline = pipeline_for(model)
     mesh = parallel.data_mesh()
     batch_size = parallel.round_up_batch(batch_size, mesh)
-    forward = jax.jit(pipeline.forward)
+    forward = forward or jax.jit(pipeline.forward)
     variables = jax.device_put(model.variables, parallel.replicated(mesh))
     done = _read_partial(partial_file)
     plans = [p for p in pipeline.plan(sizes, batch_size) if not all(image_ids[i] in done for i in p.indices)]

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from xprune_jax import models
 from xprune_jax.checkpoint import Model, load_model, save_model
 from xprune_jax.data.images import classification_transform, load_rgb
 from xprune_jax.errors import UserError
@@ -18,11 +19,17 @@ def prepare_model(arch: str, weights: str, images: list[str], seed: int, run_dir
     try:
         import torch
 
-        from converters import reference, torchvision_io
+        from converters import reference, torchvision_io, ultralytics_io
     except ImportError as e:
         raise UserError(f"converting weights needs torch and torchvision ({e}); `pip install -e '.[torch]'`") from None
     torch_model = None
+    if arch.startswith("yolov8") and weights != "random":
+        model = ultralytics_io.convert(arch, weights)
+        save_model(model, os.path.join(run_dir, "models", arch), overwrite=True)
+        return model, None
     if weights == "random":
+        if models.get_architecture(arch).task != "classification":
+            raise UserError(f"weights='random' is for classifiers; give {arch} a weights file or a model dir")
         preprocess = torchvision_io.preprocess_config(arch)
         batch = np.stack([classification_transform(load_rgb(p), **preprocess) for p in images])
         torch_model = reference.random_torchvision(arch, torch.from_numpy(batch.transpose(0, 3, 1, 2)), seed=seed)

@@ -1,7 +1,16 @@
 """The ``prune`` experiment: the whole pipeline for one model. Score every layer with every
-criterion (per calibration seed), prune under every mode and budget, then measure what each pruned
-network keeps (agreement with the unpruned model's top-1) and what it gains (FLOPs, parameters and
-latency measured side by side with the unpruned model), and report it all with plots."""
+criterion (once per calibration seed: other seeds, other calibration images), prune under every
+mode and budget, then measure what each pruned network keeps and what it gains, and report it.
+
+What it keeps is measured on data the model did not see in calibration:
+- classifiers with a labelled ImageFolder (``config.image_folder``: ``train/`` for calibration,
+  ``val/`` for evaluation): top-1 accuracy, and top-1 agreement with the unpruned model;
+- classifiers without labels (``config.coco``'s ``val2017/`` images): top-1 agreement (fidelity);
+- detectors: pycocotools AP on ``config.coco`` (calibration from ``config.calib_split``).
+
+What it gains: FLOPs and parameters from the plan, and latency measured side by side with the
+unpruned model (interleaved in random order, warm-up excluded, per-round ratios with IQR).
+"""
 
 import functools
 import os
@@ -9,10 +18,10 @@ import os
 import jax
 import numpy as np
 
-from xprune_jax import analysis, parallel, predict, runs, timing
-from xprune_jax.attribution.score import score_model
+from xprune_jax import models, parallel, predict, runs, timing
+from xprune_jax.attribution.score import calibration_images, draw, score_model
 from xprune_jax.checkpoint import save_model, write_json_atomic
-from xprune_jax.data.images import list_images
+from xprune_jax.data.images import image_folder, list_images, load_rgb
 from xprune_jax.errors import UserError
 from xprune_jax.experiments import register
 from xprune_jax.experiments.common import prepare_model
@@ -22,16 +31,14 @@ from xprune_jax.pruning.plan import apply_plan, make_plan
 @register("prune")
 def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     coco = config.coco or runs.DEMO_COCO
-    images = list_images(os.path.join(coco, "val2017"))[: config.eval_images or None]
-    model, _ = prepare_model(config.arch, config.weights, images, config.seed, run_dir)
-    if "preprocess" not in model.meta or "crop" not in model.meta["preprocess"]:
-        raise UserError(f"the prune experiment handles classifiers so far; {model.arch} is not one")
-    reference_logits = predict.classify(model, images, config.batch_size, progress=False)
-    rows, variants = [], {}
-    scores_by_seed = {}
+    task_eval = {"classification": _ClassifierEval, "detection": _DetectionEval}[models.get_architecture(config.arch).task]
+    model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir)
+    evaluator = task_eval(config, coco, model)
+    unpruned = evaluator(model)
+    rows, scores_by_seed = [], {}
     for seed in config.seeds:
-        scores = score_model(model, list(config.criteria), config.objective, coco, config.calib_images,
-                             config.batch_size, seed, progress=False, all_channel_scores=True)
+        scores = score_model(model, list(config.criteria), config.objective, calibration=evaluator.calibration(seed),
+                             batch_size=config.batch_size, seed=seed, progress=False, all_channel_scores=True)
         write_json_atomic(os.path.join(run_dir, "scores", f"seed{seed}.json"), scores)
         scores_by_seed[seed] = scores
         for criterion in scores["criteria"]:
@@ -40,45 +47,157 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                 for l in scores["layers"]]}
             for pruning in config.prunings:
                 mode, budget = pruning.split(":", 1)
-                plan = make_plan(model, single, mode, budget)
+                row = {"criterion": criterion, "mode": mode, "budget": budget, "seed": seed}
+                try:
+                    plan = make_plan(model, single, mode, budget)
+                except UserError as e:  # e.g. a budget that the eligible units can't meet
+                    rows.append({**row, "infeasible": str(e)})
+                    continue
                 pruned = apply_plan(model, plan)
-                name = f"{criterion}|{mode}|{budget}|seed{seed}"
-                logits = predict.classify(pruned, images, config.batch_size, progress=False)
-                variants[name] = pruned
-                rows.append({"criterion": criterion, "mode": mode, "budget": budget, "seed": seed,
-                             "selected": plan.selected,
-                             "top1_agreement": float(np.mean(logits.argmax(-1) == reference_logits.argmax(-1))),
+                metrics, latency = evaluator(pruned, timed_against=unpruned)
+                rows.append({**row, "selected": plan.selected, "metrics": metrics,
                              "flops_ratio": plan.flops_after / plan.flops_before,
-                             "params_ratio": plan.params_after / plan.params_before})
+                             "params_ratio": plan.params_after / plan.params_before,
+                             "latency_ratio": latency["ratio_median"], "latency_ratio_iqr": latency["ratio_iqr"]})
                 if config.save_models:
-                    save_model(pruned, os.path.join(run_dir, "models", name.replace("|", "_").replace(":", "-").replace("=", "")), overwrite=True)
-    latency = _measure_latency(model, variants, config)
-    for row in rows:
-        name = f"{row['criterion']}|{row['mode']}|{row['budget']}|seed{row['seed']}"
-        row["latency_ratio"] = latency[name]["ratio_median"]
-        row["latency_ratio_iqr"] = latency[name]["ratio_iqr"]
+                    name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
+                    save_model(pruned, os.path.join(run_dir, "models", name), overwrite=True)
     first = scores_by_seed[config.seeds[0]]
     _plot_scores(first, os.path.join(run_dir, "plots", "layer_scores.png"))
     _plot_ranks(first, os.path.join(run_dir, "plots", "criteria_ranks.png"))
-    _plot_tradeoff(rows, os.path.join(run_dir, "plots", "tradeoff.png"))
+    _plot_tradeoff(rows, evaluator.metric, os.path.join(run_dir, "plots", "tradeoff.png"))
     results = {"arch": model.arch, "weights": model.meta.get("provenance", {}).get("weights"),
-               "eval_images": len(images), "unpruned_latency_ms": latency["unpruned"]["median_ms"],
-               "comparison": first["comparison"], "rows": rows}
+               "metric": evaluator.metric, "metric_description": evaluator.description,
+               "unpruned": {"metrics": unpruned.metrics, "latency_ms": _median(unpruned.milliseconds)},
+               "comparison": first["comparison"], "rows": rows, "summary": summarize(rows, evaluator.metric)}
     return results, _report(results, config)
 
 
-def _measure_latency(model, variants, config) -> dict:
-    mesh = parallel.data_mesh()
-    size = model.meta["preprocess"]["crop"]
-    batch = parallel.round_up_batch(config.bench.batch_size, mesh)
-    x = jax.device_put(np.random.default_rng(0).standard_normal((batch, size, size, 3), np.float32),
-                       parallel.batch_sharding(mesh))
-    calls = {}
-    for name, m in {"unpruned": model, **variants}.items():
-        forward, variables = jax.jit(m.module.apply), jax.device_put(m.variables, parallel.replicated(mesh))
-        calls[name] = functools.partial(forward, variables, x)
-    times = timing.time_side_by_side(calls, config.bench.repeats, config.bench.warmup, config.seed)
-    return timing.summarize(times, "unpruned")
+class _Evaluated:
+    """The unpruned model's metrics and its timed call, for side-by-side latency."""
+
+    def __init__(self, metrics: dict, call):
+        self.metrics, self.call, self.milliseconds = metrics, call, []
+
+
+class _ClassifierEval:
+    def __init__(self, config, coco: str, model):
+        self.config = config
+        if config.image_folder:
+            self.paths, self.labels, _ = image_folder(os.path.join(config.image_folder, "val"), model.meta["categories"])
+            self.calib_paths, self.calib_labels, _ = image_folder(os.path.join(config.image_folder, "train"),
+                                                                  model.meta["categories"])
+            self.metric, self.description = "top1", "top-1 accuracy on the labelled validation images"
+        else:
+            self.paths = self.calib_paths = list_images(os.path.join(coco, "val2017"))
+            self.labels = self.calib_labels = None
+            self.metric = "top1_agreement"
+            self.description = "top-1 agreement with the unpruned model (fidelity; no labels are used)"
+        if config.eval_images:
+            self.paths = self.paths[: config.eval_images]
+            self.labels = None if self.labels is None else self.labels[: config.eval_images]
+        self.reference = None
+
+    @staticmethod
+    def model_images(config, coco: str) -> list[str]:
+        """Images to calibrate the BN statistics of random weights on."""
+        return list_images(os.path.join(coco, "val2017"))[: config.eval_images or None]
+
+    def calibration(self, seed: int):
+        index = draw(list(range(len(self.calib_paths))), self.config.calib_images, seed)
+        return [self.calib_paths[i] for i in index], None if self.calib_labels is None else self.calib_labels[index]
+
+    def __call__(self, model, timed_against: _Evaluated | None = None):
+        predicted = predict.classify(model, self.paths, self.config.batch_size, progress=False).argmax(-1)
+        if self.reference is None:
+            self.reference = predicted
+        metrics = {"top1_agreement": float(np.mean(predicted == self.reference))}
+        if self.labels is not None:
+            metrics["top1"] = float(np.mean(predicted == self.labels))
+        size = model.meta["preprocess"]["crop"]
+        x = np.random.default_rng(0).standard_normal((self.config.bench.batch_size, size, size, 3), np.float32)
+        return _timed(model, jax.jit(model.module.apply), x, metrics, timed_against, self.config)
+
+
+class _DetectionEval:
+    def __init__(self, config, coco: str, model):
+        from xprune_jax.evaluation.coco import coco_paths, load_ground_truth
+
+        self.config, self.coco = config, coco
+        image_dir, annotation_file = coco_paths(coco)
+        self.ground_truth = load_ground_truth(annotation_file)
+        entries = sorted(self.ground_truth.dataset["images"], key=lambda e: e["file_name"])
+        entries = [e for e in entries if os.path.exists(os.path.join(image_dir, e["file_name"]))]
+        self.entries = entries[: config.eval_images or None]
+        if not self.entries:
+            raise UserError(f"no annotated image of {annotation_file} is in {image_dir}: check config.coco")
+        self.paths = [os.path.join(image_dir, e["file_name"]) for e in self.entries]
+        self.metric, self.description = "AP", "pycocotools AP (IoU 0.50:0.95) against the COCO ground truth"
+
+    @staticmethod
+    def model_images(config, coco: str) -> list[str]:
+        return []
+
+    def calibration(self, seed: int):
+        """Calibration images of ``config.calib_split``, with its annotation file for the ``loss`` objective."""
+        split = self.config.calib_split
+        annotations = os.path.join(self.coco, "annotations", f"instances_{split}.json")
+        paths = calibration_images(self.coco, self.config.calib_images, seed, split)
+        return paths, annotations if self.config.objective == "loss" else None
+
+    def __call__(self, model, timed_against: _Evaluated | None = None):
+        from xprune_jax.evaluation.coco import coco_metrics, detect, pipeline_for
+
+        pipeline = pipeline_for(model)
+        forward = jax.jit(pipeline.forward)
+        ids = [e["id"] for e in self.entries]
+        detections, _ = detect(model, self.paths, ids, [(e["height"], e["width"]) for e in self.entries],
+                               self.config.batch_size, progress=False, forward=forward)
+        metrics = coco_metrics(self.ground_truth, detections, ids)
+        # Timed end to end: a preprocessed batch of real images in, final detections out.
+        plan = pipeline.plan([(e["height"], e["width"]) for e in self.entries], self.config.bench.batch_size)[0]
+        x = parallel.pad_batch(np.stack([pipeline.preprocess(np.asarray(load_rgb(self.paths[i])), plan.input_shape)[0]
+                                         for i in plan.indices]), self.config.bench.batch_size)
+        return _timed(model, forward, x, metrics, timed_against, self.config)
+
+
+def _timed(model, forward, x, metrics: dict, timed_against: _Evaluated | None, config):
+    """The unpruned model's :class:`_Evaluated`, or a pruned model's ``(metrics, latency summary)``
+    timed side by side with it."""
+    call = functools.partial(forward, jax.device_put(model.variables), jax.device_put(x))
+    if timed_against is None:
+        return _Evaluated(metrics, call)
+    times = timing.time_side_by_side({"unpruned": timed_against.call, "pruned": call}, config.bench.repeats,
+                                     config.bench.warmup, config.seed)
+    timed_against.milliseconds += [t * 1e3 for t in times["unpruned"]]
+    return metrics, timing.summarize(times, "unpruned")["pruned"]
+
+
+def _median(values) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def summarize(rows: list[dict], metric: str) -> list[dict]:
+    """Per (mode, budget, criterion): the metric and ratios over seeds (mean, std, n), and per
+    (mode, budget) the criterion with the best mean metric."""
+    cells = {}
+    for r in rows:
+        if "infeasible" not in r:
+            cells.setdefault((r["mode"], r["budget"], r["criterion"]), []).append(r)
+    summary = []
+    for (mode, budget, criterion), group in cells.items():
+        values = np.array([r["metrics"][metric] for r in group])
+        summary.append({"mode": mode, "budget": budget, "criterion": criterion, "n": len(group),
+                        "metric_mean": float(values.mean()), "metric_std": float(values.std(ddof=1)) if len(group) > 1 else 0.0,
+                        "flops_ratio": float(np.mean([r["flops_ratio"] for r in group])),
+                        "params_ratio": float(np.mean([r["params_ratio"] for r in group])),
+                        "latency_ratio": float(np.median([r["latency_ratio"] for r in group]))})
+    for mode, budget in {(s["mode"], s["budget"]) for s in summary}:
+        group = [s for s in summary if (s["mode"], s["budget"]) == (mode, budget)]
+        best = max(s["metric_mean"] for s in group)
+        for s in group:
+            s["best"] = s["metric_mean"] == best
+    return summary
 
 
 def _pyplot():
@@ -125,18 +244,19 @@ def _plot_ranks(scores: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _plot_tradeoff(rows: list[dict], path: str) -> None:
+def _plot_tradeoff(rows: list[dict], metric: str, path: str) -> None:
     plt = _pyplot()
+    rows = [r for r in rows if "infeasible" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     markers = {"zero": "x", "remove": "o", "shrink": "s"}
     criteria = sorted({r["criterion"] for r in rows})
     colors = dict(zip(criteria, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for ax, key, label in ((axes[0], "latency_ratio", "measured latency / unpruned"), (axes[1], "flops_ratio", "FLOPs / unpruned")):
         for r in rows:
-            ax.scatter(r[key], r["top1_agreement"], marker=markers[r["mode"]], color=colors[r["criterion"]], s=30)
+            ax.scatter(r[key], r["metrics"][metric], marker=markers[r["mode"]], color=colors[r["criterion"]], s=30, alpha=0.8)
         ax.set(xlabel=label)
         ax.axvline(1.0, color="grey", lw=0.6)
-    axes[0].set_ylabel("top-1 agreement with the unpruned model")
+    axes[0].set_ylabel(metric)
     handles = [plt.Line2D([], [], marker=m, ls="", color="k", label=mode) for mode, m in markers.items()]
     handles += [plt.Line2D([], [], marker="o", ls="", color=colors[c], label=c) for c in criteria]
     axes[1].legend(handles=handles, fontsize=7, loc="lower right")
@@ -145,19 +265,41 @@ def _plot_tradeoff(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def format_metric(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric.startswith("top1") else f"{value:.3f}"
+
+
 def _report(results: dict, config) -> str:
+    metric = results["metric"]
+    unpruned = results["unpruned"]
+    fmt = functools.partial(format_metric, metric)
     lines = [f"# Pruning {results['arch']}: criteria x modes x budgets", "",
-             f"Weights: {results['weights']}. Metric: top-1 agreement with the unpruned model on {results['eval_images']} "
-             "images (fidelity; no labels are used). Latency: measured side by side with the unpruned model "
-             f"(batch {config.bench.batch_size}, {config.bench.repeats} rounds in random order after "
-             f"{config.bench.warmup} warm-up calls; median ratio [IQR]); unpruned median "
-             f"{results['unpruned_latency_ms']:.2f} ms. Config, environment and seeds: `config.json`, `environment.json`; "
-             "scores: `scores/`.", "",
-             "| criterion | mode | budget | seed | units | top-1 agreement | FLOPs | params | latency |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Weights: {results['weights']}. Metric: {metric}, {results['metric_description']}. Unpruned: "
+             f"{metric} {fmt(unpruned['metrics'][metric])}, latency {unpruned['latency_ms'] or float('nan'):.2f} ms "
+             f"(batch {config.bench.batch_size}). Latency of each pruned model is measured side by side with the "
+             f"unpruned one ({config.bench.repeats} rounds in random order after {config.bench.warmup} warm-up calls; "
+             "median ratio [IQR]). Calibration seeds: "
+             f"{', '.join(str(s) for s in config.seeds)} ({config.calib_images} images each). Config, environment and "
+             "seeds: `config.json`, `environment.json`; scores: `scores/`.", "",
+             "## Summary over seeds", "",
+             f"Mean {metric} over calibration seeds (± standard deviation); **bold** = the best criterion at that mode "
+             "and budget.", "",
+             "| mode | budget | criterion | seeds | " + metric + " | FLOPs | params | latency |", "|---|---|---|---|---|---|---|---|"]
+    for s in sorted(results["summary"], key=lambda s: (s["mode"], s["budget"], -s["metric_mean"])):
+        value = f"{fmt(s['metric_mean'])} ± {fmt(s['metric_std'])}"
+        lines.append(f"| {s['mode']} | {s['budget']} | {s['criterion']} | {s['n']} | "
+                     f"{'**' + value + '**' if s['best'] else value} | {s['flops_ratio']:.3f} | {s['params_ratio']:.3f} | "
+                     f"{s['latency_ratio']:.3f} |")
+    lines += ["", "## Who wins", ""] + _verdicts(results["summary"], metric)
+    lines += ["", "## Every run", "",
+              f"| criterion | mode | budget | seed | units | {metric} | FLOPs | params | latency |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
+        if "infeasible" in r:
+            lines.append(f"| {r['criterion']} | {r['mode']} | {r['budget']} | {r['seed']} | - | infeasible: {r['infeasible']} | | | |")
+            continue
         lines.append(f"| {r['criterion']} | {r['mode']} | {r['budget']} | {r['seed']} | {len(r['selected'])} | "
-                     f"{r['top1_agreement']:.1%} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
+                     f"{fmt(r['metrics'][metric])} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
                      f"{r['latency_ratio']:.3f} [{r['latency_ratio_iqr'][0]:.3f}, {r['latency_ratio_iqr'][1]:.3f}] |")
     lines += ["", "Criteria agreement (first seed):", "", "| a | b | Spearman | Kendall | bottom-k overlap |", "|---|---|---|---|---|"]
     for c in results["comparison"]:
@@ -166,3 +308,24 @@ def _report(results: dict, config) -> str:
               "![layer scores](plots/layer_scores.png)", "", "![criteria ranks](plots/criteria_ranks.png)", "",
               "![trade-off](plots/tradeoff.png)", ""]
     return "\n".join(lines)
+
+
+def _verdicts(summary: list[dict], metric: str) -> list[str]:
+    """One plain sentence per mode and budget: the winner, and how the paper's attribution fared
+    against the L1 baseline and the random control (a gap within one standard deviation is a tie)."""
+    lines = []
+    for mode, budget in sorted({(s["mode"], s["budget"]) for s in summary}):
+        group = {s["criterion"]: s for s in summary if (s["mode"], s["budget"]) == (mode, budget)}
+        best = max(group.values(), key=lambda s: s["metric_mean"])
+        text = f"- `{mode}` at {budget}: best is `{best['criterion']}` ({format_metric(metric, best['metric_mean'])})."
+        paper = group.get("grad_x_act")
+        for rival in ("l1", "random"):
+            if paper and rival in group:
+                a, b = paper, group[rival]
+                spread = max(a["metric_std"], b["metric_std"])
+                verdict = ("ties with" if abs(a["metric_mean"] - b["metric_mean"]) <= spread
+                           else "beats" if a["metric_mean"] > b["metric_mean"] else "loses to")
+                text += (f" The paper's `grad_x_act` {verdict} `{rival}` ({format_metric(metric, a['metric_mean'])} vs "
+                         f"{format_metric(metric, b['metric_mean'])}).")
+        lines.append(text)
+    return lines

@@ -39,6 +39,11 @@ COCO80_TO_COCO91 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 1
                     88, 89, 90)
 
 
+def category_ids(num_classes: int) -> tuple[int, ...]:
+    """The COCO category id of each class index: COCO-80 -> COCO-91 ids, other datasets ids 1..K."""
+    return COCO80_TO_COCO91 if num_classes == 80 else tuple(range(1, num_classes + 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class LetterboxMeta:
     original_shape: tuple[int, int]  # (h, w) of the original image
@@ -110,11 +115,16 @@ class YOLOv8Pipeline:
         candidate_boxes = boxes[box_index]
         offset_boxes = candidate_boxes + (classes.astype(boxes.dtype) * self.class_offset)[:, None]
         keep, valid = nms(offset_boxes, candidate_scores, candidates, self.iou_threshold, self.max_detections)
-        class_ids = np.asarray(COCO80_TO_COCO91 if num_classes == 80 else range(1, num_classes + 1), np.int32)
+        class_ids = np.asarray(category_ids(num_classes), np.int32)
         return {"boxes": jnp.where(valid[:, None], candidate_boxes[keep], 0.0),
                 "scores": jnp.where(valid, candidate_scores[keep], 0.0),
                 "labels": jnp.where(valid, jnp.asarray(class_ids)[classes[keep]], 0),
                 "valid": valid}
+
+    def to_input(self, boxes: np.ndarray, meta: LetterboxMeta) -> np.ndarray:
+        """xyxy boxes in original pixels -> input pixels (the inverse of :meth:`to_original`)."""
+        (gain_y, gain_x), (pad_x, pad_y) = meta.gain, meta.pad
+        return (np.asarray(boxes, np.float64) * (gain_x, gain_y, gain_x, gain_y) + (pad_x, pad_y, pad_x, pad_y)).astype(np.float32)
 
     def to_original(self, boxes: np.ndarray, meta: LetterboxMeta) -> np.ndarray:
         (gain_y, gain_x), (pad_x, pad_y), (height, width) = meta.gain, meta.pad, meta.original_shape

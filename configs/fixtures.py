@@ -1,0 +1,48 @@
+"""The honest version of the paper's table, on a network trained here (benchmarks/fixtures/): every
+criterion (each grad_x_act reduction, l1, random), the paper's `zero` at 5% of layers, and `remove`
+and `shrink` at -10/-20/-30/-50% FLOPs, each with three calibration seeds (other seeds, other
+calibration images from the training split), measured on the generated validation split.
+
+    xprune synth --coco=../shared/coco_val2017_subset --out=~/.cache/xprune_jax/shapes --seed=0
+    xprune run --config=configs/fixtures.py:yolov8n    (or mobilenet_v2, shufflenet_v2_x1_0, resnet50)
+
+Detectors report pycocotools AP on val2017; classifiers report top-1 accuracy on the object crops.
+"""
+
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = {
+    "yolov8n": os.path.join(ROOT, "benchmarks", "fixtures", "yolov8n_shapes.pt"),
+    "mobilenet_v2": os.path.join(ROOT, "benchmarks", "fixtures", "mobilenet_v2_shapes.pth"),
+    "shufflenet_v2_x1_0": os.path.join(ROOT, "benchmarks", "fixtures", "shufflenet_v2_x1_0_shapes.pth"),
+    "resnet50": os.path.expanduser("~/.cache/xprune_jax/fixtures/resnet50_shapes.pth"),  # 94 MB: made, not committed
+}
+BUDGETS = ("-10%", "-20%", "-30%", "-50%")
+
+
+def structural_config(arch: str):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "structural.py")
+    spec = importlib.util.spec_from_file_location("structural_config", path)
+    structural = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(structural)
+    return structural.get_config(arch)
+
+
+def get_config(arch: str = "yolov8n"):
+    if arch not in FIXTURES:
+        raise ValueError(f"no trained fixture for {arch}; choose one of {', '.join(FIXTURES)}")
+    config = structural_config(arch)
+    config.weights = FIXTURES[arch]
+    data = os.path.expanduser("~/.cache/xprune_jax/shapes")
+    if arch.startswith("yolov8"):
+        config.coco, config.calib_split, config.calib_images = data, "train2017", 32
+    else:
+        config.image_folder, config.calib_images = os.path.join(data, "classification"), 64
+    config.criteria = ("grad_x_act", "grad_x_act:mean", "grad_x_act:signed", "l1", "random")
+    config.prunings = ("zero:layers=5%",) + tuple(f"{mode}:flops={b}" for mode in ("remove", "shrink") for b in BUDGETS)
+    config.seeds = (0, 1, 2)
+    config.batch_size = 16
+    config.bench.repeats = 10
+    return config
