@@ -4,7 +4,8 @@ The reference for "exact" is the *original* network with the pruned units masked
 - removed residual blocks: the BN that feeds the residual add gets scale and shift 0, so the
   branch adds nothing (ResNet: relu(0 + x) = x, since x is itself a ReLU output);
 - a removed ShuffleNetV2 branch: its weights turned into an exact identity (its input is >= 0);
-- shrunk channels: scale and shift 0 in every BN of the group, so the channel carries 0 onwards.
+- shrunk channels: scale and shift 0 in every BN of the group (fused YOLOv8: kernel and bias 0 in
+  every producing conv), at each slot's offset, so the channel carries 0 onwards.
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ from xprune_jax import analysis, models, tree_paths
 from xprune_jax.attribution.score import score_model
 from xprune_jax.checkpoint import Model, load_model, save_model
 from xprune_jax.errors import UserError
+from xprune_jax.models.yolov8 import fuse_batch_norms
 from xprune_jax.pruning.plan import Plan, apply_plan, count_params, make_plan
 from xprune_jax.pruning.rules import rules_for
 
@@ -94,13 +96,21 @@ def _identity_branch(variables, unit):
 
 
 def _mask_channels(model: Model, plan: Plan) -> dict:
+    """Zero the dropped channels where they are made: scale and shift of every BN of the group, or
+    (fused, no BN) the kernel and bias of every producing conv, at each slot's offset."""
     variables = jax.tree_util.tree_map(np.array, model.variables)
     groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
     for name in plan.selected:
-        dropped = np.setdiff1d(np.arange(groups[name].width), plan.keep_channels[name])
-        for bn in groups[name].norms:
-            tree_paths.get(variables["params"], bn)["scale"][dropped] = 0
-            tree_paths.get(variables["params"], bn)["bias"][dropped] = 0
+        group = groups[name]
+        dropped = np.setdiff1d(np.arange(group.width), plan.keep_channels[name])
+        for slot in group.norms:
+            tree_paths.get(variables["params"], slot.layer)["scale"][slot.offset + dropped] = 0
+            tree_paths.get(variables["params"], slot.layer)["bias"][slot.offset + dropped] = 0
+        if not group.norms:
+            for slot in group.producers:
+                layer = tree_paths.get(variables["params"], slot.layer)
+                layer["kernel"][..., slot.offset + dropped] = 0
+                layer["bias"][slot.offset + dropped] = 0
     return variables
 
 
@@ -199,7 +209,7 @@ def test_invalid_plans_get_clear_errors():
 
 
 @functools.lru_cache(maxsize=None)
-def _yolo_model() -> Model:
+def _yolo_model(fused: bool = False) -> Model:
     """yolov8n with random weights and random BN statistics (surgery exactness needs no torch)."""
     spec = models.get_architecture("yolov8n").default_spec()
     variables = jax.tree_util.tree_map(np.array, models.init_variables("yolov8n", spec, seed=3, input_size=320))
@@ -210,30 +220,109 @@ def _yolo_model() -> Model:
             leaf[...] = rng.normal(0, 0.1, leaf.shape)
         elif key in ("var", "scale"):
             leaf[...] = rng.uniform(0.5, 1.5, leaf.shape)
+    if fused:
+        spec, variables = fuse_batch_norms(spec, variables)
     return Model("yolov8n", spec, variables, {"preprocess": {"imgsz": 320}})
 
 
-@pytest.mark.parametrize("mode, budget", [("remove", "layers=50%"), ("shrink", "flops=-10%")])
-def test_yolov8_surgery_equals_masking(mode, budget, coco_images):
+@functools.lru_cache(maxsize=None)
+def _yolo_images(paths: tuple) -> np.ndarray:
     from xprune_jax.models.yolov8_pipeline import YOLOv8Pipeline
 
-    model = _yolo_model()
-    pipeline = YOLOv8Pipeline(model.spec, imgsz=320)
-    x = np.stack([pipeline.preprocess(np.asarray(Image.open(p).convert("RGB")), (320, 320))[0] for p in coco_images[:2]])
-    plan = make_plan(model, score_model_like(model, seed=4), mode, budget, round_to=4)
+    pipeline = YOLOv8Pipeline(_yolo_model().spec, imgsz=320)
+    return np.stack([pipeline.preprocess(np.asarray(Image.open(p).convert("RGB")), (320, 320))[0] for p in paths])
+
+
+def _yolo_run(model: Model, variables, x) -> np.ndarray:
+    return np.asarray(_forward(model.module)(variables, x))
+
+
+def _check_yolo_surgery(model: Model, plan: Plan, x) -> Model:
+    """The pruned model equals the original with the plan's units masked; returns the pruned model."""
     pruned = apply_plan(model, plan)
-    if mode == "remove":
+    if plan.mode == "remove":
         masked = jax.tree_util.tree_map(np.array, model.variables)
         for unit in plan.selected:  # a masked shortcut bottleneck adds 0: it is the identity
             tree_paths.get(masked["params"], f"{unit}.cv2.bn")["scale"][:] = 0
             tree_paths.get(masked["params"], f"{unit}.cv2.bn")["bias"][:] = 0
     else:
         masked = _mask_channels(model, plan)
-    got = np.asarray(_forward(pruned.module)(pruned.variables, x))
-    want = np.asarray(_forward(model.module)(masked, x))
-    assert relative_error(got, want) < 1e-5
-    assert relative_error(want, np.asarray(_forward(model.module)(model.variables, x))) > 1e-4
-    assert plan.flops_after < plan.flops_before and not any(s.startswith("model.22") for s in plan.selected)
+    want = _yolo_run(model, masked, x)
+    assert relative_error(_yolo_run(pruned, pruned.variables, x), want) < 1e-5
+    assert relative_error(want, _yolo_run(model, model.variables, x)) > 1e-4
+    assert plan.flops_after < plan.flops_before and not any(s.startswith(("model.22", "model.0.")) for s in plan.selected)
+    return pruned
+
+
+# one group of every kind: a downsample conv, a neck conv read through a concat (slot 0), outputs read
+# through upsampling and concats at other offsets (C2f, SPPF), SPPF's hidden width, both C2f halves with
+# and without residual adds, a bottleneck's inner width
+YOLO_GROUP_KINDS = {"model.1.conv", "model.16.conv", "model.4.cv2.conv", "model.12.cv2.conv", "model.9.cv2.conv",
+                    "model.9.cv1.conv", "model.2.cv1.conv[0]", "model.2.cv1.conv[1]", "model.12.cv1.conv[0]",
+                    "model.12.cv1.conv[1]", "model.4.m.1.cv1.conv"}
+
+
+@pytest.mark.parametrize("mode, budget, fused", [("remove", "layers=50%", False), ("shrink", "layers=99.9%", False),
+                                                 ("shrink", "layers=99.9%", True)])
+def test_yolov8_surgery_equals_masking(mode, budget, fused, coco_images):
+    model = _yolo_model(fused)
+    plan = make_plan(model, score_model_like(model, seed=4), mode, budget, round_to=4)
+    if mode == "shrink":  # every group at once: all of them are exact together, whatever shares a layer
+        assert YOLO_GROUP_KINDS <= set(plan.selected)
+        assert not {"model.0.conv", "model.15.cv2.conv", "model.21.cv2.conv"} & set(plan.selected)  # stem, Detect
+    _check_yolo_surgery(model, plan, _yolo_images(tuple(coco_images[:2])))
+
+
+def test_yolov8_pruning_a_pruned_model(coco_images, tmp_path):
+    """shrink (C2f halves of unequal widths) -> remove (concat slots folded at the new offsets) ->
+    shrink again, each step exact; a spec with unequal halves round-trips."""
+    x = _yolo_images(tuple(coco_images[:2]))
+    model = _yolo_model()
+    plan = make_plan(model, score_model_like(model, seed=7), "shrink", "layers=99.9%", round_to=4)
+    plan = dataclasses.replace(plan, selected=[s for s in plan.selected if not s.endswith("[0]")])
+    shrunk = _check_yolo_surgery(model, plan, x)
+    assert all(c.first == 2 * c.hidden for c in shrunk.spec.c2fs)
+    save_model(shrunk, str(tmp_path / "shrunk"))
+    assert load_model(str(tmp_path / "shrunk")).spec == shrunk.spec
+    removed = _check_yolo_surgery(shrunk, make_plan(shrunk, score_model_like(shrunk, seed=8), "remove", "layers=50%"), x)
+    plan = make_plan(removed, score_model_like(removed, seed=9), "shrink", "layers=99.9%", round_to=2)
+    _check_yolo_surgery(removed, plan, x)
+
+
+def test_yolov8_spec_without_first_half_width_loads():
+    from xprune_jax.spec import spec_from_dict, spec_to_dict
+
+    spec = models.get_architecture("yolov8n").default_spec()
+    data = spec_to_dict(spec)
+    for c2f in data["c2fs"]:
+        del c2f["first"]  # a model file from before C2f halves could differ
+    assert spec_from_dict(data) == spec and all(c.first == c.hidden for c in spec.c2fs)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_yolov8_shrink_budget_is_honoured_and_predicted(fused, tmp_path):
+    """flops=-30% is feasible with the default shrink ratio, and the savings the plan predicts while
+    choosing are exactly those of the pruned spec."""
+    from xprune_jax.pruning.plan import _shrink_savings
+
+    model = _yolo_model(fused)
+    scores = score_model_like(model, seed=5)
+    by_layer = {l.name: l for l in analysis.describe_layers(model.arch, model.spec, 320)}
+    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+    for budget, target in [("flops=-30%", 0.30), ("params=-30%", None)]:
+        plan = make_plan(model, scores, "shrink", budget)
+        flops, params = _shrink_savings([groups[n] for n in plan.selected], plan.keep_channels, by_layer,
+                                        model.variables["params"])
+        save_model(apply_plan(model, plan), str(tmp_path / "pruned"), overwrite=True)
+        pruned = load_model(str(tmp_path / "pruned"))
+        assert plan.flops_before - flops == plan.flops_after == \
+            analysis.total_flops(analysis.describe_layers(model.arch, pruned.spec, 320))
+        assert plan.params_before - params == plan.params_after == count_params(model.arch, pruned.spec) == \
+            sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
+        if target:
+            assert plan.flops_after <= (1 - target) * plan.flops_before
+        else:
+            assert plan.params_after <= 0.7 * plan.params_before
 
 
 def score_model_like(model: Model, seed: int) -> dict:

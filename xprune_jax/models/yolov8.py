@@ -51,11 +51,21 @@ class BottleneckSpec:
 @register_spec
 @dataclasses.dataclass(frozen=True)
 class C2fSpec:
+    """cv1 outputs ``first + hidden`` channels, split in two: the first ``first`` go straight to cv2's
+    concat (slot 0), the other ``hidden`` feed the bottleneck chain (each bottleneck maps hidden ->
+    hidden). cv2 reads the concat ``[first | hidden | m.0 out | m.1 out | ...]``. Ultralytics' halves
+    are equal (``first`` is None or ``hidden``); pruning may narrow them apart."""
+
     name: str
-    hidden: int  # cv1 outputs 2 * hidden channels, split in halves; each bottleneck maps hidden -> hidden
-    bottlenecks: tuple[BottleneckSpec, ...]  # cv2 reads the concat of (2 + len(bottlenecks)) * hidden channels
+    hidden: int
+    bottlenecks: tuple[BottleneckSpec, ...]
     out: int
     shortcut: bool  # residual adds in the bottlenecks (backbone C2f only)
+    first: int | None = None  # width of cv1's first half; None (older model files) means ``hidden``
+
+    def __post_init__(self):
+        if self.first is None:
+            object.__setattr__(self, "first", self.hidden)
 
 
 @register_spec
@@ -102,6 +112,28 @@ LAYERS = (
     (-1, "conv", (512, 3, 2)), ((-1, 9), "concat", ()), (-1, "c2f", (1024, 3, False)),
     ((15, 18, 21), "detect", ()),
 )
+
+
+def layer_sources(index: int) -> tuple[int, ...]:
+    """The layers whose outputs ``model.{index}`` reads, in order (-1 resolved)."""
+    source = LAYERS[index][0]
+    return tuple(index - 1 if s == -1 else s for s in (source if isinstance(source, tuple) else (source,)))
+
+
+def output_widths(spec: "YOLOv8Spec") -> list[int | None]:
+    """The channels of each layer's output, ``model.0`` ... ``model.21`` (Detect: None)."""
+    blocks = {b.name: b for b in (*spec.convs, *spec.c2fs, spec.sppf)}
+    widths = []
+    for index, (_, kind, _) in enumerate(LAYERS):
+        if kind in ("conv", "c2f", "sppf"):
+            widths.append(blocks[f"model.{index}"].out)
+        elif kind == "upsample":
+            widths.append(widths[-1])
+        elif kind == "concat":
+            widths.append(sum(widths[i] for i in layer_sources(index)))
+        else:
+            widths.append(None)
+    return widths
 
 
 def yolov8_spec(scale: str, num_classes: int = 80) -> YOLOv8Spec:
@@ -175,8 +207,8 @@ class C2f(nn.Module):
     @nn.compact
     def __call__(self, x):
         s, eps, fused = self.spec, self.bn_eps, self.fused
-        y = ConvBlock(ConvSpec("cv1", 2 * s.hidden), eps, fused, name="cv1")(x)
-        parts = [y[..., : s.hidden], y[..., s.hidden:]]
+        y = ConvBlock(ConvSpec("cv1", s.first + s.hidden), eps, fused, name="cv1")(x)
+        parts = [y[..., : s.first], y[..., s.first:]]
         for b in s.bottlenecks:
             parts.append(Bottleneck(b, s.hidden, s.shortcut, eps, fused, name=b.name)(parts[-1]))
         y = ConvBlock(ConvSpec("cv2", s.out), eps, fused, name="cv2")(jnp.concatenate(parts, axis=-1))

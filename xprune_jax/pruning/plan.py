@@ -6,6 +6,7 @@ Budgets: ``layers=5%`` (the bottom fraction of the eligible units: the paper's g
 ``remove`` (depth pruning), ``shrink`` (width pruning).
 """
 
+import collections
 import dataclasses
 import math
 import re
@@ -81,19 +82,19 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
         spec = rules.remove(model.spec, chosen)
         keep = {}
     else:
-        groups = {g.name: g for g in rules.groups(model.spec)
-                  if not any(_touches(n, protected) for n in g.producers + g.depthwise)}
+        by_layer = {l.name: l for l in layers}
+        groups = {g.name: g for g in rules.groups(model.spec) if not any(_touches(n, protected) for n in g.layers())}
         keep = {}
         for name, g in groups.items():
             n_keep = min(g.width - 1, max(round_to, math.ceil((1 - shrink_ratio) * g.width / round_to) * round_to))
-            channel = np.asarray(_channel_scores(scores, name, g.width))
+            channel = _group_channel_scores(scores, g, by_layer)
             keep[name] = sorted(int(i) for i in np.argsort(-channel, kind="stable")[:n_keep])
         groups = {n: g for n, g in groups.items() if 0 < len(keep[n]) < g.width}
-        by_layer = {l.name: l for l in layers}
-        ranked = sorted(groups, key=lambda n: (score[n], n))
+        group_score = {n: float(np.mean([score[p.layer] for p in g.producers])) for n, g in groups.items()}
+        ranked = sorted(groups, key=lambda n: (group_score[n], n))
 
         def savings(chosen):
-            return _shrink_savings([groups[n] for n in chosen], keep, by_layer)
+            return _shrink_savings([groups[n] for n in chosen], keep, by_layer, model.variables["params"])
 
         chosen = _take(ranked, kind, target, savings, flops_before, params_before, mode, model.arch)
         keep = {n: keep[n] for n in chosen}
@@ -133,22 +134,38 @@ def _unit_costs(unit: str, layers, variables) -> tuple[int, int]:
     return flops, int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
-def _shrink_savings(groups, keep: dict, by_layer) -> tuple[int, int]:
-    """FLOPs and parameters saved by narrowing ``groups`` together: a conv's cost scales with its
-    kept output and input fractions (a depthwise conv's with its channels), and each BN loses two
-    parameters a channel."""
-    out_fraction, in_fraction, bn_params = {}, {}, 0
+def _shrink_savings(groups, keep: dict, by_layer, params: dict) -> tuple[int, int]:
+    """FLOPs and parameters saved by narrowing ``groups`` together, exactly as the analysis counts
+    them in the narrowed spec: every conv loses the output channels its producer and depthwise slots
+    drop (kernel and bias) and the input channels its consumer slots drop, summed over the groups
+    that share it; each BN loses two parameters a dropped channel."""
+    dropped_out, dropped_in, bn_params = collections.Counter(), collections.Counter(), 0
     for g in groups:
-        fraction = len(keep[g.name]) / g.width
-        out_fraction.update({n: fraction for n in g.producers + g.depthwise})
-        in_fraction.update({n: fraction for n in g.consumers})
-        bn_params += 2 * len(g.norms) * (g.width - len(keep[g.name]))
-    flops = params = 0
-    for name in set(out_fraction) | set(in_fraction):
-        layer, f = by_layer[name], out_fraction.get(name, 1.0) * in_fraction.get(name, 1.0)
-        flops += layer.flops - round(layer.flops * f)
-        params += layer.params - round(layer.params * f)
-    return flops, params + bn_params
+        dropped = g.width - len(keep[g.name])
+        for slot in g.producers + g.depthwise:
+            dropped_out[slot.layer] += dropped
+        for slot in g.consumers:
+            dropped_in[slot.layer] += dropped
+        bn_params += 2 * len(g.norms) * dropped
+    flops = saved_params = 0
+    for name in dropped_out.keys() | dropped_in.keys():
+        layer = tree_paths.get(params, name)
+        kh, kw, per_group_in, out = np.shape(layer["kernel"])
+        before = kh * kw * per_group_in * out
+        lost = before - kh * kw * (per_group_in - dropped_in[name]) * (out - dropped_out[name])
+        flops += math.prod(by_layer[name].shape[:-1]) * lost
+        saved_params += lost + (dropped_out[name] if "bias" in layer else 0)
+    return flops, saved_params + bn_params
+
+
+def _group_channel_scores(scores: dict, group, by_layer) -> np.ndarray:
+    """Per-channel scores of a group: the sum, over its producers, of each producer's per-channel
+    scores at the producer's slot (one producer: its slice; coupled producers: they add up)."""
+    total = np.zeros(group.width)
+    for p in group.producers:
+        values = np.asarray(_channel_scores(scores, p.layer, by_layer[p.layer].shape[-1]), float)
+        total += values[p.offset:p.offset + group.width]
+    return total
 
 
 def _scores_by_layer(scores: dict, layers, arch: str) -> dict[str, float]:
@@ -183,14 +200,16 @@ def validate_plan(model: Model, plan: Plan) -> None:
     elif plan.mode == "remove":
         known = set(rules_for(model.spec).removable(model.spec))
     else:
-        known = {g.name for g in rules_for(model.spec).groups(model.spec)}
+        groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+        known = set(groups)
     for name in plan.selected:
         if name not in known:
             raise UserError(f"the plan names {name!r}, which is not a {plan.mode}-able unit of this "
                             f"{model.arch} model; eligible: {', '.join(sorted(known)[:6])}, ...")
-        if _touches(name, plan.protected):
-            raise UserError(f"the plan prunes {name!r}, which is protected ({', '.join(plan.protected)}); "
-                            "drop it from the plan or from the protected list")
+        touched = groups[name].layers() if plan.mode == "shrink" else [name]
+        if any(_touches(n, plan.protected) for n in touched):
+            raise UserError(f"the plan prunes {name!r}, which is protected or touches a protected layer "
+                            f"({', '.join(plan.protected)}); drop it from the plan or from the protected list")
 
 
 def apply_plan(model: Model, plan: Plan) -> Model:
@@ -204,11 +223,11 @@ def apply_plan(model: Model, plan: Plan) -> Model:
         variables = rules.remove_variables(model.arch, model.spec, model.variables, plan.selected)
     else:
         rules = rules_for(model.spec)
-        groups = {g.name: g for g in rules.groups(model.spec)}
         spec, variables = model.spec, model.variables
-        for name in plan.selected:
+        for name in plan.selected:  # groups of the current spec: slot offsets move as other groups shrink
+            group = next(g for g in rules.groups(spec) if g.name == name)
             keep = np.asarray(plan.keep_channels[name])
-            variables = surgery.shrink_group(variables, groups[name], keep)
+            variables = surgery.shrink_group(variables, group, keep)
             spec = rules.resize(spec, name, len(keep))
     meta = {**model.meta, "plans": [*model.meta.get("plans", []), dataclasses.asdict(plan)]}
     return Model(model.arch, spec, variables, meta)

@@ -3,7 +3,8 @@
 - ``removable(spec)``: units whose removal keeps every tensor shape (depth pruning).
 - ``remove(spec, names)``: the spec without them.
 - ``groups(spec)``: channel groups that can shrink together (width pruning): the convs that produce
-  the channels, the BNs and depthwise convs that carry them, and the convs that consume them.
+  the channels, the BNs and depthwise convs that carry them, and the convs that consume them, each
+  with the offset of the group's channels in it (concat slots, split halves).
 - ``resize(spec, group, keep)``: the spec with a group narrowed to ``keep`` channels.
 - ``protected(spec)``: units never pruned by default beyond the stem and classifier heads.
 - ``remove_variables(arch, spec, variables, names)``: the variables without the removed units
@@ -13,23 +14,50 @@ Everything else (slicing channels, FLOPs, plans) is generic.
 """
 
 import dataclasses
+import re
+import typing
 
 from xprune_jax.errors import UserError
 from xprune_jax.models.mobilenet_v2 import MobileNetV2Spec
 from xprune_jax.models.rcnn import FasterRCNNSpec, RetinaNetSpec
-from xprune_jax.models.yolov8 import YOLOv8Spec
+from xprune_jax.models.yolov8 import LAYERS, YOLOv8Spec, layer_sources, output_widths
 from xprune_jax.models.resnet import ResNetSpec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2Spec
 
 
+class Slot(typing.NamedTuple):
+    """The group's ``width`` channels inside one layer: its channels ``offset ... offset + width - 1``
+    (of the output for producers, norms and depthwise convs; of the input for consumers)."""
+
+    layer: str
+    offset: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelGroup:
-    name: str  # the producing conv: its per-channel scores rank the group's channels
+    """Channels that must shrink together: every layer that produces, carries or reads them.
+
+    Each entry is a ``Slot`` (a plain layer name means offset 0). A layer can appear in several
+    groups at different offsets (a C2f's cv1 produces both halves of its split) and a consumer can
+    read one group at several offsets (the concat slots of SPPF's and C2f's cv2); offsets are those
+    of the spec the group was made from. Several producers mean coupled channels (e.g. across
+    residual adds): they keep the same channels.
+    """
+
+    name: str  # unique; plans list groups by it. For a single whole-output group, the producing conv
     width: int
-    producers: tuple[str, ...]  # output channels (kernel axis -1)
-    norms: tuple[str, ...] = ()  # BN layers on the channels
-    depthwise: tuple[str, ...] = ()  # depthwise convs on the channels
-    consumers: tuple[str, ...] = ()  # input channels (kernel axis -2)
+    producers: tuple[Slot, ...]  # output channels (kernel axis -1, and the bias)
+    norms: tuple[Slot, ...] = ()  # BN layers on the channels
+    depthwise: tuple[Slot, ...] = ()  # depthwise convs on the channels
+    consumers: tuple[Slot, ...] = ()  # input channels (kernel axis -2)
+
+    def __post_init__(self):
+        for field in ("producers", "norms", "depthwise", "consumers"):
+            object.__setattr__(self, field, tuple(Slot(s) if isinstance(s, str) else Slot(*s)
+                                                  for s in getattr(self, field)))
+
+    def layers(self) -> list[str]:
+        return [s.layer for s in self.producers + self.norms + self.depthwise + self.consumers]
 
 
 class Rules:
@@ -132,7 +160,20 @@ class ShuffleNetV2Rules(Rules):
 class YOLOv8Rules(Rules):
     """Bottlenecks of the backbone's C2f blocks (those with a shortcut) can go: masked, such a
     bottleneck is the identity, so its slot in the C2f's concat is folded into the previous slot.
-    Each bottleneck's inner width can shrink. The Detect head is protected."""
+
+    Channel groups (their names):
+
+    - ``model.K.conv`` / ``model.K.cv2.conv``: the output of a Conv / of a C2f or SPPF, read by the
+      next layers, through upsampling and the neck's concats (then at the concat slot's offset);
+    - ``model.9.cv1.conv``: SPPF's hidden width (the max pools carry it; cv2 reads it 4 times);
+    - ``model.K.cv1.conv[0]``: a C2f's first split half (cv2's concat slot 0);
+    - ``model.K.cv1.conv[1]``: the second half coupled with the bottleneck chain: cv1's slice, every
+      bottleneck's output (tied by the residual adds; also coupled where there are none) and
+      input, and cv2's concat slots 1 ... n + 1;
+    - ``model.K.m.I.cv1.conv``: a bottleneck's inner width.
+
+    Groups that touch the Detect head (the outputs of 15, 18, 21) or the stem are protected.
+    """
 
     @staticmethod
     def protected(spec: YOLOv8Spec) -> list[str]:
@@ -160,26 +201,87 @@ class YOLOv8Rules(Rules):
             if not gone:
                 continue
             kernel = np.array(tree_paths.get(variables["params"], f"{c2f.name}.cv2.conv")["kernel"])
-            h = c2f.hidden
-            for i in sorted(gone, reverse=True):  # bottleneck i's output is slot i + 2; its input slot i + 1
-                kernel[:, :, (i + 1) * h:(i + 2) * h] += kernel[:, :, (i + 2) * h:(i + 3) * h]
-                kernel = np.delete(kernel, np.s_[(i + 2) * h:(i + 3) * h], axis=2)
+            a, h = c2f.first, c2f.hidden
+            for i in sorted(gone, reverse=True):  # bottleneck i's input is concat slot i + 1, its output slot i + 2
+                inputs, outputs = a + i * h, a + (i + 1) * h
+                kernel[:, :, inputs:inputs + h] += kernel[:, :, outputs:outputs + h]
+                kernel = np.delete(kernel, np.s_[outputs:outputs + h], axis=2)
             tree_paths.get(variables["params"], f"{c2f.name}.cv2.conv")["kernel"] = kernel
         return variables
 
     @staticmethod
-    def groups(spec: YOLOv8Spec) -> list[ChannelGroup]:
-        norms = (lambda p: ()) if spec.fused else (lambda p: (f"{p}.cv1.bn",))
-        return [ChannelGroup(f"{c.name}.{b.name}.cv1.conv", b.hidden, (f"{c.name}.{b.name}.cv1.conv",),
-                             norms(f"{c.name}.{b.name}"), (), (f"{c.name}.{b.name}.cv2.conv",))
-                for c in spec.c2fs for b in c.bottlenecks]
+    def _readers(spec: YOLOv8Spec, index: int, widths) -> list[Slot]:
+        """The convs that read ``model.{index}``'s output, at the offset where they read it."""
+        readers = []
+        for i, (_, kind, _) in enumerate(LAYERS):
+            sources = layer_sources(i)
+            if index not in sources or i == index:
+                continue
+            if kind in ("upsample", "concat"):
+                offset = sum(widths[s] for s in sources[:sources.index(index)])
+                readers += [Slot(r.layer, r.offset + offset) for r in YOLOv8Rules._readers(spec, i, widths)]
+            elif kind == "conv":
+                readers.append(Slot(f"model.{i}.conv"))
+            elif kind in ("c2f", "sppf"):
+                readers.append(Slot(f"model.{i}.cv1.conv"))
+            else:  # Detect: level k's two branches (so these groups are protected with the head)
+                k = sources.index(index)
+                readers += [Slot(f"model.{i}.cv2.{k}.0.conv"), Slot(f"model.{i}.cv3.{k}.0.conv")]
+        return readers
+
+    @classmethod
+    def groups(cls, spec: YOLOv8Spec) -> list[ChannelGroup]:
+        def norms(*slots):
+            return () if spec.fused else tuple(Slot(s.layer.removesuffix(".conv") + ".bn", s.offset) for s in slots)
+
+        def group(name, width, producers, consumers):
+            return ChannelGroup(name, width, producers, norms(*producers), (), consumers)
+
+        widths, groups = output_widths(spec), []
+        for index, (_, kind, _) in enumerate(LAYERS):  # whole outputs
+            if kind in ("conv", "c2f", "sppf"):
+                producer = Slot(f"model.{index}.conv" if kind == "conv" else f"model.{index}.cv2.conv")
+                groups.append(group(producer.layer, widths[index], (producer,), tuple(cls._readers(spec, index, widths))))
+        p = spec.sppf.name
+        groups.append(group(f"{p}.cv1.conv", spec.sppf.hidden, (Slot(f"{p}.cv1.conv"),),
+                            tuple(Slot(f"{p}.cv2.conv", i * spec.sppf.hidden) for i in range(4))))
+        for c in spec.c2fs:
+            a, h, n = c.first, c.hidden, len(c.bottlenecks)
+            groups.append(group(f"{c.name}.cv1.conv[0]", a, (Slot(f"{c.name}.cv1.conv"),), (Slot(f"{c.name}.cv2.conv"),)))
+            groups.append(group(
+                f"{c.name}.cv1.conv[1]", h,
+                (Slot(f"{c.name}.cv1.conv", a), *(Slot(f"{c.name}.{b.name}.cv2.conv") for b in c.bottlenecks)),
+                (*(Slot(f"{c.name}.{b.name}.cv1.conv") for b in c.bottlenecks),
+                 *(Slot(f"{c.name}.cv2.conv", a + j * h) for j in range(n + 1)))))
+            groups += [group(f"{c.name}.{b.name}.cv1.conv", b.hidden, (Slot(f"{c.name}.{b.name}.cv1.conv"),),
+                             (Slot(f"{c.name}.{b.name}.cv2.conv"),)) for b in c.bottlenecks]
+        return groups
 
     @staticmethod
     def resize(spec: YOLOv8Spec, group: str, keep: int) -> YOLOv8Spec:
-        path = group.removesuffix(".cv1.conv")
-        return dataclasses.replace(spec, c2fs=tuple(
-            dataclasses.replace(c, bottlenecks=tuple(dataclasses.replace(b, hidden=keep) if f"{c.name}.{b.name}" == path else b
-                                                     for b in c.bottlenecks)) for c in spec.c2fs))
+        match = re.fullmatch(r"(model\.\d+)\.(conv|cv[12]\.conv|cv1\.conv\[[01]\]|(m\.\d+)\.cv1\.conv)", group)
+        if not match:
+            raise KeyError(group)
+        block, what, bottleneck = match.groups()
+
+        def c2f(c):
+            if c.name != block:
+                return c
+            if what == "cv2.conv":
+                return dataclasses.replace(c, out=keep)
+            if what == "cv1.conv[0]":
+                return dataclasses.replace(c, first=keep)
+            if what == "cv1.conv[1]":
+                return dataclasses.replace(c, hidden=keep)
+            return dataclasses.replace(c, bottlenecks=tuple(dataclasses.replace(b, hidden=keep) if b.name == bottleneck
+                                                            else b for b in c.bottlenecks))
+
+        sppf = spec.sppf
+        if sppf.name == block:
+            sppf = dataclasses.replace(sppf, **{"out" if what == "cv2.conv" else "hidden": keep})
+        return dataclasses.replace(
+            spec, convs=tuple(dataclasses.replace(c, out=keep) if c.name == block else c for c in spec.convs),
+            c2fs=tuple(c2f(c) for c in spec.c2fs), sppf=sppf)
 
 
 class DetectorBackboneRules(Rules):
@@ -202,8 +304,8 @@ class DetectorBackboneRules(Rules):
 
     @classmethod
     def groups(cls, spec) -> list[ChannelGroup]:
-        def prefixed(names):
-            return tuple(cls.prefix + n for n in names)
+        def prefixed(slots):
+            return tuple(Slot(cls.prefix + s.layer, s.offset) for s in slots)
 
         return [ChannelGroup(cls.prefix + g.name, g.width, prefixed(g.producers), prefixed(g.norms),
                              prefixed(g.depthwise), prefixed(g.consumers)) for g in ResNetRules.groups(spec.body)]

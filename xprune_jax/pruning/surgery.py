@@ -26,22 +26,41 @@ def restrict_to_spec(variables: dict, arch: str, spec) -> dict:
     return kept
 
 
+def _kept(size: int, slots, width: int, keep: np.ndarray) -> np.ndarray:
+    """Indices along an axis of ``size`` that stay when each slot keeps only ``keep`` of its ``width``."""
+    mask = np.ones(size, bool)
+    for slot in slots:
+        mask[slot.offset:slot.offset + width] = False
+        mask[slot.offset + keep] = True
+    return np.flatnonzero(mask)
+
+
 def shrink_group(variables: dict, group: ChannelGroup, keep: np.ndarray) -> dict:
-    """Keep only the channels ``keep`` of ``group`` in every layer that produces, carries or reads them."""
+    """Keep only the channels ``keep`` (indices into the group's width) of ``group`` in every layer
+    that produces, carries or reads them, at each slot's offset (offsets of the current variables)."""
     out = _copy(variables)
     params, stats = out["params"], out.get("batch_stats", {})
-    for name in group.producers + group.depthwise:
+    keep = np.asarray(keep, int)
+
+    def by_layer(slots):
+        layers = {}
+        for slot in slots:
+            layers.setdefault(slot.layer, []).append(slot)
+        return layers.items()
+
+    for name, slots in by_layer(group.producers + group.depthwise):
         layer = tree_paths.get(params, name)
-        layer["kernel"] = layer["kernel"][..., keep]
+        index = _kept(layer["kernel"].shape[-1], slots, group.width, keep)
+        layer["kernel"] = layer["kernel"][..., index]
         if "bias" in layer:
-            layer["bias"] = layer["bias"][keep]
-    for name in group.norms:
+            layer["bias"] = layer["bias"][index]
+    for name, slots in by_layer(group.norms):
         for tree in (tree_paths.get(params, name), tree_paths.get(stats, name)):
             for key in tree:
-                tree[key] = tree[key][keep]
-    for name in group.consumers:
+                tree[key] = tree[key][_kept(tree[key].shape[0], slots, group.width, keep)]
+    for name, slots in by_layer(group.consumers):
         layer = tree_paths.get(params, name)
-        layer["kernel"] = layer["kernel"][:, :, keep, :]
+        layer["kernel"] = layer["kernel"][:, :, _kept(layer["kernel"].shape[2], slots, group.width, keep), :]
     return out
 
 
