@@ -23,3 +23,24 @@ def test_demo_parity_run(tmp_path):
     assert (out / "plots" / "parity_shufflenet_v2_x0_5.png").stat().st_size > 10_000
     assert list(r["layer_relative_errors"])[0] == "conv1.0"  # listed in execution (depth) order
 
+
+def test_demo_prunes_the_trained_yolov8n_fixture(tmp_path):
+    """The README's main command on a tiny budget: the committed YOLOv8n fixture, the bundled shapes
+    images, two criteria, the paper's `zero` and one structural mode. The unpruned AP comes from
+    the model's own detections and shows a network that learned; the report holds every number."""
+    from tests.test_prune_experiment import assert_report_holds_results
+
+    out = tmp_path / "run"
+    xprune("run", "--config=configs/demo.py", "--config.criteria=('grad_x_act', 'random')",
+           "--config.prunings=('zero:layers=5%', 'shrink:flops=-20%')", "--config.bench.repeats=2",
+           "--config.bench.warmup=1", "--config.calib_images=4", f"--config.out_dir={out}")
+    results = json.loads((out / "results.json").read_text())
+    assert results["arch"] == "yolov8n" and results["metric"] == "AP"
+    assert results["unpruned"]["metrics"]["AP"] > 0.4
+    rows = results["rows"]
+    assert {(r["criterion"], r["mode"]) for r in rows} == {(c, m) for c in ("grad_x_act", "random") for m in ("zero", "shrink")}
+    for r in rows:
+        assert "infeasible" not in r, r
+        assert r["flops_ratio"] == 1.0 if r["mode"] == "zero" else r["flops_ratio"] <= 0.8
+    assert_report_holds_results((out / "report.md").read_text(), results)
+    assert (out / "plots" / "tradeoff.png").stat().st_size > 10_000

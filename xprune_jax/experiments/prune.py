@@ -325,7 +325,8 @@ def _verdicts(summary: list[dict], metric: str) -> list[str]:
                 spread = max(a["metric_std"], b["metric_std"])
                 verdict = ("ties with" if abs(a["metric_mean"] - b["metric_mean"]) <= spread
                            else "beats" if a["metric_mean"] > b["metric_mean"] else "loses to")
+                caveat = ", one seed: no spread to judge by" if min(a["n"], b["n"]) < 2 else ""
                 text += (f" The paper's `grad_x_act` {verdict} `{rival}` ({format_metric(metric, a['metric_mean'])} vs "
-                         f"{format_metric(metric, b['metric_mean'])}).")
+                         f"{format_metric(metric, b['metric_mean'])}{caveat}).")
         lines.append(text)
     return lines
