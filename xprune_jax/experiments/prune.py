@@ -17,6 +17,7 @@ import os
 
 import jax
 import numpy as np
+import tqdm
 
 from xprune_jax import models, parallel, predict, runs, timing
 from xprune_jax.attribution.score import calibration_images, draw, score_model
@@ -36,6 +37,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     evaluator = task_eval(config, coco, model)
     unpruned = evaluator(model)
     rows, scores_by_seed = [], {}
+    bar = tqdm.tqdm(total=len(config.seeds) * len(config.criteria) * len(config.prunings), unit="model", desc="prune")
     for seed in config.seeds:
         scores = score_model(model, list(config.criteria), config.objective, calibration=evaluator.calibration(seed),
                              batch_size=config.batch_size, seed=seed, progress=False, all_channel_scores=True)
@@ -48,6 +50,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
             for pruning in config.prunings:
                 mode, budget = pruning.split(":", 1)
                 row = {"criterion": criterion, "mode": mode, "budget": budget, "seed": seed}
+                bar.update()
                 try:
                     plan = make_plan(model, single, mode, budget)
                 except UserError as e:  # e.g. a budget that the eligible units can't meet
@@ -62,6 +65,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                 if config.save_models:
                     name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
                     save_model(pruned, os.path.join(run_dir, "models", name), overwrite=True)
+    bar.close()
     first = scores_by_seed[config.seeds[0]]
     _plot_scores(first, os.path.join(run_dir, "plots", "layer_scores.png"))
     _plot_ranks(first, os.path.join(run_dir, "plots", "criteria_ranks.png"))
