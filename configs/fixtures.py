@@ -3,7 +3,7 @@ criterion (each grad_x_act reduction, l1, random), the paper's `zero` at 5% of l
 and `shrink` at -10/-20/-30/-50% FLOPs, each with three calibration seeds (other seeds, other
 calibration images from the training split), measured on the generated validation split.
 
-    xprune synth --coco=../shared/coco_val2017_subset --out=~/.cache/xprune_jax/shapes --seed=0
+    xprune synth --coco=../shared/coco_val2017_subset --out=$HOME/.cache/xprune_jax/shapes --seed=0
     xprune run --config=configs/fixtures.py:yolov8n    (or mobilenet_v2, shufflenet_v2_x1_0, resnet50)
 
 Detectors report pycocotools AP on val2017; classifiers report top-1 accuracy on the object crops.

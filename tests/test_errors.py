@@ -120,3 +120,31 @@ def test_image_errors(tmp_path, ultralytics_imported):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     _raises("cannot read image .*bad.jpg.*remove or replace", load_rgb, str(bad))
+
+
+def test_model_card_errors(weights_file, tmp_path):
+    path = tmp_path / "w.pth"
+    shutil.copy(weights_file, path)
+    (tmp_path / "w.json").write_text("{not json")
+    _raises("is not valid JSON", torchvision_io.convert, ARCH, str(path))
+    (tmp_path / "w.json").write_text(json.dumps({"categories": ["a"], "colour": "red"}))
+    _raises(r"unknown fields \['colour'\]", torchvision_io.convert, ARCH, str(path))
+
+
+def test_labelled_image_folder_errors(tmp_path):
+    from xprune_jax.data.images import image_folder
+
+    _raises("does not exist", image_folder, str(tmp_path / "missing"))
+    _raises("has no class subfolders", image_folder, str(tmp_path))
+    (tmp_path / "zebra").mkdir()
+    _raises(r"classes \['zebra'\] that the model does not know", image_folder, str(tmp_path), ["circle"])
+    _raises("no images", image_folder, str(tmp_path), ["zebra"])
+
+
+def test_objective_must_fit_the_model():
+    from xprune_jax.attribution.objectives import get_objective
+
+    _raises("ported for YOLOv8 only", get_objective, "loss", "detection", "retinanet_resnet50_fpn")
+    _raises("does not fit a classification model", get_objective, "confidence", "classification", ARCH)
+    _raises("does not fit a detection model", get_objective, "cross_entropy", "detection", "yolov8n")
+    assert get_objective("loss", "detection", "yolov8n")[0] == "loss"

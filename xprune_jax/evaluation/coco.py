@@ -152,17 +152,23 @@ def coco_metrics(ground_truth, detections: list[dict], image_ids: list[int]) -> 
     return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
 
 
+def evaluation_images(coco_root: str, max_images: int = 0) -> tuple[str, object, list[dict]]:
+    """``(image dir, ground truth, image entries)`` of a COCO root's val2017 that exist on disk, in
+    file-name order (Ultralytics'), the first ``max_images`` (0 = all)."""
+    image_dir, annotation_file = coco_paths(coco_root)
+    ground_truth = load_ground_truth(annotation_file)
+    entries = sorted(ground_truth.dataset["images"], key=lambda e: e["file_name"])
+    entries = [e for e in entries if os.path.exists(os.path.join(image_dir, e["file_name"]))]
+    entries = entries[: max_images or None]
+    if not entries:
+        raise UserError(f"no annotated image of {annotation_file} is in {image_dir}: check the COCO root")
+    return image_dir, ground_truth, entries
+
+
 def evaluate(model: Model, coco_root: str, out_dir: str, batch_size: int = 8, max_images: int = 0,
              progress: bool = True) -> dict:
     """``xprune eval``: detections.json, metrics.json and latency.json in ``out_dir``."""
-    image_dir, annotation_file = coco_paths(coco_root)
-    ground_truth = load_ground_truth(annotation_file)
-    entries = sorted(ground_truth.dataset["images"], key=lambda e: e["file_name"])  # Ultralytics' order
-    entries = [e for e in entries if os.path.exists(os.path.join(image_dir, e["file_name"]))]
-    if max_images:
-        entries = entries[:max_images]
-    if not entries:
-        raise UserError(f"no annotated image of {annotation_file} is in {image_dir}: check the COCO root")
+    image_dir, ground_truth, entries = evaluation_images(coco_root, max_images)
     os.makedirs(out_dir, exist_ok=True)
     partial = os.path.join(out_dir, "detections.partial.jsonl")
     detections, latency = detect(model, [os.path.join(image_dir, e["file_name"]) for e in entries],

@@ -125,18 +125,20 @@ class _ClassifierEval:
 
 class _DetectionEval:
     def __init__(self, config, coco: str, model):
-        from xprune_jax.evaluation.coco import coco_paths, load_ground_truth
+        from xprune_jax.evaluation.coco import evaluation_images, pipeline_for
 
         self.config, self.coco = config, coco
-        image_dir, annotation_file = coco_paths(coco)
-        self.ground_truth = load_ground_truth(annotation_file)
-        entries = sorted(self.ground_truth.dataset["images"], key=lambda e: e["file_name"])
-        entries = [e for e in entries if os.path.exists(os.path.join(image_dir, e["file_name"]))]
-        self.entries = entries[: config.eval_images or None]
-        if not self.entries:
-            raise UserError(f"no annotated image of {annotation_file} is in {image_dir}: check config.coco")
+        image_dir, self.ground_truth, self.entries = evaluation_images(coco, config.eval_images)
         self.paths = [os.path.join(image_dir, e["file_name"]) for e in self.entries]
+        self.sizes = [(e["height"], e["width"]) for e in self.entries]
         self.metric, self.description = "AP", "pycocotools AP (IoU 0.50:0.95) against the COCO ground truth"
+        # Timed end to end: one preprocessed batch of real images in, final detections out. Pruning
+        # changes no preprocessing, so every variant gets this same batch.
+        pipeline = pipeline_for(model)
+        plan = pipeline.plan(self.sizes, config.bench.batch_size)[0]
+        self.bench_batch = parallel.pad_batch(np.stack([
+            pipeline.preprocess(np.asarray(load_rgb(self.paths[i])), plan.input_shape)[0] for i in plan.indices]),
+            config.bench.batch_size)
 
     @staticmethod
     def model_images(config, coco: str) -> list[str]:
@@ -152,17 +154,11 @@ class _DetectionEval:
     def __call__(self, model, timed_against: _Evaluated | None = None):
         from xprune_jax.evaluation.coco import coco_metrics, detect, pipeline_for
 
-        pipeline = pipeline_for(model)
-        forward = jax.jit(pipeline.forward)
+        forward = jax.jit(pipeline_for(model).forward)
         ids = [e["id"] for e in self.entries]
-        detections, _ = detect(model, self.paths, ids, [(e["height"], e["width"]) for e in self.entries],
-                               self.config.batch_size, progress=False, forward=forward)
+        detections, _ = detect(model, self.paths, ids, self.sizes, self.config.batch_size, progress=False, forward=forward)
         metrics = coco_metrics(self.ground_truth, detections, ids)
-        # Timed end to end: a preprocessed batch of real images in, final detections out.
-        plan = pipeline.plan([(e["height"], e["width"]) for e in self.entries], self.config.bench.batch_size)[0]
-        x = parallel.pad_batch(np.stack([pipeline.preprocess(np.asarray(load_rgb(self.paths[i])), plan.input_shape)[0]
-                                         for i in plan.indices]), self.config.bench.batch_size)
-        return _timed(model, forward, x, metrics, timed_against, self.config)
+        return _timed(model, forward, self.bench_batch, metrics, timed_against, self.config)
 
 
 def _timed(model, forward, x, metrics: dict, timed_against: _Evaluated | None, config):
