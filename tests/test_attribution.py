@@ -9,12 +9,11 @@ import torchvision
 from PIL import Image
 
 from converters.mapping import state_dict_to_variables
-from tests.torch_reference import random_torchvision
+from converters.reference import gradient_x_activation, random_torchvision
 from xprune_jax import analysis, models
 from xprune_jax.attribution.criteria import ScoringInputs, get_criterion
 from xprune_jax.attribution.objectives import cross_entropy
 from xprune_jax.attribution.statistics import statistics_step
-from xprune_jax.checkpoint import Model
 from xprune_jax.pruning.plan import count_params
 
 ARCHS = ["resnet50", "mobilenet_v2", "shufflenet_v2_x1_0"]
@@ -31,27 +30,22 @@ def torch_grad_x_act(model, names, x, labels=None):
 
     ``names=None`` hooks every Conv2d and Linear and every residual block / unit.
     """
-    modules, outputs, handles = dict(model.named_modules()), {}, []
+    modules = dict(model.named_modules())
     if names is None:
         block_types = ("Bottleneck", "BasicBlock", "InvertedResidual")
         names = [n for n, m in modules.items()
                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) or type(m).__name__ in block_types]
-    for name in names:
-        def hook(_, __, out, name=name):
-            out.retain_grad()
-            outputs[name] = out
-        handles.append(modules[name].register_forward_hook(hook))
-    logits = model(x)
-    target = logits.argmax(-1) if labels is None else labels
-    torch.nn.functional.cross_entropy(logits, target, reduction="sum").backward()
-    for h in handles:
-        h.remove()
+
+    def objective():
+        logits = model(x)
+        target = logits.argmax(-1) if labels is None else labels
+        return torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+
     result = {}
-    for name, out in outputs.items():
-        ag = (out * out.grad).detach().double()
-        ag = ag.permute(0, 2, 3, 1).reshape(ag.shape[0], -1, ag.shape[1]) if ag.ndim == 4 else ag[:, None, :]
-        result[name] = {"abs": ag.abs().sum().item(), "signed": ag.sum((1, 2)).abs().sum().item(),
-                        "channel_abs": ag.abs().sum((0, 1)).numpy(), "channel_signed": ag.sum(1).abs().sum(0).numpy()}
+    for name, ag in gradient_x_activation(model, names, objective).items():
+        ag = ag.astype(np.float64)
+        result[name] = {"abs": np.abs(ag).sum(), "signed": np.abs(ag.sum((1, 2))).sum(),
+                        "channel_abs": np.abs(ag).sum((0, 1)), "channel_signed": np.abs(ag.sum(1)).sum(0)}
     return result
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from converters.torchvision_io import convert, to_torch_state_dict
 from converters.mapping import state_dict_to_variables
-from tests.torch_reference import outputs_by_name, random_torchvision, relative_error
+from converters.reference import outputs_by_name, random_torchvision, relative_error
 from xprune_jax import models
 from xprune_jax.checkpoint import load_model, save_model
 

@@ -5,7 +5,6 @@ import os
 import shutil
 import urllib.error
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -144,7 +143,7 @@ def test_labelled_image_folder_errors(tmp_path):
 def test_objective_must_fit_the_model():
     from xprune_jax.attribution.objectives import get_objective
 
-    _raises("ported for YOLOv8 only", get_objective, "loss", "detection", "retinanet_resnet50_fpn")
+    _raises("ported for YOLOv8, RetinaNet and Faster R-CNN only", get_objective, "loss", "detection", "ssd300_vgg16")
     _raises("does not fit a classification model", get_objective, "confidence", "classification", ARCH)
     _raises("does not fit a detection model", get_objective, "cross_entropy", "detection", "yolov8n")
     assert get_objective("loss", "detection", "yolov8n")[0] == "loss"

@@ -20,7 +20,7 @@ from PIL import Image
 
 from converters.mapping import state_dict_to_variables
 from tests.conftest import COCO_SUBSET
-from tests.torch_reference import random_torchvision, relative_error
+from converters.reference import random_torchvision, relative_error
 from xprune_jax import analysis, models, tree_paths
 from xprune_jax.attribution.score import score_model
 from xprune_jax.checkpoint import Model, load_model, save_model

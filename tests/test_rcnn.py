@@ -26,7 +26,7 @@ from PIL import Image
 
 from converters.torchvision_io import convert, upgrade_legacy_keys
 from tests.pseudo_ground_truth import pseudo_ground_truth
-from tests.torch_reference import randomize_batch_norm, random_torchvision, relative_error
+from converters.reference import detection_confidence, gradient_x_activation, randomize_batch_norm, random_torchvision, relative_error
 from xprune_jax import models
 from xprune_jax.evaluation.coco import coco_metrics
 from xprune_jax.models.rcnn import TorchvisionDetectionPipeline
@@ -258,24 +258,6 @@ def test_specs_match_torchvision_builders():
     assert upgrade_legacy_keys(state_dict).keys() == state_dict.keys()  # current keys pass unchanged
 
 
-def _torch_confidence(model, x: torch.Tensor, image_sizes: list) -> torch.Tensor:
-    """The confidence objective from the torch model's internals, as its forward runs them: the sum
-    over images of the top-100 pre-NMS scores (RetinaNet: sigmoid over all anchors, classes and
-    levels; Faster R-CNN: each proposal's best non-background softmax score)."""
-    from xprune_jax.detection import CONFIDENCE_TOP_K
-
-    features = model.backbone(x)
-    if hasattr(model, "rpn"):
-        images = torchvision.models.detection.image_list.ImageList(x, image_sizes)
-        proposals, _ = model.rpn(images, features)
-        heads = model.roi_heads
-        logits, _ = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, proposals, image_sizes)))
-        best = torch.softmax(logits, -1)[:, 1:].max(-1).values.split([len(p) for p in proposals])
-        return sum(torch.topk(b, min(CONFIDENCE_TOP_K, len(b))).values.sum() for b in best)
-    scores = torch.sigmoid(model.head(list(features.values()))["cls_logits"]).flatten(1)
-    return torch.topk(scores, CONFIDENCE_TOP_K, dim=-1).values.sum()
-
-
 def test_confidence_grad_x_act_matches_torch_autograd(run):
     """The label-free confidence objective: every captured layer's gradient x activation statistics
     against torch autograd of the same objective (forward hooks that retain the gradient), in float64
@@ -294,38 +276,24 @@ def test_confidence_grad_x_act_matches_torch_autograd(run):
         stats = statistics_step(run["pipeline"].module, confidence)(variables, batch)
         stats = jax.tree_util.tree_map(np.asarray, stats)
 
-    modules, outputs = dict(torch_model.named_modules()), {}
+    modules = dict(torch_model.named_modules())
     skipped = {n for n in stats if n not in modules}
     assert all(n.startswith("backbone.fpn.") or n in ("rpn.objectness", "rpn.proposals") for n in skipped), skipped
     names = sorted(set(stats) - skipped)
-
-    def keep(name):
-        def hook(_, __, out):
-            if out.requires_grad:
-                out.retain_grad()
-            outputs.setdefault(name, []).append(out)
-        return hook
-
-    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
     x = torch.from_numpy(inputs).permute(0, 3, 1, 2).double()
-    _torch_confidence(torch_model, x, run["torch_image_sizes"][:2]).backward()
-    for h in handles:
-        h.remove()
+    # Levels of a shared head are concatenated in order; linear layers give one row per RoI.
+    want = gradient_x_activation(torch_model, names, lambda: detection_confidence(torch_model, x, run["torch_image_sizes"][:2]))
     assert len(names) > 60
     gradient_free = []
     for name in names:
-        parts = []
-        for a in outputs[name]:
-            ag = (a * a.grad if a.grad is not None else torch.zeros_like(a)).detach()
-            parts.append(ag.permute(0, 2, 3, 1).reshape(ag.shape[0], -1, ag.shape[1]) if ag.ndim == 4 else ag[:, None])
-        ag = torch.cat(parts, dim=1)  # levels of a shared head, in order; linear layers: one row per RoI
-        if ag.abs().max() == 0:
+        ag = want[name]
+        if np.abs(ag).max() == 0:
             gradient_free.append(name)
         s = stats[name]
-        assert s["abs"] == pytest.approx(ag.abs().sum().item(), rel=1e-4, abs=1e-12), name
-        assert s["signed"] == pytest.approx(ag.sum((1, 2)).abs().sum().item(), rel=1e-4, abs=1e-12), name
-        np.testing.assert_allclose(s["channel_abs"], ag.abs().sum((0, 1)).numpy(), rtol=1e-4,
-                                   atol=1e-8 * ag.abs().max().item() + 1e-15, err_msg=name)
+        assert s["abs"] == pytest.approx(np.abs(ag).sum(), rel=1e-4, abs=1e-12), name
+        assert s["signed"] == pytest.approx(np.abs(ag.sum((1, 2))).sum(), rel=1e-4, abs=1e-12), name
+        np.testing.assert_allclose(s["channel_abs"], np.abs(ag).sum((0, 1)), rtol=1e-4,
+                                   atol=1e-8 * np.abs(ag).max() + 1e-15, err_msg=name)
     # Besides these, FPN convs of levels that pool no RoI (Faster R-CNN) or hold none of the top-100
     # scores (RetinaNet) at this small size get no gradient.
     if run["arch"] == "fasterrcnn_resnet50_fpn":
@@ -347,7 +315,7 @@ def test_confidence_outputs_are_the_top_100_pre_nms_scores(run):
     got = np.asarray(out["confidence"])
     assert got.shape == (len(inputs), 100) and np.all(np.diff(got, axis=1) <= 0)
     with torch.no_grad():
-        want = [_torch_confidence(torch_model, torch.from_numpy(inputs[i:i + 1]).permute(0, 3, 1, 2),
+        want = [detection_confidence(torch_model, torch.from_numpy(inputs[i:i + 1]).permute(0, 3, 1, 2),
                                   run["torch_image_sizes"][i:i + 1]).item() for i in range(len(inputs))]
     np.testing.assert_allclose(got.sum(1), want, rtol=1e-4)
     weights = np.array([1.0, 0.0, 1.0])

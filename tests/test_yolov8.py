@@ -27,9 +27,9 @@ from ultralytics.utils.ops import scale_boxes
 from ultralytics.utils.patches import imread
 
 from converters.mapping import state_dict_to_variables
+from converters.reference import gradient_x_activation, outputs_by_name, randomize_batch_norm, relative_error
 from converters.ultralytics_io import DFL_KEY, convert
 from tests.pseudo_ground_truth import pseudo_ground_truth
-from tests.torch_reference import outputs_by_name, randomize_batch_norm, relative_error
 from xprune_jax import models
 from xprune_jax.checkpoint import load_model, save_model
 from xprune_jax.evaluation.coco import coco_metrics, evaluate, load_ground_truth
@@ -396,26 +396,6 @@ def test_cli_convert_eval_predict(checkpoint, coco_root, tmp_path):
     assert missing.returncode == 2 and "has no val2017" in missing.stderr
 
 
-def _torch_grad_x_act(torch_model, names, x, objective):
-    """Every named layer's a * dL/da (``[B, positions, channels]``) by torch autograd: forward hooks that
-    retain each output's gradient (Captum's LayerGradientXActivation), ``objective(model outputs)``
-    back-propagated once. A layer the objective does not reach gets zeros."""
-    modules, outputs = dict(torch_model.named_modules()), {}
-
-    def keep(name):
-        def hook(_, __, out):
-            out.retain_grad()
-            outputs[name] = out
-        return hook
-
-    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
-    objective(torch_model(x)).backward()
-    for h in handles:
-        h.remove()
-    return {name: (a * a.grad if a.grad is not None else torch.zeros_like(a)).detach().permute(0, 2, 3, 1)
-            .reshape(a.shape[0], -1, a.shape[1]).numpy() for name, a in outputs.items()}
-
-
 def _grad_x_act_errors(stats, want) -> dict[str, float]:
     """Per layer, the worst relative error of the JAX statistics (sum |a g|, sum over images of |sum a g|,
     and both per channel) against torch's ``a * g``. Sums that cancel to near zero are judged against
@@ -450,8 +430,8 @@ def test_grad_x_act_matches_torch_autograd(checkpoint, converted, batch):
     torch_model = copy.deepcopy(checkpoint("n")[1]).double()
     stats = _float64_statistics(converted("n"), confidence, {"images": batch.x[:2]})
     names = [n for n in stats if n != "model.22"]  # the head's capture is its (transposed) output
-    want = _torch_grad_x_act(torch_model, names, batch.nchw[:2].double(), lambda out: torch.topk(
-        out[0][:, 4:, :].max(1).values, CONFIDENCE_TOP_K, dim=-1).values.sum())
+    want = gradient_x_activation(torch_model, names, lambda: torch.topk(
+        torch_model(batch.nchw[:2].double())[0][:, 4:, :].max(1).values, CONFIDENCE_TOP_K, dim=-1).values.sum())
     assert len(names) > 80 and set(want) == set(names)
     errors = _grad_x_act_errors(stats, want)
     worst = max(errors, key=errors.get)
@@ -475,7 +455,7 @@ def test_grad_x_act_with_the_loss_objective_matches_torch_autograd(checkpoint, c
     height, width = batch.shape
     pipeline = YOLOv8Pipeline(models.get_architecture("yolov8n").default_spec(), imgsz=IMGSZ)
     targets = detection_targets(str(coco_root / "annotations" / "instances_val2017.json"),
-                                [str(p) for p in batch.paths[:n_images]], num_classes=80)
+                                [str(p) for p in batch.paths[:n_images]], pipeline.class_indices)
     gt = {"gt_boxes": np.zeros((n_images, max_boxes, 4), np.float32),
           "gt_classes": np.zeros((n_images, max_boxes), np.int32), "gt_mask": np.zeros((n_images, max_boxes), bool)}
     torch_batches = []
@@ -508,7 +488,7 @@ def test_grad_x_act_with_the_loss_objective_matches_torch_autograd(checkpoint, c
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        want = _torch_grad_x_act(torch_model, names, batch.nchw[:n_images].double(), torch_loss)
+        want = gradient_x_activation(torch_model, names, lambda: torch_loss(torch_model(batch.nchw[:n_images].double())))
     finally:
         torch.set_default_dtype(default_dtype)
     assert len(names) > 80 and set(want) == set(names)

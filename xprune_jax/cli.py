@@ -25,14 +25,16 @@ flags.DEFINE_integer("calib_images", 32, "Calibration images drawn from --coco (
 flags.DEFINE_integer("seed", 0, "Seed of the calibration draw and of the random criterion (synth: of the dataset).")
 flags.DEFINE_string("scores", None, "A scores file written by `xprune score` (prune).")
 flags.DEFINE_enum("mode", None, ["zero", "remove", "shrink"], "zero: the paper's (no speed-up); remove: depth; shrink: width.")
-flags.DEFINE_string("budget", None, "layers=5% (bottom fraction of eligible units), flops=-30% or params=-30%.")
-flags.DEFINE_list("protect", [], "Extra layers or blocks never to prune (the stem and heads always are).")
+flags.DEFINE_string("budget", None, "layers=5% (bottom fraction of eligible units), flops=-30%, params=-30%, or "
+                    "latency=-30% (measured side by side at --batch_size; remove/shrink).")
+flags.DEFINE_list("protect", [], "Extra layers or blocks never to prune (the stem and heads always are; a "
+                  "classifier head may read fewer inputs: --protect=layer4 keeps ResNet's).")
 flags.DEFINE_string("plan", None, "Apply this plan JSON (e.g. hand-edited) instead of --scores/--mode/--budget.")
 flags.DEFINE_float("shrink_ratio", 0.5, "Fraction of a selected group's channels that shrink removes.")
 flags.DEFINE_integer("round_to", 8, "Shrink keeps a multiple of this many channels.")
 flags.DEFINE_string("export_torch", None, "Also write the model as a torch file {arch, spec, state_dict} (classifiers).")
-flags.DEFINE_integer("repeats", 20, "Timed rounds per model (bench).")
-flags.DEFINE_integer("warmup", 3, "Untimed calls per model before timing (bench).")
+flags.DEFINE_integer("repeats", 20, "Timed rounds per model (bench, prune with a latency budget).")
+flags.DEFINE_integer("warmup", 3, "Untimed calls per model before timing (bench, prune with a latency budget).")
 flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 flags.DEFINE_bool("fuse", False, "YOLOv8: fold every BatchNorm into its conv on conversion (convert).")
@@ -136,6 +138,7 @@ def prune_command() -> None:
     import json
 
     from xprune_jax.checkpoint import load_model, save_model, write_json_atomic
+    from xprune_jax.pruning.latency import parse_latency_budget
     from xprune_jax.pruning.plan import Plan, apply_plan, make_plan
 
     model = load_model(_one_model())
@@ -147,8 +150,12 @@ def prune_command() -> None:
             raise UserError(f"cannot read plan {FLAGS.plan} ({e}); write one with `xprune prune --scores=...`") from None
     else:
         _require("scores", "mode", "budget")
-        plan = make_plan(model, _read_json(FLAGS.scores, "scores file", "`xprune score`"), FLAGS.mode, FLAGS.budget,
-                         FLAGS.protect, FLAGS.shrink_ratio, FLAGS.round_to)
+        scores = _read_json(FLAGS.scores, "scores file", "`xprune score`")
+        latency_target = parse_latency_budget(FLAGS.budget)
+        if latency_target is None:
+            plan = make_plan(model, scores, FLAGS.mode, FLAGS.budget, FLAGS.protect, FLAGS.shrink_ratio, FLAGS.round_to)
+        else:
+            plan = _plan_for_latency(model, scores, latency_target)
     pruned = apply_plan(model, plan)
     save_model(pruned, FLAGS.out, overwrite=FLAGS.overwrite)
     write_json_atomic(FLAGS.out.rstrip("/") + ".plan.json", dataclasses.asdict(plan))
@@ -159,6 +166,28 @@ def prune_command() -> None:
     print(f"wrote {FLAGS.out} ({plan.mode}, {len(plan.selected)} units): FLOPs {plan.flops_before / 1e9:.3f}G -> "
           f"{plan.flops_after / 1e9:.3f}G ({plan.flops_after / plan.flops_before - 1:+.1%}), params "
           f"{plan.params_before / 1e6:.2f}M -> {plan.params_after / 1e6:.2f}M; plan in {FLAGS.out.rstrip('/')}.plan.json")
+
+
+def _plan_for_latency(model, scores: dict, target: float):
+    """Search the plan by measuring each candidate against ``model`` (batch --batch_size, --repeats
+    rounds); the steps go to ``<out>.latency.json``."""
+    from xprune_jax import timing
+    from xprune_jax.checkpoint import write_json_atomic
+    from xprune_jax.pruning.latency import plan_for_latency
+
+    unpruned = timing.model_call(model, FLAGS.batch_size)
+
+    def measure(pruned) -> float:
+        times = timing.time_side_by_side({"unpruned": unpruned, "pruned": timing.model_call(pruned, FLAGS.batch_size)},
+                                         FLAGS.repeats, FLAGS.warmup, FLAGS.seed)
+        return timing.summarize(times, "unpruned")["pruned"]["ratio_median"]
+
+    plan, steps = plan_for_latency(model, scores, FLAGS.mode, target, measure, FLAGS.protect, FLAGS.shrink_ratio,
+                                   FLAGS.round_to, progress=True)
+    write_json_atomic(FLAGS.out.rstrip("/") + ".latency.json", {
+        "budget": FLAGS.budget, "batch_size": FLAGS.batch_size, "repeats": FLAGS.repeats, "warmup": FLAGS.warmup,
+        "seed": FLAGS.seed, "steps": steps})
+    return plan
 
 
 def _read_json(path: str, what: str, maker: str):
@@ -174,24 +203,13 @@ def _read_json(path: str, what: str, maker: str):
 def bench_command() -> None:
     _require("model")
     import jax
-    import numpy as np
 
     from xprune_jax import parallel, runs, timing
     from xprune_jax.checkpoint import load_model, write_json_atomic
 
-    mesh = parallel.data_mesh()
-    batch_size = parallel.round_up_batch(FLAGS.batch_size, mesh)
-    calls, names = {}, []
-    for path in FLAGS.model:
-        model = load_model(path)
-        size = model.meta.get("preprocess", {}).get("crop", 224)
-        x = jax.device_put(np.random.default_rng(0).standard_normal((batch_size, size, size, 3), np.float32),
-                           parallel.batch_sharding(mesh))
-        variables = jax.device_put(model.variables, parallel.replicated(mesh))
-        forward = jax.jit(model.module.apply)
-        name = os.path.basename(os.path.normpath(path))
-        names.append(name)
-        calls[name] = lambda f=forward, v=variables, x=x: f(v, x)
+    batch_size = parallel.round_up_batch(FLAGS.batch_size, parallel.data_mesh())
+    calls = {os.path.basename(os.path.normpath(path)): timing.model_call(load_model(path), batch_size) for path in FLAGS.model}
+    names = list(calls)
     summary = timing.summarize(timing.time_side_by_side(calls, FLAGS.repeats, FLAGS.warmup, FLAGS.seed), names[0])
     print(f"batch {batch_size} on {jax.default_backend()}, {FLAGS.repeats} rounds in random order after "
           f"{FLAGS.warmup} warm-up calls each:")

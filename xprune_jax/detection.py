@@ -43,3 +43,10 @@ class DetectionPipeline(Protocol):
 
     def to_original(self, boxes: np.ndarray, meta: Any) -> np.ndarray:
         """Boxes [N, 4] in input pixels -> xyxy in the original image's pixels."""
+
+    @property
+    def class_indices(self) -> dict[int, int]:
+        """COCO category id -> the class index of the model's training loss (ground truth for ``loss``)."""
+
+    def to_input(self, boxes: np.ndarray, meta: Any) -> np.ndarray:
+        """xyxy boxes [N, 4] in original pixels -> input pixels, as the training transform maps targets."""

@@ -37,6 +37,23 @@ def start_run(config) -> str:
     return run_dir
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported only by runs that plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a PNG atomically (a crash leaves the old plot or none, never half of one) and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    pyplot().close(fig)
+
+
 def finish_run(run_dir: str, results: dict, report_markdown: str) -> None:
     write_json_atomic(os.path.join(run_dir, "results.json"), results)
     with atomic_path(os.path.join(run_dir, "report.md")) as tmp, open(tmp, "w") as f:

@@ -1,11 +1,41 @@
 """Latency measured honestly: warm-up excluded, many repeats, the candidates interleaved in a fresh
 random order every round (so drift and noise hit all alike), and ratios taken per round."""
 
+import os
 import time
 from typing import Callable
 
 import jax
 import numpy as np
+
+DEMO_IMAGE = os.path.join(os.path.dirname(__file__), "data", "demo_coco", "val2017", "000000000139.jpg")
+
+
+def model_call(model, batch_size: int = 1, image: str = DEMO_IMAGE) -> Callable[[], object]:
+    """A zero-argument call of ``model``'s jitted forward on one fixed batch, for timing: a classifier
+    gets standard-normal input at its crop size; a detector gets ``image`` (a bundled COCO image by
+    default) through its own pipeline, ``batch_size`` times, and returns padded detections (so NMS is
+    timed too). The batch is split over the local devices (rounded up to a multiple of their count)."""
+    from xprune_jax import models, parallel
+    from xprune_jax.data.images import load_rgb
+
+    mesh = parallel.data_mesh()
+    batch_size = parallel.round_up_batch(batch_size, mesh)
+
+    architecture = models.get_architecture(model.arch)
+    if architecture.pipeline is None:
+        size = model.meta.get("preprocess", {}).get("crop", architecture.input_size)
+        x = np.random.default_rng(0).standard_normal((batch_size, size, size, 3)).astype(np.float32)
+        forward = jax.jit(model.module.apply)
+    else:
+        pipeline = architecture.pipeline(model)
+        pixels = np.asarray(load_rgb(image))
+        (plan,) = pipeline.plan([pixels.shape[:2]], 1)
+        x = np.repeat(pipeline.preprocess(pixels, plan.input_shape)[0][None], batch_size, axis=0)
+        forward = jax.jit(pipeline.forward)
+    variables = jax.device_put(model.variables, parallel.replicated(mesh))
+    x = jax.device_put(x, parallel.batch_sharding(mesh))
+    return lambda: forward(variables, x)
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,

@@ -4,7 +4,8 @@ batch (so each image's gradient is its own dL/da, whatever the batch size). Each
 ``weights`` masking padded images, and the ground truth where the objective needs it) and the
 captured intermediates (nested, as Flax returns them)."""
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,8 @@ def loss(outputs, batch: dict, intermediates):
     Ultralytics' v8 detection loss (task-aligned assigner, BCE, CIoU, DFL; :mod:`xprune_jax.losses.yolov8`),
     computed for each image as Ultralytics computes it for a batch of one, and summed over the valid
     images. ``batch`` carries ``gt_boxes`` ``[B, M, 4]`` (xyxy input pixels), ``gt_classes`` ``[B, M]``
-    and ``gt_mask`` ``[B, M]``. BatchNorm uses the running statistics, as everywhere here."""
+    and ``gt_mask`` ``[B, M]``. BatchNorm uses the running statistics, as everywhere here. torchvision's
+    detectors get :class:`TorchvisionLoss` instead (see :func:`get_objective`)."""
     from xprune_jax import models
     from xprune_jax.losses.yolov8 import detection_loss, head_maps_from_intermediates
 
@@ -87,17 +89,55 @@ def loss(outputs, batch: dict, intermediates):
     return jnp.sum(per_image * batch["weights"])
 
 
-LOSS_ARCHS = ("yolov8",)  # the detectors whose training loss is ported (torchvision's are not yet)
+@dataclasses.dataclass(frozen=True)
+class TorchvisionLoss:
+    """The ``loss`` objective of torchvision's detectors of ``spec`` (:mod:`xprune_jax.losses.rcnn`): each
+    image's training loss (the sum of torchvision's loss dict for it as a batch of one), summed over the
+    valid images. ``batch`` carries the ground truth as for YOLOv8.
+
+    - RetinaNet: the focal and L1 losses from the head outputs and FPN levels the forward captured.
+    - Faster R-CNN (``model_targets``): the model runs torchvision's training forward itself (training
+      RPN proposals, sampled RoIs through the box head), so the batch's ``model_targets``
+      (``gt_boxes``, ``gt_classes``, ``gt_mask``, and ``keys`` ``[B, 2]`` seeding each image's anchor and
+      proposal sampling) go to the model with the images, and its outputs hold the per-image losses.
+    """
+
+    spec: Any
+
+    @property
+    def model_targets(self) -> bool:
+        from xprune_jax.models.rcnn import FasterRCNNSpec
+
+        return isinstance(self.spec, FasterRCNNSpec)
+
+    def __call__(self, outputs, batch: dict, intermediates):
+        from xprune_jax import models
+        from xprune_jax.losses.rcnn import retinanet_intermediates_loss
+
+        if self.model_targets:
+            per_image = outputs["per_image"]
+        else:
+            per_image = retinanet_intermediates_loss(
+                self.spec, models.flatten_names(intermediates), batch["images"].shape[1:3], batch["gt_boxes"],
+                batch["gt_classes"], batch["gt_mask"])["per_image"]
+        return jnp.sum(sum(per_image.values()) * batch["weights"])
 
 
-def get_objective(name: str, task: str, arch: str = "") -> tuple[str, Callable]:
+LOSS_ARCHS = ("yolov8", "retinanet_resnet50_fpn", "fasterrcnn_resnet50_fpn")  # the detectors whose loss is ported
+
+
+def get_objective(name: str, task: str, arch: str = "", spec: Any = None) -> tuple[str, Callable]:
+    """The objective ``name`` (or the task's default) for a model; ``loss`` of a torchvision detector
+    needs the model's ``spec``."""
     name = name or DEFAULT_OBJECTIVE.get(task, "")
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective {name!r} for a {task} model; choose one of: {', '.join(sorted(OBJECTIVES))}")
     if name == "loss" and not arch.startswith(LOSS_ARCHS):
-        raise UserError(f"the loss objective is ported for YOLOv8 only, not {arch or task} models yet; "
-                        "use --objective=confidence (label-free)")
+        raise UserError(f"the loss objective is ported for YOLOv8, RetinaNet and Faster R-CNN only, not "
+                        f"{arch or task} models; use --objective=confidence (label-free)")
     if (name == "cross_entropy") != (task == "classification"):
         raise UserError(f"objective {name!r} does not fit a {task} model; choose "
                         f"{'cross_entropy' if task == 'classification' else 'confidence or loss'}")
+    if name == "loss" and not arch.startswith("yolov8"):
+        return name, TorchvisionLoss(spec)
     return name, OBJECTIVES[name]

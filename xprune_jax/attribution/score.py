@@ -41,32 +41,46 @@ def calibration_loader(model: Model):
     from xprune_jax.evaluation.coco import pipeline_for
 
     pipeline = pipeline_for(model)
-    side = getattr(pipeline, "square_side", None) or analysis.input_size(model)
+    side = _detection_side(model, pipeline)
     return lambda path: pipeline.preprocess(np.asarray(load_rgb(path)), (side, side))[0]
 
 
+def _detection_side(model: Model, pipeline) -> int:
+    return getattr(pipeline, "square_side", None) or analysis.input_size(model)
+
+
 def gather_statistics(model: Model, paths: list[str], objective, batch_size: int, progress: bool = True,
-                      ground_truth=None) -> dict:
+                      ground_truth=None, seed: int = 0) -> dict:
     """Summed gradient x activation statistics over ``paths`` (one jitted pass per batch).
 
     ``ground_truth``: classifiers' class indices (else -1: the model's own top-1), or for detectors
-    a COCO annotation file holding the images, whose boxes go to the objective (``loss``).
+    a COCO annotation file holding the images, whose boxes go to the objective (``loss``). A loss that
+    samples (Faster R-CNN's) samples image ``i`` of ``paths`` with the raw key ``(seed, i)``.
     """
     mesh = parallel.data_mesh()
     batch_size = parallel.round_up_batch(batch_size, mesh)
     step = statistics_step(model.module, objective)
     variables = jax.device_put(model.variables, parallel.replicated(mesh))
     load = _example_loader(model, paths, ground_truth)
+    if getattr(objective, "model_targets", False):  # the model computes the loss: targets go with the images
+        load = functools.partial(_with_targets, load, seed)
     total = None
     with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=not progress) as bar:
         for _, examples in prefetch(list(range(len(paths))), load, batch_size):
-            batch = {key: parallel.pad_batch(np.stack([e[key] for e in examples]), batch_size) for key in examples[0]}
+            batch = jax.tree_util.tree_map(lambda *x: parallel.pad_batch(np.stack(x), batch_size), *examples)
             batch["weights"] = parallel.pad_batch(np.ones(len(examples), np.float32), batch_size)
             batch = jax.device_put(batch, parallel.batch_sharding(mesh))
             stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), step(variables, batch))
             total = stats if total is None else jax.tree_util.tree_map(np.add, total, stats)
             bar.update(len(examples))
     return total
+
+
+def _with_targets(load, seed: int, i: int) -> dict:
+    """The example with its ground truth and sampling key as the model's own input (``model_targets``)."""
+    example = load(i)
+    targets = {key: example.pop(key) for key in ("gt_boxes", "gt_classes", "gt_mask")}
+    return {**example, "model_targets": {**targets, "keys": np.array([seed, i], np.uint32)}}
 
 
 def _example_loader(model: Model, paths: list[str], ground_truth):
@@ -80,11 +94,9 @@ def _example_loader(model: Model, paths: list[str], ground_truth):
     from xprune_jax.evaluation.coco import pipeline_for
 
     pipeline = pipeline_for(model)
-    if not hasattr(pipeline, "to_input"):
-        raise UserError(f"ground-truth objectives are not supported for {model.arch} yet; use --objective=confidence")
-    targets = detection_targets(annotation_file=ground_truth, paths=paths, num_classes=len(model.meta["categories"]))
+    targets = detection_targets(annotation_file=ground_truth, paths=paths, class_indices=pipeline.class_indices)
     max_boxes = max(8, -(-max(len(t[0]) for t in targets) // 8) * 8)  # one padded size per run: one compilation
-    side = analysis.input_size(model)
+    side = _detection_side(model, pipeline)
 
     def load(i):
         array, meta = pipeline.preprocess(np.asarray(load_rgb(paths[i])), (side, side))
@@ -97,17 +109,18 @@ def _example_loader(model: Model, paths: list[str], ground_truth):
     return load
 
 
-def detection_targets(annotation_file: str, paths: list[str], num_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per image: its non-crowd COCO boxes (xywh, original pixels) and class indices (the model's)."""
+def detection_targets(annotation_file: str, paths: list[str],
+                      class_indices: dict[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image: its non-crowd COCO boxes (xywh, original pixels) and class indices (the model's):
+    ``class_indices`` maps category ids to them (the pipeline's ``class_indices``)."""
     from xprune_jax.evaluation.coco import load_ground_truth
-    from xprune_jax.models.yolov8_pipeline import category_ids
 
+    to_class = class_indices
     if not os.path.isfile(annotation_file):
         raise UserError(f"the loss objective needs ground truth, but {annotation_file} does not exist; "
                         "give a COCO root with annotations for the calibration split, or use --objective=confidence")
     coco = load_ground_truth(annotation_file)
     ids = {e["file_name"]: e["id"] for e in coco.dataset["images"]}
-    to_class = {c: i for i, c in enumerate(category_ids(num_classes))}
     targets = []
     for path in paths:
         name = os.path.basename(path)
@@ -116,8 +129,8 @@ def detection_targets(annotation_file: str, paths: list[str], num_classes: int) 
         annotations = [a for a in coco.imgToAnns[ids[name]] if not a.get("iscrowd")]
         unknown = {a["category_id"] for a in annotations} - set(to_class)
         if unknown:
-            raise UserError(f"{annotation_file} uses category ids {sorted(unknown)} that this {num_classes}-class model "
-                            "does not predict; calibrate on data with the model's classes")
+            raise UserError(f"{annotation_file} uses category ids {sorted(unknown)} that this model does not "
+                            "predict; calibrate on data with the model's classes")
         targets.append((np.asarray([a["bbox"] for a in annotations], np.float32).reshape(-1, 4),
                         np.asarray([to_class[a["category_id"]] for a in annotations], np.int32)))
     return targets
@@ -142,7 +155,7 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     chosen = [get_criterion(name) for name in criteria]
     if not chosen:
         raise UserError("no --criterion given; choose from grad_x_act, grad_x_act:mean, grad_x_act:signed, l1, l1:mean, random")
-    objective_name, objective_fn = get_objective(objective, task, model.arch)
+    objective_name, objective_fn = get_objective(objective, task, model.arch, model.spec)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     inputs = ScoringInputs(layers, model.variables["params"], seed=seed)
     paths, ground_truth = [], None
@@ -156,7 +169,7 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
                 ground_truth = os.path.join(coco_root, "annotations", "instances_val2017.json")
         if objective_name == "loss" and ground_truth is None:
             raise UserError("the loss objective needs the calibration images' ground truth; give a COCO root with annotations")
-        inputs.statistics = gather_statistics(model, paths, objective_fn, batch_size, progress, ground_truth)
+        inputs.statistics = gather_statistics(model, paths, objective_fn, batch_size, progress, ground_truth, seed)
         inputs.n_images = len(paths)
     results = {c.full_name: c(inputs) for c in chosen}
     primary = chosen[0].full_name

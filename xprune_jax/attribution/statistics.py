@@ -29,15 +29,17 @@ def _reduce(a, g) -> dict:
 def statistics_step(module, objective):
     """A jitted ``(variables, batch) -> {layer: {abs, signed, channel_abs, channel_signed}}``.
 
-    ``batch`` holds ``images`` plus whatever the objective reads (``weights`` masks padded images).
+    ``batch`` holds ``images`` plus whatever the objective reads (``weights`` masks padded images), and
+    ``model_targets`` where the model itself computes the loss (Faster R-CNN's training forward).
     """
 
     def step(variables, batch):
-        shapes = jax.eval_shape(module.init, jax.random.key(0), batch["images"])[PERTURBATIONS]
+        inputs = (batch["images"], batch["model_targets"]) if "model_targets" in batch else (batch["images"],)
+        shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)[PERTURBATIONS]
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
         def loss(perturbations):
-            out, state = module.apply({**variables, PERTURBATIONS: perturbations}, batch["images"], mutable=[INTERMEDIATES])
+            out, state = module.apply({**variables, PERTURBATIONS: perturbations}, *inputs, mutable=[INTERMEDIATES])
             return objective(out, batch, state[INTERMEDIATES]), state[INTERMEDIATES]
 
         grads, acts = jax.grad(loss, has_aux=True)(zeros)

@@ -55,19 +55,14 @@ def parity(config, run_dir: str) -> tuple[dict, str]:
 
 
 def _plot_layer_errors(arch: str, errors: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runs.pyplot()
     fig, ax = plt.subplots(figsize=(10, 3.2))
     ax.semilogy(range(len(errors)), [max(e, 1e-12) for e in errors.values()], ".", ms=3)
     ax.axhline(1e-4, color="red", lw=0.8, label="tolerance 1e-4")
     ax.set(title=f"{arch}: JAX vs torch, max |diff| / max |torch| per layer (depth order)", xlabel="layer", ylabel="relative error")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    runs.save_figure(fig, path)
 
 
 def _report(results: dict, config) -> str:

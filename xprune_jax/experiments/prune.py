@@ -200,17 +200,8 @@ def summarize(rows: list[dict], metric: str) -> list[dict]:
     return summary
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_scores(scores: dict, path: str) -> None:
-    plt = _pyplot()
+    plt = runs.pyplot()
     layers = [l for l in scores["layers"] if l["kind"] != "block"]
     fig, ax = plt.subplots(figsize=(11, 3.6))
     for criterion in scores["criteria"]:
@@ -221,12 +212,11 @@ def _plot_scores(scores: dict, path: str) -> None:
            xlabel="layer (depth order)", ylabel="rank percentile")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    runs.save_figure(fig, path)
 
 
 def _plot_ranks(scores: dict, path: str) -> None:
-    plt = _pyplot()
+    plt = runs.pyplot()
     criteria = scores["criteria"]
     other = next((c for c in criteria[1:] if c.startswith("l1")), criteria[-1])
     layers = [l for l in scores["layers"] if l["kind"] != "block"]
@@ -240,12 +230,11 @@ def _plot_ranks(scores: dict, path: str) -> None:
         title += f"\nSpearman {row['spearman']:+.2f}, Kendall {row['kendall']:+.2f}"
     ax.set(title=title, xlabel=f"rank by {criteria[0]}", ylabel=f"rank by {other}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    runs.save_figure(fig, path)
 
 
 def _plot_tradeoff(rows: list[dict], metric: str, path: str) -> None:
-    plt = _pyplot()
+    plt = runs.pyplot()
     rows = [r for r in rows if "infeasible" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     markers = {"zero": "x", "remove": "o", "shrink": "s"}
@@ -261,8 +250,7 @@ def _plot_tradeoff(rows: list[dict], metric: str, path: str) -> None:
     handles += [plt.Line2D([], [], marker="o", ls="", color=colors[c], label=c) for c in criteria]
     axes[1].legend(handles=handles, fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    runs.save_figure(fig, path)
 
 
 def format_metric(metric: str, value: float) -> str:

@@ -33,7 +33,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from xprune_jax.ops import dist2bbox, make_anchor_points
 

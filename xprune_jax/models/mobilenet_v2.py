@@ -17,6 +17,9 @@ class InvertedResidualSpec:
     out: int
     stride: int
     expand: bool  # has the 1x1 expansion conv (torchvision: expand_ratio != 1)
+    # adds its input; None: torchvision's rule (stride 1 and in == out), filled in by MobileNetV2Spec. Stored
+    # because pruned widths may make in == out where torchvision has no skip
+    residual: bool | None = None
 
 
 @register_spec
@@ -26,6 +29,14 @@ class MobileNetV2Spec:
     blocks: tuple[InvertedResidualSpec, ...]
     last: int
     num_classes: int = 1000
+
+    def __post_init__(self):
+        width, blocks = self.stem, []
+        for b in self.blocks:
+            blocks.append(b if b.residual is not None else
+                          dataclasses.replace(b, residual=b.stride == 1 and width == b.out))
+            width = b.out
+        object.__setattr__(self, "blocks", tuple(blocks))
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
@@ -58,7 +69,7 @@ class InvertedResidual(nn.Module):
             i = 1
         y = relu6(batch_norm(f"conv.{i}.1")(Conv2d(s.hidden, 3, s.stride, groups=s.hidden, name=f"conv.{i}.0")(y)))
         y = batch_norm(f"conv.{i + 2}")(Conv2d(s.out, 1, name=f"conv.{i + 1}")(y))
-        if s.stride == 1 and x.shape[-1] == s.out:
+        if s.residual:
             y = x + y
         return capture(self, y)
 

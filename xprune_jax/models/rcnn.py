@@ -16,6 +16,9 @@ outputs under torchvision's feature names), ``rpn.objectness`` (logits ``[B, anc
 torch's (level, y, x, anchor) order) and ``rpn.proposals`` (``[B, post_nms_top_n, 4]``, by
 decreasing objectness, zero where invalid).
 
+``FasterRCNN(spec)(images, targets)`` runs torchvision's training forward and returns its losses
+(:mod:`xprune_jax.losses.rcnn`); RetinaNet's loss reads the head outputs and FPN levels it captures.
+
 Besides the padded detections, both models output ``confidence`` ``[B, CONFIDENCE_TOP_K]``: each
 image's top-k class scores before any thresholding or NMS, which the label-free ``confidence``
 objective sums (see :func:`xprune_jax.attribution.objectives.confidence`). Gradients follow
@@ -24,6 +27,7 @@ and selected, so proposals carry no gradient into the RPN head.
 """
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -33,6 +37,7 @@ import numpy as np
 
 from xprune_jax.detection import CONFIDENCE_TOP_K
 from xprune_jax.detection import BatchPlan
+from xprune_jax.losses.rcnn import FasterRCNNLossConfig, fastrcnn_loss, roi_training_samples, rpn_loss
 from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, Conv2d, Linear, capture
 from xprune_jax.models.resnet import ResNetBackbone, ResNetSpec, resnet_spec
 from xprune_jax.ops import (BoxCoder, batched_nms, clip_boxes_to_image, grid_anchors, multiscale_roi_align,
@@ -148,15 +153,17 @@ class FeaturePyramidNetwork(nn.Module):
             (height, width), (in_h, in_w) = laterals[i].shape[1:3], last.shape[1:3]
             last = laterals[i] + last[:, _nearest_indices(in_h, height)][:, :, _nearest_indices(in_w, width)]
             levels.insert(0, Conv2d(self.width, 3, use_bias=True, name=f"layer_blocks.{i}.0")(last))
-        names = [str(i) for i in range(len(levels))]
         if self.extra == "pool":  # max_pool2d(kernel 1, stride 2) is a subsampling
             levels.append(levels[-1][:, ::2, ::2])
-            names.append("pool")
         else:
             p6 = Conv2d(self.width, 3, 2, use_bias=True, name="extra_blocks.p6")(levels[-1])
             levels += [p6, Conv2d(self.width, 3, 2, use_bias=True, name="extra_blocks.p7")(nn.relu(p6))]
-            names += ["p6", "p7"]
-        return [capture_as(self, name, level) for name, level in zip(names, levels)]
+        return [capture_as(self, name, level) for name, level in zip(fpn_level_names(len(stages), self.extra), levels)]
+
+
+def fpn_level_names(num_stages: int, extra: str) -> list[str]:
+    """torchvision's feature names of the FPN levels: the stages, then "pool" or "p6", "p7"."""
+    return [str(i) for i in range(num_stages)] + (["pool"] if extra == "pool" else ["p6", "p7"])
 
 
 class SharedConv2d(nn.Module):
@@ -195,14 +202,24 @@ def _anchors(spec, levels: list[jax.Array], input_shape: tuple[int, int]) -> lis
     return np.split(anchors, np.cumsum(counts)[:-1])
 
 
+def anchors_from_intermediates(spec: "FasterRCNNSpec | RetinaNetSpec", intermediates: dict,
+                               input_shape: tuple[int, int]) -> np.ndarray:
+    """The anchors ``[A, 4]`` of one forward, in torchvision's order, from its captured (flattened) FPN levels."""
+    extra = "pool" if isinstance(spec, FasterRCNNSpec) else "p6p7"
+    levels = [intermediates[f"backbone.fpn.{name}"] for name in fpn_level_names(len(spec.fpn_stages), extra)]
+    return np.concatenate(_anchors(spec, levels, input_shape))
+
+
 def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
     """``x[b, index[b]]`` for ``x [B, N, ...]`` and ``index [B, K]``."""
     return jax.vmap(lambda rows, i: rows[i])(x, index)
 
 
 class RegionProposalNetwork(nn.Module):
-    """``RPNHead`` and test-time proposal selection: per level top-n objectness, decode, clip to
-    the image, drop small boxes, NMS per level (batched over level ids), post-NMS top-n."""
+    """``RPNHead`` and proposal selection: per level top-n objectness, decode, clip to the image, drop
+    small boxes, NMS per level (batched over level ids), post-NMS top-n (the spec's; torchvision's
+    training values for the training forward). Returns ``(proposals, valid, (objectness [B, A],
+    deltas [B, A, 4], anchors [A, 4]))``, the head outputs in torchvision's order for the loss."""
 
     spec: FasterRCNNSpec
 
@@ -218,11 +235,12 @@ class RegionProposalNetwork(nn.Module):
         objectness = capture_as(self, "objectness", jnp.concatenate([x.reshape(batch, -1) for x in head_logits], axis=1))
         split_at = np.cumsum([np.prod(x.shape[1:]) for x in head_logits])[:-1]
         coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        level_anchors = _anchors(s, levels, input_shape)
         top_logits, top_boxes, level_ids = [], [], []
         # torchvision detaches the objectness and the box deltas here: proposals carry no gradient.
         for level, (logits, deltas, anchors) in enumerate(
                 zip(jnp.split(jax.lax.stop_gradient(objectness), split_at, axis=1),
-                    [jax.lax.stop_gradient(d) for d in head_deltas], _anchors(s, levels, input_shape))):
+                    [jax.lax.stop_gradient(d) for d in head_deltas], level_anchors)):
             logits_top, index = jax.lax.top_k(logits, min(s.rpn_pre_nms_top_n, logits.shape[1]))
             top_logits.append(logits_top)
             top_boxes.append(coder.decode(_gather(deltas.reshape(batch, -1, 4), index), jnp.asarray(anchors)[index]))
@@ -231,7 +249,9 @@ class RegionProposalNetwork(nn.Module):
             jnp.concatenate(top_boxes, axis=1), jnp.concatenate(top_logits, axis=1),
             jnp.asarray(np.concatenate(level_ids)), image_sizes)
         # As in torchvision (proposals from detached deltas; roi_align gives boxes no gradient), none flows here.
-        return jax.lax.stop_gradient(capture_as(self, "proposals", proposals)), valid
+        deltas = jnp.concatenate([d.reshape(batch, -1, 4) for d in head_deltas], axis=1)
+        return (jax.lax.stop_gradient(capture_as(self, "proposals", proposals)), valid,
+                (objectness, deltas, np.concatenate(level_anchors)))
 
     def _select(self, boxes, logits, level_ids, image_size):
         s = self.spec
@@ -248,50 +268,75 @@ def _padded_detections(boxes, scores, labels, keep, valid) -> dict:
 
 
 class RoIHeads(nn.Module):
-    """``MultiScaleRoIAlign`` + ``TwoMLPHead`` + ``FastRCNNPredictor`` + ``postprocess_detections``."""
+    """``MultiScaleRoIAlign`` + ``TwoMLPHead`` + ``FastRCNNPredictor``: RoIs ``[B, R, 4]`` -> class logits
+    ``[B, R, C]`` and per-class box deltas ``[B, R, C, 4]``."""
 
     spec: FasterRCNNSpec
 
     @nn.compact
-    def __call__(self, levels, proposals, valid, image_sizes, input_shape):
+    def __call__(self, levels, rois, input_shape):
         s = self.spec
-        batch, num_rois = proposals.shape[:2]
-        pooled = multiscale_roi_align(levels, proposals, input_shape, s.roi_size, s.roi_sampling_ratio)
+        batch, num_rois = rois.shape[:2]
+        pooled = multiscale_roi_align(levels, rois, input_shape, s.roi_size, s.roi_sampling_ratio)
         x = pooled.transpose(0, 1, 4, 2, 3).reshape(batch * num_rois, -1)  # torch's (C, H, W) flatten for fc6
         x = nn.relu(Linear(s.representation_size, name="box_head.fc6")(x))
         x = nn.relu(Linear(s.representation_size, name="box_head.fc7")(x))
         logits = Linear(s.num_classes, name="box_predictor.cls_score")(x).reshape(batch, num_rois, -1)
         deltas = Linear(4 * s.num_classes, name="box_predictor.bbox_pred")(x).reshape(batch, num_rois, -1, 4)
-        return jax.vmap(self._detections)(logits, deltas, proposals, valid, image_sizes)
+        return logits, deltas
 
-    def _detections(self, logits, deltas, proposals, valid, image_size):
-        s = self.spec
-        boxes = BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas, proposals[:, None])
-        boxes = clip_boxes_to_image(boxes, image_size[0], image_size[1])[:, 1:].reshape(-1, 4)  # drop background
-        scores = jax.nn.softmax(logits, axis=-1)[:, 1:]
-        # Label-free confidence: the top-k of each valid proposal's best non-background score.
-        best = jnp.where(valid, jnp.max(scores, axis=-1), 0.0)
-        confidence = jax.lax.top_k(best, min(CONFIDENCE_TOP_K, best.shape[0]))[0]
-        labels = jnp.broadcast_to(jnp.arange(1, s.num_classes, dtype=jnp.int32), scores.shape).reshape(-1)
-        candidates = jnp.broadcast_to(valid[:, None], scores.shape).reshape(-1)
-        scores = scores.reshape(-1)
-        candidates &= (scores > s.score_thresh) & small_box_mask(boxes, DETECTION_MIN_BOX_SIZE)
-        keep, kept = batched_nms(boxes, scores, labels, candidates, s.nms_thresh, s.detections_per_img)
-        return {**_padded_detections(boxes, scores, labels, keep, kept), "confidence": confidence}
+
+def _roi_detections(s: FasterRCNNSpec, logits, deltas, proposals, valid, image_size):
+    """``RoIHeads.postprocess_detections`` for one image, plus its label-free confidence."""
+    boxes = BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas, proposals[:, None])
+    boxes = clip_boxes_to_image(boxes, image_size[0], image_size[1])[:, 1:].reshape(-1, 4)  # drop background
+    scores = jax.nn.softmax(logits, axis=-1)[:, 1:]
+    # Label-free confidence: the top-k of each valid proposal's best non-background score.
+    best = jnp.where(valid, jnp.max(scores, axis=-1), 0.0)
+    confidence = jax.lax.top_k(best, min(CONFIDENCE_TOP_K, best.shape[0]))[0]
+    labels = jnp.broadcast_to(jnp.arange(1, s.num_classes, dtype=jnp.int32), scores.shape).reshape(-1)
+    candidates = jnp.broadcast_to(valid[:, None], scores.shape).reshape(-1)
+    scores = scores.reshape(-1)
+    candidates &= (scores > s.score_thresh) & small_box_mask(boxes, DETECTION_MIN_BOX_SIZE)
+    keep, kept = batched_nms(boxes, scores, labels, candidates, s.nms_thresh, s.detections_per_img)
+    return {**_padded_detections(boxes, scores, labels, keep, kept), "confidence": confidence}
 
 
 class FasterRCNN(nn.Module):
-    """``[B, H, W, 3]`` normalised padded images -> padded detections in input pixels."""
+    """``[B, H, W, 3]`` normalised padded images -> padded detections in input pixels.
+
+    With ``targets`` (``gt_boxes``, ``gt_classes``, ``gt_mask`` as in :mod:`xprune_jax.losses.rcnn`, and
+    ``keys`` ``[B, 2]`` uint32, each image's sampling key: ``jax.random.split(keys[i])`` gives its RPN's
+    and its RoI heads' keys) it runs torchvision's training forward instead (``model.train()(images,
+    targets)``; FrozenBN, so BatchNorm is unchanged): RPN proposals with the training top-n, its loss,
+    the RoI heads on the sampled proposals and their loss. Returns torchvision's loss dict plus
+    ``per_image`` (each image's losses as torchvision computes them for a batch of one).
+    """
 
     spec: FasterRCNNSpec
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, targets: dict | None = None):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
         levels = FeaturePyramidNetwork(s.fpn_width, "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
-        proposals, valid = RegionProposalNetwork(s, name="rpn")(levels, image_sizes, input_shape)
-        return RoIHeads(s, name="roi_heads")(levels[:-1], proposals, valid, image_sizes, input_shape)
+        if targets is None:
+            proposals, valid, _ = RegionProposalNetwork(s, name="rpn")(levels, image_sizes, input_shape)
+            logits, deltas = RoIHeads(s, name="roi_heads")(levels[:-1], proposals, input_shape)
+            return jax.vmap(functools.partial(_roi_detections, s))(logits, deltas, proposals, valid, image_sizes)
+        config = FasterRCNNLossConfig()
+        train_spec = dataclasses.replace(s, rpn_pre_nms_top_n=config.rpn_pre_nms_top_n,
+                                         rpn_post_nms_top_n=config.rpn_post_nms_top_n)
+        proposals, valid, (objectness, deltas, anchors) = RegionProposalNetwork(train_spec, name="rpn")(
+            levels, image_sizes, input_shape)
+        keys = jax.vmap(jax.random.split)(targets["keys"])
+        rpn = rpn_loss(objectness, deltas, anchors, targets["gt_boxes"], targets["gt_mask"], keys[:, 0], config)
+        samples = roi_training_samples(proposals, valid, targets["gt_boxes"], targets["gt_classes"],
+                                       targets["gt_mask"], keys[:, 1], config)
+        roi = fastrcnn_loss(*RoIHeads(s, name="roi_heads")(levels[:-1], samples["rois"], input_shape), samples,
+                            config.beta)
+        return {**{k: v for k, v in {**rpn, **roi}.items() if k != "per_image"},
+                "per_image": {**rpn["per_image"], **roi["per_image"]}}
 
 
 class RetinaNetHead(nn.Module):
@@ -427,6 +472,18 @@ class TorchvisionDetectionPipeline:
 
     def forward(self, variables: dict, images) -> dict:
         return self.module.apply(variables, images)
+
+    @property
+    def class_indices(self) -> dict[int, int]:
+        """torchvision's label index is the category id (0 is the background)."""
+        return {i: i for i in range(1, self.module.spec.num_classes)}
+
+    def to_input(self, boxes: np.ndarray, meta: tuple) -> np.ndarray:
+        """torchvision's ``resize_boxes`` of the training targets: x and y scaled by the float32 ratio
+        resized / original."""
+        (height, width), (resized_h, resized_w) = meta
+        ratio_h, ratio_w = np.float32(resized_h) / np.float32(height), np.float32(resized_w) / np.float32(width)
+        return np.asarray(boxes, np.float32) * np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
 
     def to_original(self, boxes: np.ndarray, meta: tuple) -> np.ndarray:
         """torchvision's ``resize_boxes``: x and y scaled by the float32 ratio original / resized."""

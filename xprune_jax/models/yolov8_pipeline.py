@@ -121,6 +121,10 @@ class YOLOv8Pipeline:
                 "labels": jnp.where(valid, jnp.asarray(class_ids)[classes[keep]], 0),
                 "valid": valid}
 
+    @property
+    def class_indices(self) -> dict[int, int]:
+        return {category: index for index, category in enumerate(category_ids(self.spec.detect.num_classes))}
+
     def to_input(self, boxes: np.ndarray, meta: LetterboxMeta) -> np.ndarray:
         """xyxy boxes in original pixels -> input pixels (the inverse of :meth:`to_original`)."""
         (gain_y, gain_x), (pad_x, pad_y) = meta.gain, meta.pad

@@ -41,7 +41,8 @@ class Plan:
 def parse_budget(text: str) -> tuple[str, float]:
     match = re.fullmatch(r"(layers|flops|params)=-?(\d+(?:\.\d+)?)%", text.replace(" ", ""))
     if not match or not 0 < float(match.group(2)) < 100:
-        raise UserError(f"bad --budget {text!r}: use layers=5%, flops=-30% or params=-30% (between 0 and 100%)")
+        raise UserError(f"bad --budget {text!r}: use layers=5%, flops=-30%, params=-30% or latency=-30% "
+                        "(between 0 and 100%)")
     return match.group(1), float(match.group(2)) / 100
 
 
@@ -83,7 +84,8 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
         keep = {}
     else:
         by_layer = {l.name: l for l in layers}
-        groups = {g.name: g for g in rules.groups(model.spec) if not any(_touches(n, protected) for n in g.layers())}
+        heads = {l.name for l in layers if l.kind == "head"}
+        groups = {g.name: g for g in rules.groups(model.spec) if not _blocked(g, protected, heads)}
         keep = {}
         for name, g in groups.items():
             n_keep = min(g.width - 1, max(round_to, math.ceil((1 - shrink_ratio) * g.width / round_to) * round_to))
@@ -127,6 +129,14 @@ def _touches(name: str, protected) -> bool:
     return any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in protected)
 
 
+def _blocked(group, protected, heads) -> bool:
+    """Whether ``group`` touches a protected layer. A head (a classifier, protected by its kind) keeps
+    its outputs but may read fewer inputs, unless something else protects it (a detector's roi_heads)."""
+    others = [p for p in protected if p not in heads]
+    return any(_touches(s.layer, protected) for s in group.producers + group.norms + group.depthwise) or \
+        any(_touches(s.layer, others if s.layer in heads else protected) for s in group.consumers)
+
+
 def _unit_costs(unit: str, layers, variables) -> tuple[int, int]:
     """FLOPs and parameters that removing ``unit`` saves (every layer inside it goes)."""
     flops = sum(l.flops for l in layers if l.kind != "block" and l.name.startswith(unit + "."))
@@ -150,9 +160,8 @@ def _shrink_savings(groups, keep: dict, by_layer, params: dict) -> tuple[int, in
     flops = saved_params = 0
     for name in dropped_out.keys() | dropped_in.keys():
         layer = tree_paths.get(params, name)
-        kh, kw, per_group_in, out = np.shape(layer["kernel"])
-        before = kh * kw * per_group_in * out
-        lost = before - kh * kw * (per_group_in - dropped_in[name]) * (out - dropped_out[name])
+        *window, per_group_in, out = np.shape(layer["kernel"])  # a conv's (kh, kw), a linear layer's ()
+        lost = math.prod(window) * (per_group_in * out - (per_group_in - dropped_in[name]) * (out - dropped_out[name]))
         flops += math.prod(by_layer[name].shape[:-1]) * lost
         saved_params += lost + (dropped_out[name] if "bias" in layer else 0)
     return flops, saved_params + bn_params
@@ -201,13 +210,14 @@ def validate_plan(model: Model, plan: Plan) -> None:
         known = set(rules_for(model.spec).removable(model.spec))
     else:
         groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
-        known = set(groups)
+        known, heads = set(groups), {l.name for l in layers if l.kind == "head"}
     for name in plan.selected:
         if name not in known:
             raise UserError(f"the plan names {name!r}, which is not a {plan.mode}-able unit of this "
                             f"{model.arch} model; eligible: {', '.join(sorted(known)[:6])}, ...")
-        touched = groups[name].layers() if plan.mode == "shrink" else [name]
-        if any(_touches(n, plan.protected) for n in touched):
+        touched = (_blocked(groups[name], plan.protected, heads) if plan.mode == "shrink"
+                   else _touches(name, plan.protected))
+        if touched:
             raise UserError(f"the plan prunes {name!r}, which is protected or touches a protected layer "
                             f"({', '.join(plan.protected)}); drop it from the plan or from the protected list")
 

@@ -56,9 +56,6 @@ class ChannelGroup:
             object.__setattr__(self, field, tuple(Slot(s) if isinstance(s, str) else Slot(*s)
                                                   for s in getattr(self, field)))
 
-    def layers(self) -> list[str]:
-        return [s.layer for s in self.producers + self.norms + self.depthwise + self.consumers]
-
 
 class Rules:
     @staticmethod
@@ -73,7 +70,12 @@ class Rules:
 
 
 class ResNetRules(Rules):
-    """Bottlenecks / basic blocks after the first of a stage can go; inner widths can shrink."""
+    """Bottlenecks / basic blocks after the first of a stage can go. Channel groups: each block's inner
+    widths (``layerK.I.convJ``) and each stage's output width (``layerK``), which the residual adds
+    tie together: every block's last conv and BN and the first block's downsample produce it; the
+    stage's later blocks, the next stage's first block and ``readers`` (the classifier) read it.
+    Blocks before the first downsample (resnet18's layer1) add the stem's output: no group, the stem
+    is protected."""
 
     @staticmethod
     def removable(spec: ResNetSpec) -> list[str]:
@@ -84,16 +86,48 @@ class ResNetRules(Rules):
         return dataclasses.replace(spec, blocks=tuple(b for b in spec.blocks if b.name not in names))
 
     @staticmethod
-    def groups(spec: ResNetSpec) -> list[ChannelGroup]:
+    def _stage(block) -> str:
+        return block.name.split(".")[0]
+
+    @classmethod
+    def _stages(cls, spec: ResNetSpec) -> dict[str, list]:
+        """The blocks that share each stage output group, by group name: a block with a downsample
+        conv and the blocks after it that add their input."""
+        stages = {}
+        for b in spec.blocks:
+            if b.downsample:
+                stages[cls._stage(b)] = []
+            if stages:
+                stages[list(stages)[-1]].append(b)
+        return stages
+
+    @classmethod
+    def groups(cls, spec: ResNetSpec, readers=None) -> list[ChannelGroup]:
+        """``readers``: the layers that read a stage's output besides the blocks, by stage (default:
+        ``fc`` reads the last one, after the global average pooling)."""
+        readers = {cls._stage(spec.blocks[-1]): ("fc",)} if readers is None else readers
         groups = []
         for b in spec.blocks:
             for i, width in enumerate(b.widths):
                 groups.append(ChannelGroup(f"{b.name}.conv{i + 1}", width, (f"{b.name}.conv{i + 1}",),
                                            (f"{b.name}.bn{i + 1}",), (), (f"{b.name}.conv{i + 2}",)))
+        stages = list(cls._stages(spec).items())
+        for k, (name, blocks) in enumerate(stages):
+            shortcut = f"{blocks[0].name}.downsample"
+            after = stages[k + 1][1][:1] if k + 1 < len(stages) else []  # the next stage's first block
+            groups.append(ChannelGroup(  # the last conv and BN: conv3/bn3 (bottleneck), conv2/bn2 (basic)
+                name, blocks[0].out, (f"{shortcut}.0", *(f"{b.name}.conv{len(b.widths) + 1}" for b in blocks)),
+                (f"{shortcut}.1", *(f"{b.name}.bn{len(b.widths) + 1}" for b in blocks)), (),
+                (*(f"{b.name}.conv1" for b in blocks[1:] + after), *(f"{b.name}.downsample.0" for b in after),
+                 *(r for stage in dict.fromkeys(map(cls._stage, blocks)) for r in readers.get(stage, ())))))
         return groups
 
-    @staticmethod
-    def resize(spec: ResNetSpec, group: str, keep: int) -> ResNetSpec:
+    @classmethod
+    def resize(cls, spec: ResNetSpec, group: str, keep: int) -> ResNetSpec:
+        stage = [b.name for b in cls._stages(spec).get(group, ())]
+        if stage:
+            return dataclasses.replace(spec, blocks=tuple(
+                dataclasses.replace(b, out=keep) if b.name in stage else b for b in spec.blocks))
         block_name, conv = group.rsplit(".", 1)
         index = int(conv[len("conv"):]) - 1
         return dataclasses.replace(spec, blocks=tuple(
@@ -102,32 +136,57 @@ class ResNetRules(Rules):
 
 
 class MobileNetV2Rules(Rules):
-    """Inverted residuals with a skip can go; the expanded (hidden) width can shrink."""
+    """Inverted residuals with a skip can go. Channel groups: a block's expanded (hidden) width
+    (``features.N.conv.0.0``) and the output width of each chain of blocks joined by skip adds, named
+    by the projection conv of its first block, which has no skip (``features.4.conv.2``): the chain's
+    projection convs and their BNs produce it, the next blocks' expansion convs and ``features.18.0``
+    read it. Every block but the first (which reads the protected stem) expands."""
 
     @staticmethod
     def removable(spec: MobileNetV2Spec) -> list[str]:
-        names, width = [], spec.stem
-        for b in spec.blocks:
-            if b.stride == 1 and width == b.out:
-                names.append(b.name)
-            width = b.out
-        return names
+        return [b.name for b in spec.blocks if b.residual]
 
     @staticmethod
     def remove(spec: MobileNetV2Spec, names) -> MobileNetV2Spec:
         return dataclasses.replace(spec, blocks=tuple(b for b in spec.blocks if b.name not in names))
 
     @staticmethod
-    def groups(spec: MobileNetV2Spec) -> list[ChannelGroup]:
-        return [ChannelGroup(f"{b.name}.conv.0.0", b.hidden, (f"{b.name}.conv.0.0",),
-                             (f"{b.name}.conv.0.1", f"{b.name}.conv.1.1"), (f"{b.name}.conv.1.0",), (f"{b.name}.conv.2",))
-                for b in spec.blocks if b.expand]
+    def _projection(block) -> tuple[str, str]:
+        """The block's 1x1 projection conv and its BN."""
+        i = 2 if block.expand else 1
+        return f"{block.name}.conv.{i}", f"{block.name}.conv.{i + 1}"
 
-    @staticmethod
-    def resize(spec: MobileNetV2Spec, group: str, keep: int) -> MobileNetV2Spec:
-        block_name = group.removesuffix(".conv.0.0")
+    @classmethod
+    def _chains(cls, spec: MobileNetV2Spec) -> dict[str, list]:
+        """The blocks of each chain, by group name: a block without a skip and the blocks after it with one."""
+        chains = {}
+        for b in spec.blocks:
+            if not b.residual:
+                chains[cls._projection(b)[0]] = []
+            if chains:
+                chains[list(chains)[-1]].append(b)
+        return chains
+
+    @classmethod
+    def groups(cls, spec: MobileNetV2Spec) -> list[ChannelGroup]:
+        groups = [ChannelGroup(f"{b.name}.conv.0.0", b.hidden, (f"{b.name}.conv.0.0",),
+                               (f"{b.name}.conv.0.1", f"{b.name}.conv.1.1"), (f"{b.name}.conv.1.0",),
+                               (f"{b.name}.conv.2",)) for b in spec.blocks if b.expand]
+        chains = list(cls._chains(spec).values())
+        for k, blocks in enumerate(chains):
+            projections = [cls._projection(b) for b in blocks]
+            after = chains[k + 1][:1] if k + 1 < len(chains) else []  # the next chain's first block
+            readers = [f"{b.name}.conv.0.0" for b in blocks[1:] + after] + ([] if after else ["features.18.0"])
+            groups.append(ChannelGroup(projections[0][0], blocks[0].out, tuple(conv for conv, _ in projections),
+                                       tuple(bn for _, bn in projections), (), tuple(readers)))
+        return groups
+
+    @classmethod
+    def resize(cls, spec: MobileNetV2Spec, group: str, keep: int) -> MobileNetV2Spec:
+        chain = [b.name for b in cls._chains(spec).get(group, ())]
         return dataclasses.replace(spec, blocks=tuple(
-            dataclasses.replace(b, hidden=keep) if b.name == block_name else b for b in spec.blocks))
+            dataclasses.replace(b, out=keep) if b.name in chain else
+            dataclasses.replace(b, hidden=keep) if group == f"{b.name}.conv.0.0" else b for b in spec.blocks))
 
 
 class ShuffleNetV2Rules(Rules):
@@ -304,11 +363,16 @@ class DetectorBackboneRules(Rules):
 
     @classmethod
     def groups(cls, spec) -> list[ChannelGroup]:
-        def prefixed(slots):
-            return tuple(Slot(cls.prefix + s.layer, s.offset) for s in slots)
+        """The ResNet groups; the FPN's lateral convs read the stage outputs (so those groups are protected)."""
+        fpn = {stage: (f"backbone.fpn.inner_blocks.{i}.0",) for i, stage in enumerate(spec.fpn_stages)}
+
+        def prefixed(slots):  # the body's layers; the FPN's are named in full already
+            return tuple(s if s.layer.startswith("backbone.fpn.") else Slot(cls.prefix + s.layer, s.offset)
+                         for s in slots)
 
         return [ChannelGroup(cls.prefix + g.name, g.width, prefixed(g.producers), prefixed(g.norms),
-                             prefixed(g.depthwise), prefixed(g.consumers)) for g in ResNetRules.groups(spec.body)]
+                             prefixed(g.depthwise), prefixed(g.consumers))
+                for g in ResNetRules.groups(spec.body, readers=fpn)]
 
     @classmethod
     def resize(cls, spec, group: str, keep: int):

@@ -58,9 +58,9 @@ def shrink_group(variables: dict, group: ChannelGroup, keep: np.ndarray) -> dict
         for tree in (tree_paths.get(params, name), tree_paths.get(stats, name)):
             for key in tree:
                 tree[key] = tree[key][_kept(tree[key].shape[0], slots, group.width, keep)]
-    for name, slots in by_layer(group.consumers):
+    for name, slots in by_layer(group.consumers):  # input axis -2: (kh, kw, in, out) convs, (in, out) linear layers
         layer = tree_paths.get(params, name)
-        layer["kernel"] = layer["kernel"][:, :, _kept(layer["kernel"].shape[2], slots, group.width, keep), :]
+        layer["kernel"] = layer["kernel"][..., _kept(layer["kernel"].shape[-2], slots, group.width, keep), :]
     return out
 
 

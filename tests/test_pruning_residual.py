@@ -1,0 +1,109 @@
+"""Channel groups coupled by residual adds (ResNet stage widths, MobileNetV2 skip chains): shrinking
+them is exact and exactly predicted, and a detector's stage outputs, read by the FPN, never shrink.
+
+The reference is the original network with the group's channels masked in every BN that produces
+them (each block's last BN and the downsample's), so they are 0 after every residual add.
+"""
+
+import dataclasses
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from tests.test_pruning import _load, _mask_channels, _model, _run, score_model_like
+from converters.reference import relative_error
+from xprune_jax import analysis, models
+from xprune_jax.checkpoint import Model
+from xprune_jax.errors import UserError
+from xprune_jax.models.mobilenet_v2 import mobilenet_v2_spec
+from xprune_jax.models.resnet import resnet_spec
+from xprune_jax.pruning.plan import _shrink_savings, apply_plan, count_params, make_plan
+from xprune_jax.pruning.rules import ResNetRules, rules_for
+from xprune_jax.spec import spec_from_dict, spec_to_dict
+
+SIZE = 64  # small inputs keep ResNet-50's runs short; the groups don't depend on the size
+COUPLED_GROUPS = {
+    "resnet50": ["layer1", "layer2", "layer3", "layer4"],
+    "mobilenet_v2": ["features.1.conv.1", "features.2.conv.2", "features.4.conv.2", "features.7.conv.2",
+                     "features.11.conv.2", "features.14.conv.2", "features.17.conv.2"],
+}
+
+
+@pytest.fixture(scope="module")
+def small_images(coco_images):
+    return torch.nn.functional.interpolate(_load([coco_images[5], coco_images[9]]), size=SIZE, mode="bilinear",
+                                           antialias=True)
+
+
+@pytest.mark.parametrize("arch", COUPLED_GROUPS)
+def test_coupled_groups_surgery_equals_masking_and_is_predicted(arch, small_images):
+    """Each coupled group alone, then every group at once (inner widths included). features.17.conv.2
+    alone narrows 320 to 160, the width of its input: it must still add no skip."""
+    model = dataclasses.replace(_model(arch), meta={"preprocess": {"crop": SIZE}})
+    everything = make_plan(model, score_model_like(model, seed=11), "shrink", "layers=99.9%")
+    assert set(COUPLED_GROUPS[arch]) <= set(everything.selected)
+    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+    by_layer = {l.name: l for l in analysis.describe_layers(arch, model.spec, SIZE)}
+    original = _run(model, small_images)
+    for names in [[name] for name in COUPLED_GROUPS[arch]] + [everything.selected]:
+        plan = dataclasses.replace(everything, selected=names,
+                                   keep_channels={n: everything.keep_channels[n] for n in names})
+        pruned = apply_plan(model, plan)
+        want = _run(dataclasses.replace(model, variables=_mask_channels(model, plan)), small_images)
+        assert relative_error(_run(pruned, small_images), want) < 1e-5, names
+        assert relative_error(want, original) > 1e-3, names  # the masking changed the network: a real test
+        flops, params = _shrink_savings([groups[n] for n in names], plan.keep_channels, by_layer,
+                                        model.variables["params"])
+        flops_after = analysis.total_flops(analysis.describe_layers(arch, pruned.spec, SIZE))
+        assert flops_after == everything.flops_before - flops
+        assert sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"])) == \
+            count_params(arch, pruned.spec) == everything.params_before - params
+    assert (everything.flops_after, everything.params_after) == (everything.flops_before - flops,
+                                                                 everything.params_before - params)
+
+
+def test_coupled_group_layers():
+    """ResNet-50's last stage is read by the classifier; resnet18's layer1 adds the stem's output
+    (protected), so it has no group; MobileNetV2's chains end at features.18."""
+    groups = {g.name: g for g in ResNetRules.groups(resnet_spec("resnet50"))}
+    assert [s.layer for s in groups["layer4"].producers] == \
+        ["layer4.0.downsample.0", "layer4.0.conv3", "layer4.1.conv3", "layer4.2.conv3"]
+    assert [s.layer for s in groups["layer4"].consumers] == ["layer4.1.conv1", "layer4.2.conv1", "fc"]
+    assert [s.layer for s in groups["layer1"].consumers] == \
+        ["layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1", "layer2.0.downsample.0"]
+    groups = {g.name: g for g in ResNetRules.groups(resnet_spec("resnet18"))}
+    assert [n for n in groups if not n.endswith(".conv1")] == ["layer2", "layer3", "layer4"]
+    assert [s.layer for s in groups["layer2"].norms] == ["layer2.0.downsample.1", "layer2.0.bn2", "layer2.1.bn2"]
+    groups = {g.name: g for g in rules_for(mobilenet_v2_spec()).groups(mobilenet_v2_spec())}
+    assert [s.layer for s in groups["features.14.conv.2"].norms] == \
+        ["features.14.conv.3", "features.15.conv.3", "features.16.conv.3"]
+    assert [s.layer for s in groups["features.14.conv.2"].consumers] == \
+        ["features.15.conv.0.0", "features.16.conv.0.0", "features.17.conv.0.0"]
+    assert [s.layer for s in groups["features.17.conv.2"].consumers] == ["features.18.0"]
+
+
+@pytest.mark.parametrize("arch, eligible", [("fasterrcnn_resnet50_fpn", set()),
+                                            ("retinanet_resnet50_fpn", {"backbone.body.layer1"})])
+def test_detector_stage_groups_read_by_the_fpn_are_not_eligible(arch, eligible):
+    """Faster R-CNN's FPN reads every stage, RetinaNet's layer2-4: only RetinaNet's layer1 can shrink."""
+    spec = models.get_architecture(arch).default_spec()
+    variables = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), models.variable_shapes(arch, spec))
+    model = Model(arch, spec, variables, {"preprocess": {"crop": 256}})
+    plan = make_plan(model, score_model_like(model, seed=12), "shrink", "layers=99.9%")
+    assert {n for n in plan.selected if re.fullmatch(r"backbone\.body\.layer\d", n)} == eligible
+    assert "backbone.body.layer2.1.conv1" in plan.selected  # the inner widths stay eligible
+    with pytest.raises(UserError, match="prunes 'backbone.body.layer2', which is protected"):
+        apply_plan(model, dataclasses.replace(plan, selected=["backbone.body.layer2"]))
+
+
+def test_mobilenet_v2_skips_are_stated_by_the_spec():
+    """The spec says which blocks add their input; model files from before the flag still load."""
+    spec = mobilenet_v2_spec()
+    assert [b.name for b in spec.blocks if b.residual] == [f"features.{i}" for i in (3, 5, 6, 8, 9, 10, 12, 13, 15, 16)]
+    data = spec_to_dict(spec)
+    for block in data["blocks"]:
+        del block["residual"]
+    assert spec_from_dict(data) == spec
