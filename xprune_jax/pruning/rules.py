@@ -218,7 +218,9 @@ class ShuffleNetV2Rules(Rules):
 
 class YOLOv8Rules(Rules):
     """Bottlenecks of the backbone's C2f blocks (those with a shortcut) can go: masked, such a
-    bottleneck is the identity, so its slot in the C2f's concat is folded into the previous slot.
+    bottleneck is the identity, so its slot in the C2f's concat is folded into the previous slot. So
+    can the last bottleneck of a neck C2f (no shortcut): masked, it outputs 0 and nothing else reads
+    it, so its concat slot is dropped (then the one before it is the last).
 
     Channel groups (their names):
 
@@ -240,7 +242,7 @@ class YOLOv8Rules(Rules):
 
     @staticmethod
     def removable(spec: YOLOv8Spec) -> list[str]:
-        return [f"{c.name}.{b.name}" for c in spec.c2fs if c.shortcut for b in c.bottlenecks]
+        return [f"{c.name}.{b.name}" for c in spec.c2fs for b in (c.bottlenecks if c.shortcut else c.bottlenecks[-1:])]
 
     @staticmethod
     def remove(spec: YOLOv8Spec, names) -> YOLOv8Spec:
@@ -263,7 +265,8 @@ class YOLOv8Rules(Rules):
             a, h = c2f.first, c2f.hidden
             for i in sorted(gone, reverse=True):  # bottleneck i's input is concat slot i + 1, its output slot i + 2
                 inputs, outputs = a + i * h, a + (i + 1) * h
-                kernel[:, :, inputs:inputs + h] += kernel[:, :, outputs:outputs + h]
+                if c2f.shortcut:  # the identity: its output equals its input
+                    kernel[:, :, inputs:inputs + h] += kernel[:, :, outputs:outputs + h]
                 kernel = np.delete(kernel, np.s_[outputs:outputs + h], axis=2)
             tree_paths.get(variables["params"], f"{c2f.name}.cv2.conv")["kernel"] = kernel
         return variables
