@@ -23,7 +23,8 @@ Peak memory: each of the four runs again in its own subprocess, which samples it
 during the first call (compilation included) and during later calls.
 
 Weights are random, shaped like trained ones (see ``bench_detectors.py``). ``--threads 1`` pins the
-process to one CPU before jax starts and sets torch to one thread.
+process to one CPU before jax starts and sets torch to one thread; ``0`` uses every CPU the process may
+use (e.g. under ``taskset``), torch and XLA alike.
 """
 
 from __future__ import annotations
@@ -140,15 +141,14 @@ def _worker(args) -> None:
 
 def _scores_agree(jax_stats, torch_stats) -> dict:
     """Worst relative error of the JAX sum |a g| against torch's, over layers with a gradient."""
-    errors = {name: abs(float(jax_stats[name]["abs"]) - t["abs"]) / t["abs"]
+    errors = {name: float(abs(float(jax_stats[name]["abs"]) - t["abs"]) / t["abs"])
               for name, t in torch_stats.items() if t["abs"] > 0}
     worst = max(errors, key=errors.get)
     return {"layers_compared": len(errors), "worst_layer": worst, "worst_relative_error": errors[worst]}
 
 
 def main(args) -> None:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))  # 0: as many as the CPUs it may use
     if args.worker:
         return _worker(args)
     fns, facts = _candidates(args)

@@ -17,7 +17,8 @@ against ``zero``, ``remove`` and ``shrink`` at about -30% FLOPs, side by side in
   ratios to the unpruned model, median [IQR].
 * Elasticity: (1 - latency ratio) / (1 - FLOPs ratio); 1 means latency falls as fast as FLOPs.
 
-``--threads 1`` pins the process to one CPU before jax starts (the robust setting on a shared machine).
+``--threads 1`` pins the process to one CPU before jax starts (the robust setting on a shared machine);
+``0`` uses every CPU the process may use (e.g. under ``taskset``).
 """
 
 from __future__ import annotations
@@ -162,8 +163,7 @@ def _table(results: dict) -> str:
 
 
 def main(args) -> None:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))  # 0: as many as the CPUs it may use
     picked = landscape_images(args.coco, max(args.batch, 2))
     image_paths, images = [p for p, _ in picked], [im for _, im in picked]
     results = {"environment": environment(args), "archs": {}}
