@@ -29,6 +29,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from xprune_jax.ops import BoxCoder, box_iou
 
@@ -94,18 +95,6 @@ def balanced_sample(labels, key, batch_size_per_image: int, positive_fraction: f
             highest(negative, num_neg, batch_size_per_image))
 
 
-def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
-    """``torchvision.ops.sigmoid_focal_loss(reduction="none")``."""
-    p = jax.nn.sigmoid(logits)
-    ce = _bce_with_logits(logits, targets)
-    p_t = p * targets + (1 - p) * (1 - targets)
-    return (alpha * targets + (1 - alpha) * (1 - targets)) * ce * (1 - p_t) ** gamma
-
-
-def _bce_with_logits(x, t):
-    return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
 def _smooth_l1(x, beta: float):
     ax = jnp.abs(x)
     return jnp.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)
@@ -136,7 +125,7 @@ def retinanet_loss(cls_logits, bbox_regression, anchors, gt_boxes, gt_classes, g
         num_foreground = jnp.maximum(jnp.sum(foreground), 1).astype(logits.dtype)
         targets = jax.nn.one_hot(classes[jnp.clip(matches, 0)], logits.shape[-1], dtype=logits.dtype)
         targets = targets * foreground[:, None]
-        focal = sigmoid_focal_loss(logits, targets, config.alpha, config.gamma)
+        focal = optax.sigmoid_focal_loss(logits, targets, alpha=config.alpha, gamma=config.gamma)  # torchvision's
         classification = jnp.sum(jnp.where((matches != BETWEEN_THRESHOLDS)[:, None], focal, 0.0)) / num_foreground
         regression_targets = coder.encode(_matched_boxes(matches, boxes, anchors), anchors)
         l1 = jnp.where(foreground[:, None], jnp.abs(deltas - regression_targets), 0.0)
@@ -175,7 +164,8 @@ def rpn_loss(objectness, deltas, anchors, gt_boxes, gt_mask, keys,
         labels = jnp.where(matches >= 0, 1, jnp.where(matches == BELOW_LOW_THRESHOLD, 0, -1))
         positive, negative = balanced_sample(labels, image_key, config.rpn_batch_size_per_image,
                                              config.rpn_positive_fraction)
-        bce = jnp.sum(jnp.where(positive | negative, _bce_with_logits(logits, positive.astype(logits.dtype)), 0.0))
+        bce = optax.sigmoid_binary_cross_entropy(logits, positive.astype(logits.dtype))
+        bce = jnp.sum(jnp.where(positive | negative, bce, 0.0))
         targets = coder.encode(_matched_boxes(matches, boxes, anchors), anchors)
         box = jnp.sum(jnp.where(positive[:, None], _smooth_l1(pred - targets, config.beta), 0.0))
         return bce, box, jnp.sum(positive | negative).astype(logits.dtype)

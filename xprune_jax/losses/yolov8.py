@@ -33,6 +33,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from xprune_jax.ops import dist2bbox, make_anchor_points
 
@@ -153,10 +154,6 @@ def assign_targets(pd_scores, pd_bboxes, anchor_points, gt_labels, gt_bboxes, gt
     return target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx
 
 
-def _bce_with_logits(x, t):
-    return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
 def detection_loss(box_maps, class_maps, gt_boxes, gt_classes, gt_mask, weights=None,
                    config: LossConfig = LossConfig()) -> dict:
     """``v8DetectionLoss(model)(preds, batch)`` on raw head maps and padded ground truth.
@@ -195,7 +192,7 @@ def detection_loss(box_maps, class_maps, gt_boxes, gt_classes, gt_mask, weights=
     target_bboxes = jax.lax.stop_gradient(target_bboxes)
     target_scores_sum = jnp.maximum(target_scores.sum(), 1.0)
 
-    bce = _bce_with_logits(pred_logits, target_scores).sum(axis=(1, 2))  # per image
+    bce = optax.sigmoid_binary_cross_entropy(pred_logits, target_scores).sum(axis=(1, 2))  # per image
     loss_cls = jnp.sum(bce * weights) / target_scores_sum
 
     # BboxLoss on the foreground anchors
