@@ -55,14 +55,27 @@ def test_unmeetable_targets_and_zero_mode_are_refused(model_and_scores):
 
 
 def test_cli_prunes_to_a_measured_latency_budget(workdir):
+    """The CLI wiring, whichever way this machine's timing falls: a met budget writes the model and a
+    plan that is one of the measured steps; a missed one exits 2 with the closest step named. Both
+    write the search record. (Whether -5% is reachable depends on the CPU, so neither is asserted.)"""
     tmp, _ = workdir
     if not (tmp / "model").exists():
         xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
     xprune("score", f"--model={tmp / 'model'}", "--criterion=l1", f"--out={tmp / 'l1_latency.json'}")
     result = xprune("prune", f"--model={tmp / 'model'}", f"--scores={tmp / 'l1_latency.json'}", "--mode=shrink",
-                    "--budget=latency=-5%", "--batch_size=4", "--repeats=5", "--warmup=1", f"--out={tmp / 'fast'}")
-    plan = json.loads((tmp / "fast.plan.json").read_text())
+                    "--budget=latency=-5%", "--batch_size=4", "--repeats=5", "--warmup=1", f"--out={tmp / 'fast'}",
+                    check=False)
     search = json.loads((tmp / "fast.latency.json").read_text())
-    chosen = [s for s in search["steps"] if s.get("met") and abs(s["flops_cut"] - (1 - plan["flops_after"] / plan["flops_before"])) < 1e-9]
-    assert plan["budget"] == "latency=-5%" and chosen and chosen[0]["latency_ratio"] <= 0.95
-    assert "latency search step 1" in result.stdout
+    measured = [s for s in search["steps"] if "latency_ratio" in s]
+    assert search["budget"] == "latency=-5%" and measured and "latency search step 1" in result.stdout
+    assert all(s["met"] == (s["latency_ratio"] <= 0.95) for s in measured)
+    if search["met"]:
+        assert result.returncode == 0, result.stderr[-2000:]
+        plan = json.loads((tmp / "fast.plan.json").read_text())
+        cut = 1 - plan["flops_after"] / plan["flops_before"]
+        assert plan["budget"] == "latency=-5%" and (tmp / "fast").is_dir()
+        assert cut == min(s["flops_cut"] for s in measured if s["met"])
+    else:
+        closest = min(measured, key=lambda s: s["latency_ratio"])
+        assert result.returncode == 2 and not (tmp / "fast").exists() and not any(s["met"] for s in measured)
+        assert f"the best measured was {1 - closest['latency_ratio']:.1%} faster" in result.stderr

@@ -170,7 +170,7 @@ def prune_command() -> None:
 
 def _plan_for_latency(model, scores: dict, target: float):
     """Search the plan by measuring each candidate against ``model`` (batch --batch_size, --repeats
-    rounds); the steps go to ``<out>.latency.json``."""
+    rounds); the steps go to ``<out>.latency.json``, also when the budget can't be met."""
     from xprune_jax import timing
     from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.pruning.latency import plan_for_latency
@@ -182,11 +182,15 @@ def _plan_for_latency(model, scores: dict, target: float):
                                          FLAGS.repeats, FLAGS.warmup, FLAGS.seed)
         return timing.summarize(times, "unpruned")["pruned"]["ratio_median"]
 
-    plan, steps = plan_for_latency(model, scores, FLAGS.mode, target, measure, FLAGS.protect, FLAGS.shrink_ratio,
-                                   FLAGS.round_to, progress=True)
-    write_json_atomic(FLAGS.out.rstrip("/") + ".latency.json", {
-        "budget": FLAGS.budget, "batch_size": FLAGS.batch_size, "repeats": FLAGS.repeats, "warmup": FLAGS.warmup,
-        "seed": FLAGS.seed, "steps": steps})
+    steps, met = [], False
+    try:
+        plan, _ = plan_for_latency(model, scores, FLAGS.mode, target, measure, FLAGS.protect, FLAGS.shrink_ratio,
+                                   FLAGS.round_to, progress=True, steps=steps)
+        met = True
+    finally:
+        write_json_atomic(FLAGS.out.rstrip("/") + ".latency.json", {
+            "budget": FLAGS.budget, "met": met, "batch_size": FLAGS.batch_size, "repeats": FLAGS.repeats,
+            "warmup": FLAGS.warmup, "seed": FLAGS.seed, "steps": steps})
     return plan
 
 

@@ -29,12 +29,13 @@ def parse_latency_budget(budget: str) -> float | None:
 
 def plan_for_latency(model, scores: dict, mode: str, target: float, measure: Callable[[object], float],
                      protect=(), shrink_ratio: float = 0.5, round_to: int = 8, max_steps: int = 6,
-                     tolerance: float = 0.02, progress: bool = False) -> tuple[Plan, list[dict]]:
+                     tolerance: float = 0.02, progress: bool = False, steps: list | None = None) -> tuple[Plan, list[dict]]:
     """The plan with the smallest FLOPs cut found whose measured latency ratio ``measure(pruned)`` is
-    at most ``1 - target``, and every step of the search."""
+    at most ``1 - target``, and every step of the search. Steps are appended to ``steps`` as they are
+    measured, so a caller that passes a list keeps them when the budget can't be met."""
     if mode == "zero":
         raise UserError("zero mode keeps every FLOP and buys no speed; a latency budget needs --mode=remove or shrink")
-    steps, best = [], None
+    steps, best = [] if steps is None else steps, None
     missed, upper = 0.0, 1.0  # the bracket of FLOPs cuts: the largest that missed, the smallest that met (or was infeasible)
     cut = target  # first guess: latency falls as fast as FLOPs
     for _ in range(max_steps):
