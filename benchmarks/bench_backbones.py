@@ -211,7 +211,6 @@ def rewritten_apply(module, pairs=None, depthwise=False, pointwise=False, im2col
     :func:`find_conv_bn_pairs`), depthwise convs as shifted multiply-adds, 1x1 convs as a matmul,
     and small-output dense kxk convs as im2col + matmul. Modules that do not qualify run unchanged."""
     import flax.linen as nn
-    import jax.numpy as jnp
 
     from xprune_jax.models.layers import Conv2d
 
@@ -310,7 +309,6 @@ def run_worker(args) -> dict:
         cpus = sorted(os.sched_getaffinity(0))[-args.threads:]
         os.sched_setaffinity(0, cpus)  # before jax starts: XLA sizes its thread pool from this
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import torch
 

@@ -86,7 +86,7 @@ from xprune_jax import models, timing  # noqa: E402
 from xprune_jax.checkpoint import Model  # noqa: E402
 from xprune_jax.evaluation.coco import detect, pipeline_for  # noqa: E402
 from xprune_jax.fileio import atomic_path  # noqa: E402
-from xprune_jax.models.rcnn import FeaturePyramidNetwork  # noqa: E402
+from xprune_jax.models.rcnn import FeaturePyramidNetwork, widths as rcnn_widths  # noqa: E402
 from xprune_jax.models.resnet import ResNetBackbone  # noqa: E402
 from xprune_jax.models.yolov8 import YOLOv8  # noqa: E402
 
@@ -174,7 +174,7 @@ def random_rcnn(arch: str, calibration: list[np.ndarray]) -> Detector:
 
     def body_fpn(variables, x):
         stages = body(variables, x)
-        return FeaturePyramidNetwork(s.fpn_width, fpn_mode).apply(
+        return FeaturePyramidNetwork(s.fpn_width, rcnn_widths(s)["fpn_inner"], fpn_mode).apply(
             _submodule_variables(variables, "backbone.fpn"), [stages[k] for k in s.fpn_stages])
 
     transform = torch_model.transform

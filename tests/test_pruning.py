@@ -337,31 +337,68 @@ def score_model_like(model: Model, seed: int) -> dict:
         {"name": l.name, "score": scores[l.name].score, "channel_scores": list(scores[l.name].channel_scores)} for l in layers]}
 
 
-@pytest.mark.parametrize("mode, budget", [("remove", "layers=40%"), ("shrink", "flops=-10%")])
-def test_detector_backbone_surgery_equals_masking(mode, budget, coco_images):
-    """Faster R-CNN's ResNet-50 body under the ResNet rules: the FPN levels of the pruned detector
-    equal those of the original with the same blocks or channels masked."""
-    arch = "fasterrcnn_resnet50_fpn"
+DETECTOR_HEAD_OUTPUTS = {  # continuous in the weights (no top-k or NMS selection in between)
+    "fasterrcnn_resnet50_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred"],
+    "retinanet_resnet50_fpn": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg", "confidence"],
+}
+NECK_AND_HEAD_GROUPS = {
+    "fasterrcnn_resnet50_fpn": {"backbone.fpn.inner_blocks", "backbone.fpn.layer_blocks", "rpn.head.conv.0.0",
+                                "roi_heads.box_head.fc6", "roi_heads.box_head.fc7"},
+    "retinanet_resnet50_fpn": {"backbone.fpn.inner_blocks", "backbone.fpn.layer_blocks",
+                               *(f"head.{s}_head.conv.{i}.0" for s in ("classification", "regression") for i in range(4))},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _detector(arch: str) -> Model:
+    """A detector with random weights and random FrozenBN statistics, at 256 px."""
     spec = models.get_architecture(arch).default_spec()
     variables = jax.tree_util.tree_map(np.array, models.init_variables(arch, spec, seed=5, input_size=256))
     rng = np.random.default_rng(5)
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]:
         leaf[...] = rng.uniform(0.5, 1.5, leaf.shape) if path[-1].key == "var" else rng.normal(0, 0.1, leaf.shape)
-    model = Model(arch, spec, variables, {"preprocess": {"crop": 256}})
+    return Model(arch, spec, variables, {"preprocess": {"crop": 256}})
+
+
+@pytest.mark.parametrize("arch, mode, budget", [("fasterrcnn_resnet50_fpn", "remove", "layers=40%"),
+                                                ("fasterrcnn_resnet50_fpn", "shrink", "layers=99.9%"),
+                                                ("retinanet_resnet50_fpn", "shrink", "layers=99.9%")])
+def test_detector_surgery_equals_masking(arch, mode, budget, coco_images):
+    """Whole detectors: the body's blocks, or every channel group at once (the body's, the FPN's, the
+    RPN's conv, the box head's fc6 and fc7, RetinaNet's subnets). The predictors' outputs of the
+    pruned detector equal those of the original with the same units masked; Faster R-CNN's RoI heads
+    are compared on the same proposals. (Which of two near-tied proposals or detections survive top-k
+    and NMS is not a property of the surgery: rounding at 1e-7 may flip them.)"""
+    from xprune_jax.models.rcnn import RoIHeads
+
+    model = _detector(arch)
     x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((256, 256)), np.float32) / 255 - 0.45
                   for p in coco_images[:2]])
     plan = make_plan(model, score_model_like(model, seed=6), mode, budget)
-    assert plan.selected and all(s.startswith("backbone.body.layer") for s in plan.selected)
     pruned = apply_plan(model, plan)
     if mode == "remove":
+        assert plan.selected and all(s.startswith("backbone.body.layer") for s in plan.selected)
         masked = _mask_removed(model, plan.selected)
     else:
+        assert NECK_AND_HEAD_GROUPS[arch] <= set(plan.selected)
         masked = _mask_channels(model, plan)
+    rois = None
 
-    def fpn_levels(m, v):
-        _, acts = jax.jit(functools.partial(models.apply_with_intermediates, m.module))(v, x)
-        return np.concatenate([np.asarray(acts[f"backbone.fpn.{k}"]).ravel() for k in range(4)])
+    def outputs(m, v):
+        nonlocal rois
+        detections, acts = jax.jit(functools.partial(models.apply_with_intermediates, m.module))(v, x)
+        acts = {**acts, "confidence": detections["confidence"]}
+        got = {k: np.asarray(acts[k]) for k in DETECTOR_HEAD_OUTPUTS[arch]}
+        if arch.startswith("faster"):
+            rois = acts["rpn.proposals"] if rois is None else rois
+            levels = [acts[f"backbone.fpn.{k}"] for k in range(len(m.spec.fpn_stages))]
+            roi_heads = {"params": tree_paths.get(v["params"], "roi_heads")}
+            got["roi_heads"] = np.concatenate([np.asarray(y).reshape(-1) for y in jax.jit(
+                RoIHeads(m.spec).apply, static_argnums=3)(roi_heads, levels, rois, x.shape[1:3])])
+        return got
 
-    want = fpn_levels(model, masked)
-    assert relative_error(fpn_levels(pruned, pruned.variables), want) < 1e-5
-    assert relative_error(want, fpn_levels(model, model.variables)) > 1e-3
+    want, got = outputs(model, masked), outputs(pruned, pruned.variables)
+    for key in want:
+        assert relative_error(got[key], want[key]) < 1e-5, key
+    last = DETECTOR_HEAD_OUTPUTS[arch][0]
+    assert relative_error(want[last], outputs(model, model.variables)[last]) > 1e-3

@@ -1,22 +1,20 @@
-"""Channel groups coupled by residual adds (ResNet stage widths, MobileNetV2 skip chains): shrinking
-them is exact and exactly predicted, and a detector's stage outputs, read by the FPN, never shrink.
+"""Coupled channel groups (ResNet stage widths, MobileNetV2 skip chains, a detector's FPN levels):
+shrinking them is exact and exactly predicted, and a detector's predictors keep their outputs.
 
 The reference is the original network with the group's channels masked in every BN that produces
 them (each block's last BN and the downsample's), so they are 0 after every residual add.
 """
 
 import dataclasses
-import re
 
 import jax
 import numpy as np
 import pytest
 import torch
 
-from tests.test_pruning import _load, _mask_channels, _model, _run, score_model_like
+from tests.test_pruning import _detector, _load, _mask_channels, _model, _run, score_model_like
 from converters.reference import relative_error
-from xprune_jax import analysis, models
-from xprune_jax.checkpoint import Model
+from xprune_jax import analysis, tree_paths
 from xprune_jax.errors import UserError
 from xprune_jax.models.mobilenet_v2 import mobilenet_v2_spec
 from xprune_jax.models.resnet import resnet_spec
@@ -85,18 +83,34 @@ def test_coupled_group_layers():
     assert [s.layer for s in groups["features.17.conv.2"].consumers] == ["features.18.0"]
 
 
-@pytest.mark.parametrize("arch, eligible", [("fasterrcnn_resnet50_fpn", set()),
-                                            ("retinanet_resnet50_fpn", {"backbone.body.layer1"})])
-def test_detector_stage_groups_read_by_the_fpn_are_not_eligible(arch, eligible):
-    """Faster R-CNN's FPN reads every stage, RetinaNet's layer2-4: only RetinaNet's layer1 can shrink."""
-    spec = models.get_architecture(arch).default_spec()
-    variables = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), models.variable_shapes(arch, spec))
-    model = Model(arch, spec, variables, {"preprocess": {"crop": 256}})
+@pytest.mark.parametrize("arch", ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"])
+def test_detector_groups_are_predicted_and_protectable(arch):
+    """Every detector group shrinks by exactly the FLOPs and parameters the plan predicts (fc6 reads
+    49 inputs a channel). The predictors keep their outputs; protecting the FPN keeps the stage
+    outputs it reads and its own groups."""
+    model = _detector(arch)
+    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
     plan = make_plan(model, score_model_like(model, seed=12), "shrink", "layers=99.9%")
-    assert {n for n in plan.selected if re.fullmatch(r"backbone\.body\.layer\d", n)} == eligible
-    assert "backbone.body.layer2.1.conv1" in plan.selected  # the inner widths stay eligible
-    with pytest.raises(UserError, match="prunes 'backbone.body.layer2', which is protected"):
-        apply_plan(model, dataclasses.replace(plan, selected=["backbone.body.layer2"]))
+    assert {f"backbone.body.layer{i}" for i in range(1, 5)} <= set(plan.selected)
+    by_layer = {l.name: l for l in analysis.describe_layers(arch, model.spec, 256)}
+    flops, params = _shrink_savings([groups[n] for n in plan.selected], plan.keep_channels, by_layer,
+                                    model.variables["params"])
+    pruned = apply_plan(model, plan)
+    assert plan.flops_after == analysis.total_flops(analysis.describe_layers(arch, pruned.spec, 256)) == \
+        plan.flops_before - flops < 0.6 * plan.flops_before
+    assert plan.params_after == count_params(arch, pruned.spec) == plan.params_before - params == \
+        sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
+    heads = rules_for(model.spec).heads(model.spec)
+    assert set(heads) <= set(plan.protected) and not set(heads) & set(groups)
+    for head in heads:
+        assert np.shape(tree_paths.get(pruned.variables["params"], head)["kernel"])[-1] == \
+            np.shape(tree_paths.get(model.variables["params"], head)["kernel"])[-1]
+    assert spec_from_dict(spec_to_dict(pruned.spec)) == pruned.spec
+    stages = {f"backbone.body.{s}" for s in model.spec.fpn_stages}
+    guarded = make_plan(model, score_model_like(model, seed=12), "shrink", "layers=99.9%", protect=["backbone.fpn"])
+    assert not [n for n in guarded.selected if n in stages or n.startswith("backbone.fpn")]
+    with pytest.raises(UserError, match="prunes 'backbone.fpn.inner_blocks', which is protected"):
+        apply_plan(model, dataclasses.replace(guarded, selected=["backbone.fpn.inner_blocks"]))
 
 
 def test_mobilenet_v2_skips_are_stated_by_the_spec():

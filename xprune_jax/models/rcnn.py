@@ -63,9 +63,14 @@ class TransformSpec:
 @register_spec
 @dataclasses.dataclass(frozen=True)
 class FasterRCNNSpec:
+    """Widths left None are ``fpn_width`` (the FPN's lateral convs, the RPN's conv) or
+    ``representation_size`` (fc7): torchvision's; width pruning sets them."""
+
     body: ResNetSpec
     fpn_stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
-    fpn_width: int = 256
+    fpn_width: int = 256  # the FPN's outputs, which the RPN and the RoI heads read
+    fpn_inner_width: int | None = None  # the lateral convs' outputs, summed top-down
+    rpn_width: int | None = None  # the RPN head's 3x3 conv
     anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,))  # per level
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     rpn_pre_nms_top_n: int = 1000  # per level
@@ -74,7 +79,8 @@ class FasterRCNNSpec:
     rpn_score_thresh: float = 0.0
     roi_size: int = 7
     roi_sampling_ratio: int = 2
-    representation_size: int = 1024
+    representation_size: int = 1024  # fc6
+    fc7_width: int | None = None
     num_classes: int = 91  # with background
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
@@ -85,19 +91,34 @@ class FasterRCNNSpec:
 @register_spec
 @dataclasses.dataclass(frozen=True)
 class RetinaNetSpec:
+    """Widths left None are ``fpn_width``: torchvision's; width pruning sets them."""
+
     body: ResNetSpec
     fpn_stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
-    fpn_width: int = 256
+    fpn_width: int = 256  # the FPN's outputs (P6 and P7 too), which both subnets read
+    fpn_inner_width: int | None = None  # the lateral convs' outputs, summed top-down
     anchor_sizes: tuple[tuple[int, ...], ...] = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))
                                                       for x in (32, 64, 128, 256, 512))
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     head_depth: int = 4  # 3x3 conv + ReLU layers in each subnet
+    classification_widths: tuple[int, ...] | None = None  # of those layers, head_depth of them
+    regression_widths: tuple[int, ...] | None = None
     num_classes: int = 91
     topk_candidates: int = 1000  # per level
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 300
     transform: TransformSpec = TransformSpec()
+
+
+def widths(spec: "FasterRCNNSpec | RetinaNetSpec") -> dict[str, "int | tuple[int, ...]"]:
+    """Every width of the FPN and the heads, the None defaults filled in."""
+    out = {"fpn": spec.fpn_width, "fpn_inner": spec.fpn_inner_width or spec.fpn_width}
+    if isinstance(spec, FasterRCNNSpec):
+        return {**out, "rpn": spec.rpn_width or spec.fpn_width, "fc6": spec.representation_size,
+                "fc7": spec.fc7_width or spec.representation_size}
+    return {**out, **{f"{subnet}_head": getattr(spec, f"{subnet}_widths") or (spec.fpn_width,) * spec.head_depth
+                      for subnet in ("classification", "regression")}}
 
 
 def _frozen_bn_resnet50() -> ResNetSpec:
@@ -142,11 +163,13 @@ class FeaturePyramidNetwork(nn.Module):
     P5 (extra "p6p7"). Returns the levels finest first, named as torchvision's feature dict."""
 
     width: int
+    inner_width: int
     extra: str  # "pool" | "p6p7"
 
     @nn.compact
     def __call__(self, stages: list[jax.Array]) -> list[jax.Array]:
-        laterals = [Conv2d(self.width, 1, use_bias=True, name=f"inner_blocks.{i}.0")(x) for i, x in enumerate(stages)]
+        laterals = [Conv2d(self.inner_width, 1, use_bias=True, name=f"inner_blocks.{i}.0")(x)
+                    for i, x in enumerate(stages)]
         last = laterals[-1]
         levels = [Conv2d(self.width, 3, use_bias=True, name=f"layer_blocks.{len(stages) - 1}.0")(last)]
         for i in range(len(stages) - 2, -1, -1):
@@ -228,7 +251,7 @@ class RegionProposalNetwork(nn.Module):
         s = self.spec
         num_anchors = len(s.aspect_ratios) * len(s.anchor_sizes[0])
         batch = levels[0].shape[0]
-        t = _relu(SharedConv2d(s.fpn_width, 3, name="head.conv.0.0")(levels))
+        t = _relu(SharedConv2d(widths(s)["rpn"], 3, name="head.conv.0.0")(levels))
         head_logits = SharedConv2d(num_anchors, 1, name="head.cls_logits")(t)
         head_deltas = SharedConv2d(4 * num_anchors, 1, name="head.bbox_pred")(t)
         # (y, x, anchor) order within each level, as torch's permute_and_flatten.
@@ -280,7 +303,7 @@ class RoIHeads(nn.Module):
         pooled = multiscale_roi_align(levels, rois, input_shape, s.roi_size, s.roi_sampling_ratio)
         x = pooled.transpose(0, 1, 4, 2, 3).reshape(batch * num_rois, -1)  # torch's (C, H, W) flatten for fc6
         x = nn.relu(Linear(s.representation_size, name="box_head.fc6")(x))
-        x = nn.relu(Linear(s.representation_size, name="box_head.fc7")(x))
+        x = nn.relu(Linear(widths(s)["fc7"], name="box_head.fc7")(x))
         logits = Linear(s.num_classes, name="box_predictor.cls_score")(x).reshape(batch, num_rois, -1)
         deltas = Linear(4 * s.num_classes, name="box_predictor.bbox_pred")(x).reshape(batch, num_rois, -1, 4)
         return logits, deltas
@@ -319,7 +342,7 @@ class FasterRCNN(nn.Module):
     def __call__(self, images, targets: dict | None = None):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
-        levels = FeaturePyramidNetwork(s.fpn_width, "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
+        levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner"], "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
         if targets is None:
             proposals, valid, _ = RegionProposalNetwork(s, name="rpn")(levels, image_sizes, input_shape)
             logits, deltas = RoIHeads(s, name="roi_heads")(levels[:-1], proposals, input_shape)
@@ -352,8 +375,8 @@ class RetinaNetHead(nn.Module):
 
         def subnet(prefix: str, last: str, outputs: int) -> list[jax.Array]:
             x = levels
-            for i in range(s.head_depth):
-                x = _relu(SharedConv2d(s.fpn_width, 3, name=f"{prefix}.conv.{i}.0")(x))
+            for i, width in enumerate(widths(s)[prefix]):
+                x = _relu(SharedConv2d(width, 3, name=f"{prefix}.conv.{i}.0")(x))
             return SharedConv2d(outputs, 3, name=f"{prefix}.{last}")(x)
 
         logits = subnet("classification_head", "cls_logits", num_anchors * s.num_classes)
@@ -370,7 +393,7 @@ class RetinaNet(nn.Module):
     def __call__(self, images):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
-        levels = FeaturePyramidNetwork(s.fpn_width, "p6p7", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
+        levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner"], "p6p7", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
         coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         scores, boxes, labels, confidence = [], [], [], []
         for (logits, deltas), anchors in zip(RetinaNetHead(s, name="head")(levels), _anchors(s, levels, input_shape)):

@@ -18,10 +18,9 @@ from xprune_jax import analysis, models, tree_paths
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
 from xprune_jax.pruning import surgery
-from xprune_jax.pruning.rules import protected_units, rules_for
+from xprune_jax.pruning.rules import prediction_heads, protected_units, rules_for
 
 MODES = ("zero", "remove", "shrink")
-PROTECTED_KINDS = ("stem", "head")
 
 
 @dataclasses.dataclass
@@ -58,7 +57,8 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
     kind, target = parse_budget(budget)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     score = _scores_by_layer(scores, layers, model.arch)
-    protected = sorted({l.name for l in layers if l.kind in PROTECTED_KINDS} | set(protected_units(model.spec)) | set(protect))
+    heads = set(prediction_heads(model.spec, layers))
+    protected = sorted({l.name for l in layers if l.kind == "stem"} | heads | set(protected_units(model.spec)) | set(protect))
     flops_before, params_before = analysis.total_flops(layers), count_params(model.arch, model.spec)
 
     if mode == "zero":
@@ -84,7 +84,6 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
         keep = {}
     else:
         by_layer = {l.name: l for l in layers}
-        heads = {l.name for l in layers if l.kind == "head"}
         groups = {g.name: g for g in rules.groups(model.spec) if not _blocked(g, protected, heads)}
         keep = {}
         for name, g in groups.items():
@@ -130,8 +129,8 @@ def _touches(name: str, protected) -> bool:
 
 
 def _blocked(group, protected, heads) -> bool:
-    """Whether ``group`` touches a protected layer. A head (a classifier, protected by its kind) keeps
-    its outputs but may read fewer inputs, unless something else protects it (a detector's roi_heads)."""
+    """Whether ``group`` touches a protected layer. A head (a classifier's fc, a detector's predictors)
+    keeps its outputs but may read fewer inputs, unless something else protects it (``--protect``)."""
     others = [p for p in protected if p not in heads]
     return any(_touches(s.layer, protected) for s in group.producers + group.norms + group.depthwise) or \
         any(_touches(s.layer, others if s.layer in heads else protected) for s in group.consumers)
@@ -155,7 +154,7 @@ def _shrink_savings(groups, keep: dict, by_layer, params: dict) -> tuple[int, in
         for slot in g.producers + g.depthwise:
             dropped_out[slot.layer] += dropped
         for slot in g.consumers:
-            dropped_in[slot.layer] += dropped
+            dropped_in[slot.layer] += dropped * slot.span
         bn_params += 2 * len(g.norms) * dropped
     flops = saved_params = 0
     for name in dropped_out.keys() | dropped_in.keys():
@@ -210,7 +209,7 @@ def validate_plan(model: Model, plan: Plan) -> None:
         known = set(rules_for(model.spec).removable(model.spec))
     else:
         groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
-        known, heads = set(groups), {l.name for l in layers if l.kind == "head"}
+        known, heads = set(groups), set(prediction_heads(model.spec, layers))
     for name in plan.selected:
         if name not in known:
             raise UserError(f"the plan names {name!r}, which is not a {plan.mode}-able unit of this "

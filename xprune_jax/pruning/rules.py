@@ -6,7 +6,9 @@
   the channels, the BNs and depthwise convs that carry them, and the convs that consume them, each
   with the offset of the group's channels in it (concat slots, split halves).
 - ``resize(spec, group, keep)``: the spec with a group narrowed to ``keep`` channels.
-- ``protected(spec)``: units never pruned by default beyond the stem and classifier heads.
+- ``protected(spec)``: units never pruned by default beyond the stem and the heads.
+- ``heads(spec)``: the layers that make the network's outputs (protected, but they may read fewer
+  inputs); by default those the layer analysis calls heads (a classifier's fc).
 - ``remove_variables(arch, spec, variables, names)``: the variables without the removed units
   (by default: delete their subtrees; YOLOv8 also folds a C2f's concat slot).
 
@@ -19,7 +21,7 @@ import typing
 
 from xprune_jax.errors import UserError
 from xprune_jax.models.mobilenet_v2 import MobileNetV2Spec
-from xprune_jax.models.rcnn import FasterRCNNSpec, RetinaNetSpec
+from xprune_jax.models.rcnn import FasterRCNNSpec, RetinaNetSpec, widths
 from xprune_jax.models.yolov8 import LAYERS, YOLOv8Spec, layer_sources, output_widths
 from xprune_jax.models.resnet import ResNetSpec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2Spec
@@ -27,10 +29,13 @@ from xprune_jax.models.shufflenet_v2 import ShuffleNetV2Spec
 
 class Slot(typing.NamedTuple):
     """The group's ``width`` channels inside one layer: its channels ``offset ... offset + width - 1``
-    (of the output for producers, norms and depthwise convs; of the input for consumers)."""
+    (of the output for producers, norms and depthwise convs; of the input for consumers). A consumer
+    whose input is a flattened ``(C, H, W)`` map (Faster R-CNN's fc6 after RoIAlign) reads ``span =
+    H * W`` consecutive inputs per channel: channel c is inputs ``offset + c * span ...``."""
 
     layer: str
     offset: int = 0
+    span: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,10 @@ class Rules:
     @staticmethod
     def protected(spec) -> list[str]:
         return []
+
+    @staticmethod
+    def heads(spec) -> list[str] | None:
+        return None
 
     @classmethod
     def remove_variables(cls, arch: str, spec, variables: dict, names) -> dict:
@@ -346,15 +355,35 @@ class YOLOv8Rules(Rules):
             c2fs=tuple(c2f(c) for c in spec.c2fs), sppf=sppf)
 
 
-class DetectorBackboneRules(Rules):
-    """Faster R-CNN and RetinaNet: the ResNet rules applied to ``backbone.body``. The FPN, the RPN
-    and the heads are protected (their widths are shared across pyramid levels)."""
+class DetectorRules(Rules):
+    """Faster R-CNN and RetinaNet. The ResNet-50 body's bottlenecks can go (the ResNet rules). Channel
+    groups: the body's (the FPN's lateral convs read the stage outputs), and
+
+    - ``backbone.fpn.inner_blocks``: the lateral convs' outputs, coupled by the top-down adds, read by
+      the 3x3 ``layer_blocks``;
+    - ``backbone.fpn.layer_blocks``: the FPN's outputs, coupled because the heads are shared over the
+      levels: every layer block (and RetinaNet's P6 and P7) makes them; P6 and P7, the RPN's conv,
+      fc6 (after RoIAlign: ``roi_size ** 2`` inputs a channel) and both subnets' first convs read them;
+    - ``rpn.head.conv.0.0``, ``roi_heads.box_head.fc6`` and ``fc7``,
+      ``head.{classification,regression}_head.conv.I.0``: one layer's output each.
+
+    The heads are the predictors (the RPN's ``cls_logits`` and ``bbox_pred``, ``box_predictor``, the
+    subnets' ``cls_logits`` and ``bbox_reg``): they keep their outputs and may read fewer inputs.
+    """
 
     prefix = "backbone.body."
+    fpn = "backbone.fpn."
+    subnets = {"classification_head": "cls_logits", "regression_head": "bbox_reg"}
+    fields = {"backbone.fpn.inner_blocks": "fpn_inner_width", "backbone.fpn.layer_blocks": "fpn_width",
+              "rpn.head.conv.0.0": "rpn_width", "roi_heads.box_head.fc6": "representation_size",
+              "roi_heads.box_head.fc7": "fc7_width"}
 
-    @staticmethod
-    def protected(spec) -> list[str]:
-        return ["backbone.fpn", "rpn", "roi_heads", "head"]
+    @classmethod
+    def heads(cls, spec) -> list[str]:
+        if isinstance(spec, FasterRCNNSpec):
+            return ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.cls_score",
+                    "roi_heads.box_predictor.bbox_pred"]
+        return [f"head.{subnet}.{last}" for subnet, last in cls.subnets.items()]
 
     @classmethod
     def removable(cls, spec) -> list[str]:
@@ -366,28 +395,67 @@ class DetectorBackboneRules(Rules):
 
     @classmethod
     def groups(cls, spec) -> list[ChannelGroup]:
-        """The ResNet groups; the FPN's lateral convs read the stage outputs (so those groups are protected)."""
-        fpn = {stage: (f"backbone.fpn.inner_blocks.{i}.0",) for i, stage in enumerate(spec.fpn_stages)}
+        fpn, stages, w = cls.fpn, range(len(spec.fpn_stages)), widths(spec)
+        readers = {stage: (f"{fpn}inner_blocks.{i}.0",) for i, stage in zip(stages, spec.fpn_stages)}
 
         def prefixed(slots):  # the body's layers; the FPN's are named in full already
-            return tuple(s if s.layer.startswith("backbone.fpn.") else Slot(cls.prefix + s.layer, s.offset)
-                         for s in slots)
+            return tuple(s if s.layer.startswith(fpn) else Slot(cls.prefix + s.layer, s.offset) for s in slots)
 
-        return [ChannelGroup(cls.prefix + g.name, g.width, prefixed(g.producers), prefixed(g.norms),
-                             prefixed(g.depthwise), prefixed(g.consumers))
-                for g in ResNetRules.groups(spec.body, readers=fpn)]
+        groups = [ChannelGroup(cls.prefix + g.name, g.width, prefixed(g.producers), prefixed(g.norms),
+                               prefixed(g.depthwise), prefixed(g.consumers))
+                  for g in ResNetRules.groups(spec.body, readers=readers)]
+        groups.append(ChannelGroup(f"{fpn}inner_blocks", w["fpn_inner"], tuple(f"{fpn}inner_blocks.{i}.0" for i in stages),
+                                   consumers=tuple(f"{fpn}layer_blocks.{i}.0" for i in stages)))
+        levels = tuple(f"{fpn}layer_blocks.{i}.0" for i in stages)
+        if isinstance(spec, FasterRCNNSpec):
+            fc6, fc7 = "roi_heads.box_head.fc6", "roi_heads.box_head.fc7"
+            return groups + [
+                ChannelGroup(f"{fpn}layer_blocks", w["fpn"], levels,
+                             consumers=("rpn.head.conv.0.0", Slot(fc6, 0, spec.roi_size ** 2))),
+                ChannelGroup("rpn.head.conv.0.0", w["rpn"], ("rpn.head.conv.0.0",),
+                             consumers=("rpn.head.cls_logits", "rpn.head.bbox_pred")),
+                ChannelGroup(fc6, w["fc6"], (fc6,), consumers=(fc7,)),
+                ChannelGroup(fc7, w["fc7"], (fc7,),
+                             consumers=("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"))]
+        extra = (f"{fpn}extra_blocks.p6", f"{fpn}extra_blocks.p7")
+        groups.append(ChannelGroup(f"{fpn}layer_blocks", w["fpn"], levels + extra,
+                                   consumers=(*extra, *(f"head.{subnet}.conv.0.0" for subnet in cls.subnets))))
+        for subnet, last in cls.subnets.items():
+            convs = [f"head.{subnet}.conv.{i}.0" for i in range(len(w[subnet]))]
+            groups += [ChannelGroup(conv, width, (conv,), consumers=(reader,))
+                       for conv, width, reader in zip(convs, w[subnet], convs[1:] + [f"head.{subnet}.{last}"])]
+        return groups
 
     @classmethod
     def resize(cls, spec, group: str, keep: int):
-        return dataclasses.replace(spec, body=ResNetRules.resize(spec.body, group.removeprefix(cls.prefix), keep))
+        if group.startswith(cls.prefix):
+            return dataclasses.replace(spec, body=ResNetRules.resize(spec.body, group.removeprefix(cls.prefix), keep))
+        w = widths(spec)  # every width explicit first: a width left None follows another one
+        explicit = {"fpn_inner_width": w["fpn_inner"], **({"rpn_width": w["rpn"], "fc7_width": w["fc7"]} if
+                    isinstance(spec, FasterRCNNSpec) else {f"{k}_widths": w[f"{k}_head"] for k in ("classification", "regression")})}
+        spec = dataclasses.replace(spec, **explicit)
+        if group in cls.fields:
+            return dataclasses.replace(spec, **{cls.fields[group]: keep})
+        match = re.fullmatch(r"head\.(classification|regression)_head\.conv\.(\d+)\.0", group)
+        if not match:
+            raise KeyError(group)
+        field = f"{match[1]}_widths"
+        return dataclasses.replace(spec, **{field: tuple(keep if i == int(match[2]) else x
+                                                         for i, x in enumerate(getattr(spec, field)))})
 
 
-RULES = {ResNetSpec: ResNetRules, FasterRCNNSpec: DetectorBackboneRules, RetinaNetSpec: DetectorBackboneRules, MobileNetV2Spec: MobileNetV2Rules, ShuffleNetV2Spec: ShuffleNetV2Rules,
-         YOLOv8Spec: YOLOv8Rules}
+RULES = {ResNetSpec: ResNetRules, FasterRCNNSpec: DetectorRules, RetinaNetSpec: DetectorRules,
+         MobileNetV2Spec: MobileNetV2Rules, ShuffleNetV2Spec: ShuffleNetV2Rules, YOLOv8Spec: YOLOv8Rules}
 
 
 def protected_units(spec) -> list[str]:
     return RULES[type(spec)].protected(spec) if type(spec) in RULES else []
+
+
+def prediction_heads(spec, layers) -> list[str]:
+    """The architecture's heads, else the layers the analysis calls heads."""
+    heads = RULES[type(spec)].heads(spec) if type(spec) in RULES else None
+    return [l.name for l in layers if l.kind == "head"] if heads is None else heads
 
 
 def rules_for(spec):

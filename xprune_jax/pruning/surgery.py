@@ -27,11 +27,12 @@ def restrict_to_spec(variables: dict, arch: str, spec) -> dict:
 
 
 def _kept(size: int, slots, width: int, keep: np.ndarray) -> np.ndarray:
-    """Indices along an axis of ``size`` that stay when each slot keeps only ``keep`` of its ``width``."""
+    """Indices along an axis of ``size`` that stay when each slot keeps only ``keep`` of its ``width``
+    channels (``span`` entries each)."""
     mask = np.ones(size, bool)
     for slot in slots:
-        mask[slot.offset:slot.offset + width] = False
-        mask[slot.offset + keep] = True
+        mask[slot.offset:slot.offset + width * slot.span] = False
+        mask[(slot.offset + keep[:, None] * slot.span + np.arange(slot.span)).ravel()] = True
     return np.flatnonzero(mask)
 
 
