@@ -121,3 +121,18 @@ def test_mobilenet_v2_skips_are_stated_by_the_spec():
     for block in data["blocks"]:
         del block["residual"]
     assert spec_from_dict(data) == spec
+
+
+def test_the_last_group_narrows_only_as_far_as_the_budget_needs():
+    """Faster R-CNN's groups are coarse (the FPN output group alone cuts ~15% of the FLOPs): the last
+    group taken keeps as many channels as still meet the budget, one rounding step more would miss."""
+    model = _detector("fasterrcnn_resnet50_fpn")
+    plan = make_plan(model, score_model_like(model, seed=1), "shrink", "flops=-30%")
+    assert 0.30 <= 1 - plan.flops_after / plan.flops_before < 0.31
+    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+    by_layer = {l.name: l for l in analysis.describe_layers(model.arch, model.spec, 256)}
+    last = plan.selected[-1]
+    wider = {**plan.keep_channels, last: list(range(len(plan.keep_channels[last]) + 8))}
+    assert len(wider[last]) < groups[last].width
+    saved, _ = _shrink_savings([groups[n] for n in plan.selected], wider, by_layer, model.variables["params"])
+    assert saved < 0.3 * plan.flops_before

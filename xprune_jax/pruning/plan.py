@@ -2,7 +2,8 @@
 (spec, variables) pair they produce.
 
 Budgets: ``layers=5%`` (the bottom fraction of the eligible units: the paper's global 5%),
-``flops=-30%`` or ``params=-30%`` (a reduction target). Modes: ``zero`` (the paper's; no speed-up),
+``flops=-30%`` or ``params=-30%`` (a reduction target; in shrink mode the last group taken narrows only as
+far as the target needs). Modes: ``zero`` (the paper's; no speed-up),
 ``remove`` (depth pruning), ``shrink`` (width pruning).
 """
 
@@ -85,11 +86,13 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
     else:
         by_layer = {l.name: l for l in layers}
         groups = {g.name: g for g in rules.groups(model.spec) if not _blocked(g, protected, heads)}
-        keep = {}
-        for name, g in groups.items():
-            n_keep = min(g.width - 1, max(round_to, math.ceil((1 - shrink_ratio) * g.width / round_to) * round_to))
-            channel = _group_channel_scores(scores, g, by_layer)
-            keep[name] = sorted(int(i) for i in np.argsort(-channel, kind="stable")[:n_keep])
+        order = {n: np.argsort(-_group_channel_scores(scores, g, by_layer), kind="stable") for n, g in groups.items()}
+
+        def top(name, n_keep):  # the group's n_keep best channels
+            return sorted(int(i) for i in order[name][:n_keep])
+
+        keep = {n: top(n, min(g.width - 1, max(round_to, math.ceil((1 - shrink_ratio) * g.width / round_to) * round_to)))
+                for n, g in groups.items()}
         groups = {n: g for n, g in groups.items() if 0 < len(keep[n]) < g.width}
         group_score = {n: float(np.mean([score[p.layer] for p in g.producers])) for n, g in groups.items()}
         ranked = sorted(groups, key=lambda n: (group_score[n], n))
@@ -98,6 +101,14 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
             return _shrink_savings([groups[n] for n in chosen], keep, by_layer, model.variables["params"])
 
         chosen = _take(ranked, kind, target, savings, flops_before, params_before, mode, model.arch)
+        if kind != "layers":  # the last group narrows only as far as the budget needs (a big one overshoots)
+            last, index = chosen[-1], 0 if kind == "flops" else 1
+            need = target * (flops_before if kind == "flops" else params_before)
+            for n_keep in range(len(keep[last]) + round_to, groups[last].width, round_to):
+                wider = {**keep, last: top(last, n_keep)}
+                if _shrink_savings([groups[n] for n in chosen], wider, by_layer, model.variables["params"])[index] < need:
+                    break
+                keep = wider
         keep = {n: keep[n] for n in chosen}
         spec = model.spec
         for n in chosen:
