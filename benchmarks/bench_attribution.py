@@ -29,29 +29,27 @@ use (e.g. under ``taskset``), torch and XLA alike.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+import bench_common
+
 
 def _parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_common.parser(__doc__)
     p.add_argument("--out", help="JSON file for the results (the main run)")
     p.add_argument("--arch", default="retinanet_resnet50_fpn")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--coco", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco_val2017_subset"))
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=["jax forward", "jax score", "torch forward", "torch hooks"],
                    help="internal: measure the peak RSS of one of the four in this process")
     return p.parse_args()
 
 
 ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.threads > 0:  # before jax starts: XLA sizes its thread pool from the affinity
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:ARGS.threads])
+if ARGS is not None:
+    bench_common.pin_cpus(ARGS.threads)
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

@@ -40,22 +40,20 @@ process may use (e.g. under ``taskset``), torch and XLA alike.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+import bench_common
+
 
 def _parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_common.parser(__doc__)
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--archs", default="yolov8n,retinanet_resnet50_fpn,fasterrcnn_resnet50_fpn")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--throughput_images", type=int, default=16)
-    p.add_argument("--coco", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco_val2017_subset"))
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--yolo_class_bias", type=float, default=-5.0,
                    help="mean class-logit bias of the random YOLOv8 head: -5 gives the 30000 NMS candidates "
                         "(Ultralytics' max_nms) per image, lower values fewer")
@@ -63,8 +61,8 @@ def _parse():
 
 
 ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.threads > 0:  # before jax starts: XLA sizes its thread pool from the affinity
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:ARGS.threads])
+if ARGS is not None:
+    bench_common.pin_cpus(ARGS.threads)
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
@@ -174,7 +172,7 @@ def random_rcnn(arch: str, calibration: list[np.ndarray]) -> Detector:
 
     def body_fpn(variables, x):
         stages = body(variables, x)
-        return FeaturePyramidNetwork(s.fpn_width, rcnn_widths(s)["fpn_inner"], fpn_mode).apply(
+        return FeaturePyramidNetwork(s.fpn_width, rcnn_widths(s)["fpn_inner_width"], fpn_mode).apply(
             _submodule_variables(variables, "backbone.fpn"), [stages[k] for k in s.fpn_stages])
 
     transform = torch_model.transform

@@ -23,13 +23,14 @@ against ``zero``, ``remove`` and ``shrink`` at about -30% FLOPs, side by side in
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+import bench_common
+
 
 def _parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_common.parser(__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--archs", default="resnet50,mobilenet_v2,shufflenet_v2_x1_0,yolov8n,retinanet_resnet50_fpn,"
                                       "fasterrcnn_resnet50_fpn")
@@ -37,16 +38,13 @@ def _parse():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--detector_repeats", type=int, default=5, help="repeats for the R-CNN detectors (seconds per call)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--target", type=float, default=30.0, help="FLOPs cut in percent")
-    p.add_argument("--coco", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco_val2017_subset"))
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
 
 ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.threads > 0:  # before jax starts: XLA sizes its thread pool from the affinity
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:ARGS.threads])
+if ARGS is not None:
+    bench_common.pin_cpus(ARGS.threads)
 
 import json  # noqa: E402
 import tempfile  # noqa: E402

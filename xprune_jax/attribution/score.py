@@ -115,7 +115,6 @@ def detection_targets(annotation_file: str, paths: list[str],
     ``class_indices`` maps category ids to them (the pipeline's ``class_indices``)."""
     from xprune_jax.evaluation.coco import load_ground_truth
 
-    to_class = class_indices
     if not os.path.isfile(annotation_file):
         raise UserError(f"the loss objective needs ground truth, but {annotation_file} does not exist; "
                         "give a COCO root with annotations for the calibration split, or use --objective=confidence")
@@ -127,12 +126,12 @@ def detection_targets(annotation_file: str, paths: list[str],
         if name not in ids:
             raise UserError(f"calibration image {name} has no entry in {annotation_file}; calibrate on annotated images")
         annotations = [a for a in coco.imgToAnns[ids[name]] if not a.get("iscrowd")]
-        unknown = {a["category_id"] for a in annotations} - set(to_class)
+        unknown = {a["category_id"] for a in annotations} - set(class_indices)
         if unknown:
             raise UserError(f"{annotation_file} uses category ids {sorted(unknown)} that this model does not "
                             "predict; calibrate on data with the model's classes")
         targets.append((np.asarray([a["bbox"] for a in annotations], np.float32).reshape(-1, 4),
-                        np.asarray([to_class[a["category_id"]] for a in annotations], np.int32)))
+                        np.asarray([class_indices[a["category_id"]] for a in annotations], np.int32)))
     return targets
 
 

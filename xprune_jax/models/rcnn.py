@@ -112,12 +112,12 @@ class RetinaNetSpec:
 
 
 def widths(spec: "FasterRCNNSpec | RetinaNetSpec") -> dict[str, "int | tuple[int, ...]"]:
-    """Every width of the FPN and the heads, the None defaults filled in."""
-    out = {"fpn": spec.fpn_width, "fpn_inner": spec.fpn_inner_width or spec.fpn_width}
+    """Every width field of the FPN and the heads, by field name, the None defaults filled in."""
+    out = {"fpn_width": spec.fpn_width, "fpn_inner_width": spec.fpn_inner_width or spec.fpn_width}
     if isinstance(spec, FasterRCNNSpec):
-        return {**out, "rpn": spec.rpn_width or spec.fpn_width, "fc6": spec.representation_size,
-                "fc7": spec.fc7_width or spec.representation_size}
-    return {**out, **{f"{subnet}_head": getattr(spec, f"{subnet}_widths") or (spec.fpn_width,) * spec.head_depth
+        return {**out, "rpn_width": spec.rpn_width or spec.fpn_width, "representation_size": spec.representation_size,
+                "fc7_width": spec.fc7_width or spec.representation_size}
+    return {**out, **{f"{subnet}_widths": getattr(spec, f"{subnet}_widths") or (spec.fpn_width,) * spec.head_depth
                       for subnet in ("classification", "regression")}}
 
 
@@ -251,7 +251,7 @@ class RegionProposalNetwork(nn.Module):
         s = self.spec
         num_anchors = len(s.aspect_ratios) * len(s.anchor_sizes[0])
         batch = levels[0].shape[0]
-        t = _relu(SharedConv2d(widths(s)["rpn"], 3, name="head.conv.0.0")(levels))
+        t = _relu(SharedConv2d(widths(s)["rpn_width"], 3, name="head.conv.0.0")(levels))
         head_logits = SharedConv2d(num_anchors, 1, name="head.cls_logits")(t)
         head_deltas = SharedConv2d(4 * num_anchors, 1, name="head.bbox_pred")(t)
         # (y, x, anchor) order within each level, as torch's permute_and_flatten.
@@ -303,7 +303,7 @@ class RoIHeads(nn.Module):
         pooled = multiscale_roi_align(levels, rois, input_shape, s.roi_size, s.roi_sampling_ratio)
         x = pooled.transpose(0, 1, 4, 2, 3).reshape(batch * num_rois, -1)  # torch's (C, H, W) flatten for fc6
         x = nn.relu(Linear(s.representation_size, name="box_head.fc6")(x))
-        x = nn.relu(Linear(widths(s)["fc7"], name="box_head.fc7")(x))
+        x = nn.relu(Linear(widths(s)["fc7_width"], name="box_head.fc7")(x))
         logits = Linear(s.num_classes, name="box_predictor.cls_score")(x).reshape(batch, num_rois, -1)
         deltas = Linear(4 * s.num_classes, name="box_predictor.bbox_pred")(x).reshape(batch, num_rois, -1, 4)
         return logits, deltas
@@ -342,7 +342,7 @@ class FasterRCNN(nn.Module):
     def __call__(self, images, targets: dict | None = None):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
-        levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner"], "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
+        levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner_width"], "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
         if targets is None:
             proposals, valid, _ = RegionProposalNetwork(s, name="rpn")(levels, image_sizes, input_shape)
             logits, deltas = RoIHeads(s, name="roi_heads")(levels[:-1], proposals, input_shape)
@@ -375,7 +375,7 @@ class RetinaNetHead(nn.Module):
 
         def subnet(prefix: str, last: str, outputs: int) -> list[jax.Array]:
             x = levels
-            for i, width in enumerate(widths(s)[prefix]):
+            for i, width in enumerate(widths(s)[prefix.replace("_head", "_widths")]):
                 x = _relu(SharedConv2d(width, 3, name=f"{prefix}.conv.{i}.0")(x))
             return SharedConv2d(outputs, 3, name=f"{prefix}.{last}")(x)
 
@@ -393,7 +393,7 @@ class RetinaNet(nn.Module):
     def __call__(self, images):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
-        levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner"], "p6p7", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
+        levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner_width"], "p6p7", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
         coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         scores, boxes, labels, confidence = [], [], [], []
         for (logits, deltas), anchors in zip(RetinaNetHead(s, name="head")(levels), _anchors(s, levels, input_shape)):

@@ -404,36 +404,34 @@ class DetectorRules(Rules):
         groups = [ChannelGroup(cls.prefix + g.name, g.width, prefixed(g.producers), prefixed(g.norms),
                                prefixed(g.depthwise), prefixed(g.consumers))
                   for g in ResNetRules.groups(spec.body, readers=readers)]
-        groups.append(ChannelGroup(f"{fpn}inner_blocks", w["fpn_inner"], tuple(f"{fpn}inner_blocks.{i}.0" for i in stages),
+        groups.append(ChannelGroup(f"{fpn}inner_blocks", w["fpn_inner_width"], tuple(f"{fpn}inner_blocks.{i}.0" for i in stages),
                                    consumers=tuple(f"{fpn}layer_blocks.{i}.0" for i in stages)))
         levels = tuple(f"{fpn}layer_blocks.{i}.0" for i in stages)
         if isinstance(spec, FasterRCNNSpec):
             fc6, fc7 = "roi_heads.box_head.fc6", "roi_heads.box_head.fc7"
             return groups + [
-                ChannelGroup(f"{fpn}layer_blocks", w["fpn"], levels,
+                ChannelGroup(f"{fpn}layer_blocks", w["fpn_width"], levels,
                              consumers=("rpn.head.conv.0.0", Slot(fc6, 0, spec.roi_size ** 2))),
-                ChannelGroup("rpn.head.conv.0.0", w["rpn"], ("rpn.head.conv.0.0",),
+                ChannelGroup("rpn.head.conv.0.0", w["rpn_width"], ("rpn.head.conv.0.0",),
                              consumers=("rpn.head.cls_logits", "rpn.head.bbox_pred")),
-                ChannelGroup(fc6, w["fc6"], (fc6,), consumers=(fc7,)),
-                ChannelGroup(fc7, w["fc7"], (fc7,),
+                ChannelGroup(fc6, w["representation_size"], (fc6,), consumers=(fc7,)),
+                ChannelGroup(fc7, w["fc7_width"], (fc7,),
                              consumers=("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"))]
         extra = (f"{fpn}extra_blocks.p6", f"{fpn}extra_blocks.p7")
-        groups.append(ChannelGroup(f"{fpn}layer_blocks", w["fpn"], levels + extra,
+        groups.append(ChannelGroup(f"{fpn}layer_blocks", w["fpn_width"], levels + extra,
                                    consumers=(*extra, *(f"head.{subnet}.conv.0.0" for subnet in cls.subnets))))
         for subnet, last in cls.subnets.items():
-            convs = [f"head.{subnet}.conv.{i}.0" for i in range(len(w[subnet]))]
+            subnet_widths = w[subnet.replace("_head", "_widths")]
+            convs = [f"head.{subnet}.conv.{i}.0" for i in range(len(subnet_widths))]
             groups += [ChannelGroup(conv, width, (conv,), consumers=(reader,))
-                       for conv, width, reader in zip(convs, w[subnet], convs[1:] + [f"head.{subnet}.{last}"])]
+                       for conv, width, reader in zip(convs, subnet_widths, convs[1:] + [f"head.{subnet}.{last}"])]
         return groups
 
     @classmethod
     def resize(cls, spec, group: str, keep: int):
         if group.startswith(cls.prefix):
             return dataclasses.replace(spec, body=ResNetRules.resize(spec.body, group.removeprefix(cls.prefix), keep))
-        w = widths(spec)  # every width explicit first: a width left None follows another one
-        explicit = {"fpn_inner_width": w["fpn_inner"], **({"rpn_width": w["rpn"], "fc7_width": w["fc7"]} if
-                    isinstance(spec, FasterRCNNSpec) else {f"{k}_widths": w[f"{k}_head"] for k in ("classification", "regression")})}
-        spec = dataclasses.replace(spec, **explicit)
+        spec = dataclasses.replace(spec, **widths(spec))  # every width explicit: one left None follows another
         if group in cls.fields:
             return dataclasses.replace(spec, **{cls.fields[group]: keep})
         match = re.fullmatch(r"head\.(classification|regression)_head\.conv\.(\d+)\.0", group)
