@@ -104,13 +104,13 @@ def _mask_channels(model: Model, plan: Plan) -> dict:
         group = groups[name]
         dropped = np.setdiff1d(np.arange(group.width), plan.keep_channels[name])
         for slot in group.norms:
-            tree_paths.get(variables["params"], slot.layer)["scale"][slot.offset + dropped] = 0
-            tree_paths.get(variables["params"], slot.layer)["bias"][slot.offset + dropped] = 0
+            tree_paths.get(variables["params"], slot.layer)["scale"][slot.positions(dropped)] = 0
+            tree_paths.get(variables["params"], slot.layer)["bias"][slot.positions(dropped)] = 0
         if not group.norms:
             for slot in group.producers:
                 layer = tree_paths.get(variables["params"], slot.layer)
-                layer["kernel"][..., slot.offset + dropped] = 0
-                layer["bias"][slot.offset + dropped] = 0
+                layer["kernel"][..., slot.positions(dropped)] = 0
+                layer["bias"][slot.positions(dropped)] = 0
     return variables
 
 

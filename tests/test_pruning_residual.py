@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_pruning import _detector, _load, _mask_channels, _model, _run, score_model_like
+from tests.test_pruning import _detector, _load, _mask_channels, _mask_removed, _model, _run, score_model_like
 from converters.reference import relative_error
 from xprune_jax import analysis, tree_paths
+from xprune_jax.checkpoint import load_model, save_model
 from xprune_jax.errors import UserError
 from xprune_jax.models.mobilenet_v2 import mobilenet_v2_spec
 from xprune_jax.models.resnet import resnet_spec
+from xprune_jax.models.shufflenet_v2 import shufflenet_v2_spec
 from xprune_jax.pruning.plan import _shrink_savings, apply_plan, count_params, make_plan
 from xprune_jax.pruning.rules import ResNetRules, rules_for
 from xprune_jax.spec import spec_from_dict, spec_to_dict
@@ -26,7 +28,10 @@ SIZE = 64  # small inputs keep ResNet-50's runs short; the groups don't depend o
 COUPLED_GROUPS = {
     "resnet50": ["layer1", "layer2", "layer3", "layer4"],
     "mobilenet_v2": ["features.1.conv.1", "features.2.conv.2", "features.4.conv.2", "features.7.conv.2",
-                     "features.11.conv.2", "features.14.conv.2", "features.17.conv.2"],
+                     "features.11.conv.2", "features.14.conv.2", "features.17.conv.2", "features.18.0"],
+    # scattered by the channel shuffle: through a stage, into the next stage's first unit, into conv5
+    "shufflenet_v2_x1_0": ["stage2.0.branch1.2", "stage2.2.branch2.5", "stage3.0.branch2.5", "stage4.3.branch2.5",
+                           "conv5.0"],
 }
 
 
@@ -136,3 +141,54 @@ def test_the_last_group_narrows_only_as_far_as_the_budget_needs():
     assert len(wider[last]) < groups[last].width
     saved, _ = _shrink_savings([groups[n] for n in plan.selected], wider, by_layer, model.variables["params"])
     assert saved < 0.3 * plan.flops_before
+
+
+def test_shufflenet_v2_groups_follow_the_channel_shuffle():
+    """torchvision's shuffle interleaves a unit's two branches; the next unit passes its first half by
+    the branch and reads the second half. So stage2.0's branch1 channels 0-28 pass stage2.1 and
+    channels 29-57 are its branch's even inputs; the last unit's branch feeds conv5's odd inputs."""
+    spec = shufflenet_v2_spec("shufflenet_v2_x1_0")
+    groups = {g.name: g for g in rules_for(spec).groups(spec)}
+    reader = {s.layer: s.index for s in groups["stage2.0.branch1.2"].consumers}["stage2.1.branch2.0"]
+    assert reader == (-1,) * 29 + tuple(range(0, 58, 2))
+    assert [(s.layer, s.index) for s in groups["stage4.3.branch2.5"].consumers] == [("conv5.0", tuple(range(1, 464, 2)))]
+    into_stage3 = groups["stage2.3.branch2.5"]  # read by both branches of stage3.0, through its depthwise conv and BN
+    assert [s.layer for s in into_stage3.depthwise] == ["stage3.0.branch1.0"]
+    assert [s.layer for s in into_stage3.norms] == ["stage2.3.branch2.6", "stage3.0.branch1.1"]
+    assert [s.layer for s in into_stage3.consumers] == ["stage3.0.branch1.2", "stage3.0.branch2.0"]
+    assert "conv1.0" not in groups and "stage2.0.branch1.0" not in groups  # the stem's channels: protected
+
+
+def _check_surgery(model, plan, images):
+    """The pruned model equals the original with the plan's units masked; returns the pruned model."""
+    pruned = apply_plan(model, plan)
+    masked = _mask_removed(model, plan.selected) if plan.mode == "remove" else _mask_channels(model, plan)
+    want = _run(dataclasses.replace(model, variables=masked), images)
+    assert relative_error(_run(pruned, images), want) < 1e-5
+    assert relative_error(want, _run(model, images)) > 1e-3
+    assert plan.flops_after == analysis.total_flops(analysis.describe_layers(model.arch, pruned.spec, SIZE))
+    assert plan.params_after == count_params(model.arch, pruned.spec)
+    return pruned
+
+
+def test_shufflenet_v2_remove_shrink_and_shrink_again(small_images, tmp_path):
+    """remove -> shrink every group (stage widths through identity units) -> reload -> shrink again
+    (over explicit channel orders), each step exact. A unit whose branch no longer keeps its input's
+    width can't become the identity."""
+    model = dataclasses.replace(_model("shufflenet_v2_x1_0"), meta={"preprocess": {"crop": SIZE}})
+    removed = _check_surgery(model, make_plan(model, score_model_like(model, seed=13), "remove", "layers=40%"), small_images)
+    plan = make_plan(removed, score_model_like(removed, seed=14), "shrink", "layers=99.9%")
+    assert {"stage2.0.branch1.2", "stage3.0.branch2.5", "conv5.0"} <= set(plan.selected)
+    shrunk = _check_surgery(removed, plan, small_images)
+    assert sum(u.order is not None for u in shrunk.spec.units) > 8 and any(u.split is not None for u in shrunk.spec.units)
+    save_model(shrunk, str(tmp_path / "shrunk"))
+    reloaded = load_model(str(tmp_path / "shrunk"))
+    assert reloaded.spec == shrunk.spec
+    np.testing.assert_array_equal(_run(reloaded, small_images), _run(shrunk, small_images))
+    removable = set(rules_for(shrunk.spec).removable(shrunk.spec))
+    stuck = [u.name for u in shrunk.spec.units if u.stride == 1 and u.branch2 and u.name not in removable]
+    assert stuck
+    with pytest.raises(UserError, match=f"names '{stuck[0]}', which is not a remove-able unit"):
+        apply_plan(shrunk, dataclasses.replace(plan, mode="remove", selected=[stuck[0]], keep_channels={}))
+    again = make_plan(reloaded, score_model_like(reloaded, seed=15), "shrink", "layers=99.9%", round_to=2)
+    _check_surgery(reloaded, again, small_images)

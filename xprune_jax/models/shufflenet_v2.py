@@ -4,6 +4,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from xprune_jax.models.layers import Conv2d, Linear, batch_norm, capture, channel_shuffle, max_pool
 from xprune_jax.spec import register_spec
@@ -16,6 +17,11 @@ class ShuffleUnitSpec:
     stride: int
     branch1: int | None  # output width of branch1 (stride-2 units only)
     branch2: tuple[int, int] | None  # (mid, out) widths of branch2's 1x1 convs; None: identity
+    # Channel routing, set by stage-width pruning (None: torchvision's). ``split``: how many leading
+    # input channels of a stride-1 unit pass by the branch (None: half). ``order``: the output's
+    # channels as indices into concat(left, right) (None: the channel shuffle of 2 groups).
+    split: int | None = None
+    order: tuple[int, ...] | None = None
 
 
 @register_spec
@@ -51,7 +57,8 @@ class ShuffleUnit(nn.Module):
     def __call__(self, x):
         s = self.spec
         if s.stride == 1:
-            left, right = jnp.split(x, 2, axis=-1)
+            split = x.shape[-1] // 2 if s.split is None else s.split
+            left, right = x[..., :split], x[..., split:]
         else:
             c = x.shape[-1]
             left = batch_norm("branch1.1")(Conv2d(c, 3, s.stride, groups=c, name="branch1.0")(x))
@@ -62,7 +69,8 @@ class ShuffleUnit(nn.Module):
             right = nn.relu(batch_norm("branch2.1")(Conv2d(mid, 1, name="branch2.0")(right)))
             right = batch_norm("branch2.4")(Conv2d(mid, 3, s.stride, groups=mid, name="branch2.3")(right))
             right = nn.relu(batch_norm("branch2.6")(Conv2d(out, 1, name="branch2.5")(right)))
-        return capture(self, channel_shuffle(jnp.concatenate([left, right], axis=-1), 2))
+        y = jnp.concatenate([left, right], axis=-1)
+        return capture(self, channel_shuffle(y, 2) if s.order is None else jnp.take(y, np.asarray(s.order), axis=-1))
 
 
 class ShuffleNetV2(nn.Module):

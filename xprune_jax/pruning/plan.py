@@ -112,7 +112,7 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), sh
         keep = {n: keep[n] for n in chosen}
         spec = model.spec
         for n in chosen:
-            spec = rules.resize(spec, n, len(keep[n]))
+            spec = rules.resize(spec, n, keep[n])
     after = analysis.total_flops(analysis.describe_layers(model.arch, spec, analysis.input_size(model)))
     return Plan(mode, budget, scores["criterion"], chosen, keep, protected, flops_before, after,
                 params_before, count_params(model.arch, spec))
@@ -161,12 +161,12 @@ def _shrink_savings(groups, keep: dict, by_layer, params: dict) -> tuple[int, in
     that share it; each BN loses two parameters a dropped channel."""
     dropped_out, dropped_in, bn_params = collections.Counter(), collections.Counter(), 0
     for g in groups:
-        dropped = g.width - len(keep[g.name])
+        dropped = np.setdiff1d(np.arange(g.width), keep[g.name])
         for slot in g.producers + g.depthwise:
-            dropped_out[slot.layer] += dropped
+            dropped_out[slot.layer] += len(slot.positions(dropped))
         for slot in g.consumers:
-            dropped_in[slot.layer] += dropped * slot.span
-        bn_params += 2 * len(g.norms) * dropped
+            dropped_in[slot.layer] += len(slot.positions(dropped))
+        bn_params += 2 * sum(len(slot.positions(dropped)) for slot in g.norms)
     flops = saved_params = 0
     for name in dropped_out.keys() | dropped_in.keys():
         layer = tree_paths.get(params, name)
@@ -183,7 +183,7 @@ def _group_channel_scores(scores: dict, group, by_layer) -> np.ndarray:
     total = np.zeros(group.width)
     for p in group.producers:
         values = np.asarray(_channel_scores(scores, p.layer, by_layer[p.layer].shape[-1]), float)
-        total += values[p.offset:p.offset + group.width]
+        total += values[p.positions(np.arange(group.width))]
     return total
 
 
@@ -248,6 +248,6 @@ def apply_plan(model: Model, plan: Plan) -> Model:
             group = next(g for g in rules.groups(spec) if g.name == name)
             keep = np.asarray(plan.keep_channels[name])
             variables = surgery.shrink_group(variables, group, keep)
-            spec = rules.resize(spec, name, len(keep))
+            spec = rules.resize(spec, name, keep)
     meta = {**model.meta, "plans": [*model.meta.get("plans", []), dataclasses.asdict(plan)]}
     return Model(model.arch, spec, variables, meta)

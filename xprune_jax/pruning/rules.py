@@ -5,7 +5,8 @@
 - ``groups(spec)``: channel groups that can shrink together (width pruning): the convs that produce
   the channels, the BNs and depthwise convs that carry them, and the convs that consume them, each
   with the offset of the group's channels in it (concat slots, split halves).
-- ``resize(spec, group, keep)``: the spec with a group narrowed to ``keep`` channels.
+- ``resize(spec, group, kept)``: the spec with a group narrowed to the channels ``kept`` (their
+  number, except where a shuffle routes channels one by one).
 - ``protected(spec)``: units never pruned by default beyond the stem and the heads.
 - ``heads(spec)``: the layers that make the network's outputs (protected, but they may read fewer
   inputs); by default those the layer analysis calls heads (a classifier's fc).
@@ -19,6 +20,8 @@ import dataclasses
 import re
 import typing
 
+import numpy as np
+
 from xprune_jax.errors import UserError
 from xprune_jax.models.mobilenet_v2 import MobileNetV2Spec
 from xprune_jax.models.rcnn import FasterRCNNSpec, RetinaNetSpec, widths
@@ -31,11 +34,22 @@ class Slot(typing.NamedTuple):
     """The group's ``width`` channels inside one layer: its channels ``offset ... offset + width - 1``
     (of the output for producers, norms and depthwise convs; of the input for consumers). A consumer
     whose input is a flattened ``(C, H, W)`` map (Faster R-CNN's fc6 after RoIAlign) reads ``span =
-    H * W`` consecutive inputs per channel: channel c is inputs ``offset + c * span ...``."""
+    H * W`` consecutive inputs per channel: channel c is inputs ``offset + c * span ...``. Channels
+    scattered by a shuffle have an ``index`` instead: channel c sits at ``index[c]``, or is not in
+    the layer if that is -1."""
 
     layer: str
     offset: int = 0
     span: int = 1
+    index: tuple[int, ...] | None = None
+
+    def positions(self, channels) -> np.ndarray:
+        """Where the group's ``channels`` sit along the layer's channel axis (those it has)."""
+        channels = np.asarray(channels, int)
+        if self.index is not None:
+            found = np.asarray(self.index, int)[channels]
+            return found[found >= 0]
+        return (self.offset + channels[:, None] * self.span + np.arange(self.span)).ravel()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +146,8 @@ class ResNetRules(Rules):
         return groups
 
     @classmethod
-    def resize(cls, spec: ResNetSpec, group: str, keep: int) -> ResNetSpec:
+    def resize(cls, spec: ResNetSpec, group: str, kept) -> ResNetSpec:
+        keep = len(kept)
         stage = [b.name for b in cls._stages(spec).get(group, ())]
         if stage:
             return dataclasses.replace(spec, blocks=tuple(
@@ -149,7 +164,8 @@ class MobileNetV2Rules(Rules):
     (``features.N.conv.0.0``) and the output width of each chain of blocks joined by skip adds, named
     by the projection conv of its first block, which has no skip (``features.4.conv.2``): the chain's
     projection convs and their BNs produce it, the next blocks' expansion convs and ``features.18.0``
-    read it. Every block but the first (which reads the protected stem) expands."""
+    read it. Every block but the first (which reads the protected stem) expands. And the last 1x1 conv's
+    output (``features.18.0``), which the classifier reads."""
 
     @staticmethod
     def removable(spec: MobileNetV2Spec) -> list[str]:
@@ -188,41 +204,141 @@ class MobileNetV2Rules(Rules):
             readers = [f"{b.name}.conv.0.0" for b in blocks[1:] + after] + ([] if after else ["features.18.0"])
             groups.append(ChannelGroup(projections[0][0], blocks[0].out, tuple(conv for conv, _ in projections),
                                        tuple(bn for _, bn in projections), (), tuple(readers)))
-        return groups
+        return groups + [ChannelGroup("features.18.0", spec.last, ("features.18.0",), ("features.18.1",), (),
+                                      ("classifier.1",))]
 
     @classmethod
-    def resize(cls, spec: MobileNetV2Spec, group: str, keep: int) -> MobileNetV2Spec:
+    def resize(cls, spec: MobileNetV2Spec, group: str, kept) -> MobileNetV2Spec:
+        keep = len(kept)
+        if group == "features.18.0":
+            return dataclasses.replace(spec, last=keep)
         chain = [b.name for b in cls._chains(spec).get(group, ())]
         return dataclasses.replace(spec, blocks=tuple(
             dataclasses.replace(b, out=keep) if b.name in chain else
             dataclasses.replace(b, hidden=keep) if group == f"{b.name}.conv.0.0" else b for b in spec.blocks))
 
 
+class _UnitTrace(typing.NamedTuple):
+    """One ShuffleNetV2 unit's channels, each named by a tag ``(producing layer, channel)``."""
+
+    inputs: list
+    left: list  # concat's first part: the passed-by inputs (stride 1) or branch1's outputs (stride 2)
+    right: list  # the inputs branch2 reads (stride 1: those after the split; stride 2: all)
+    concat: list  # left + branch2's outputs (or ``right`` when the branch is the identity)
+    outputs: list
+
+
+def _shuffle(width: int) -> list[int]:
+    """torchvision's channel shuffle of 2 groups as an index list: output j*2+g is input g*width/2+j."""
+    return [g * (width // 2) + j for j in range(width // 2) for g in range(2)]
+
+
 class ShuffleNetV2Rules(Rules):
-    """A stride-1 unit's branch can become the identity (the channel shuffle stays); the branch's
-    middle width can shrink."""
+    """A stride-1 unit's branch can become the identity (the channel shuffle stays) while it keeps the
+    width of its input. Channel groups:
+
+    - ``{unit}.branch2.0``: a branch's middle width;
+    - ``{unit}.branch1.2``, ``{unit}.branch2.5``: a branch's output width. The channel shuffle scatters
+      these channels: at each later unit of the stage a channel either passes by the branch or is
+      read by it (and ends there); what leaves the stage is read by the next stage's first unit (both
+      branches, through branch1's depthwise conv and BN) or by ``conv5.0``. So their slots in later
+      layers are index lists (:func:`_trace` follows every channel), and narrowing one rewrites the
+      units' ``split`` and ``order`` (the shuffle as an explicit gather);
+    - ``conv5.0``: the last conv's output, which the classifier reads.
+
+    The stem's channels (read by ``stage2.0``) form no group: the stem is protected.
+    """
 
     @staticmethod
-    def removable(spec: ShuffleNetV2Spec) -> list[str]:
-        return [u.name for u in spec.units if u.stride == 1 and u.branch2 is not None]
+    def _trace(spec: ShuffleNetV2Spec) -> tuple[list[_UnitTrace], list]:
+        """Every channel followed through the units; returns each unit's trace and conv5's inputs."""
+        x, traces = [("conv1.0", c) for c in range(spec.stem)], []
+        for u in spec.units:
+            if u.stride == 1:
+                split = len(x) // 2 if u.split is None else u.split
+                left, right = x[:split], x[split:]
+            else:
+                left, right = [(f"{u.name}.branch1.2", c) for c in range(u.branch1)], x
+            made = right if u.branch2 is None else [(f"{u.name}.branch2.5", c) for c in range(u.branch2[1])]
+            concat = left + made
+            outputs = [concat[i] for i in (_shuffle(len(concat)) if u.order is None else u.order)]
+            traces.append(_UnitTrace(x, left, right, concat, outputs))
+            x = outputs
+        return traces, x
+
+    @classmethod
+    def removable(cls, spec: ShuffleNetV2Spec) -> list[str]:
+        traces, _ = cls._trace(spec)
+        return [u.name for u, t in zip(spec.units, traces)
+                if u.stride == 1 and u.branch2 is not None and len(t.right) == u.branch2[1]]
 
     @staticmethod
     def remove(spec: ShuffleNetV2Spec, names) -> ShuffleNetV2Spec:
         return dataclasses.replace(spec, units=tuple(
             dataclasses.replace(u, branch2=None) if u.name in names else u for u in spec.units))
 
-    @staticmethod
-    def groups(spec: ShuffleNetV2Spec) -> list[ChannelGroup]:
-        return [ChannelGroup(f"{u.name}.branch2.0", u.branch2[0], (f"{u.name}.branch2.0",),
-                             (f"{u.name}.branch2.1", f"{u.name}.branch2.4"), (f"{u.name}.branch2.3",),
-                             (f"{u.name}.branch2.5",))
-                for u in spec.units if u.branch2 is not None]
+    @classmethod
+    def groups(cls, spec: ShuffleNetV2Spec) -> list[ChannelGroup]:
+        traces, last_inputs = cls._trace(spec)
+        widths = {f"{u.name}.branch{b}": w for u in spec.units
+                  for b, w in ((1, u.branch1), (2, u.branch2 and u.branch2[1])) if w}
+        slots = {name: {"norms": {}, "depthwise": {}, "consumers": {}} for name in widths}  # group -> kind -> layer -> index
 
-    @staticmethod
-    def resize(spec: ShuffleNetV2Spec, group: str, keep: int) -> ShuffleNetV2Spec:
-        unit_name = group.removesuffix(".branch2.0")
-        return dataclasses.replace(spec, units=tuple(
-            dataclasses.replace(u, branch2=(keep, u.branch2[1])) if u.name == unit_name else u for u in spec.units))
+        def read(tags, kind, layer):
+            for position, (producer, channel) in enumerate(tags):
+                branch = producer.rsplit(".", 1)[0]  # the tag's group: {unit}.branch1 / .branch2
+                if branch in slots:
+                    slots[branch][kind].setdefault(layer, [-1] * widths[branch])[channel] = position
+
+        for u, t in zip(spec.units, traces):
+            if u.stride == 2:
+                read(t.right, "depthwise", f"{u.name}.branch1.0")
+                read(t.right, "norms", f"{u.name}.branch1.1")
+                read(t.right, "consumers", f"{u.name}.branch1.2")
+            if u.branch2 is not None:
+                read(t.right, "consumers", f"{u.name}.branch2.0")
+        read(last_inputs, "consumers", "conv5.0")
+        groups = []
+        for branch, width in widths.items():
+            conv, bn = (f"{branch}.2", f"{branch}.3") if branch.endswith("1") else (f"{branch}.5", f"{branch}.6")
+            indexed = {kind: tuple(Slot(layer, index=tuple(index)) for layer, index in by_layer.items())
+                       for kind, by_layer in slots[branch].items()}
+            groups.append(ChannelGroup(conv, width, (conv,), (bn, *indexed["norms"]), indexed["depthwise"],
+                                       indexed["consumers"]))
+        groups += [ChannelGroup(f"{u.name}.branch2.0", u.branch2[0], (f"{u.name}.branch2.0",),
+                                (f"{u.name}.branch2.1", f"{u.name}.branch2.4"), (f"{u.name}.branch2.3",),
+                                (f"{u.name}.branch2.5",))
+                   for u in spec.units if u.branch2 is not None]
+        return groups + [ChannelGroup("conv5.0", spec.last, ("conv5.0",), ("conv5.1",), (), ("fc",))]
+
+    @classmethod
+    def resize(cls, spec: ShuffleNetV2Spec, group: str, kept) -> ShuffleNetV2Spec:
+        keep = len(kept)
+        if group == "conv5.0":
+            return dataclasses.replace(spec, last=keep)
+        unit_name, branch = group.rsplit(".", 2)[0], group.split(".")[-2]
+        if group.endswith(".branch2.0"):
+            return dataclasses.replace(spec, units=tuple(
+                dataclasses.replace(u, branch2=(keep, u.branch2[1])) if u.name == unit_name else u for u in spec.units))
+        producer, kept = f"{unit_name}.{branch}", set(int(c) for c in kept)
+
+        def stays(tags):
+            return [t for t in tags if t[0].rsplit(".", 1)[0] != producer or t[1] in kept]
+
+        units = []
+        for u, t in zip(spec.units, cls._trace(spec)[0]):
+            if u.name == unit_name:
+                u = dataclasses.replace(u, **({"branch1": keep} if branch == "branch1" else
+                                              {"branch2": (u.branch2[0], keep)}))
+            concat, inputs = stays(t.concat), stays(t.inputs)
+            position = {tag: i for i, tag in enumerate(concat)}
+            order = [position[tag] for tag in stays(t.outputs)]
+            split = len(stays(t.left)) if u.stride == 1 else None
+            default = len(concat) % 2 == 0 and order == _shuffle(len(concat)) and \
+                (split is None or 2 * split == len(inputs))
+            units.append(dataclasses.replace(u, split=None if default else split,
+                                             order=None if default else tuple(order)))
+        return dataclasses.replace(spec, units=tuple(units))
 
 
 class YOLOv8Rules(Rules):
@@ -329,7 +445,8 @@ class YOLOv8Rules(Rules):
         return groups
 
     @staticmethod
-    def resize(spec: YOLOv8Spec, group: str, keep: int) -> YOLOv8Spec:
+    def resize(spec: YOLOv8Spec, group: str, kept) -> YOLOv8Spec:
+        keep = len(kept)
         match = re.fullmatch(r"(model\.\d+)\.(conv|cv[12]\.conv|cv1\.conv\[[01]\]|(m\.\d+)\.cv1\.conv)", group)
         if not match:
             raise KeyError(group)
@@ -428,9 +545,10 @@ class DetectorRules(Rules):
         return groups
 
     @classmethod
-    def resize(cls, spec, group: str, keep: int):
+    def resize(cls, spec, group: str, kept):
+        keep = len(kept)
         if group.startswith(cls.prefix):
-            return dataclasses.replace(spec, body=ResNetRules.resize(spec.body, group.removeprefix(cls.prefix), keep))
+            return dataclasses.replace(spec, body=ResNetRules.resize(spec.body, group.removeprefix(cls.prefix), kept))
         spec = dataclasses.replace(spec, **widths(spec))  # every width explicit: one left None follows another
         if group in cls.fields:
             return dataclasses.replace(spec, **{cls.fields[group]: keep})

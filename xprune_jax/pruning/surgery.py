@@ -27,18 +27,18 @@ def restrict_to_spec(variables: dict, arch: str, spec) -> dict:
 
 
 def _kept(size: int, slots, width: int, keep: np.ndarray) -> np.ndarray:
-    """Indices along an axis of ``size`` that stay when each slot keeps only ``keep`` of its ``width``
-    channels (``span`` entries each)."""
+    """Indices along an axis of ``size`` that stay when each slot keeps only the channels ``keep`` of
+    the group's ``width``."""
     mask = np.ones(size, bool)
     for slot in slots:
-        mask[slot.offset:slot.offset + width * slot.span] = False
-        mask[(slot.offset + keep[:, None] * slot.span + np.arange(slot.span)).ravel()] = True
+        mask[slot.positions(np.arange(width))] = False
+        mask[slot.positions(keep)] = True
     return np.flatnonzero(mask)
 
 
 def shrink_group(variables: dict, group: ChannelGroup, keep: np.ndarray) -> dict:
     """Keep only the channels ``keep`` (indices into the group's width) of ``group`` in every layer
-    that produces, carries or reads them, at each slot's offset (offsets of the current variables)."""
+    that produces, carries or reads them, at each slot's positions (those of the current variables)."""
     out = _copy(variables)
     params, stats = out["params"], out.get("batch_stats", {})
     keep = np.asarray(keep, int)
