@@ -36,15 +36,21 @@ def test_prune_pipeline_end_to_end(tmp_path):
     out = tmp_path / "run"
     xprune("run", "--config=configs/structural.py:shufflenet_v2_x0_5",
            "--config.criteria=('grad_x_act', 'l1')", "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%')",
-           "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.calib_images=2", f"--config.out_dir={out}")
+           "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.calib_images=2", "--config.seeds=(0, 1)",
+           f"--config.out_dir={out}")
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    assert {(r["criterion"], r["mode"]) for r in rows} == {(c, m) for c in ("grad_x_act", "l1") for m in ("zero", "remove", "shrink")}
+    assert {(r["criterion"], r["mode"], r["seed"]) for r in rows} == \
+        {(c, m, s) for c in ("grad_x_act", "l1") for m in ("zero", "remove", "shrink") for s in (0, 1)}
+    l1 = {(r["mode"], r["seed"]): r for r in rows if r["criterion"] == "l1"}
+    for mode in ("zero", "remove", "shrink"):  # l1 ignores the calibration images: the seed-0 measurement is reused
+        assert l1[mode, 0]["selected"] == l1[mode, 1]["selected"] and l1[mode, 0]["latency_ratio"] == l1[mode, 1]["latency_ratio"]
     assert results["metric"] == "top1_agreement" and results["unpruned"]["metrics"]["top1_agreement"] == 1.0
     for r in rows:
         assert r["flops_ratio"] == 1.0 if r["mode"] == "zero" else r["flops_ratio"] <= 0.9
     assert_report_holds_results((out / "report.md").read_text(), results)
     scores = json.loads((out / "scores" / "seed0.json").read_text())
     assert scores["calibration"]["seed"] == 0 and len(scores["calibration"]["images"]) == 2
+    assert json.loads((out / "scores" / "seed1.json").read_text())["calibration"]["images"] != scores["calibration"]["images"]
     for plot in ("layer_scores.png", "criteria_ranks.png", "tradeoff.png"):
         assert (out / "plots" / plot).stat().st_size > 10_000

@@ -9,10 +9,12 @@ What it keeps is measured on data the model did not see in calibration:
 - detectors: pycocotools AP on ``config.coco`` (calibration from ``config.calib_split``).
 
 What it gains: FLOPs and parameters from the plan, and latency measured side by side with the
-unpruned model (interleaved in random order, warm-up excluded, per-round ratios with IQR).
+unpruned model (interleaved in random order, warm-up excluded, per-round ratios with IQR). A plan
+equal to one already measured (l1 plans alike for every seed) reuses that measurement.
 """
 
 import functools
+import json
 import os
 
 import jax
@@ -37,6 +39,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     evaluator = task_eval(config, coco, model)
     unpruned = evaluator(model)
     rows, scores_by_seed = [], {}
+    evaluated = {}  # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
     bar = tqdm.tqdm(total=len(config.seeds) * len(config.criteria) * len(config.prunings), unit="model", desc="prune")
     for seed in config.seeds:
         scores = score_model(model, list(config.criteria), config.objective, calibration=evaluator.calibration(seed),
@@ -56,15 +59,18 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                 except UserError as e:  # e.g. a budget that the eligible units can't meet
                     rows.append({**row, "infeasible": str(e)})
                     continue
-                pruned = apply_plan(model, plan)
-                metrics, latency = evaluator(pruned, timed_against=unpruned)
+                key = json.dumps([mode, plan.selected, plan.keep_channels], sort_keys=True)
+                if key not in evaluated:
+                    pruned = apply_plan(model, plan)
+                    evaluated[key] = evaluator(pruned, timed_against=unpruned)
+                    if config.save_models:
+                        name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
+                        save_model(pruned, os.path.join(run_dir, "models", name), overwrite=True)
+                metrics, latency = evaluated[key]
                 rows.append({**row, "selected": plan.selected, "metrics": metrics,
                              "flops_ratio": plan.flops_after / plan.flops_before,
                              "params_ratio": plan.params_after / plan.params_before,
                              "latency_ratio": latency["ratio_median"], "latency_ratio_iqr": latency["ratio_iqr"]})
-                if config.save_models:
-                    name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
-                    save_model(pruned, os.path.join(run_dir, "models", name), overwrite=True)
     bar.close()
     first = scores_by_seed[config.seeds[0]]
     _plot_scores(first, os.path.join(run_dir, "plots", "layer_scores.png"))
