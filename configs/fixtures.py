@@ -4,7 +4,8 @@ and `shrink` at -10/-20/-30/-50% FLOPs, each with three calibration seeds (other
 calibration images from the training split), measured on the generated validation split.
 
     xprune synth --coco=../shared/coco_val2017_subset --out=$HOME/.cache/xprune_jax/shapes --seed=0
-    xprune run --config=configs/fixtures.py:yolov8n    (or mobilenet_v2, shufflenet_v2_x1_0, resnet50)
+    xprune run --config=configs/fixtures.py:yolov8n    (or mobilenet_v2, shufflenet_v2_x1_0, resnet50,
+                                                         retinanet_resnet50_fpn, fasterrcnn_resnet50_fpn)
 
 Detectors report pycocotools AP on val2017; classifiers report top-1 accuracy on the object crops.
 """
@@ -17,7 +18,10 @@ FIXTURES = {
     "yolov8n": os.path.join(ROOT, "benchmarks", "fixtures", "yolov8n_shapes.pt"),
     "mobilenet_v2": os.path.join(ROOT, "benchmarks", "fixtures", "mobilenet_v2_shapes.pth"),
     "shufflenet_v2_x1_0": os.path.join(ROOT, "benchmarks", "fixtures", "shufflenet_v2_x1_0_shapes.pth"),
-    "resnet50": os.path.expanduser("~/.cache/xprune_jax/fixtures/resnet50_shapes.pth"),  # 94 MB: made, not committed
+    # too large to commit (94, 130 and 166 MB): made by benchmarks/fixtures/train_{classifier,detector}.py and cached
+    "resnet50": os.path.expanduser("~/.cache/xprune_jax/fixtures/resnet50_shapes.pth"),
+    "retinanet_resnet50_fpn": os.path.expanduser("~/.cache/xprune_jax/fixtures/retinanet_resnet50_fpn_shapes.pth"),
+    "fasterrcnn_resnet50_fpn": os.path.expanduser("~/.cache/xprune_jax/fixtures/fasterrcnn_resnet50_fpn_shapes.pth"),
 }
 BUDGETS = ("-10%", "-20%", "-30%", "-50%")
 
@@ -36,7 +40,7 @@ def get_config(arch: str = "yolov8n"):
     config = structural_config(arch)
     config.weights = FIXTURES[arch]
     data = os.path.expanduser("~/.cache/xprune_jax/shapes")
-    if arch.startswith("yolov8"):
+    if arch.startswith(("yolov8", "retinanet", "fasterrcnn")):
         config.coco, config.calib_split, config.calib_images = data, "train2017", 32
     else:
         config.image_folder, config.calib_images = os.path.join(data, "classification"), 64
