@@ -175,7 +175,9 @@ def test_converted_by_weights_name_with_the_weights_metadata(run):
 
 def test_inputs_fpn_levels_objectness_and_proposals_match_torch(run):
     acts, want = run["jax"]["acts"], run["torch"]
-    assert np.abs(run["jax"]["inputs"] - want["inputs"]).max() < 1e-5  # resize, normalise, pad
+    # resize, normalise, pad. torch's own bilinear resize differs by up to 7e-5 between 1 and 2 threads
+    # (float32 rounding); a wrong sampling grid is off by 1e-2 and more
+    assert np.abs(run["jax"]["inputs"] - want["inputs"]).max() < 2e-4
     for name, level in want["fpn"].items():
         assert relative_error(acts[f"backbone.fpn.{name}"], level) < 1e-4, name
     if "objectness" not in want:
