@@ -31,4 +31,5 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.save_models = False
     config.bench = ml_collections.ConfigDict({"batch_size": 1, "repeats": 10, "warmup": 2})
     config.out_dir = ""
+    config.resume = False  # True: reuse out_dir's measurements.json (a stopped run goes on where it stopped)
     return config

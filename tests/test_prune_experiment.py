@@ -3,8 +3,11 @@ produced, and the report states exactly the numbers in results.json."""
 
 import json
 
+import pytest
+
 from tests.test_cli import xprune
-from xprune_jax.experiments.prune import format_metric
+from xprune_jax.errors import UserError
+from xprune_jax.experiments.prune import Measurements, format_metric
 
 
 def assert_report_holds_results(report: str, results: dict) -> None:
@@ -32,12 +35,13 @@ def assert_report_holds_results(report: str, results: dict) -> None:
     assert f"{metric} {format_metric(metric, results['unpruned']['metrics'][metric])}, latency {results['unpruned']['latency_ms']:.2f} ms" in report
 
 
-def test_prune_pipeline_end_to_end(tmp_path):
+SMALL_RUN = ("run", "--config=configs/structural.py:shufflenet_v2_x0_5", "--config.criteria=('grad_x_act', 'l1')",
+             "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.calib_images=2", "--config.seeds=(0, 1)")
+
+
+def test_prune_pipeline_end_to_end_then_resume(tmp_path):
     out = tmp_path / "run"
-    xprune("run", "--config=configs/structural.py:shufflenet_v2_x0_5",
-           "--config.criteria=('grad_x_act', 'l1')", "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%')",
-           "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.calib_images=2", "--config.seeds=(0, 1)",
-           f"--config.out_dir={out}")
+    xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%')", f"--config.out_dir={out}")
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
     assert {(r["criterion"], r["mode"], r["seed"]) for r in rows} == \
@@ -54,3 +58,31 @@ def test_prune_pipeline_end_to_end(tmp_path):
     assert json.loads((out / "scores" / "seed1.json").read_text())["calibration"]["images"] != scores["calibration"]["images"]
     for plot in ("layer_scores.png", "criteria_ranks.png", "tradeoff.png"):
         assert (out / "plots" / plot).stat().st_size > 10_000
+
+    # A longer table resumed in the same folder measures only what is new: every earlier row comes back
+    # unchanged (its latency ratio, a noisy measurement, too), and the new budget is measured.
+    measured_before = len(json.loads((out / "measurements.json").read_text())["entries"])
+    resumed = xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%', "
+                     "'shrink:flops=-20%')", f"--config.out_dir={out}", "--config.resume=True")
+    again = json.loads((out / "results.json").read_text())
+    assert f"resumed: {measured_before} of " in resumed.stdout
+    by_cell = {(r["criterion"], r["mode"], r["budget"], r["seed"]): r for r in again["rows"]}
+    for r in rows:
+        assert by_cell[r["criterion"], r["mode"], r["budget"], r["seed"]] == r
+    new = [r for r in again["rows"] if r["budget"] == "flops=-20%"]
+    assert len(new) == 4 and all(r["flops_ratio"] <= 0.8 for r in new)
+    assert again["unpruned"]["metrics"] == results["unpruned"]["metrics"]
+    assert_report_holds_results((out / "report.md").read_text(), again)
+
+
+def test_resume_refuses_other_measurements(tmp_path):
+    path = str(tmp_path / "measurements.json")
+    context = {"weights_sha256": "ab", "eval_images": 50, "unpruned_metrics": {"AP": 0.5}}
+    Measurements(path, context, resume=False).put("plan", {"metrics": {"AP": 0.4}, "latency": {"ratio_median": 0.9}})
+    assert Measurements(path, context, resume=True).get("plan")["metrics"] == {"AP": 0.4}
+    assert Measurements(path, context, resume=False).get("plan") is None  # a fresh run measures everything again
+    with pytest.raises(UserError, match=r"another eval_images, weights_sha256; resume with the same"):
+        Measurements(path, {**context, "weights_sha256": "cd", "eval_images": 10}, resume=True)
+    (tmp_path / "measurements.json").write_text('{"context": ')
+    with pytest.raises(UserError, match="unreadable"):
+        Measurements(path, context, resume=True)

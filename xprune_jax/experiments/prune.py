@@ -11,9 +11,16 @@ What it keeps is measured on data the model did not see in calibration:
 What it gains: FLOPs and parameters from the plan, and latency measured side by side with the
 unpruned model (interleaved in random order, warm-up excluded, per-round ratios with IQR). A plan
 equal to one already measured (l1 plans alike for every seed) reuses that measurement.
+
+Every measurement is written to ``measurements.json`` in the run folder as soon as it is made, so a
+long table that stops part-way goes on where it stopped: run the same config into the same
+``out_dir`` with ``resume=True``. Scores are recomputed (seeded, so the plans come out the same) and
+only plans not yet measured are measured. A resumed run must measure the same model the same way:
+the weights' sha256, the evaluation settings and the unpruned model's metrics must all match.
 """
 
 import functools
+import hashlib
 import json
 import os
 
@@ -29,6 +36,7 @@ from xprune_jax.errors import UserError
 from xprune_jax.experiments import register
 from xprune_jax.experiments.common import prepare_model
 from xprune_jax.pruning.plan import apply_plan, make_plan
+from xprune_jax.spec import spec_to_dict
 
 
 @register("prune")
@@ -38,8 +46,10 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir)
     evaluator = task_eval(config, coco, model)
     unpruned = evaluator(model)
+    # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
+    evaluated = Measurements(os.path.join(run_dir, MEASUREMENTS), _measurement_context(config, model, unpruned),
+                             resume=config.resume)
     rows, scores_by_seed = [], {}
-    evaluated = {}  # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
     bar = tqdm.tqdm(total=len(config.seeds) * len(config.criteria) * len(config.prunings), unit="model", desc="prune")
     for seed in config.seeds:
         scores = score_model(model, list(config.criteria), config.objective, calibration=evaluator.calibration(seed),
@@ -59,35 +69,87 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                 except UserError as e:  # e.g. a budget that the eligible units can't meet
                     rows.append({**row, "infeasible": str(e)})
                     continue
-                key = json.dumps([mode, plan.selected, plan.keep_channels], sort_keys=True)
-                if key not in evaluated:
+                key = plan_key(mode, plan)
+                measured = evaluated.get(key)
+                if measured is None:
                     pruned = apply_plan(model, plan)
-                    evaluated[key] = evaluator(pruned, timed_against=unpruned)
+                    metrics, latency = evaluator(pruned, timed_against=unpruned)
+                    measured = evaluated.put(key, {"metrics": metrics, "latency": latency})
                     if config.save_models:
                         name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
                         save_model(pruned, os.path.join(run_dir, "models", name), overwrite=True)
-                metrics, latency = evaluated[key]
+                metrics, latency = measured["metrics"], measured["latency"]
                 rows.append({**row, "selected": plan.selected, "metrics": metrics,
                              "flops_ratio": plan.flops_after / plan.flops_before,
                              "params_ratio": plan.params_after / plan.params_before,
                              "latency_ratio": latency["ratio_median"], "latency_ratio_iqr": latency["ratio_iqr"]})
     bar.close()
+    if evaluated.resumed:
+        print(f"resumed: {evaluated.resumed} of {len(evaluated.entries)} measurements came from {evaluated.path}")
     first = scores_by_seed[config.seeds[0]]
     _plot_scores(first, os.path.join(run_dir, "plots", "layer_scores.png"))
     _plot_ranks(first, os.path.join(run_dir, "plots", "criteria_ranks.png"))
     _plot_tradeoff(rows, evaluator.metric, os.path.join(run_dir, "plots", "tradeoff.png"))
     results = {"arch": model.arch, "weights": model.meta.get("provenance", {}).get("weights"),
                "metric": evaluator.metric, "metric_description": evaluator.description,
-               "unpruned": {"metrics": unpruned.metrics, "latency_ms": _median(unpruned.milliseconds)},
+               "unpruned": {"metrics": unpruned.metrics,
+                            "latency_ms": _median([t for m in evaluated.entries.values() for t in m["latency"]["unpruned_ms"]])},
                "comparison": first["comparison"], "rows": rows, "summary": summarize(rows, evaluator.metric)}
     return results, _report(results, config)
+
+
+MEASUREMENTS = "measurements.json"
+
+
+def plan_key(mode: str, plan) -> str:
+    """A plan's content (mode, units, kept channels) as a short stable key: plans alike, keys alike."""
+    return hashlib.sha256(json.dumps([mode, plan.selected, plan.keep_channels], sort_keys=True).encode()).hexdigest()
+
+
+def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
+    """What a measurement depends on besides its plan: a resumed run must match it exactly."""
+    return json.loads(json.dumps({
+        "arch": model.arch, "weights_sha256": model.meta.get("provenance", {}).get("sha256"),
+        "spec": spec_to_dict(model.spec), "eval_images": config.eval_images, "bench": config.bench.to_dict(),
+        "seed": config.seed, "unpruned_metrics": unpruned.metrics}))
+
+
+class Measurements:
+    """Each measured plan's metrics and latency by plan key, written to ``path`` (atomically) after
+    every new one. With ``resume``, the measurements already at ``path`` are reused, provided they
+    were made in the same ``context``; otherwise that is a :class:`UserError`."""
+
+    def __init__(self, path: str, context: dict, resume: bool):
+        self.path, self.context, self.entries, self.saved, self.resumed = path, context, {}, {}, 0
+        if resume and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+                saved_context, self.saved = saved["context"], dict(saved["entries"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"cannot resume from {path}: unreadable ({e}); delete it, or run without resume") from None
+            differ = sorted(k for k in context.keys() | saved_context.keys() if context.get(k) != saved_context.get(k))
+            if differ:
+                raise UserError(f"cannot resume from {path}: it was measured with another {', '.join(differ)}; "
+                                "resume with the same model and config, or give another out_dir")
+
+    def get(self, key: str) -> dict | None:
+        if key not in self.entries and key in self.saved:
+            self.entries[key] = self.saved[key]
+            self.resumed += 1
+        return self.entries.get(key)
+
+    def put(self, key: str, measurement: dict) -> dict:
+        self.entries[key] = json.loads(json.dumps(measurement))
+        write_json_atomic(self.path, {"context": self.context, "entries": {**self.saved, **self.entries}})
+        return self.entries[key]
 
 
 class _Evaluated:
     """The unpruned model's metrics and its timed call, for side-by-side latency."""
 
     def __init__(self, metrics: dict, call):
-        self.metrics, self.call, self.milliseconds = metrics, call, []
+        self.metrics, self.call = metrics, call
 
 
 class _ClassifierEval:
@@ -175,8 +237,7 @@ def _timed(model, forward, x, metrics: dict, timed_against: _Evaluated | None, c
         return _Evaluated(metrics, call)
     times = timing.time_side_by_side({"unpruned": timed_against.call, "pruned": call}, config.bench.repeats,
                                      config.bench.warmup, config.seed)
-    timed_against.milliseconds += [t * 1e3 for t in times["unpruned"]]
-    return metrics, timing.summarize(times, "unpruned")["pruned"]
+    return metrics, {**timing.summarize(times, "unpruned")["pruned"], "unpruned_ms": [t * 1e3 for t in times["unpruned"]]}
 
 
 def _median(values) -> float | None:
