@@ -80,7 +80,7 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from converters.reference import randomize_batch_norm, random_torchvision  # noqa: E402
-from xprune_jax import models, timing  # noqa: E402
+from xprune_jax import models, runs, timing  # noqa: E402
 from xprune_jax.checkpoint import Model  # noqa: E402
 from xprune_jax.evaluation.coco import detect, pipeline_for  # noqa: E402
 from xprune_jax.fileio import atomic_path  # noqa: E402
@@ -332,7 +332,7 @@ def environment(args) -> dict:
             "cpus_used": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "ultralytics": ultralytics.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "backend": jax.default_backend()}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "backend": jax.default_backend(), **runs.cpu()}
 
 
 def _tables(results: dict) -> str:

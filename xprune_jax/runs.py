@@ -15,6 +15,20 @@ from xprune_jax.fileio import atomic_path
 DEMO_COCO = os.path.join(os.path.dirname(__file__), "data", "demo_coco")
 
 
+def cpu() -> dict:
+    """The CPU's model name and the vector extensions XLA's kernels depend on (Linux; empty elsewhere):
+    two machines of one name can differ by AVX-512, and CPU timings with them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return {}
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("flags", "").split())
+    return {"cpu_model": info.get("model name", ""),
+            "cpu_vector_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))}
+
+
 def environment() -> dict:
     import flax
 
@@ -23,7 +37,7 @@ def environment() -> dict:
         "xprune_jax": __version__, "python": platform.python_version(), "jax": jax.__version__,
         "flax": flax.__version__, "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()], "machine": platform.machine(),
-        "processor": platform.processor(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "processor": platform.processor(), "cpu_count": os.cpu_count(), **cpu(), "platform": platform.platform(),
     }
 
 
