@@ -83,6 +83,7 @@ def test_resume_refuses_other_measurements(tmp_path):
     assert Measurements(path, context, resume=False).get("plan") is None  # a fresh run measures everything again
     with pytest.raises(UserError, match=r"another eval_images, weights_sha256; resume with the same"):
         Measurements(path, {**context, "weights_sha256": "cd", "eval_images": 10}, resume=True)
-    (tmp_path / "measurements.json").write_text('{"context": ')
-    with pytest.raises(UserError, match="unreadable"):
-        Measurements(path, context, resume=True)
+    for broken in ('{"context": ', '{"context": [], "entries": {}}', '[]'):
+        (tmp_path / "measurements.json").write_text(broken)
+        with pytest.raises(UserError, match="unreadable"):
+            Measurements(path, context, resume=True)

@@ -125,7 +125,9 @@ class Measurements:
             try:
                 with open(path) as f:
                     saved = json.load(f)
-                saved_context, self.saved = saved["context"], dict(saved["entries"])
+                saved_context, self.saved = saved["context"], saved["entries"]
+                if not (isinstance(saved_context, dict) and isinstance(self.saved, dict)):
+                    raise ValueError("context and entries must be objects")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"cannot resume from {path}: unreadable ({e}); delete it, or run without resume") from None
             differ = sorted(k for k in context.keys() | saved_context.keys() if context.get(k) != saved_context.get(k))
