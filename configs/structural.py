@@ -32,4 +32,5 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.bench = ml_collections.ConfigDict({"batch_size": 1, "repeats": 10, "warmup": 2})
     config.out_dir = ""
     config.resume = False  # True: reuse out_dir's measurements.json (a stopped run goes on where it stopped)
+    config.measurements_from = ()  # other runs' measurements.json to reuse (a table split over processes or machines)
     return config

@@ -75,15 +75,40 @@ def test_prune_pipeline_end_to_end_then_resume(tmp_path):
     assert_report_holds_results((out / "report.md").read_text(), again)
 
 
-def test_resume_refuses_other_measurements(tmp_path):
+def test_resume_refuses_other_measurements(tmp_path, capsys):
     path = str(tmp_path / "measurements.json")
     context = {"weights_sha256": "ab", "eval_images": 50, "unpruned_metrics": {"AP": 0.5}}
+    assert Measurements(path, context, resume=True).get("plan") is None  # nothing to resume: said, not silent
+    assert f"resume: no {path} yet" in capsys.readouterr().out
     Measurements(path, context, resume=False).put("plan", {"metrics": {"AP": 0.4}, "latency": {"ratio_median": 0.9}})
     assert Measurements(path, context, resume=True).get("plan")["metrics"] == {"AP": 0.4}
     assert Measurements(path, context, resume=False).get("plan") is None  # a fresh run measures everything again
-    with pytest.raises(UserError, match=r"another eval_images, weights_sha256; resume with the same"):
+    with pytest.raises(UserError, match=r"another eval_images, weights_sha256; reuse only runs of the same"):
         Measurements(path, {**context, "weights_sha256": "cd", "eval_images": 10}, resume=True)
     for broken in ('{"context": ', '{"context": [], "entries": {}}', '[]'):
         (tmp_path / "measurements.json").write_text(broken)
         with pytest.raises(UserError, match="unreadable"):
             Measurements(path, context, resume=True)
+
+
+def test_measurements_from_gathers_a_split_table(tmp_path):
+    """A table split over processes (by criteria or seeds) is gathered by a last run that reuses
+    every part's measurements, keeps them all in its own file, and refuses parts made otherwise."""
+    context = {"weights_sha256": "ab", "eval_images": 50, "unpruned_metrics": {"AP": 0.5}}
+    parts = []
+    for i, key in enumerate(("plan_a", "plan_b")):
+        parts.append(str(tmp_path / f"part{i}" / "measurements.json"))
+        (tmp_path / f"part{i}").mkdir()
+        Measurements(parts[-1], context, resume=False).put(key, {"metrics": {"AP": 0.1 * (i + 1)}})
+    path = str(tmp_path / "measurements.json")
+    gathered = Measurements(path, context, resume=False, sources=tuple(parts))
+    assert gathered.get("plan_a")["metrics"] == {"AP": 0.1} and gathered.get("plan_b")["metrics"] == {"AP": 0.2}
+    assert gathered.get("plan_c") is None and gathered.resumed == 2
+    gathered.save()  # what the experiment does at its end, even when it measured nothing new
+    assert set(json.loads((tmp_path / "measurements.json").read_text())["entries"]) == {"plan_a", "plan_b"}
+    gathered.put("plan_c", {"metrics": {"AP": 0.3}})
+    assert set(json.loads((tmp_path / "measurements.json").read_text())["entries"]) == {"plan_a", "plan_b", "plan_c"}
+    with pytest.raises(UserError, match=r"part1/measurements.json: they were made with another eval_images"):
+        Measurements(path, {**context, "eval_images": 100}, resume=False, sources=(parts[1],))
+    with pytest.raises(UserError, match=r"no such file"):
+        Measurements(path, context, resume=False, sources=(str(tmp_path / "missing.json"),))

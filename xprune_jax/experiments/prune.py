@@ -15,8 +15,11 @@ equal to one already measured (l1 plans alike for every seed) reuses that measur
 Every measurement is written to ``measurements.json`` in the run folder as soon as it is made, so a
 long table that stops part-way goes on where it stopped: run the same config into the same
 ``out_dir`` with ``resume=True``. Scores are recomputed (seeded, so the plans come out the same) and
-only plans not yet measured are measured. A resumed run must measure the same model the same way:
-the weights' sha256, the evaluation settings and the unpruned model's metrics must all match.
+only plans not yet measured are measured. ``measurements_from`` adds other runs' measurement files
+the same way, so one table can be split over processes or machines (by criteria or seeds) and
+gathered by a last run of the whole config, which measures only what none of them did. A reused
+measurement must come from the same model measured the same way: the weights' sha256, the
+evaluation settings and the unpruned model's metrics must all match.
 """
 
 import functools
@@ -48,7 +51,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
     evaluated = Measurements(os.path.join(run_dir, MEASUREMENTS), _measurement_context(config, model, unpruned),
-                             resume=config.resume)
+                             resume=config.resume, sources=tuple(config.get("measurements_from", ())))
     rows, scores_by_seed = [], {}
     bar = tqdm.tqdm(total=len(config.seeds) * len(config.criteria) * len(config.prunings), unit="model", desc="prune")
     for seed in config.seeds:
@@ -84,8 +87,9 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                              "params_ratio": plan.params_after / plan.params_before,
                              "latency_ratio": latency["ratio_median"], "latency_ratio_iqr": latency["ratio_iqr"]})
     bar.close()
+    evaluated.save()  # a gathering run that measured nothing new still keeps every measurement it used
     if evaluated.resumed:
-        print(f"resumed: {evaluated.resumed} of {len(evaluated.entries)} measurements came from {evaluated.path}")
+        print(f"resumed: {evaluated.resumed} of {len(evaluated.entries)} measurements came from earlier runs")
     first = scores_by_seed[config.seeds[0]]
     _plot_scores(first, os.path.join(run_dir, "plots", "layer_scores.png"))
     _plot_ranks(first, os.path.join(run_dir, "plots", "criteria_ranks.png"))
@@ -116,24 +120,38 @@ def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
 
 class Measurements:
     """Each measured plan's metrics and latency by plan key, written to ``path`` (atomically) after
-    every new one. With ``resume``, the measurements already at ``path`` are reused, provided they
-    were made in the same ``context``; otherwise that is a :class:`UserError`."""
+    every new one, together with every reused one. With ``resume``, the measurements already at
+    ``path`` are reused, and so are those of the ``sources`` files (other runs of the same table,
+    e.g. one split over processes or machines), provided they were made in the same ``context``;
+    otherwise that is a :class:`UserError`."""
 
-    def __init__(self, path: str, context: dict, resume: bool):
+    def __init__(self, path: str, context: dict, resume: bool, sources: tuple[str, ...] = ()):
         self.path, self.context, self.entries, self.saved, self.resumed = path, context, {}, {}, 0
-        if resume and os.path.exists(path):
-            try:
-                with open(path) as f:
-                    saved = json.load(f)
-                saved_context, self.saved = saved["context"], saved["entries"]
-                if not (isinstance(saved_context, dict) and isinstance(self.saved, dict)):
-                    raise ValueError("context and entries must be objects")
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"cannot resume from {path}: unreadable ({e}); delete it, or run without resume") from None
-            differ = sorted(k for k in context.keys() | saved_context.keys() if context.get(k) != saved_context.get(k))
-            if differ:
-                raise UserError(f"cannot resume from {path}: it was measured with another {', '.join(differ)}; "
-                                "resume with the same model and config, or give another out_dir")
+        if resume and not os.path.exists(path):
+            print(f"resume: no {path} yet, so every plan is measured")
+        elif resume:
+            self.saved.update(self._read(path))
+        for source in sources:
+            if not os.path.isfile(source):
+                raise UserError(f"cannot reuse measurements from {source}: no such file; give the measurements.json "
+                                "of a run of the same model and config")
+            self.saved.update(self._read(source))
+
+    def _read(self, path: str) -> dict:
+        """The entries of a measurements file made in this context (else a :class:`UserError`)."""
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            context, entries = saved["context"], saved["entries"]
+            if not (isinstance(context, dict) and isinstance(entries, dict)):
+                raise ValueError("context and entries must be objects")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot reuse the measurements in {path}: unreadable ({e}); delete it, or run without it") from None
+        differ = sorted(k for k in self.context.keys() | context.keys() if self.context.get(k) != context.get(k))
+        if differ:
+            raise UserError(f"cannot reuse the measurements in {path}: they were made with another {', '.join(differ)}; "
+                            "reuse only runs of the same model and config, or give another out_dir")
+        return entries
 
     def get(self, key: str) -> dict | None:
         if key not in self.entries and key in self.saved:
@@ -143,8 +161,11 @@ class Measurements:
 
     def put(self, key: str, measurement: dict) -> dict:
         self.entries[key] = json.loads(json.dumps(measurement))
-        write_json_atomic(self.path, {"context": self.context, "entries": {**self.saved, **self.entries}})
+        self.save()
         return self.entries[key]
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"context": self.context, "entries": {**self.saved, **self.entries}})
 
 
 class _Evaluated:
