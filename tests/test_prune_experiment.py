@@ -74,6 +74,17 @@ def test_prune_pipeline_end_to_end_then_resume(tmp_path):
     assert again["unpruned"]["metrics"] == results["unpruned"]["metrics"]
     assert_report_holds_results((out / "report.md").read_text(), again)
 
+    # Gathered from that run's measurements into another folder, the same table measures nothing new,
+    # gives the same rows, and still writes its own measurements.json.
+    gathered_dir = tmp_path / "gathered"
+    gathered = xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%', "
+                      "'shrink:flops=-20%')", f"--config.out_dir={gathered_dir}",
+                      f"--config.measurements_from=('{out / 'measurements.json'}',)")
+    entries = json.loads((out / "measurements.json").read_text())["entries"]
+    assert f"resumed: {len(entries)} of {len(entries)} " in gathered.stdout
+    assert json.loads((gathered_dir / "measurements.json").read_text())["entries"] == entries
+    assert json.loads((gathered_dir / "results.json").read_text())["rows"] == again["rows"]
+
 
 def test_resume_refuses_other_measurements(tmp_path, capsys):
     path = str(tmp_path / "measurements.json")
