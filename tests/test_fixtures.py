@@ -71,3 +71,16 @@ def test_fixture_reaches_recorded_top1(arch, val_split, tmp_path):
     top1 = float(np.mean(logits.argmax(1) == labels))
     assert abs(top1 - card["metrics"]["val_top1"]) <= 0.01, (top1, card["metrics"])
     assert top1 >= MIN_TOP1
+
+
+def test_train_detector_epochs_default_per_arch():
+    """The one-line fixture command trains each detector for its own default length; --epochs overrides it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_detector", FIXTURES / "train_detector.py")
+    train_detector = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_detector)
+    defaults = {arch: train_detector.parse_args([f"--arch={arch}", "--out=x.pth"]).epochs
+                for arch in train_detector.ARCHS}
+    assert defaults == {"fasterrcnn_resnet50_fpn": 1.8, "retinanet_resnet50_fpn": 3.0}
+    assert train_detector.parse_args(["--arch=fasterrcnn_resnet50_fpn", "--out=x.pth", "--epochs=2.5"]).epochs == 2.5
