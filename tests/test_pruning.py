@@ -271,6 +271,9 @@ def test_yolov8_surgery_equals_masking(mode, budget, fused, coco_images):
                      shrink_ratio=0.875)
     if budget == "layers=99.9%" and mode == "remove":  # every backbone bottleneck and each neck C2f's last one
         assert {"model.2.m.0", "model.8.m.0", "model.12.m.0", "model.21.m.0"} <= set(plan.selected)
+        # a FLOPs budget just under what they all cut is met: the planner counts a neck C2f's dropped concat slot
+        most = 100 * (1 - plan.flops_after / plan.flops_before) - 0.01
+        assert len(make_plan(model, score_model_like(model, seed=4), mode, f"flops=-{most:.2f}%").selected) == 10
     if mode == "shrink":  # every group at once, each to 1/8 of its width: all exact together, whatever shares a layer
         assert YOLO_GROUP_KINDS <= set(plan.selected) and "model.0.conv" not in plan.selected  # the stem stays
     _check_yolo_surgery(model, plan, _yolo_images(tuple(coco_images[:2])))
