@@ -6,12 +6,27 @@ records its output with :func:`capture`, under its own path: no hooks are needed
 differentiate with respect to any layer's activation.
 """
 
+import contextlib
+import contextvars
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 INTERMEDIATES = "intermediates"
 PERTURBATIONS = "perturbations"
+_ONE_PRIMITIVE_PER_CONV = contextvars.ContextVar("one_primitive_per_conv", default=False)
+
+
+@contextlib.contextmanager
+def one_primitive_per_conv():
+    """Within this context every conv lowers to one ``conv_general_dilated``, whatever the backend:
+    what the channel tracer reads (the CPU lowering below spreads a depthwise conv over slices)."""
+    token = _ONE_PRIMITIVE_PER_CONV.set(True)
+    try:
+        yield
+    finally:
+        _ONE_PRIMITIVE_PER_CONV.reset(token)
 
 
 def capture(module: nn.Module, x: jax.Array) -> jax.Array:
@@ -62,10 +77,11 @@ def _conv(x, kernel, stride: int, pad: int, dilation: int, groups: int):
     - 1x1 without padding as a matmul.
 
     Same arithmetic term by term; parameters, gradients and captures are unchanged. Other backends
-    keep ``lax.conv_general_dilated`` (cuDNN and the TPU compiler handle every case well).
+    keep ``lax.conv_general_dilated`` (cuDNN and the TPU compiler handle every case well), and so does
+    :func:`one_primitive_per_conv`.
     """
     kh, kw, per_group_in, out = kernel.shape
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and not _ONE_PRIMITIVE_PER_CONV.get():
         if groups == x.shape[-1] == out and per_group_in == 1 and kh * kw > 1:
             xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
             n, h, w, c = xp.shape

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from xprune_jax import models, tree_paths
-from xprune_jax.pruning.rules import ChannelGroup
+from xprune_jax.pruning.groups import ChannelGroup
 
 
 def _copy(variables: dict) -> dict:
