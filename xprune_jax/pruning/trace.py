@@ -729,15 +729,9 @@ def _units(flat: _Flat, fields: dict, variable_keys: dict[int, int], modules: li
         for n in range(1, len(path) + 1):
             by_module[path[:n]].add(leaf)
 
-    def name(leaves):
-        paths = [modules[leaf] for leaf in leaves]
-        common = paths[0]
-        for path in paths[1:]:
-            n = 0
-            while n < min(len(common), len(path)) and common[n] == path[n]:
-                n += 1
-            common = common[:n]
-        return ".".join(common) if common and by_module[common] == leaves else None
+    def name(leaves):  # the outermost module that holds exactly these variables
+        path = modules[next(iter(leaves))]
+        return next((".".join(path[:n]) for n in range(1, len(path) + 1) if by_module[path[:n]] == leaves), None)
 
     units = {}
     for i, eqn in enumerate(flat.eqns):
