@@ -27,7 +27,7 @@ from xprune_jax.checkpoint import Model, load_model, save_model
 from xprune_jax.errors import UserError
 from xprune_jax.models.yolov8 import fuse_batch_norms
 from xprune_jax.pruning.plan import Plan, apply_plan, count_params, make_plan
-from xprune_jax.pruning.rules import rules_for
+from xprune_jax.pruning.surgery import graph_of
 
 ARCHS = ["resnet50", "mobilenet_v2", "shufflenet_v2_x1_0"]
 
@@ -81,14 +81,15 @@ def _norm_names(variables, unit):
 
 
 def _identity_branch(variables, unit):
+    """A ShuffleNetV2 unit's branch (``stageK.I.branch2``) turned into an exact identity (its input is >= 0)."""
     params, stats = variables["params"], variables["batch_stats"]
-    for conv in ("branch2.0", "branch2.5"):
+    for conv in ("0", "5"):
         kernel = tree_paths.get(params, f"{unit}.{conv}")["kernel"]
         kernel[:] = np.eye(kernel.shape[2], kernel.shape[3])[None, None]
-    dw = tree_paths.get(params, f"{unit}.branch2.3")["kernel"]
+    dw = tree_paths.get(params, f"{unit}.3")["kernel"]
     dw[:] = 0
     dw[1, 1] = 1
-    for bn in ("branch2.1", "branch2.4", "branch2.6"):
+    for bn in ("1", "4", "6"):
         tree_paths.get(params, f"{unit}.{bn}")["scale"][:] = 1
         tree_paths.get(params, f"{unit}.{bn}")["bias"][:] = 0
         tree_paths.get(stats, f"{unit}.{bn}")["mean"][:] = 0
@@ -99,7 +100,7 @@ def _mask_channels(model: Model, plan: Plan) -> dict:
     """Zero the dropped channels where they are made: scale and shift of every BN of the group, or
     (fused, no BN) the kernel and bias of every producing conv, at each slot's offset."""
     variables = jax.tree_util.tree_map(np.array, model.variables)
-    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+    groups = {g.name: g for g in graph_of(model.arch, model.spec).groups}
     for name in plan.selected:
         group = groups[name]
         dropped = np.setdiff1d(np.arange(group.width), plan.keep_channels[name])
@@ -127,8 +128,7 @@ def test_surgery_equals_masking(arch, mode, budget, images):
     assert relative_error(got, want) < 1e-5
     assert relative_error(want, _run(model, images)) > 1e-3  # the pruning changed the network: a real test
     if mode == "remove":
-        assert all(tree_paths.get(pruned.variables["params"], u) is None for u in plan.selected
-                   if not arch.startswith("shufflenet"))
+        assert all(tree_paths.get(pruned.variables["params"], u) is None for u in plan.selected)
         assert len(jax.tree_util.tree_leaves(pruned.variables)) < len(jax.tree_util.tree_leaves(model.variables))
 
 
@@ -296,21 +296,22 @@ def test_yolov8_global_allocation_at_a_large_cut(mode, coco_images, tmp_path):
     assert plan.flops_after <= 0.3 * plan.flops_before
     assert plan.flops_after == analysis.total_flops(analysis.describe_layers("yolov8n", pruned.spec, 320))
     assert plan.params_after == count_params("yolov8n", pruned.spec)
-    groups = {g.name: g for g in rules_for(start.spec).groups(start.spec)}
+    groups = {g.name: g for g in graph_of(start.arch, start.spec).groups}
     assert any(name.startswith("model.22.") for name in plan.selected)  # the Detect head's hidden widths too
     for name, keep in plan.keep_channels.items():
         assert len(keep) % 8 == 0 and len(keep) >= groups[name].width / 8, name
 
 
 def test_yolov8_pruning_a_pruned_model(coco_images, tmp_path):
-    """shrink (C2f halves of unequal widths) -> remove (concat slots folded at the new offsets) ->
-    shrink again, each step exact; a spec with unequal halves round-trips."""
+    """shrink (C2f halves of unequal widths) -> remove (a dropped neck bottleneck's concat slot at its new
+    offset) -> shrink again, each step exact; a spec with unequal halves round-trips."""
     x = _yolo_images(tuple(coco_images[:2]))
     model = _yolo_model()
     plan = make_plan(model, score_model_like(model, seed=7), "shrink", "layers=99.9%", allocation="layer", round_to=4)
     plan = dataclasses.replace(plan, selected=[s for s in plan.selected if not s.endswith("[0]")])
     shrunk = _check_yolo_surgery(model, plan, x)
-    assert all(c.first == 2 * c.hidden for c in shrunk.spec.c2fs)
+    split = dict(shrunk.spec.edits.channels)  # each C2f's split of cv1's output, as edited
+    assert all(len(split[f"{c.name}.first"]) == 2 * len(split[f"{c.name}.second"]) for c in shrunk.spec.c2fs)
     save_model(shrunk, str(tmp_path / "shrunk"))
     assert load_model(str(tmp_path / "shrunk")).spec == shrunk.spec
     removed = _check_yolo_surgery(shrunk, make_plan(shrunk, score_model_like(shrunk, seed=8), "remove", "layers=50%"), x)
@@ -337,7 +338,7 @@ def test_yolov8_shrink_budget_is_honoured_and_predicted(fused, tmp_path):
     model = _yolo_model(fused)
     scores = score_model_like(model, seed=5)
     by_layer = {l.name: l for l in analysis.describe_layers(model.arch, model.spec, 320)}
-    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+    groups = {g.name: g for g in graph_of(model.arch, model.spec).groups}
     for budget, target in [("flops=-30%", 0.30), ("params=-30%", None)]:
         plan = make_plan(model, scores, "shrink", budget)
         flops, params = _shrink_savings([groups[n] for n in plan.selected], plan.keep_channels, by_layer,
@@ -453,7 +454,7 @@ def test_global_allocation_removes_the_globally_least_important_channels(normali
     plan = make_plan(model, scores, "shrink", "flops=-40%", normalize=normalize)
     by_layer = {l.name: l for l in analysis.describe_layers(model.arch, model.spec, 320)}
     taken, untaken = [], []
-    for group in rules_for(model.spec).groups(model.spec):
+    for group in graph_of(model.arch, model.spec).groups:
         if any(s.layer.startswith("model.0.") for s in group.producers + group.consumers):
             continue  # touches the stem
         importance = normalized(group_importance(scores, group, by_layer), normalize)

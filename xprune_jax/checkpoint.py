@@ -85,8 +85,24 @@ def load_model(model_dir: str) -> Model:
     except Exception as e:  # Orbax raises many types for missing or damaged files
         raise UserError(f"cannot read the variables of {model_dir} ({e.__class__.__name__}); "
                         "re-create the model with `xprune convert`") from None
-    _check_shapes(variables, models.variable_shapes(arch, spec), model_dir)
+    expected = models.variable_shapes(arch, spec)
+    variables = _nested_as(variables, expected)
+    _check_shapes(variables, expected, model_dir)
     return Model(arch, spec, variables, meta)
+
+
+def _nested_as(variables: dict, expected: dict) -> dict:
+    """``variables`` nested as ``expected`` where only the nesting of module names differs (files written before
+    a block became a submodule: ``branch2.0`` then, ``branch2`` / ``0`` now); else unchanged."""
+    def by_name(tree):
+        return {jax.tree_util.keystr(p[:1]) + ".".join(str(k.key) for k in p[1:]): x
+                for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    saved = by_name(variables)
+    if set(saved) != set(by_name(expected)):
+        return variables
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: saved[jax.tree_util.keystr(p[:1]) + ".".join(str(k.key) for k in p[1:])], expected)
 
 
 def _check_shapes(variables: dict, expected: dict, where: str) -> None:

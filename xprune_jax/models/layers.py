@@ -4,18 +4,92 @@ Module names mirror the torch module paths (``layer1.0.conv1``), so a parameter'
 torch state_dict key and one converter serves every architecture. Every conv and linear layer
 records its output with :func:`capture`, under its own path: no hooks are needed to read or
 differentiate with respect to any layer's activation.
+
+Pruning edits a model as data (:class:`Edits`, applied by :func:`edited`): layer widths, named
+channel selections (:func:`select`) and removed units, by module path. A conv or linear layer whose
+kernel exists takes its width from it.
 """
 
 import contextlib
 import contextvars
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from xprune_jax.spec import register_spec
 
 INTERMEDIATES = "intermediates"
 PERTURBATIONS = "perturbations"
 _ONE_PRIMITIVE_PER_CONV = contextvars.ContextVar("one_primitive_per_conv", default=False)
+_CHANNELS = contextvars.ContextVar("channels", default={})
+WIDTH_FIELDS = ("features", "groups", "feature_group_count")  # module fields that follow a layer's width
+
+
+@register_spec
+@dataclasses.dataclass(frozen=True)
+class Edits:
+    """What pruning changed in a model, by module path: a layer's output width (a depthwise conv's too),
+    the indices of a named channel selection (:func:`select`), and the units removed: made the identity
+    (``"identity"``: the module returns its input) or dropped (``"drop"``: it returns no channels, so its
+    concat slot goes)."""
+
+    widths: tuple[tuple[str, int], ...] = ()
+    channels: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    removed: tuple[tuple[str, str], ...] = ()
+
+
+@contextlib.contextmanager
+def edited(edits: Edits):
+    """Build and run modules as ``edits`` say, any Flax module included: a module's width fields
+    (``features``, and ``groups``/``feature_group_count`` where they equal it: depthwise) are set while
+    it runs; a removed module returns its input or none of its channels."""
+    widths, removed = dict(edits.widths), dict(edits.removed)
+
+    def interceptor(next_fun, args, kwargs, context):
+        path = ".".join(context.module.path)
+        if context.method_name != "__call__" or path not in widths and path not in removed:
+            return next_fun(*args, **kwargs)
+        if path in removed:
+            return args[0] if removed[path] == "identity" else args[0][..., :0]
+        module = context.module
+        old = {f: getattr(module, f) for f in WIDTH_FIELDS if hasattr(module, f)}
+        for field, value in old.items():
+            if field == "features" or value == old["features"]:
+                object.__setattr__(module, field, widths[path])
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            for field, value in old.items():
+                object.__setattr__(module, field, value)
+
+    token = _CHANNELS.set(dict(edits.channels))
+    try:
+        with nn.intercept_methods(interceptor):
+            yield
+    finally:
+        _CHANNELS.reset(token)
+
+
+def select(module: nn.Module, name: str, x: jax.Array, index) -> jax.Array:
+    """``x``'s channels at ``index`` (a slice, indices, or a function of ``x``), unless pruning edited this
+    selection (``{module path}.{name}``): channel splits and shuffles that pruning may move go through here.
+    A slice is always an equation of its own (the tracer finds the selection even when it takes everything)."""
+    with jax.named_scope(f"select:{name}"):
+        edited_index = _CHANNELS.get().get(".".join((*module.path, name)))
+        if edited_index is None:
+            if callable(index):
+                return index(x)
+            if isinstance(index, slice):
+                return jax.lax.slice_in_dim(x, *index.indices(x.shape[-1])[:2], axis=-1)
+            return jnp.take(x, np.asarray(index, int), axis=-1)
+        index = np.asarray(edited_index, int)
+        start = int(index[0]) if len(index) else 0
+        if np.array_equal(index, np.arange(start, start + len(index))):  # contiguous: a slice
+            return jax.lax.slice_in_dim(x, start, start + len(index), axis=-1)
+        return jnp.take(x, index, axis=-1)
 
 
 @contextlib.contextmanager
@@ -55,17 +129,21 @@ class Conv2d(nn.Module):
     @nn.compact
     def __call__(self, x):
         k, in_features = self.kernel_size, x.shape[-1]
-        if in_features % self.groups:
-            raise ValueError(f"{self.name}: {in_features} input channels do not split into {self.groups} groups")
+        features, groups = self.features, self.groups
+        if self.has_variable("params", "kernel"):  # its width is its kernel's
+            shape = self.get_variable("params", "kernel").shape
+            features, groups = shape[-1], in_features // shape[2]
+        if in_features % groups:
+            raise ValueError(f"{self.name}: {in_features} input channels do not split into {groups} groups")
         kernel = self.param(
             "kernel",
             nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-            (k, k, in_features // self.groups, self.features),
+            (k, k, in_features // groups, features),
         )
         pad = self.dilation * (k // 2) if self.padding is None else self.padding
-        y = _conv(x, kernel.astype(x.dtype), self.stride, pad, self.dilation, self.groups)
+        y = _conv(x, kernel.astype(x.dtype), self.stride, pad, self.dilation, groups)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
+            y = y + self.param("bias", nn.initializers.zeros, (features,)).astype(x.dtype)
         return capture(self, y)
 
 
@@ -108,8 +186,9 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        features = self.get_variable("params", "kernel").shape[-1] if self.has_variable("params", "kernel") else self.features
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], features))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
         return capture(self, x @ kernel.astype(x.dtype) + bias.astype(x.dtype))
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from xprune_jax.models.layers import Conv2d, Linear, batch_norm, capture, relu6
+from xprune_jax.models.layers import Conv2d, Edits, Linear, batch_norm, capture, edited, relu6
 from xprune_jax.spec import register_spec
 
 
@@ -29,6 +29,7 @@ class MobileNetV2Spec:
     blocks: tuple[InvertedResidualSpec, ...]
     last: int
     num_classes: int = 1000
+    edits: Edits = Edits()
 
     def __post_init__(self):
         width, blocks = self.stem, []
@@ -80,9 +81,10 @@ class MobileNetV2(nn.Module):
     @nn.compact
     def __call__(self, x):
         s = self.spec
-        x = relu6(batch_norm("features.0.1")(Conv2d(s.stem, 3, 2, name="features.0.0")(x)))
-        for block in s.blocks:
-            x = InvertedResidual(block, name=block.name)(x)
-        last = "features.18"  # torchvision's index of the last 1x1 conv, kept when blocks are removed
-        x = relu6(batch_norm(f"{last}.1")(Conv2d(s.last, 1, name=f"{last}.0")(x)))
-        return Linear(s.num_classes, name="classifier.1")(jnp.mean(x, axis=(1, 2)))
+        with edited(s.edits):
+            x = relu6(batch_norm("features.0.1")(Conv2d(s.stem, 3, 2, name="features.0.0")(x)))
+            for block in s.blocks:
+                x = InvertedResidual(block, name=block.name)(x)
+            last = "features.18"  # torchvision's index of the last 1x1 conv, kept when blocks are removed
+            x = relu6(batch_norm(f"{last}.1")(Conv2d(s.last, 1, name=f"{last}.0")(x)))
+            return Linear(s.num_classes, name="classifier.1")(jnp.mean(x, axis=(1, 2)))

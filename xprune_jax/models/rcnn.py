@@ -38,7 +38,7 @@ import numpy as np
 from xprune_jax.detection import CONFIDENCE_TOP_K
 from xprune_jax.detection import BatchPlan
 from xprune_jax.losses.rcnn import FasterRCNNLossConfig, fastrcnn_loss, roi_training_samples, rpn_loss
-from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, Conv2d, Linear, capture
+from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, Conv2d, Edits, Linear, capture, edited
 from xprune_jax.models.resnet import ResNetBackbone, ResNetSpec, resnet_spec
 from xprune_jax.ops import (BoxCoder, batched_nms, clip_boxes_to_image, grid_anchors, multiscale_roi_align,
                             small_box_mask)
@@ -86,6 +86,7 @@ class FasterRCNNSpec:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     transform: TransformSpec = TransformSpec()
+    edits: Edits = Edits()
 
 
 @register_spec
@@ -109,6 +110,7 @@ class RetinaNetSpec:
     nms_thresh: float = 0.5
     detections_per_img: int = 300
     transform: TransformSpec = TransformSpec()
+    edits: Edits = Edits()
 
 
 def widths(spec: "FasterRCNNSpec | RetinaNetSpec") -> dict[str, "int | tuple[int, ...]"]:
@@ -202,13 +204,14 @@ class SharedConv2d(nn.Module):
     @nn.compact
     def __call__(self, levels: list[jax.Array]) -> list[jax.Array]:
         k, pad = self.kernel_size, self.kernel_size // 2
+        features = self.get_variable("params", "kernel").shape[-1] if self.has_variable("params", "kernel") else self.features
         kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                            (k, k, levels[0].shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+                            (k, k, levels[0].shape[-1], features))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
         outputs = [jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), ((pad, pad), (pad, pad)),
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias.astype(x.dtype)
                    for x in levels]
-        packed = capture(self, jnp.concatenate([y.reshape(y.shape[0], -1, self.features) for y in outputs], axis=1))
+        packed = capture(self, jnp.concatenate([y.reshape(y.shape[0], -1, features) for y in outputs], axis=1))
         split_at = np.cumsum([y.shape[1] * y.shape[2] for y in outputs])[:-1]
         return [part.reshape(y.shape) for part, y in zip(jnp.split(packed, split_at, axis=1), outputs)]
 
@@ -340,6 +343,10 @@ class FasterRCNN(nn.Module):
 
     @nn.compact
     def __call__(self, images, targets: dict | None = None):
+        with edited(self.spec.edits):
+            return self._forward(images, targets)
+
+    def _forward(self, images, targets):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
         levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner_width"], "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
@@ -391,6 +398,10 @@ class RetinaNet(nn.Module):
 
     @nn.compact
     def __call__(self, images):
+        with edited(self.spec.edits):
+            return self._forward(images)
+
+    def _forward(self, images):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
         levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner_width"], "p6p7", name="backbone.fpn")([stages[k] for k in s.fpn_stages])

@@ -5,7 +5,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from xprune_jax.models.layers import Conv2d, Linear, batch_norm, capture, max_pool
+from xprune_jax.models.layers import Conv2d, Edits, Linear, batch_norm, capture, edited, max_pool
 from xprune_jax.spec import register_spec
 
 
@@ -27,6 +27,7 @@ class ResNetSpec:
     blocks: tuple[ResidualBlockSpec, ...]
     num_classes: int = 1000
     bn_eps: float = 1e-5
+    edits: Edits = Edits()  # what pruning changed (a detector's body: the detector's edits apply)
 
 
 _DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
@@ -101,6 +102,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        stages = resnet_stages(self.spec, x)
-        x = jnp.mean(stages[max(stages)], axis=(1, 2))
-        return Linear(self.spec.num_classes, name="fc")(x)
+        with edited(self.spec.edits):
+            stages = resnet_stages(self.spec, x)
+            x = jnp.mean(stages[max(stages)], axis=(1, 2))
+            return Linear(self.spec.num_classes, name="fc")(x)

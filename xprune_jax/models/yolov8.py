@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xprune_jax.models.layers import Conv2d, batch_norm, capture, max_pool
+from xprune_jax.models.layers import Conv2d, Edits, batch_norm, capture, edited, max_pool, select
 from xprune_jax.ops import dist2bbox, make_anchor_points
 from xprune_jax.spec import register_spec
 
@@ -98,6 +98,7 @@ class YOLOv8Spec:
     detect: DetectSpec  # model.22
     bn_eps: float = 1e-3
     fused: bool = False  # BatchNorms folded into the convs (which then have a bias), as Ultralytics' fuse()
+    edits: Edits = Edits()
 
 
 # yolov8.yaml as (inputs, kind, yaml args) for model.0 ... model.22; -1 is the previous layer. The yaml
@@ -208,7 +209,7 @@ class C2f(nn.Module):
     def __call__(self, x):
         s, eps, fused = self.spec, self.bn_eps, self.fused
         y = ConvBlock(ConvSpec("cv1", s.first + s.hidden), eps, fused, name="cv1")(x)
-        parts = [y[..., : s.first], y[..., s.first:]]
+        parts = [select(self, "first", y, np.s_[:s.first]), select(self, "second", y, np.s_[s.first:])]
         for b in s.bottlenecks:
             parts.append(Bottleneck(b, s.hidden, s.shortcut, eps, fused, name=b.name)(parts[-1]))
         y = ConvBlock(ConvSpec("cv2", s.out), eps, fused, name="cv2")(jnp.concatenate(parts, axis=-1))
@@ -278,6 +279,11 @@ class YOLOv8(nn.Module):
         s = self.spec
         if images.shape[1] % MAX_STRIDE or images.shape[2] % MAX_STRIDE:
             raise ValueError(f"YOLOv8 input sides must be multiples of {MAX_STRIDE}, got {images.shape[1:3]}")
+        with edited(s.edits):
+            return self._forward(images)
+
+    def _forward(self, images):
+        s = self.spec
         blocks = {b.name: b for b in (*s.convs, *s.c2fs, s.sppf, s.detect)}
         outputs, x = [], images
         for index, (source, kind, _) in enumerate(LAYERS):

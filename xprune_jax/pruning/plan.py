@@ -21,7 +21,7 @@ from xprune_jax import analysis, models, tree_paths
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
 from xprune_jax.pruning import surgery
-from xprune_jax.pruning.rules import prediction_heads, protected_units, rules_for
+from xprune_jax.pruning.surgery import graph_of
 
 MODES = ("zero", "remove", "shrink", "remove+shrink")
 ALLOCATIONS = ("global", "layer")
@@ -78,8 +78,8 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
     kind, target = parse_budget(budget)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     score = _scores_by_layer(scores, layers, model.arch)
-    heads = set(prediction_heads(model.spec, layers))
-    protected = sorted({l.name for l in layers if l.kind == "stem"} | heads | set(protected_units(model.spec)) | set(protect))
+    heads = set(graph_of(model.arch, model.spec).heads)
+    protected = sorted({l.name for l in layers if l.kind == "stem"} | heads | set(protect))
     flops_before, params_before = analysis.total_flops(layers), count_params(model.arch, model.spec)
     context = _Context(model, scores, score, layers, heads, protected, flops_before, params_before)
 
@@ -133,11 +133,11 @@ class _Context:
 def _plan_remove(c: _Context, kind: str, target: float, partial: bool = False) -> tuple[list[str], object]:
     """Removable units, lowest summed layer score first, as many as the budget needs (``partial``: as
     many as exist when all of them fall short)."""
-    rules = rules_for(c.model.spec)
-    units = [u for u in rules.removable(c.model.spec) if not _touches(u, c.protected)]
+    graph = graph_of(c.model.arch, c.model.spec)
+    units = [u.name for u in graph.units if not _touches(u.name, c.protected)]
     members = {u: [c.score[l.name] for l in c.layers if l.kind != "block" and l.name.startswith(u + ".")] for u in units}
     units = [u for u in units if any(s is not None for s in members[u])]
-    costs = {u: _unit_costs(c, rules, u) for u in units}
+    costs = {u: _unit_costs(c, graph, u) for u in units}
     unit_score = {u: sum(s for s in members[u] if s is not None) for u in units}
     ranked = sorted(units, key=lambda u: (unit_score[u], u))
 
@@ -145,17 +145,16 @@ def _plan_remove(c: _Context, kind: str, target: float, partial: bool = False) -
         return tuple(sum(costs[u][i] for u in chosen) for i in (0, 1))
 
     chosen = _take(ranked, kind, target, savings, c.flops_before, c.params_before, "remove", c.model.arch, partial)
-    return chosen, rules.remove(c.model.spec, chosen)
+    return chosen, surgery.without_units(c.model.spec, graph, chosen)
 
 
 def _without_units(model: Model, units) -> Model:
-    rules = rules_for(model.spec)
-    return Model(model.arch, rules.remove(model.spec, units),
-                 rules.remove_variables(model.arch, model.spec, model.variables, units), model.meta)
+    spec, variables = surgery.remove_units(model.arch, model.spec, model.variables, graph_of(model.arch, model.spec), units)
+    return Model(model.arch, spec, variables, model.meta)
 
 
 def _eligible_groups(c: _Context) -> dict:
-    return {g.name: g for g in rules_for(c.model.spec).groups(c.model.spec) if not _blocked(g, c.protected, c.heads)}
+    return {g.name: g for g in graph_of(c.model.arch, c.model.spec).groups if not _blocked(g, c.protected, c.heads)}
 
 
 def _plan_shrink_layerwise(c: _Context, kind: str, target: float, shrink_ratio: float, round_to: int):
@@ -188,14 +187,11 @@ def _plan_shrink_layerwise(c: _Context, kind: str, target: float, shrink_ratio: 
                 break
             keep = wider
     keep = {n: keep[n] for n in chosen}
-    return chosen, keep, _resized(c.model.spec, chosen, keep)
+    return chosen, keep, _resized(c.model, keep)
 
 
-def _resized(spec, chosen, keep):
-    rules = rules_for(spec)
-    for n in chosen:
-        spec = rules.resize(spec, n, keep[n])
-    return spec
+def _resized(model: Model, keep: dict):
+    return surgery.shrunk_spec(model.spec, model.variables["params"], graph_of(model.arch, model.spec), keep)
 
 
 def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, normalize: str, floor: float):
@@ -241,7 +237,7 @@ def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, no
                         "budget or the floor (--floor), or use --mode=remove+shrink")
     chosen = [n for n in groups if kept[n] < groups[n].width]
     keep = {n: sorted(int(i) for i in order[n][groups[n].width - kept[n]:]) for n in chosen}
-    return chosen, keep, _resized(c.model.spec, chosen, keep)
+    return chosen, keep, _resized(c.model, keep)
 
 
 def normalized(values: np.ndarray, how: str) -> np.ndarray:
@@ -291,11 +287,11 @@ def _blocked(group, protected, heads) -> bool:
         any(_touches(s.layer, others if s.layer in heads else protected) for s in group.consumers)
 
 
-def _unit_costs(c: _Context, rules, unit: str) -> tuple[int, int]:
+def _unit_costs(c: _Context, graph, unit: str) -> tuple[int, int]:
     """FLOPs and parameters that removing ``unit`` alone saves, counted on the spec without it (what
-    goes with it, like a YOLOv8 C2f's concat slot, included); removals of different units add up."""
+    goes with it, like a YOLOv8 neck C2f's concat slot, included); removals of different units add up."""
     arch, spec, size = c.model.arch, c.model.spec, analysis.input_size(c.model)
-    without = rules.remove(spec, [unit])
+    without = surgery.without_units(spec, graph, [unit])
     return (analysis.total_flops(analysis.describe_layers(arch, spec, size)) -
             analysis.total_flops(analysis.describe_layers(arch, without, size)),
             count_params(arch, spec) - count_params(arch, without))
@@ -411,17 +407,22 @@ def validate_plan(model: Model, plan: Plan) -> None:
     if plan.mode not in MODES:
         raise UserError(f"plan mode {plan.mode!r} is unknown; choose one of: {', '.join(MODES)}")
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
-    heads = set(prediction_heads(model.spec, layers))
+    graph = graph_of(model.arch, model.spec)
+    heads = set(graph.heads)
     units = {"remove": plan.selected, "remove+shrink": plan.removed}.get(plan.mode, [])
     if units:
-        _check_selected(units, set(rules_for(model.spec).removable(model.spec)), "remove", model, plan,
+        _check_selected(units, {u.name for u in graph.units}, "remove", model, plan,
                         lambda name: _touches(name, plan.protected))
     if plan.mode == "zero":
         known = {l.name for l in layers if l.kind != "block"}
         _check_selected(plan.selected, known, plan.mode, model, plan, lambda name: _touches(name, plan.protected))
     elif plan.mode != "remove":
-        spec = rules_for(model.spec).remove(model.spec, plan.removed) if plan.removed else model.spec
-        groups = {g.name: g for g in rules_for(spec).groups(spec)}
+        if plan.removed:
+            graph = graph_of(model.arch, surgery.without_units(model.spec, graph, plan.removed))
+        for name in plan.selected:
+            if name in graph.untraceable:
+                graph.group(name)  # the error names what the channels reach
+        groups = {g.name: g for g in graph.groups}
         _check_selected(plan.selected, set(groups), "shrink", model, plan,
                         lambda name: _blocked(groups[name], plan.protected, heads))
         for name in plan.selected:
@@ -453,11 +454,7 @@ def apply_plan(model: Model, plan: Plan) -> Model:
         removal = _without_units(model, removed)
         spec, variables = removal.spec, removal.variables
     if plan.mode in ("shrink", "remove+shrink"):
-        rules = rules_for(spec)
-        for name in plan.selected:  # groups of the current spec: slot offsets move as other groups shrink
-            group = next(g for g in rules.groups(spec) if g.name == name)
-            keep = np.asarray(plan.keep_channels[name])
-            variables = surgery.shrink_group(variables, group, keep)
-            spec = rules.resize(spec, name, keep)
+        keep = {name: plan.keep_channels[name] for name in plan.selected}
+        spec, variables = surgery.shrink(spec, variables, graph_of(model.arch, spec), keep)
     meta = {**model.meta, "plans": [*model.meta.get("plans", []), dataclasses.asdict(plan)]}
     return Model(model.arch, spec, variables, meta)

@@ -26,6 +26,7 @@ import dataclasses
 import math
 import typing
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +46,7 @@ REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and 
 CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
 WINDOWS = frozenset("reduce_window_max reduce_window_min reduce_window_sum reduce_window".split())
 VIEWS = frozenset("convert_element_type copy copy_p reduce_precision reshape broadcast_in_dim transpose squeeze".split())
+SCOPES = ("xprune-module:", "select:")  # name scopes: a module call (index into the traced modules), a selection
 CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")  # the params holding an inlined primitive's sub-jaxpr
 OUTPUT = "the model's outputs"
 
@@ -70,23 +72,27 @@ def _relocate(field: Field, new_axes, ndim: int) -> Field:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """A removable unit: the module ``name`` whose computation is a branch ``kind`` "residual"
-    (its output is added to its input: it can become 0) or "concat" (its output is only concatenated:
-    it can become the identity)."""
+    """A removable unit: the module ``name`` whose computation is a branch between two values of the
+    same shape, and how it goes (:class:`~xprune_jax.models.layers.Edits`): ``"identity"`` (its output
+    joins a residual add inside it, or only a concatenation without its input), ``"zero"`` (its output is
+    added outside it), or ``"drop"`` (it is only concatenated, next to its own input: its slot goes)."""
 
     name: str
-    kind: str
+    removal: str
 
 
 @dataclasses.dataclass
 class Graph:
     """What the tracer found: channel groups (in execution order of their first producer), untraceable
-    groups with the reason, removable units, and the layers whose outputs are untraceable (heads)."""
+    groups with the reason, removable units, the layers whose outputs are untraceable (heads), each
+    channel selection's input channels and index, and each group's channels (channels as component roots)."""
 
     groups: list[ChannelGroup]
-    untraceable: dict[str, str]  # group name -> the primitive (or "the model's outputs") its channels reach
+    untraceable: dict[str, str]  # group name -> what its channels reach that the tracer does not follow
     units: list[Unit]
     heads: list[str]
+    selections: dict[str, tuple[np.ndarray, np.ndarray]]  # "{module}.{name}" -> (channels in, index taken)
+    channels: dict[str, np.ndarray]  # group name -> its channels
 
     def group(self, name: str) -> ChannelGroup:
         found = next((g for g in self.groups if g.name == name), None)
@@ -148,6 +154,7 @@ class _Eqn(typing.NamedTuple):
     params: dict
     ins: list[int]
     outs: list[int]
+    scope: tuple[str, ...]  # the modules (their index in the trace's module list) and selections it runs in
 
 
 class _Flat:
@@ -160,7 +167,7 @@ class _Flat:
         self.shape.append(tuple(getattr(aval, "shape", ())))
         return len(self.shape) - 1
 
-    def inline(self, jaxpr, consts, ins: list[int]) -> list[int]:
+    def inline(self, jaxpr, consts, ins: list[int], scope: tuple[str, ...] = ()) -> list[int]:
         env = dict(zip(jaxpr.invars, ins))
         for var, value in zip(jaxpr.constvars, consts):
             env[var] = self.new(var.aval)
@@ -176,11 +183,12 @@ class _Flat:
         for eqn in jaxpr.eqns:
             ins_ = [read(a) for a in eqn.invars]
             sub = _call_jaxpr(eqn)
+            here = scope + tuple(c for c in str(eqn.source_info.name_stack).split("/") if c.startswith(SCOPES))
             if sub is not None:
-                outs = self.inline(sub.jaxpr, sub.consts, ins_)
+                outs = self.inline(sub.jaxpr, sub.consts, ins_, here)
             else:
                 outs = [self.new(v.aval) for v in eqn.outvars]
-                self.eqns.append(_Eqn(eqn.primitive, eqn.params, ins_, outs))
+                self.eqns.append(_Eqn(eqn.primitive, eqn.params, ins_, outs, here))
                 for key in outs:
                     self.producer[key] = len(self.eqns) - 1
             env.update(zip(eqn.outvars, outs))
@@ -513,7 +521,7 @@ class _Tracer:
     def _slice(self, eqn, ins):
         start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
         strides = eqn.params["strides"] or (1,) * len(start)
-        return [[self._cut(f, start, limit, strides) for f in ins[0]]]
+        return [[self._cut(eqn, f, start, limit, strides) for f in ins[0]]]
 
     def _split(self, eqn, ins):
         axis, outs, offset = eqn.params["axis"], [], 0
@@ -521,18 +529,23 @@ class _Tracer:
         for size in eqn.params["sizes"]:
             start = [offset if a == axis else 0 for a in range(len(shape))]
             limit = [offset + size if a == axis else n for a, n in enumerate(shape)]
-            outs.append([self._cut(f, start, limit, (1,) * len(shape)) for f in ins[0]])
+            outs.append([self._cut(eqn, f, start, limit, (1,) * len(shape)) for f in ins[0]])
             offset += size
         return outs
 
-    def _cut(self, f: Field, start, limit, strides) -> Field:
+    def _cut(self, eqn, f: Field, start, limit, strides) -> Field:
+        """A slice; slicing one producer's whole output (a split) cuts it into segments. Outside a selection
+        (static code), the segments that end at a bound keep their width."""
         index = tuple(slice(start[a], limit[a], strides[a]) if a in f.axes else slice(None) for a in range(f.ids.ndim))
-        if len(f.axes) == 1:  # slicing one producer's whole output (a split) cuts it into segments
+        if len(f.axes) == 1:
             a, ids, n = f.axes[0], f.ids.reshape(-1), self.nodes
             if ids.min() >= 0 and len(set(zip(n.leaf[ids], n.axis[ids]))) == 1 and np.array_equal(n.index[ids], np.arange(len(ids))):
+                owner = int(n.leaf[ids[0]]), int(n.axis[ids[0]])
                 for boundary in (start[a], limit[a]):
                     if 0 < boundary < len(ids):
-                        self.cuts[int(n.leaf[ids[0]]), int(n.axis[ids[0]])].add(boundary)
+                        self.cuts[owner].add(boundary)
+                        if not any(c.startswith("select:") for c in eqn.scope):
+                            self.protect([Field(ids[:boundary], (0,))], "a channel slice outside layers.select")
         return Field(f.ids[index], f.axes)
 
     def _pad(self, eqn, ins):
@@ -605,18 +618,27 @@ def trace(module, variables: dict, *example_inputs) -> Graph:
     ``variables`` and the inputs may be arrays or ``jax.ShapeDtypeStruct``s: the trace is abstract.
     """
     flat_vars, treedef = jax.tree_util.tree_flatten_with_path(variables)
-    leaves, modules = [], []
+    leaves, paths = [], []
     for path, leaf in flat_vars:
         keys = tuple(str(getattr(k, "key", k)) for k in path)
         leaves.append((keys[0], ".".join(keys[1:-1]), keys[-1], tuple(np.shape(leaf))))
-        modules.append(keys[1:-1])
+        paths.append(keys[1:-1])
     abstract = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", jnp.float32)) for _, x in flat_vars]
     inputs = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", jnp.float32)) for x in example_inputs]
+    modules = []  # the path of every module call, in order: the name scope "xprune-module:{index}" marks its equations
+
+    def scoped(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        modules.append(tuple(context.module.path))
+        with jax.named_scope(f"xprune-module:{len(modules) - 1}"):
+            return next_fun(*args, **kwargs)
 
     def apply(flat_variables, *xs):
-        return module.apply(jax.tree_util.tree_unflatten(treedef, flat_variables), *xs)
+        with nn.intercept_methods(scoped):
+            return module.apply(jax.tree_util.tree_unflatten(treedef, flat_variables), *xs)
 
-    with one_primitive_per_conv():
+    with one_primitive_per_conv(), nn.override_named_call(False):
         closed = jax.make_jaxpr(apply)(abstract, *inputs)
     flat = _Flat()
     keys = [flat.new(v.aval) for v in closed.jaxpr.invars]
@@ -630,8 +652,29 @@ def trace(module, variables: dict, *example_inputs) -> Graph:
     tracer.run()
     for key in outputs:
         tracer.protect(tracer.fields.get(key, []), OUTPUT)
-    groups, untraceable, heads = _groups(tracer)
-    return Graph(groups, untraceable, _units(flat, tracer.fields, dict(zip(keys[:len(leaves)], range(len(leaves)))), modules), heads)
+    groups, untraceable, heads, channels = _groups(tracer)
+    context = _Context(flat, tracer, dict(zip(keys[:len(leaves)], range(len(leaves)))), paths, modules, set(outputs))
+    return Graph(groups, untraceable, _units(context), heads, _selections(context), channels)
+
+
+class _Context(typing.NamedTuple):
+    flat: _Flat
+    tracer: _Tracer
+    variable_keys: dict[int, int]  # value key -> variable leaf
+    paths: list[tuple[str, ...]]  # variable leaf -> its module's path
+    modules: list[tuple[str, ...]]  # module call -> its path
+    outputs: set[int]
+
+    def uses(self) -> dict[int, list[int]]:
+        uses = collections.defaultdict(list)
+        for i, eqn in enumerate(self.flat.eqns):
+            for k in eqn.ins:
+                uses[k].append(i)
+        return uses
+
+    def calls(self, eqn) -> list[int]:
+        """The module calls an equation runs in, outermost first."""
+        return [int(c.split(":")[1]) for c in eqn.scope if c.startswith("xprune-module:")]
 
 
 def _groups(t: _Tracer):
@@ -664,7 +707,7 @@ def _groups(t: _Tracer):
         if producers:
             keyed[tuple(sorted(producers, key=lambda p: (t.order[p[0]], p[2])))].append(root)
     split = collections.Counter((leaf, axis) for producers in keyed for leaf, axis, _ in producers)
-    groups, untraceable, heads = [], {}, []
+    groups, untraceable, heads, channels = [], {}, [], {}
     for producers, roots in sorted(keyed.items(), key=lambda kv: [(t.order[p[0]], p[2]) for p in kv[0]]):
         first, axis, seg = producers[0]
         name = leaves[first][1] + (f"[{seg}]" if split[first, axis] > 1 else "")
@@ -688,7 +731,8 @@ def _groups(t: _Tracer):
             heads += [s.layer for s in slots["producers"] if s.layer not in heads]
         else:
             groups.append(ChannelGroup(name, len(roots), *(tuple(slots[k]) for k in ("producers", "norms", "depthwise", "consumers"))))
-    return groups, untraceable, heads
+            channels[name] = np.array(roots)
+    return groups, untraceable, heads, channels
 
 
 def _slots(layer: str, positions: dict, width: int) -> list[Slot] | None:
@@ -713,49 +757,51 @@ def _slots(layer: str, positions: dict, width: int) -> list[Slot] | None:
     return slots
 
 
-def _units(flat: _Flat, fields: dict, variable_keys: dict[int, int], modules: list[tuple[str, ...]]) -> list[Unit]:
-    """Modules whose computation is a branch joining a residual add with its input, or only a concatenation."""
-    uses = collections.defaultdict(list)
-    for i, eqn in enumerate(flat.eqns):
-        for k in eqn.ins:
-            uses[k].append(i)
+def _units(c: _Context) -> list[Unit]:
+    """Modules whose computation is a branch that joins a residual add with its input, or only a
+    concatenation along the channels."""
+    flat, uses = c.flat, c.uses()
     static = {k: frozenset() for k in flat.const}  # values that don't depend on the inputs -> variables they read
-    static.update((k, frozenset([leaf])) for k, leaf in variable_keys.items())
+    static.update((k, frozenset([leaf])) for k, leaf in c.variable_keys.items())
     for eqn in flat.eqns:
         if all(k in static for k in eqn.ins):
             static.update((k, frozenset().union(*(static[i] for i in eqn.ins))) for k in eqn.outs)
-    by_module = collections.defaultdict(set)  # Flax module path (and its prefixes) -> its variables
-    for leaf, path in enumerate(modules):
+    by_module = collections.defaultdict(set)  # module path (and its prefixes) -> its variables
+    for leaf, path in enumerate(c.paths):
         for n in range(1, len(path) + 1):
             by_module[path[:n]].add(leaf)
-
-    def name(leaves):  # the outermost module that holds exactly these variables
-        path = modules[next(iter(leaves))]
-        return next((".".join(path[:n]) for n in range(1, len(path) + 1) if by_module[path[:n]] == leaves), None)
-
     units = {}
     for i, eqn in enumerate(flat.eqns):
         if eqn.primitive.name in ("add", "add_any") and len(eqn.ins) == 2:
-            candidates = [(b, a, "residual") for b, a in (eqn.ins, eqn.ins[::-1])]
+            candidates = [(b, a) for b, a in (eqn.ins, eqn.ins[::-1])]
         elif eqn.primitive.name == "concatenate":  # along the channels: the operand is a slot
             d = eqn.params["dimension"]
-            candidates = [(b, None, "concat") for b in eqn.ins
-                          if uses[b] == [i] and any(d in f.axes for f in fields.get(b, ()))]
+            candidates = [(b, None) for b in eqn.ins if uses[b] == [i] and any(d in f.axes for f in c.tracer.fields.get(b, ()))]
         else:
             continue
-        for end, start, kind in candidates:
-            for entry, leaves in _branches(flat, uses, static, end, i):
-                unit = name(leaves)
-                if unit and start in (None, entry):
-                    units.setdefault(unit, Unit(unit, kind))
-                    break
+        for end, start in candidates:
+            for entry, inside, leaves in _branches(flat, uses, static, end, i):
+                if start not in (None, entry):
+                    continue
+                chains = [c.calls(flat.eqns[e]) for e in inside]
+                common = [m for depth, m in enumerate(chains[0]) if all(len(ch) > depth and ch[depth] == m for ch in chains)]
+                module = next((m for m in reversed(common) if by_module[c.modules[m]] == leaves), None)
+                if module is None:
+                    continue
+                name = ".".join(c.modules[module])
+                if start is not None:
+                    removal = "identity" if module in c.calls(eqn) else "zero"
+                else:
+                    removal = "drop" if entry in eqn.ins else "identity"
+                units.setdefault(name, Unit(name, removal))
+                break
     return list(units.values())
 
 
 def _branches(flat: _Flat, uses, static: dict, end: int, join: int):
     """The branches ending at ``end`` (used by equation ``join`` only), largest first: those that read
     one value that depends on the inputs, of the shape of ``end``, and whose values are used only
-    inside them. Yields ``(that value, the variables the branch reads)``."""
+    inside them. Yields ``(that value, the branch's equations, the variables it reads)``."""
     inside, frontier, found, layers = set(), {end}, [], 0
     while frontier and len(inside) < 5000:
         key = max(frontier, key=lambda k: flat.producer.get(k, -1))  # expanded latest first: inside stays closed
@@ -771,6 +817,35 @@ def _branches(flat: _Flat, uses, static: dict, end: int, join: int):
         layers += eqn.primitive.name in ("conv_general_dilated", "dot_general")
         if len(frontier) == 1 and flat.shape[next(iter(frontier))] == flat.shape[end] and layers:
             leaves = frozenset().union(*(static[k] for e in inside for k in flat.eqns[e].ins if k in static))
-            if leaves:
-                found.append((next(iter(frontier)), leaves))
+            found.append((next(iter(frontier)), frozenset(inside), leaves))
     return reversed(found)
+
+
+def _selections(c: _Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each channel selection (:func:`~xprune_jax.models.layers.select`): its input's channels (component
+    roots; -1 where a position holds none) and, for each output position, the input position it takes."""
+    eqns = collections.defaultdict(list)  # (module call, name) -> its equations
+    for i, eqn in enumerate(c.flat.eqns):
+        for j, scope in enumerate(eqn.scope):
+            if scope.startswith("select:"):
+                calls = c.calls(eqn._replace(scope=eqn.scope[:j]))
+                eqns[calls[-1] if calls else None, scope[len("select:"):]].append(i)
+    uses, out = c.uses(), {}
+    for (call, name), members in eqns.items():
+        made = {k for i in members for k in c.flat.eqns[i].outs}
+        ins = {k for i in members for k in c.flat.eqns[i].ins if k not in made and k in c.tracer.fields}
+        outs = [k for k in made if k in c.outputs or any(u not in members for u in uses[k])]
+        if len(ins) != 1 or len(outs) != 1:
+            continue
+        fields = [next((f.ids.reshape(-1) for f in c.tracer.fields.get(k, ()) if f.axes == (len(c.flat.shape[k]) - 1,)), None)
+                  for k in (*ins, *outs)]
+        if fields[0] is None or fields[1] is None or len(set(fields[0].tolist())) < len(fields[0]):
+            continue
+        position = {node: i for i, node in enumerate(fields[0].tolist())}
+        path = c.modules[call] if call is not None else ()
+        out[".".join((*path, name))] = (_roots(c.tracer.nodes, fields[0]), np.array([position[n] for n in fields[1].tolist()]))
+    return out
+
+
+def _roots(nodes: _Nodes, ids: np.ndarray) -> np.ndarray:
+    return np.array([nodes.find(int(x)) if x >= 0 else -1 for x in ids], int)
