@@ -21,12 +21,15 @@ from xprune_jax.models.mobilenet_v2 import mobilenet_v2_spec
 from xprune_jax.models.resnet import resnet_spec
 from xprune_jax.models.shufflenet_v2 import shufflenet_v2_spec
 from xprune_jax.pruning.plan import _shrink_savings, apply_plan, count_params, make_plan
-from xprune_jax.pruning.rules import ResNetRules, rules_for
+from xprune_jax.pruning.surgery import graph_of
 from xprune_jax.spec import spec_from_dict, spec_to_dict
 
+PREDICTORS = {"fasterrcnn_resnet50_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.cls_score",
+                                          "roi_heads.box_predictor.bbox_pred"],
+              "retinanet_resnet50_fpn": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg"]}
 SIZE = 64  # small inputs keep ResNet-50's runs short; the groups don't depend on the size
 COUPLED_GROUPS = {
-    "resnet50": ["layer1", "layer2", "layer3", "layer4"],
+    "resnet50": ["layer1.0.conv3", "layer2.0.conv3", "layer3.0.conv3", "layer4.0.conv3"],  # the stage widths
     "mobilenet_v2": ["features.1.conv.1", "features.2.conv.2", "features.4.conv.2", "features.7.conv.2",
                      "features.11.conv.2", "features.14.conv.2", "features.17.conv.2", "features.18.0"],
     # scattered by the channel shuffle: through a stage, into the next stage's first unit, into conv5
@@ -48,7 +51,7 @@ def test_coupled_groups_surgery_equals_masking_and_is_predicted(arch, small_imag
     model = dataclasses.replace(_model(arch), meta={"preprocess": {"crop": SIZE}})
     everything = make_plan(model, score_model_like(model, seed=11), "shrink", "layers=99.9%", allocation="layer")
     assert set(COUPLED_GROUPS[arch]) <= set(everything.selected)
-    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+    groups = {g.name: g for g in graph_of(arch, model.spec).groups}
     by_layer = {l.name: l for l in analysis.describe_layers(arch, model.spec, SIZE)}
     original = _run(model, small_images)
     for names in [[name] for name in COUPLED_GROUPS[arch]] + [everything.selected]:
@@ -68,24 +71,29 @@ def test_coupled_groups_surgery_equals_masking_and_is_predicted(arch, small_imag
                                                                  everything.params_before - params)
 
 
+def _layers(slots) -> set[str]:
+    return {s.layer for s in slots}
+
+
 def test_coupled_group_layers():
-    """ResNet-50's last stage is read by the classifier; resnet18's layer1 adds the stem's output
-    (protected), so it has no group; MobileNetV2's chains end at features.18."""
-    groups = {g.name: g for g in ResNetRules.groups(resnet_spec("resnet50"))}
-    assert [s.layer for s in groups["layer4"].producers] == \
-        ["layer4.0.downsample.0", "layer4.0.conv3", "layer4.1.conv3", "layer4.2.conv3"]
-    assert [s.layer for s in groups["layer4"].consumers] == ["layer4.1.conv1", "layer4.2.conv1", "fc"]
-    assert [s.layer for s in groups["layer1"].consumers] == \
-        ["layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1", "layer2.0.downsample.0"]
-    groups = {g.name: g for g in ResNetRules.groups(resnet_spec("resnet18"))}
-    assert [n for n in groups if not n.endswith(".conv1")] == ["layer2", "layer3", "layer4"]
-    assert [s.layer for s in groups["layer2"].norms] == ["layer2.0.downsample.1", "layer2.0.bn2", "layer2.1.bn2"]
-    groups = {g.name: g for g in rules_for(mobilenet_v2_spec()).groups(mobilenet_v2_spec())}
-    assert [s.layer for s in groups["features.14.conv.2"].norms] == \
-        ["features.14.conv.3", "features.15.conv.3", "features.16.conv.3"]
-    assert [s.layer for s in groups["features.14.conv.2"].consumers] == \
-        ["features.15.conv.0.0", "features.16.conv.0.0", "features.17.conv.0.0"]
-    assert [s.layer for s in groups["features.17.conv.2"].consumers] == ["features.18.0"]
+    """ResNet-50's last stage is read by the classifier; resnet18's layer1 adds the stem's output, so its
+    blocks' last convs make the stem's (protected) group; MobileNetV2's chains end at features.18."""
+    groups = {g.name: g for g in graph_of("resnet50", resnet_spec("resnet50")).groups}
+    assert _layers(groups["layer4.0.conv3"].producers) == \
+        {"layer4.0.downsample.0", "layer4.0.conv3", "layer4.1.conv3", "layer4.2.conv3"}
+    assert _layers(groups["layer4.0.conv3"].consumers) == {"layer4.1.conv1", "layer4.2.conv1", "fc"}
+    assert _layers(groups["layer1.0.conv3"].consumers) == \
+        {"layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1", "layer2.0.downsample.0"}
+    groups = {g.name: g for g in graph_of("resnet18", resnet_spec("resnet18")).groups}
+    assert [n for n in groups if not n.endswith(".conv1")] == ["conv1", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2"]
+    assert _layers(groups["conv1"].producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
+    assert _layers(groups["layer2.0.conv2"].norms) == {"layer2.0.downsample.1", "layer2.0.bn2", "layer2.1.bn2"}
+    groups = {g.name: g for g in graph_of("mobilenet_v2", mobilenet_v2_spec()).groups}
+    assert _layers(groups["features.14.conv.2"].norms) == \
+        {"features.14.conv.3", "features.15.conv.3", "features.16.conv.3"}
+    assert _layers(groups["features.14.conv.2"].consumers) == \
+        {"features.15.conv.0.0", "features.16.conv.0.0", "features.17.conv.0.0"}
+    assert _layers(groups["features.17.conv.2"].consumers) == {"features.18.0"}
 
 
 @pytest.mark.parametrize("arch", ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"])
@@ -94,9 +102,10 @@ def test_detector_groups_are_predicted_and_protectable(arch):
     49 inputs a channel). The predictors keep their outputs; protecting the FPN keeps the stage
     outputs it reads and its own groups."""
     model = _detector(arch)
-    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+    graph = graph_of(arch, model.spec)
+    groups = {g.name: g for g in graph.groups}
     plan = make_plan(model, score_model_like(model, seed=12), "shrink", "layers=99.9%", allocation="layer")
-    assert {f"backbone.body.layer{i}" for i in range(1, 5)} <= set(plan.selected)
+    assert {f"backbone.body.layer{i}.0.conv3" for i in range(1, 5)} <= set(plan.selected)  # the stage widths
     by_layer = {l.name: l for l in analysis.describe_layers(arch, model.spec, 256)}
     flops, params = _shrink_savings([groups[n] for n in plan.selected], plan.keep_channels, by_layer,
                                     model.variables["params"])
@@ -105,18 +114,18 @@ def test_detector_groups_are_predicted_and_protectable(arch):
         plan.flops_before - flops < 0.6 * plan.flops_before
     assert plan.params_after == count_params(arch, pruned.spec) == plan.params_before - params == \
         sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
-    heads = rules_for(model.spec).heads(model.spec)
-    assert set(heads) <= set(plan.protected) and not set(heads) & set(groups)
+    heads = graph.heads
+    assert set(heads) == set(PREDICTORS[arch]) <= set(plan.protected) and not set(heads) & set(groups)
     for head in heads:
         assert np.shape(tree_paths.get(pruned.variables["params"], head)["kernel"])[-1] == \
             np.shape(tree_paths.get(model.variables["params"], head)["kernel"])[-1]
     assert spec_from_dict(spec_to_dict(pruned.spec)) == pruned.spec
-    stages = {f"backbone.body.{s}" for s in model.spec.fpn_stages}
+    stages = {f"backbone.body.{s}.0.conv3" for s in model.spec.fpn_stages}
     guarded = make_plan(model, score_model_like(model, seed=12), "shrink", "layers=99.9%", allocation="layer",
                         protect=["backbone.fpn"])
     assert not [n for n in guarded.selected if n in stages or n.startswith("backbone.fpn")]
-    with pytest.raises(UserError, match="prunes 'backbone.fpn.inner_blocks', which is protected"):
-        apply_plan(model, dataclasses.replace(guarded, selected=["backbone.fpn.inner_blocks"]))
+    with pytest.raises(UserError, match=r"prunes 'backbone.fpn.inner_blocks.0.0', which is protected"):
+        apply_plan(model, dataclasses.replace(guarded, selected=["backbone.fpn.inner_blocks.0.0"]))
 
 
 @pytest.mark.parametrize("arch", ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"])
@@ -129,7 +138,7 @@ def test_detector_global_allocation_reaches_70_percent(arch):
     assert plan.flops_after == analysis.total_flops(analysis.describe_layers(arch, pruned.spec, 256))
     assert plan.params_after == count_params(arch, pruned.spec) == \
         sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
-    assert {"backbone.fpn.layer_blocks", "backbone.fpn.inner_blocks"} & set(plan.selected)
+    assert any(n.startswith(("backbone.fpn.layer_blocks.", "backbone.fpn.inner_blocks.")) for n in plan.selected)
 
 
 def test_mobilenet_v2_skips_are_stated_by_the_spec():
@@ -148,7 +157,7 @@ def test_the_last_group_narrows_only_as_far_as_the_budget_needs():
     model = _detector("fasterrcnn_resnet50_fpn")
     plan = make_plan(model, score_model_like(model, seed=1), "shrink", "flops=-30%", allocation="layer")
     assert 0.30 <= 1 - plan.flops_after / plan.flops_before < 0.31
-    groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
+    groups = {g.name: g for g in graph_of(model.arch, model.spec).groups}
     by_layer = {l.name: l for l in analysis.describe_layers(model.arch, model.spec, 256)}
     last = plan.selected[-1]
     wider = {**plan.keep_channels, last: list(range(len(plan.keep_channels[last]) + 8))}
@@ -162,7 +171,7 @@ def test_shufflenet_v2_groups_follow_the_channel_shuffle():
     the branch and reads the second half. So stage2.0's branch1 channels 0-28 pass stage2.1 and
     channels 29-57 are its branch's even inputs; the last unit's branch feeds conv5's odd inputs."""
     spec = shufflenet_v2_spec("shufflenet_v2_x1_0")
-    groups = {g.name: g for g in rules_for(spec).groups(spec)}
+    groups = {g.name: g for g in graph_of("shufflenet_v2_x1_0", spec).groups}
     reader = {s.layer: s.index for s in groups["stage2.0.branch1.2"].consumers}["stage2.1.branch2.0"]
     assert reader == (-1,) * 29 + tuple(range(0, 58, 2))
     assert [(s.layer, s.index) for s in groups["stage4.3.branch2.5"].consumers] == [("conv5.0", tuple(range(1, 464, 2)))]
@@ -170,7 +179,8 @@ def test_shufflenet_v2_groups_follow_the_channel_shuffle():
     assert [s.layer for s in into_stage3.depthwise] == ["stage3.0.branch1.0"]
     assert [s.layer for s in into_stage3.norms] == ["stage2.3.branch2.6", "stage3.0.branch1.1"]
     assert [s.layer for s in into_stage3.consumers] == ["stage3.0.branch1.2", "stage3.0.branch2.0"]
-    assert "conv1.0" not in groups and "stage2.0.branch1.0" not in groups  # the stem's channels: protected
+    assert _layers(groups["conv1.0"].producers) == {"conv1.0"}  # the stem's channels: protected
+    assert "stage2.0.branch1.0" not in groups  # a depthwise conv makes no channels of its own
 
 
 def _check_surgery(model, plan, images):
@@ -194,13 +204,14 @@ def test_shufflenet_v2_remove_shrink_and_shrink_again(small_images, tmp_path):
     plan = make_plan(removed, score_model_like(removed, seed=14), "shrink", "layers=99.9%", allocation="layer")
     assert {"stage2.0.branch1.2", "stage3.0.branch2.5", "conv5.0"} <= set(plan.selected)
     shrunk = _check_surgery(removed, plan, small_images)
-    assert sum(u.order is not None for u in shrunk.spec.units) > 8 and any(u.split is not None for u in shrunk.spec.units)
+    selections = dict(shrunk.spec.edits.channels)  # the shuffles and splits, edited
+    assert sum(n.endswith(".order") for n in selections) > 8 and any(n.endswith(".left") for n in selections)
     save_model(shrunk, str(tmp_path / "shrunk"))
     reloaded = load_model(str(tmp_path / "shrunk"))
     assert reloaded.spec == shrunk.spec
     np.testing.assert_array_equal(_run(reloaded, small_images), _run(shrunk, small_images))
-    removable = set(rules_for(shrunk.spec).removable(shrunk.spec))
-    stuck = [u.name for u in shrunk.spec.units if u.stride == 1 and u.branch2 and u.name not in removable]
+    removable = {u.name for u in graph_of(shrunk.arch, shrunk.spec).units} | dict(shrunk.spec.edits.removed).keys()
+    stuck = [f"{u.name}.branch2" for u in shrunk.spec.units if u.stride == 1 and f"{u.name}.branch2" not in removable]
     assert stuck
     with pytest.raises(UserError, match=f"names '{stuck[0]}', which is not a remove-able unit"):
         apply_plan(shrunk, dataclasses.replace(plan, mode="remove", selected=[stuck[0]], keep_channels={}))

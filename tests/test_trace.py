@@ -1,6 +1,7 @@
 """The channel tracer on toy graphs, one feature each (as Torch-Pruning tests its DepGraph), written with
 Flax's own layers: what a user's model is made of. Abstract traces only: no compilation."""
 
+import dataclasses
 import functools
 import gzip
 import json
@@ -10,10 +11,12 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from xprune_jax import models
 from xprune_jax.errors import UserError
+from xprune_jax.models.layers import select
 from xprune_jax.pruning.groups import ChannelGroup, Slot
 from xprune_jax.pruning.trace import Unit, trace
 
@@ -52,23 +55,40 @@ def test_concat_slots_and_heads():
 
 
 class Split(nn.Module):
-    """A C2f: cv1's output split unequally, the second part through a conv, all three parts concatenated."""
+    """A C2f: cv1's output split unequally, the second part through a conv, all three parts concatenated.
+    ``static``: split by plain code instead of layers.select (which pruning may move)."""
+
+    static: bool = False
 
     @nn.compact
     def __call__(self, x):
         y = _conv(8, "cv1")(x)
-        first, second = jnp.split(y, [3], axis=-1)
+        if self.static:
+            first, second = jnp.split(y, [3], axis=-1)
+        else:
+            first, second = select(self, "first", y, np.s_[:3]), select(self, "second", y, np.s_[3:])
         third = _conv(5, "m", 3)(second)
         return _conv(4, "cv2")(jnp.concatenate([first, second, third], axis=-1))
 
 
 def test_split_cuts_the_producer_into_segments():
-    groups = _groups(_trace(Split()))
+    graph = _trace(Split())
+    groups = _groups(graph)
     assert (groups["cv1[0]"].width, groups["cv1[0]"].producers, groups["cv1[0]"].consumers) == \
         (3, (Slot("cv1", 0),), (Slot("cv2", 0),))
     assert (groups["cv1[1]"].width, groups["cv1[1]"].producers) == (5, (Slot("cv1", 3),))
     assert set(groups["cv1[1]"].consumers) == {Slot("m", 0), Slot("cv2", 3)}
     assert groups["m"].consumers == (Slot("cv2", 8),)
+    inputs, index = graph.selections["second"]
+    assert len(inputs) == 8 and list(index) == [3, 4, 5, 6, 7]
+
+
+def test_a_static_split_keeps_the_width_before_its_bound():
+    """Code that slices at a fixed channel would break if the channels before it shrank: they are protected,
+    those after it are not."""
+    graph = _trace(Split(static=True))
+    assert graph.untraceable == {"cv1[0]": "a channel slice outside layers.select", "cv2": "the model's outputs"}
+    assert _groups(graph)["cv1[1]"].width == 5
 
 
 class Shuffle(nn.Module):
@@ -151,7 +171,7 @@ def test_residual_adds_couple_and_blocks_are_removable():
     assert set(groups["stem"].producers) == {Slot("stem"), Slot("block.conv2"), Slot("other.conv2")}
     assert set(groups["stem"].consumers) == {Slot("block.conv1"), Slot("other.conv1"), Slot("out")}
     assert groups["block.conv1"].consumers == (Slot("block.conv2"),)
-    assert graph.units == [Unit("block", "residual"), Unit("other", "residual")]
+    assert graph.units == [Unit("block", "identity"), Unit("other", "identity")]
 
 
 class Depthwise(nn.Module):
@@ -201,7 +221,22 @@ class Branch(nn.Module):
 
 
 def test_a_branch_into_a_concat_is_removable():
-    assert _trace(ConcatUnit()).units == [Unit("branch", "concat")]
+    assert _trace(ConcatUnit()).units == [Unit("branch", "identity")]
+
+
+class Removals(nn.Module):
+    """A residual add outside the branch's module, and a branch concatenated next to its own input."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(_conv(4, "stem")(x))
+        x = x + Branch(name="outside")(x)
+        return _conv(2, "out")(jnp.concatenate([x, Branch(name="next_to_input")(x)], axis=-1))
+
+
+def test_how_each_unit_goes():
+    """Added outside its module: it becomes 0; concatenated next to its input: it is dropped (its slot goes)."""
+    assert _trace(Removals()).units == [Unit("outside", "zero"), Unit("next_to_input", "drop")]
 
 
 class Reduce(nn.Module):
@@ -280,8 +315,9 @@ def test_traced_groups_and_units_equal_the_handwritten_rules(arch):
     extra = [g for name, g in traced.items() if name not in matched]
     protected = {STEMS[arch], *want["heads"]} if want["heads"] else {STEMS[arch]}
     assert all(any(s.layer in protected for s in g.producers) for g in extra), [g.name for g in extra]
-    assert sorted(u.name for u in graph.units) == sorted(want["removable"])
-    assert {u.kind for u in graph.units} == {"shufflenet_v2_x1_0": {"concat"}, "yolov8n": {"residual", "concat"}}.get(arch, {"residual"})
+    units = [f"{n}.branch2" if arch.startswith("shufflenet") else n for n in want["removable"]]  # the branch is a module now
+    assert sorted(u.name for u in graph.units) == sorted(units)
+    assert {u.removal for u in graph.units} == {"yolov8n": {"identity", "drop"}}.get(arch, {"identity"})
     assert set(want["heads"] or graph.heads) == set(graph.heads) and graph.untraceable
 
 
@@ -301,23 +337,22 @@ def test_yolov8_neck_c2f_is_finer_traced():
         assert merged == _content(want[f"{c2f}.cv1.conv[1]"])
 
 
-def test_traced_groups_of_a_pruned_shufflenet_follow_its_explicit_channel_order():
-    """A stage width narrowed by the rules makes the units gather their channels by an explicit order (a
-    constant index): the trace follows the gather and finds the rules' groups of the pruned spec."""
-    from xprune_jax.pruning.rules import RULES
-
+def test_a_shufflenet_spec_with_explicit_channel_routing_traces_the_same():
+    """Model files pruned before Edits route ShuffleNetV2's channels by explicit ``split`` and ``order`` spec
+    fields (a gather by a constant index): with torchvision's routing made explicit, the trace follows the
+    gathers to the same groups as through the reshape-and-transpose shuffle."""
     arch = "shufflenet_v2_x1_0"
     spec = models.get_architecture(arch).default_spec()
-    rules = RULES[type(spec)]
-    for name in ["stage2.0.branch1.2", "stage3.0.branch2.5"]:
-        width = next(g.width for g in rules.groups(spec) if g.name == name)
-        spec = rules.resize(spec, name, list(range(0, width, 2)))
-    assert sum(u.order is not None for u in spec.units) > 4
-    size = 64
-    graph = trace(models.build(arch, spec), models.variable_shapes(arch, spec, size),
-                  jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-    traced = {_content(g) for g in graph.groups}
-    assert all(_content(g) in traced for g in rules.groups(spec))
+    units, width = [], spec.stem
+    for u in spec.units:
+        width = (u.branch1 or width // 2) + u.branch2[1]
+        shuffle = tuple(g * (width // 2) + j for j in range(width // 2) for g in range(2))
+        units.append(dataclasses.replace(u, split=None if u.stride == 2 else width // 2, order=shuffle))
+    explicit = dataclasses.replace(spec, units=tuple(units))
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    graph = trace(models.build(arch, explicit), models.variable_shapes(arch, explicit, 64), x)
+    assert [_content(g) for g in graph.groups] == [_content(g) for g in _traced(arch).groups]
+    assert graph.units == _traced(arch).units
 
 
 def test_tracing_faster_rcnn_takes_under_10_seconds():

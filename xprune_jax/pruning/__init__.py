@@ -1,1 +1,2 @@
-"""Pruning: plans under budgets, per-architecture rules, and the surgery that rewrites (spec, variables)."""
+"""Pruning: channel groups and removable units traced from the jaxpr, plans under budgets, and the generic
+surgery that rewrites (spec, variables)."""
