@@ -369,10 +369,10 @@ DETECTOR_HEAD_OUTPUTS = {  # continuous in the weights (no top-k or NMS selectio
     "fasterrcnn_resnet50_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred"],
     "retinanet_resnet50_fpn": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg", "confidence"],
 }
-NECK_AND_HEAD_GROUPS = {
-    "fasterrcnn_resnet50_fpn": {"backbone.fpn.inner_blocks", "backbone.fpn.layer_blocks", "rpn.head.conv.0.0",
+NECK_AND_HEAD_GROUPS = {  # the FPN's lateral and output widths are named by their first producer
+    "fasterrcnn_resnet50_fpn": {"backbone.fpn.inner_blocks.0.0", "backbone.fpn.layer_blocks.3.0", "rpn.head.conv.0.0",
                                 "roi_heads.box_head.fc6", "roi_heads.box_head.fc7"},
-    "retinanet_resnet50_fpn": {"backbone.fpn.inner_blocks", "backbone.fpn.layer_blocks",
+    "retinanet_resnet50_fpn": {"backbone.fpn.inner_blocks.0.0", "backbone.fpn.layer_blocks.2.0",
                                *(f"head.{s}_head.conv.{i}.0" for s in ("classification", "regression") for i in range(4))},
 }
 
