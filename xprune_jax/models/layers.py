@@ -84,12 +84,12 @@ def select(module: nn.Module, name: str, x: jax.Array, index) -> jax.Array:
                 return index(x)
             if isinstance(index, slice):
                 return jax.lax.slice_in_dim(x, *index.indices(x.shape[-1])[:2], axis=-1)
-            return jnp.take(x, np.asarray(index, int), axis=-1)
+            return jnp.take(x, np.asarray(index, int), axis=-1, mode="clip")
         index = np.asarray(edited_index, int)
         start = int(index[0]) if len(index) else 0
         if np.array_equal(index, np.arange(start, start + len(index))):  # contiguous: a slice
             return jax.lax.slice_in_dim(x, start, start + len(index), axis=-1)
-        return jnp.take(x, index, axis=-1)
+        return jnp.take(x, index, axis=-1, mode="clip")  # by a constant: the tracer follows it
 
 
 @contextlib.contextmanager

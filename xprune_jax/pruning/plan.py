@@ -191,7 +191,7 @@ def _plan_shrink_layerwise(c: _Context, kind: str, target: float, shrink_ratio: 
 
 
 def _resized(model: Model, keep: dict):
-    return surgery.shrunk_spec(model.spec, model.variables["params"], graph_of(model.arch, model.spec), keep)
+    return surgery.shrink(model.spec, model.variables, graph_of(model.arch, model.spec), keep, sliced=False)[0]
 
 
 def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, normalize: str, floor: float):

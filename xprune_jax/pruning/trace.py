@@ -1,19 +1,13 @@
 """Channel groups and removable units traced from the jaxpr of ``module.apply``: DepGraph over a jaxpr.
 
 Every index of every variable axis is a node. One walk over the jaxpr (calls inlined) gives each value
-*fields*: node ids laid out over some of its axes (size 1 elsewhere, -1 where no channel sits). A conv or
-linear layer's output takes its kernel's output nodes, and its input's ids join the kernel's input nodes;
-elementwise ops (norms, biases, activations, residual adds, gates) and concatenations along another axis
-join the ids they meet; concatenate, slice, pad, gather, reshape and transpose move them (shuffles,
-flattens). Joined nodes form a component: one channel, with every kernel, norm and depthwise conv that
-holds it. The model's outputs, and whatever the walk does not follow (a reduction over channels, a
-gather by computed indices, top_k, a loop, any other primitive), make the channels they read
-*untraceable*: never pruned.
-
-Channels made by the same producers (the same segment of a producer that a selection splits) form one
-:class:`ChannelGroup`, laid out in each layer as :class:`Slot`s. Removable units are modules whose
-computation is a branch between two values of one shape that joins a residual add with its input, or
-only a channel concatenation.
+*fields*: node ids over some of its axes (-1: no channel). A conv or linear layer's output takes its kernel's
+output nodes and its input joins the kernel's input nodes; elementwise ops (norms, biases, activations,
+residual adds, gates) and concatenations along other axes join the ids they meet; concatenate, slice, pad,
+gather, reshape and transpose move them. Joined nodes are one channel. The outputs, and whatever the walk
+does not follow (a reduction over channels, top_k, a loop, any other primitive), make the channels they read
+*untraceable*. Channels made by the same producers (segments) form a :class:`ChannelGroup`; removable units
+are modules whose computation is a branch joining a residual add with its input, or a channel concat.
 """
 
 import collections
@@ -39,10 +33,9 @@ OUTPUT = "the model's outputs"
 
 
 class Slot(typing.NamedTuple):
-    """Where a group's ``width`` channels sit in one layer's output (producers, norms, depthwise convs) or
-    input (consumers): channel c at ``offset + c``; at ``offset + c * span ...`` (``span`` inputs each) for
-    a layer reading a flattened ``(C, H, W)`` map (fc6 after RoIAlign); at ``index[c]`` (-1: absent) where
-    a shuffle scatters them."""
+    """Where a group's channels sit in a layer's output (producers, norms, depthwise) or input (consumers):
+    channel c at ``offset + c``, at ``offset + c * span ...`` for a flattened ``(C, H, W)`` input (fc6), or
+    at ``index[c]`` (-1: absent) where a shuffle scatters them."""
 
     layer: str
     offset: int = 0
@@ -60,9 +53,8 @@ class Slot(typing.NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ChannelGroup:
-    """Channels that shrink together, named by their first producer (``[k]``: its k-th segment). Several
-    producers are coupled channels (residual adds, shared heads); a layer may hold a group at several
-    offsets (SPPF's concat) and several groups (a C2f's cv1)."""
+    """Channels that shrink together, named by their first producer (``[k]``: its k-th segment); several
+    producers are coupled (residual adds, shared heads)."""
 
     name: str
     width: int
@@ -74,9 +66,8 @@ class ChannelGroup:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """A removable module and how it goes (:class:`~xprune_jax.models.layers.Edits`): ``"identity"`` (its
-    output joins a residual add inside it, or only a concatenation without its input), ``"zero"`` (it is
-    added outside), ``"drop"`` (it is concatenated next to its own input: its slot goes)."""
+    """A removable module and how it goes: ``"identity"`` (a residual add inside it, or concatenated alone),
+    ``"zero"`` (added outside it), ``"drop"`` (concatenated next to its own input: its slot goes)."""
 
     name: str
     removal: str
@@ -84,9 +75,8 @@ class Unit:
 
 @dataclasses.dataclass
 class Graph:
-    """Traced groups (in execution order), untraceable groups (and what their channels reach), removable
-    units, heads (the producers of untraceable channels), each channel selection's input channels and
-    index, and each group's channels (channels as component roots)."""
+    """Groups, untraceable groups (and what their channels reach), units, heads (producers of untraceable
+    channels), each selection's input channels and index, and each group's channels (as component roots)."""
 
     groups: list[ChannelGroup]
     untraceable: dict[str, str]
@@ -96,13 +86,10 @@ class Graph:
     channels: dict[str, np.ndarray]
 
     def group(self, name: str) -> ChannelGroup:
-        found = next((g for g in self.groups if g.name == name), None)
-        if found is None and name in self.untraceable:
+        if name in self.untraceable:
             raise UserError(f"cannot prune {name}: its channels reach {self.untraceable[name]}, which the channel "
                             "tracer does not follow; protect it or change the model")
-        if found is None:
-            raise UserError(f"{name} is not a channel group of this model")
-        return found
+        return next(g for g in self.groups if g.name == name)
 
 
 class Field(typing.NamedTuple):
@@ -169,7 +156,7 @@ class _Flat:
     """The jaxpr with its calls (``jit``, ``custom_jvp``/``custom_vjp``, remat) inlined, over integer value keys."""
 
     def __init__(self):
-        self.eqns, self.shape, self.const, self.producer, self.unknown = [], [], {}, {}, set()
+        self.eqns, self.shape, self.const, self.producer = [], [], {}, {}
 
     def new(self, aval) -> int:
         self.shape.append(tuple(getattr(aval, "shape", ())))
@@ -203,30 +190,12 @@ class _Flat:
         return [read(a) for a in jaxpr.outvars]
 
     def value(self, key: int):
-        """The value of ``key`` if it depends on constants only (computed on demand), else None."""
-        if key in self.const or key not in self.producer or key in self.unknown:
-            return self.const.get(key)
-        eqn = self.eqns[self.producer[key]]
-        values = []
-        for k in eqn.ins:
-            values.append(self.value(k))
-            if values[-1] is None or math.prod(self.shape[key]) > 1 << 20:
-                self.unknown.add(key)
-                return None
-        if eqn.primitive.name in _NUMPY:  # index arithmetic (jnp.take's) without compiling
-            out = _NUMPY[eqn.primitive.name](*values, **eqn.params)
-        else:
-            with jax.ensure_compile_time_eval():
-                out = eqn.primitive.bind(*values, **eqn.params)
-        self.const.update(zip(eqn.outs, map(np.asarray, out if eqn.primitive.multiple_results else [out])))
-        return self.const[key]
-
-
-_NUMPY = {"convert_element_type": lambda x, new_dtype, **_: np.asarray(x).astype(new_dtype),
-          "lt": np.less, "add": np.add, "select_n": lambda which, *cases: np.choose(np.asarray(which, int), cases),
-          "reshape": lambda x, new_sizes, **_: np.reshape(x, new_sizes),
-          "broadcast_in_dim": lambda x, shape, broadcast_dimensions, **_: np.broadcast_to(np.reshape(
-              x, [x.shape[broadcast_dimensions.index(a)] if a in broadcast_dimensions else 1 for a in range(len(shape))]), shape)}
+        """The value of ``key`` if it is a constant, or a reshape of one (``jnp.take``'s indices), else None."""
+        eqn = self.eqns[self.producer[key]] if key in self.producer else None
+        if eqn is not None and eqn.primitive.name in ("reshape", "broadcast_in_dim", "convert_element_type"):
+            source = self.value(eqn.ins[0])
+            return None if source is None or source.size != math.prod(self.shape[key]) else source.reshape(self.shape[key])
+        return self.const.get(key)
 
 
 def _reshape_groups(old, new) -> list[tuple[list[int], list[int]]]:
@@ -321,31 +290,27 @@ class _Tracer:
         return [self.merge(out)] * len(eqn.outs)
 
     def _conv_general_dilated(self, eqn, ins):
-        (lhs, rhs, out), p = eqn.params["dimension_numbers"], eqn.params
-        (x, kernel), ndim = ins, len(self.flat.shape[eqn.outs[0]])
-        k_out = next((f for f in kernel if f.axes == (rhs[0],)), None)
-        k_in = next((f for f in kernel if f.axes == (rhs[1],)), None)
+        (lhs, rhs, out), groups = eqn.params["dimension_numbers"], eqn.params["feature_group_count"]
+        (x, kernel), shape, width = ins, self.flat.shape[eqn.ins[1]], self.flat.shape[eqn.ins[0]][lhs[1]]
+        k_out, k_in = (next((f for f in kernel if f.axes == (a,)), None) for a in rhs[:2])
         owner = self.owner(eqn.ins[1], k_out) if k_out is not None else None
-        channels = [f for f in x if f.axes == (lhs[1],)]
-        if owner is None or p["batch_group_count"] != 1 or len(channels) != len(x):
-            self.protect(x + kernel, "conv_general_dilated (a kernel that is not a variable, or channels spread over space)")
+        if owner is None or eqn.params["batch_group_count"] != 1 or any(f.axes != (lhs[1],) for f in x):
+            self.protect(x + kernel, "conv_general_dilated (by a kernel that is not a variable, or over channels in space)")
             return [[]]
-        leaf, groups = owner[0], p["feature_group_count"]
-        shape, width = self.flat.shape[eqn.ins[1]], self.flat.shape[eqn.ins[0]][lhs[1]]
-        self.order.setdefault(leaf, len(self.order))
+        self.order.setdefault(owner[0], len(self.order))
         made = k_out
         if groups == 1:
-            self.role[leaf, rhs[0]], self.role[leaf, rhs[1]] = "producer", "consumer"
-            for f in channels:
+            self.role[owner[0], rhs[0]], self.role[owner[0], rhs[1]] = "producer", "consumer"
+            for f in x:
                 self.nodes.union(f.ids.ravel(), k_in.ids.ravel())
-        elif groups == width == shape[rhs[0]] and shape[rhs[1]] == 1:  # depthwise: the output keeps the input's channels
-            self.role[leaf, rhs[0]] = "depthwise"
-            for f in channels:
+        elif groups == width == shape[rhs[0]] and shape[rhs[1]] == 1:  # depthwise: the input's channels go on
+            self.role[owner[0], rhs[0]] = "depthwise"
+            for f in x:
                 self.nodes.union(f.ids.ravel(), k_out.ids.ravel())
-            made = channels[0] if channels else k_out
+            made = x[0] if x else k_out
         else:
-            self.protect(channels + [k_out], f"conv_general_dilated (feature_group_count={groups})")
-        return [[_move(Field(made.ids.reshape(-1), (0,)), (out[1],), ndim)]]
+            self.protect(x + [k_out], f"conv_general_dilated (feature_group_count={groups})")
+        return [[_move(Field(made.ids.reshape(-1), (0,)), (out[1],), len(self.flat.shape[eqn.outs[0]]))]]
 
     def _dot_general(self, eqn, ins):
         ((lc, rc), (lb, rb)) = eqn.params["dimension_numbers"]
@@ -449,11 +414,9 @@ class _Tracer:
         out = []
         for f in ins[0]:
             ids = f.ids
-            for a in f.axes:
-                lo, hi, interior = eqn.params["padding_config"][a]
-                n = ids.shape[a]
-                source = np.full(lo + n + max(n - 1, 0) * interior + hi, n)  # n: the -1 appended below
-                positions = lo + np.arange(n) * (interior + 1)
+            for a in f.axes:  # each output position's source (n: the -1 appended)
+                (lo, hi, interior), n = eqn.params["padding_config"][a], ids.shape[a]
+                source, positions = np.full(lo + n + max(n - 1, 0) * interior + hi, n), lo + np.arange(n) * (interior + 1)
                 inside = (positions >= 0) & (positions < len(source))
                 source[positions[inside]] = np.arange(n)[inside]
                 ids = np.take(np.concatenate([ids, np.full_like(ids.take([0], a), -1)], axis=a), source, axis=a)
