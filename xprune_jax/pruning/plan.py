@@ -187,11 +187,8 @@ def _plan_shrink_layerwise(c: _Context, kind: str, target: float, shrink_ratio: 
                 break
             keep = wider
     keep = {n: keep[n] for n in chosen}
-    return chosen, keep, _resized(c.model, keep)
-
-
-def _resized(model: Model, keep: dict):
-    return surgery.shrink(model.spec, model.variables, graph_of(model.arch, model.spec), keep, sliced=False)[0]
+    graph = graph_of(c.model.arch, c.model.spec)
+    return chosen, keep, surgery.shrink(c.model.spec, c.model.variables, graph, keep, sliced=False)[0]
 
 
 def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, normalize: str, floor: float):
@@ -237,7 +234,8 @@ def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, no
                         "budget or the floor (--floor), or use --mode=remove+shrink")
     chosen = [n for n in groups if kept[n] < groups[n].width]
     keep = {n: sorted(int(i) for i in order[n][groups[n].width - kept[n]:]) for n in chosen}
-    return chosen, keep, _resized(c.model, keep)
+    graph = graph_of(c.model.arch, c.model.spec)
+    return chosen, keep, surgery.shrink(c.model.spec, c.model.variables, graph, keep, sliced=False)[0]
 
 
 def normalized(values: np.ndarray, how: str) -> np.ndarray:
@@ -419,9 +417,9 @@ def validate_plan(model: Model, plan: Plan) -> None:
     elif plan.mode != "remove":
         if plan.removed:
             graph = graph_of(model.arch, surgery.without_units(model.spec, graph, plan.removed))
-        for name in plan.selected:
-            if name in graph.untraceable:
-                graph.group(name)  # the error names what the channels reach
+        for name in set(plan.selected) & set(graph.untraceable):
+            raise UserError(f"cannot prune {name}: its channels reach {graph.untraceable[name]}, which the channel "
+                            "tracer does not follow; protect it or change the model")
         groups = {g.name: g for g in graph.groups}
         _check_selected(plan.selected, set(groups), "shrink", model, plan,
                         lambda name: _blocked(groups[name], plan.protected, heads))

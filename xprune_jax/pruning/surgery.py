@@ -40,14 +40,12 @@ def remove_units(arch: str, spec, variables: dict, graph: Graph, names) -> tuple
     """The pair without the units ``names``: their subtrees go, and a dropped unit's concat slot goes from
     the layers that read it (its channels, kept by none)."""
     new_spec = without_units(spec, graph, names)
-
-    def keep(tree, want):
-        return {k: keep(v, want[k]) if isinstance(v, dict) else v for k, v in tree.items() if k in want}
-
+    kept = jax.tree_util.tree_map_with_path(lambda path, _: functools.reduce(lambda tree, k: tree[k.key], path, variables),
+                                            models.variable_shapes(arch, new_spec))
     dropped = [u.name for u in graph.units if u.name in names and u.removal == "drop"]
     inside = lambda layer: any(layer == u or layer.startswith(u + ".") for u in dropped)  # noqa: E731
     slots = {g.name: [] for g in graph.groups if g.producers and all(inside(s.layer) for s in g.producers)}
-    return shrink(new_spec, keep(variables, models.variable_shapes(arch, new_spec)), graph, slots, skip=inside)
+    return shrink(new_spec, kept, graph, slots, skip=inside)
 
 
 def shrink(spec, variables: dict, graph: Graph, keep: dict, skip=lambda layer: False, sliced=True) -> tuple[object, dict]:

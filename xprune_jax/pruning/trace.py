@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
-from xprune_jax.errors import UserError
 from xprune_jax.models.layers import one_primitive_per_conv
 
 ELEMENTWISE = frozenset("""abs add add_any and atan2 ceil clamp convert_element_type copy copy_p cos div eq erf erf_inv exp
@@ -64,8 +63,7 @@ class ChannelGroup:
     consumers: tuple[Slot, ...] = ()  # input channels (kernel axis -2)
 
 
-@dataclasses.dataclass(frozen=True)
-class Unit:
+class Unit(typing.NamedTuple):
     """A removable module and how it goes: ``"identity"`` (a residual add inside it, or concatenated alone),
     ``"zero"`` (added outside it), ``"drop"`` (concatenated next to its own input: its slot goes)."""
 
@@ -85,16 +83,8 @@ class Graph:
     selections: dict[str, tuple[np.ndarray, np.ndarray]]
     channels: dict[str, np.ndarray]
 
-    def group(self, name: str) -> ChannelGroup:
-        if name in self.untraceable:
-            raise UserError(f"cannot prune {name}: its channels reach {self.untraceable[name]}, which the channel "
-                            "tracer does not follow; protect it or change the model")
-        return next(g for g in self.groups if g.name == name)
 
-
-class Field(typing.NamedTuple):
-    ids: np.ndarray  # the value's rank: full size on ``axes``, 1 elsewhere
-    axes: tuple[int, ...]
+Field = collections.namedtuple("Field", "ids axes")  # ids: the value's rank, full size on the axes, 1 elsewhere
 
 
 def _move(f: Field, new_axes, ndim: int) -> Field:
@@ -106,24 +96,45 @@ def _move(f: Field, new_axes, ndim: int) -> Field:
     return Field(ids.reshape(shape), tuple(sorted(new_axes)))
 
 
-class _Nodes:
-    """Union-find over the nodes of every variable axis."""
+# an equation over value keys; scope: the module calls ("module:{i}") and selections ("select:{name}") it runs in
+_Eqn = collections.namedtuple("_Eqn", "primitive params ins outs scope")
+
+
+def _reshape_groups(old, new) -> list[tuple[list[int], list[int]]]:
+    """Contiguous axis groups ``(old axes, new axes)`` of equal size that a row-major reshape maps onto each other."""
+    groups, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        a, b = [i], [j]
+        size_a, size_b = (old[i] if i < len(old) else 1), (new[j] if j < len(new) else 1)
+        i, j = i + 1, j + 1
+        while size_a != size_b:
+            if size_a < size_b:
+                size_a, i = size_a * old[i], i + 1
+                a.append(i - 1)
+            else:
+                size_b, j = size_b * new[j], j + 1
+                b.append(j - 1)
+        groups.append(([x for x in a if x < len(old)], [x for x in b if x < len(new)]))
+    return groups
+
+
+class _Trace:
+    """The jaxpr with its calls (``jit``, ``custom_jvp``/``custom_vjp``, remat) inlined over integer value keys,
+    the walk that gives values their fields, and the union-find over the nodes of every variable axis."""
 
     def __init__(self, leaves):
-        self.leaves, self.start, total = leaves, {}, 0  # leaves: (collection, layer, name, shape)
-        for i, (*_, shape) in enumerate(leaves):
-            for axis, n in enumerate(shape):
-                self.start[i, axis], total = total, total + n
-        self.parent = list(range(total))
-        self.leaf, self.axis, self.index = (np.zeros(total, int) for _ in range(3))
-        for (i, axis), start in self.start.items():
-            n = leaves[i][3][axis]
-            self.leaf[start:start + n], self.axis[start:start + n], self.index[start:start + n] = i, axis, np.arange(n)
-
-    def fields(self, i: int) -> list[Field]:
-        shape = self.leaves[i][3]
-        return [Field(np.arange(self.start[i, a], self.start[i, a] + n).reshape([n if b == a else 1 for b in range(len(shape))]), (a,))
-                for a, n in enumerate(shape)]
+        self.eqns, self.shape, self.const, self.producer, self.uses = [], [], {}, {}, collections.defaultdict(list)
+        self.leaves = leaves  # (collection, layer, name, shape): a node per index of each of their axes
+        axes = [(i, a, n) for i, (*_, shape) in enumerate(leaves) for a, n in enumerate(shape)]
+        starts = np.cumsum([0, *(n for *_, n in axes)]).tolist()
+        self.start, self.parent = {(i, a): s for (i, a, _), s in zip(axes, starts)}, list(range(starts[-1]))
+        self.leaf, self.axis = (np.repeat([x[k] for x in axes], [n for *_, n in axes]).astype(int) for k in (0, 1))
+        self.index = np.concatenate([np.arange(n) for *_, n in axes] + [np.zeros(0, int)])
+        self.fields, self.variables = {}, set()  # value key -> its fields; the keys of variables (or a view of one)
+        self.role: dict[tuple[int, int], str] = {}  # (leaf, axis) -> producer | consumer | depthwise | vector
+        self.order: dict[int, int] = {}  # kernel leaf -> execution order
+        self.protected: dict[int, str] = {}  # node -> what made it untraceable
+        self.cuts = collections.defaultdict(set)  # (leaf, axis) -> indices where a selection starts a segment
 
     def find(self, x: int) -> int:
         root = x
@@ -142,21 +153,6 @@ class _Nodes:
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
         return np.array([self.find(x) if x >= 0 else -1 for x in ids.ravel().tolist()], int)
-
-
-class _Eqn(typing.NamedTuple):
-    primitive: object
-    params: dict
-    ins: list[int]
-    outs: list[int]
-    scope: tuple[str, ...]  # the module calls ("module:{i}") and selections ("select:{name}") it runs in
-
-
-class _Flat:
-    """The jaxpr with its calls (``jit``, ``custom_jvp``/``custom_vjp``, remat) inlined, over integer value keys."""
-
-    def __init__(self):
-        self.eqns, self.shape, self.const, self.producer = [], [], {}, {}
 
     def new(self, aval) -> int:
         self.shape.append(tuple(getattr(aval, "shape", ())))
@@ -186,6 +182,8 @@ class _Flat:
                 outs = [self.new(v.aval) for v in eqn.outvars]
                 self.eqns.append(_Eqn(eqn.primitive, eqn.params, ins_, outs, here))
                 self.producer.update((k, len(self.eqns) - 1) for k in outs)
+                for k in ins_:
+                    self.uses[k].append(len(self.eqns) - 1)
             env.update(zip(eqn.outvars, outs))
         return [read(a) for a in jaxpr.outvars]
 
@@ -197,35 +195,6 @@ class _Flat:
             return None if source is None or source.size != math.prod(self.shape[key]) else source.reshape(self.shape[key])
         return self.const.get(key)
 
-
-def _reshape_groups(old, new) -> list[tuple[list[int], list[int]]]:
-    """Contiguous axis groups ``(old axes, new axes)`` of equal size that a row-major reshape maps onto each other."""
-    groups, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        a, b = [i], [j]
-        size_a, size_b = (old[i] if i < len(old) else 1), (new[j] if j < len(new) else 1)
-        i, j = i + 1, j + 1
-        while size_a != size_b:
-            if size_a < size_b:
-                size_a, i = size_a * old[i], i + 1
-                a.append(i - 1)
-            else:
-                size_b, j = size_b * new[j], j + 1
-                b.append(j - 1)
-        groups.append(([x for x in a if x < len(old)], [x for x in b if x < len(new)]))
-    return groups
-
-
-class _Tracer:
-    def __init__(self, nodes: _Nodes, flat: _Flat):
-        self.nodes, self.flat = nodes, flat
-        self.fields: dict[int, list[Field]] = {}
-        self.variables: set[int] = set()  # keys of variables (or a view of one)
-        self.role: dict[tuple[int, int], str] = {}  # (leaf, axis) -> producer | consumer | depthwise | vector
-        self.order: dict[int, int] = {}  # kernel leaf -> execution order
-        self.protected: dict[int, str] = {}  # node -> what made it untraceable
-        self.cuts = collections.defaultdict(set)  # (leaf, axis) -> indices where a selection starts a segment
-
     def protect(self, fields, reason: str) -> None:
         for f in fields:
             for node in np.unique(f.ids[f.ids >= 0]).tolist():
@@ -234,20 +203,20 @@ class _Tracer:
     def owner(self, key: int, f: Field) -> tuple[int, int] | None:
         """``(variable leaf, axis)`` if value ``key`` is a variable (or a view of one) and ``f`` one of its axes."""
         ids = f.ids[f.ids >= 0]
-        return (int(self.nodes.leaf[ids[0]]), int(self.nodes.axis[ids[0]])) if key in self.variables and len(ids) else None
+        return (int(self.leaf[ids[0]]), int(self.axis[ids[0]])) if key in self.variables and len(ids) else None
 
     def merge(self, fields: list[Field]) -> list[Field]:
         """Fields over the same axes meet at every position: their ids join, one field stays."""
         by_axes = {}
         for f in fields:
             if f.axes in by_axes:
-                self.nodes.union(by_axes[f.axes].ids, f.ids)
+                self.union(by_axes[f.axes].ids, f.ids)
                 f = Field(np.where(by_axes[f.axes].ids >= 0, by_axes[f.axes].ids, f.ids), f.axes)
             by_axes[f.axes] = f
         return list(by_axes.values())
 
     def run(self) -> None:
-        for eqn in self.flat.eqns:
+        for eqn in self.eqns:
             ins = [self.fields.get(k, []) for k in eqn.ins]
             if not any(ins):
                 continue
@@ -266,32 +235,25 @@ class _Tracer:
             self.fields.update((k, fs) for k, fs in zip(eqn.outs, outs) if fs)
 
     def _elementwise(self, eqn, ins):
-        for key, fields in zip(eqn.ins, ins):  # a variable combined with channels: a norm's vector, or a bias
-            for f in fields:
-                if self.owner(key, f) is not None:
-                    self.role.setdefault(self.owner(key, f), "vector")
+        for owner in {self.owner(k, f) for k, fields in zip(eqn.ins, ins) for f in fields} - {None}:
+            self.role.setdefault(owner, "vector")  # a variable that meets channels: a norm's vector, or a bias
         return [self.merge([f for fields in ins for f in fields])] * len(eqn.outs)
 
     def _reduce(self, eqn, ins):
-        """Reductions and pooling: over other axes, the channels follow; over theirs, they stop."""
-        p = eqn.params
-        if "axes" in p:
-            over, keep = set(p["axes"]), False
-        else:
-            over, keep = {a for a, w in enumerate(p["window_dimensions"]) if (w, p["window_strides"][a], tuple(p["padding"][a]),
-                                                                             p["base_dilation"][a], p["window_dilation"][a]) != (1, 1, (0, 0), 1, 1)}, True
-            ins = ins[:len(ins) // 2] if eqn.primitive.name == "reduce_window" else ins
-        fields = [f for fs in ins for f in fs]
+        """Reductions and pooling: over other axes the channels follow, over theirs they stop."""
+        p, fields = eqn.params, [f for fs in (ins[:len(ins) // 2] if eqn.primitive.name == "reduce_window" else ins) for f in fs]
+        over = set(p["axes"]) if "axes" in p else {a for a, w in enumerate(p["window_dimensions"]) if (
+            w, p["window_strides"][a], tuple(p["padding"][a]), p["base_dilation"][a], p["window_dilation"][a]) != (1, 1, (0, 0), 1, 1)}
         self.protect([f for f in fields if over & set(f.axes)], eqn.primitive.name)
-        out = []
-        for f in (f for f in fields if not over & set(f.axes)):
-            remaining = [a for a in range(f.ids.ndim) if keep or a not in over]
-            out.append(Field(f.ids.reshape([f.ids.shape[a] for a in remaining]), tuple(remaining.index(a) for a in f.axes)))
-        return [self.merge(out)] * len(eqn.outs)
+        kept = [f for f in fields if not over & set(f.axes)]
+        if "axes" in p:  # the reduced axes go (the fields have size 1 there)
+            kept = [Field(f.ids.reshape([n for a, n in enumerate(f.ids.shape) if a not in over]),
+                          tuple(a - sum(o < a for o in over) for a in f.axes)) for f in kept]
+        return [self.merge(kept)] * len(eqn.outs)
 
     def _conv_general_dilated(self, eqn, ins):
         (lhs, rhs, out), groups = eqn.params["dimension_numbers"], eqn.params["feature_group_count"]
-        (x, kernel), shape, width = ins, self.flat.shape[eqn.ins[1]], self.flat.shape[eqn.ins[0]][lhs[1]]
+        (x, kernel), shape, width = ins, self.shape[eqn.ins[1]], self.shape[eqn.ins[0]][lhs[1]]
         k_out, k_in = (next((f for f in kernel if f.axes == (a,)), None) for a in rhs[:2])
         owner = self.owner(eqn.ins[1], k_out) if k_out is not None else None
         if owner is None or eqn.params["batch_group_count"] != 1 or any(f.axes != (lhs[1],) for f in x):
@@ -302,19 +264,19 @@ class _Tracer:
         if groups == 1:
             self.role[owner[0], rhs[0]], self.role[owner[0], rhs[1]] = "producer", "consumer"
             for f in x:
-                self.nodes.union(f.ids.ravel(), k_in.ids.ravel())
+                self.union(f.ids.ravel(), k_in.ids.ravel())
         elif groups == width == shape[rhs[0]] and shape[rhs[1]] == 1:  # depthwise: the input's channels go on
             self.role[owner[0], rhs[0]] = "depthwise"
             for f in x:
-                self.nodes.union(f.ids.ravel(), k_out.ids.ravel())
+                self.union(f.ids.ravel(), k_out.ids.ravel())
             made = x[0] if x else k_out
         else:
             self.protect(x + [k_out], f"conv_general_dilated (feature_group_count={groups})")
-        return [[_move(Field(made.ids.reshape(-1), (0,)), (out[1],), len(self.flat.shape[eqn.outs[0]]))]]
+        return [[_move(Field(made.ids.reshape(-1), (0,)), (out[1],), len(self.shape[eqn.outs[0]]))]]
 
     def _dot_general(self, eqn, ins):
         ((lc, rc), (lb, rb)) = eqn.params["dimension_numbers"]
-        shapes, ndim = [self.flat.shape[k] for k in eqn.ins], len(self.flat.shape[eqn.outs[0]])
+        shapes, ndim = [self.shape[k] for k in eqn.ins], len(self.shape[eqn.outs[0]])
         free = [[a for a in range(len(s)) if a not in c + b] for s, c, b in zip(shapes, (lc, rc), (lb, rb))]
         out_axis = [{**{b: i for i, b in enumerate(batch)}, **{a: len(lb) + offset + i for i, a in enumerate(axes)}}
                     for batch, axes, offset in ((lb, free[0], 0), (rb, free[1], len(free[0])))]
@@ -337,16 +299,16 @@ class _Tracer:
                     partner = partners[list(contracting).index(f.axes[0])]
                     for g in others if side == 0 else ():  # the channels contracted together meet
                         if g.axes == (partner,):
-                            self.nodes.union(f.ids.ravel(), g.ids.ravel())
+                            self.union(f.ids.ravel(), g.ids.ravel())
         return [self.merge(outs)]
 
     def _broadcast_in_dim(self, eqn, ins):
-        shape, dims, old = eqn.params["shape"], eqn.params["broadcast_dimensions"], self.flat.shape[eqn.ins[0]]
+        shape, dims, old = eqn.params["shape"], eqn.params["broadcast_dimensions"], self.shape[eqn.ins[0]]
         return [[_move(f, [dims[a] for a in f.axes], len(shape)) for f in ins[0]  # one channel spread over an axis: none
                  if not any(old[a] == 1 and shape[dims[a]] != 1 for a in f.axes)]]
 
     def _reshape(self, eqn, ins):
-        old, new = self.flat.shape[eqn.ins[0]], self.flat.shape[eqn.outs[0]]
+        old, new = self.shape[eqn.ins[0]], self.shape[eqn.outs[0]]
         groups, out = _reshape_groups(old, new), []
         for f in ins[0]:
             touched = [set(g[0]) & set(f.axes) != set() for g in groups]
@@ -357,27 +319,18 @@ class _Tracer:
                 out.append(Field(ids.reshape(shape), axes))
         return [out]
 
-    def _squeeze(self, eqn, ins):
-        dims = set(eqn.params["dimensions"])
-        out = []
-        for f in ins[0]:
-            keep = [a for a in range(f.ids.ndim) if a not in dims]
-            if set(f.axes) - dims:
-                out.append(Field(f.ids.reshape([f.ids.shape[a] for a in keep]), tuple(keep.index(a) for a in f.axes if a not in dims)))
-        return [out]
+    _squeeze = _reshape
 
     def _transpose(self, eqn, ins):
         perm = list(eqn.params["permutation"])
         return [[Field(f.ids.transpose(perm), tuple(sorted(perm.index(a) for a in f.axes))) for f in ins[0]]]
 
     def _concatenate(self, eqn, ins):
-        d, shapes = eqn.params["dimension"], [self.flat.shape[k] for k in eqn.ins]
-        along = collections.defaultdict(dict)  # axes -> operand -> field, for fields along the concatenated axis
-        out = self.merge([f for fields in ins for f in fields if d not in f.axes])  # other axes: channels meet
-        for i, fields in enumerate(ins):
-            for f in fields:
-                if d in f.axes:
-                    along[f.axes][i] = f
+        d, shapes = eqn.params["dimension"], [self.shape[k] for k in eqn.ins]
+        out = self.merge([f for fields in ins for f in fields if d not in f.axes])  # along other axes: channels meet
+        along = collections.defaultdict(dict)  # axes -> operand -> its field along the concatenated axis
+        for i, f in ((i, f) for i, fields in enumerate(ins) for f in fields if d in f.axes):
+            along[f.axes][i] = f
         for axes, by_operand in along.items():
             ref = next(iter(by_operand.values())).ids
             parts = [by_operand[i].ids if i in by_operand else np.full([s[d] if a == d else ref.shape[a] for a in range(len(s))], -1)
@@ -390,22 +343,20 @@ class _Tracer:
         return [[self._cut(eqn, f, start, limit, eqn.params["strides"] or (1,) * len(start)) for f in ins[0]]]
 
     def _split(self, eqn, ins):
-        axis, shape, outs = eqn.params["axis"], self.flat.shape[eqn.ins[0]], []
-        for start in np.cumsum([0, *eqn.params["sizes"][:-1]]).tolist():
-            begin, end = [0] * len(shape), list(shape)
-            begin[axis], end[axis] = start, start + eqn.params["sizes"][len(outs)]
-            outs.append([self._cut(eqn, f, begin, end, (1,) * len(shape)) for f in ins[0]])
-        return outs
+        axis, shape, bounds = eqn.params["axis"], self.shape[eqn.ins[0]], np.cumsum([0, *eqn.params["sizes"]]).tolist()
+        return [[self._cut(eqn, f, [lo if a == axis else 0 for a in range(len(shape))],
+                           [hi if a == axis else n for a, n in enumerate(shape)], (1,) * len(shape)) for f in ins[0]]
+                for lo, hi in zip(bounds, bounds[1:])]
 
     def _cut(self, eqn, f: Field, start, limit, strides) -> Field:
         """A slice. Slicing one producer's whole output cuts it into segments; outside a selection (static
         code), the channels before each bound keep their width."""
         if len(f.axes) == 1:
-            a, ids, n = f.axes[0], f.ids.reshape(-1), self.nodes
-            if ids.min() >= 0 and len(set(zip(n.leaf[ids], n.axis[ids]))) == 1 and np.array_equal(n.index[ids], np.arange(len(ids))):
+            a, ids = f.axes[0], f.ids.reshape(-1)
+            if ids.min() >= 0 and len(set(zip(self.leaf[ids], self.axis[ids]))) == 1 and np.array_equal(self.index[ids], np.arange(len(ids))):
                 for bound in (start[a], limit[a]):
                     if 0 < bound < len(ids):
-                        self.cuts[int(n.leaf[ids[0]]), int(n.axis[ids[0]])].add(bound)
+                        self.cuts[int(self.leaf[ids[0]]), int(self.axis[ids[0]])].add(bound)
                         if not any(c.startswith("select:") for c in eqn.scope):
                             self.protect([Field(ids[:bound], (0,))], "a channel slice outside layers.select")
         return Field(f.ids[tuple(slice(start[a], limit[a], strides[a]) if a in f.axes else slice(None) for a in range(f.ids.ndim))], f.axes)
@@ -425,8 +376,8 @@ class _Tracer:
         return [out]
 
     def _gather(self, eqn, ins):
-        dn, sizes, shape = eqn.params["dimension_numbers"], eqn.params["slice_sizes"], self.flat.shape[eqn.ins[0]]
-        ndim = len(self.flat.shape[eqn.outs[0]])
+        dn, sizes, shape = eqn.params["dimension_numbers"], eqn.params["slice_sizes"], self.shape[eqn.ins[0]]
+        ndim = len(self.shape[eqn.outs[0]])
         indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
         offsets = [a for a in range(len(shape)) if a not in dn.collapsed_slice_dims and a not in dn.operand_batching_dims]
         self.protect(ins[1], "gather (by channel-valued indices)")
@@ -435,7 +386,7 @@ class _Tracer:
             if not set(f.axes) & indexed and all(sizes[a] == shape[a] for a in f.axes):  # along other axes
                 out.append(_move(f, [dn.offset_dims[offsets.index(a)] for a in f.axes], ndim))
                 continue
-            index = self.flat.value(eqn.ins[1])
+            index = self.value(eqn.ins[1])
             if index is None or not (len(f.axes) == 1 and tuple(dn.start_index_map) == tuple(dn.collapsed_slice_dims) == f.axes):
                 self.protect([f], "gather (on the channels, by computed indices)")
                 continue
@@ -446,15 +397,10 @@ class _Tracer:
 
 
 def trace(module, variables: dict, *example_inputs) -> Graph:
-    """The channel groups and removable units of ``module.apply(variables, *example_inputs)``, any Flax module.
-
-    ``variables`` and the inputs may be arrays or ``jax.ShapeDtypeStruct``s: the trace is abstract.
-    """
+    """The channel groups and removable units of ``module.apply(variables, *example_inputs)``, for any Flax
+    module; ``variables`` and the inputs may be ``jax.ShapeDtypeStruct``s (the trace is abstract)."""
     flat_vars, treedef = jax.tree_util.tree_flatten_with_path(variables)
-    leaves = []
-    for path, leaf in flat_vars:
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
-        leaves.append((keys[0], keys[1:-1], keys[-1], tuple(np.shape(leaf))))
+    leaves = [(str(p[0].key), tuple(str(k.key) for k in p[1:-1]), str(p[-1].key), tuple(np.shape(x))) for p, x in flat_vars]
     abstract = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", jnp.float32)) for x in (*[x for _, x in flat_vars], *example_inputs)]
     modules = []  # each module call's path; "module:{i}" scopes its equations
 
@@ -471,40 +417,34 @@ def trace(module, variables: dict, *example_inputs) -> Graph:
 
     with one_primitive_per_conv(), nn.override_named_call(False):
         closed = jax.make_jaxpr(apply)(abstract[:len(leaves)], *abstract[len(leaves):])
-    flat = _Flat()
-    keys = [flat.new(v.aval) for v in closed.jaxpr.invars]
-    outputs = flat.inline(closed.jaxpr, closed.consts, keys)
-    tracer = _Tracer(_Nodes([(c, ".".join(m), n, s) for c, m, n, s in leaves]), flat)
-    for i, key in enumerate(keys[:len(leaves)]):
-        if leaves[i][3]:
-            tracer.fields[key] = tracer.nodes.fields(i)
-            tracer.variables.add(key)
-    tracer.run()
-    for key in outputs:
-        tracer.protect(tracer.fields.get(key, []), OUTPUT)
-    groups, untraceable, heads, channels = _groups(tracer)
-    units = _units(flat, tracer, dict(zip(keys, range(len(leaves)))), [m for _, m, _, _ in leaves], modules)
-    return Graph(groups, untraceable, units, heads, _selections(flat, tracer, modules, set(outputs)), channels)
+    t = _Trace([(c, ".".join(m), n, s) for c, m, n, s in leaves])
+    keys = [t.new(v.aval) for v in closed.jaxpr.invars]
+    outputs = t.inline(closed.jaxpr, closed.consts, keys)
+    for i, (key, (*_, shape)) in enumerate(zip(keys, leaves)):  # a variable's fields: its own axes
+        t.fields[key] = [Field(np.arange(t.start[i, a], t.start[i, a] + n).reshape([n if b == a else 1 for b in range(len(shape))]), (a,))
+                         for a, n in enumerate(shape)]
+        t.variables.add(key)
+    t.run()
+    t.protect([f for key in outputs for f in t.fields.get(key, [])], OUTPUT)
+    groups, untraceable, heads, channels = _groups(t)
+    units = _units(t, dict(zip(keys, range(len(leaves)))), [m for _, m, _, _ in leaves], modules)
+    return Graph(groups, untraceable, units, heads, _selections(t, modules, set(outputs)), channels)
 
 
-def _groups(t: _Tracer):
+def _groups(t: _Trace):
     """Channels (components holding a producer's output channel) grouped by their producers' segments."""
-    nodes, leaves = t.nodes, t.nodes.leaves
+    leaves = t.leaves
     with_kernel = {layer for _, layer, name, _ in leaves if name == "kernel"}
-    norm_vector = {}  # a norm's slot is read from its first vector (scale, mean, var: the same positions)
-    for leaf, (_, layer, _, shape) in enumerate(leaves):
-        if len(shape) == 1 and layer not in with_kernel:
-            norm_vector.setdefault(layer, leaf)
+    norm_vector = {layer: leaf for leaf, (_, layer, _, shape) in reversed(list(enumerate(leaves)))  # a norm's first vector:
+                   if len(shape) == 1 and layer not in with_kernel}  # its slot (scale, mean, var: the same positions)
     kinds = {owner: {"producer": "producers", "consumer": "consumers", "depthwise": "depthwise", "vector": "norms"}[role]
              for owner, role in t.role.items() if role != "vector" or norm_vector.get(leaves[owner[0]][1]) == owner[0]}
     members = collections.defaultdict(list)  # root -> [(leaf, axis, index)]
     for (leaf, axis) in kinds:
-        start = nodes.start[leaf, axis]
-        for index, root in enumerate(nodes.roots(np.arange(start, start + leaves[leaf][3][axis])).tolist()):
+        start = t.start[leaf, axis]
+        for index, root in enumerate(t.roots(np.arange(start, start + leaves[leaf][3][axis])).tolist()):
             members[root].append((leaf, axis, index))
-    reasons = {}
-    for node, reason in t.protected.items():
-        reasons.setdefault(nodes.find(node), reason)
+    reasons = {t.find(node): reason for node, reason in reversed(list(t.protected.items()))}
     keyed = collections.defaultdict(list)  # the producers' segments -> the channels they make
     for root, entries in members.items():
         producers = {(leaf, axis, sum(c <= i for c in t.cuts.get((leaf, axis), ()))) for leaf, axis, i in entries
@@ -558,20 +498,11 @@ def _calls(eqn: _Eqn) -> list[int]:
     return [int(c[len("module:"):]) for c in eqn.scope if c.startswith("module:")]
 
 
-def _uses(flat: _Flat) -> dict[int, list[int]]:
-    uses = collections.defaultdict(list)
-    for i, eqn in enumerate(flat.eqns):
-        for k in eqn.ins:
-            uses[k].append(i)
-    return uses
-
-
-def _units(flat: _Flat, t: _Tracer, variable_keys: dict, paths: list, modules: list) -> list[Unit]:
+def _units(t: _Trace, variable_keys: dict, paths: list, modules: list) -> list[Unit]:
     """Modules whose computation is a branch that joins a residual add with its input, or only a channel concatenation."""
-    uses = _uses(flat)
-    static = {k: frozenset() for k in flat.const}  # values that don't depend on the inputs -> the variables they read
+    static = {k: frozenset() for k in t.const}  # values that don't depend on the inputs -> the variables they read
     static.update((k, frozenset([leaf])) for k, leaf in variable_keys.items())
-    for eqn in flat.eqns:
+    for eqn in t.eqns:
         if all(k in static for k in eqn.ins):
             static.update((k, frozenset().union(*(static[i] for i in eqn.ins))) for k in eqn.outs)
     by_module = collections.defaultdict(set)  # module path (and its prefixes) -> its variables
@@ -579,17 +510,17 @@ def _units(flat: _Flat, t: _Tracer, variable_keys: dict, paths: list, modules: l
         for n in range(1, len(path) + 1):
             by_module[path[:n]].add(leaf)
     units = {}
-    for i, eqn in enumerate(flat.eqns):
+    for i, eqn in enumerate(t.eqns):
         if eqn.primitive.name in ("add", "add_any") and len(eqn.ins) == 2:
             candidates = [(eqn.ins[0], eqn.ins[1]), (eqn.ins[1], eqn.ins[0])]
         elif eqn.primitive.name == "concatenate":
             d = eqn.params["dimension"]
-            candidates = [(b, None) for b in eqn.ins if uses[b] == [i] and any(d in f.axes for f in t.fields.get(b, ()))]
+            candidates = [(b, None) for b in eqn.ins if t.uses[b] == [i] and any(d in f.axes for f in t.fields.get(b, ()))]
         else:
             continue
         for end, start in candidates:
-            for entry, inside, leaves in _branches(flat, uses, static, end, i):
-                chains = [_calls(flat.eqns[e]) for e in inside]
+            for entry, inside, leaves in _branches(t, static, end, i):
+                chains = [_calls(t.eqns[e]) for e in inside]
                 common = [m for depth, m in enumerate(chains[0]) if all(len(ch) > depth and ch[depth] == m for ch in chains)]
                 module = next((m for m in reversed(common) if by_module[modules[m]] == leaves), None)
                 if module is None or start not in (None, entry):
@@ -603,46 +534,46 @@ def _units(flat: _Flat, t: _Tracer, variable_keys: dict, paths: list, modules: l
     return list(units.values())
 
 
-def _branches(flat: _Flat, uses, static: dict, end: int, join: int):
+def _branches(t: _Trace, static: dict, end: int, join: int):
     """The branches ending at ``end`` (used by equation ``join`` only), largest first, that read one value
     of the shape of ``end`` that depends on the inputs, and whose values are used only inside them:
     ``(that value, the branch's equations, the variables it reads)``."""
     inside, frontier, found, layers = set(), {end}, [], 0
     while frontier and len(inside) < 5000:
-        key = max(frontier, key=lambda k: flat.producer.get(k, -1))  # latest first: every later use is inside
-        if key not in flat.producer:
+        key = max(frontier, key=lambda k: t.producer.get(k, -1))  # latest first: every later use is inside
+        if key not in t.producer:
             break
         frontier.discard(key)
-        inside.add(flat.producer[key])
-        eqn = flat.eqns[flat.producer[key]]
-        if any(u not in inside and (out != end or u != join) for out in eqn.outs for u in uses[out]):
+        inside.add(t.producer[key])
+        eqn = t.eqns[t.producer[key]]
+        if any(u not in inside and (out != end or u != join) for out in eqn.outs for u in t.uses[out]):
             break  # a value used outside: every larger branch has it too
-        frontier.update(k for k in eqn.ins if k not in static and flat.producer.get(k) not in inside)
+        frontier.update(k for k in eqn.ins if k not in static and t.producer.get(k) not in inside)
         layers += eqn.primitive.name in ("conv_general_dilated", "dot_general")
-        if len(frontier) == 1 and flat.shape[next(iter(frontier))] == flat.shape[end] and layers:
-            leaves = frozenset().union(*(static[k] for e in inside for k in flat.eqns[e].ins if k in static))
+        if len(frontier) == 1 and t.shape[next(iter(frontier))] == t.shape[end] and layers:
+            leaves = frozenset().union(*(static[k] for e in inside for k in t.eqns[e].ins if k in static))
             found.append((next(iter(frontier)), frozenset(inside), leaves))
     return reversed(found)
 
 
-def _selections(flat: _Flat, t: _Tracer, modules: list, outputs: set) -> dict:
+def _selections(t: _Trace, modules: list, outputs: set) -> dict:
     """Each channel selection (:func:`~xprune_jax.models.layers.select`): its input's channels and, for each
     output position, the input position it takes."""
     members = collections.defaultdict(list)  # (module call, name) -> its equations
-    for i, eqn in enumerate(flat.eqns):
+    for i, eqn in enumerate(t.eqns):
         for j, scope in enumerate(eqn.scope):
             if scope.startswith("select:"):
                 calls = _calls(eqn._replace(scope=eqn.scope[:j]))
                 members[calls[-1] if calls else None, scope[len("select:"):]].append(i)
-    uses, out = _uses(flat), {}
+    out = {}
     for (call, name), eqns in members.items():
-        made = {k for i in eqns for k in flat.eqns[i].outs}
-        ins = {k for i in eqns for k in flat.eqns[i].ins if k not in made and k in t.fields}
-        outs = [k for k in made if k in outputs or any(u not in eqns for u in uses[k])]
-        fields = [next((f.ids.reshape(-1) for f in t.fields.get(k, ()) if f.axes == (len(flat.shape[k]) - 1,)), None)
+        made = {k for i in eqns for k in t.eqns[i].outs}
+        ins = {k for i in eqns for k in t.eqns[i].ins if k not in made and k in t.fields}
+        outs = [k for k in made if k in outputs or any(u not in eqns for u in t.uses[k])]
+        fields = [next((f.ids.reshape(-1) for f in t.fields.get(k, ()) if f.axes == (len(t.shape[k]) - 1,)), None)
                   for k in (*ins, *outs)]
         if len(ins) == len(outs) == 1 and all(f is not None for f in fields) and len(set(fields[0].tolist())) == len(fields[0]):
             position = {node: i for i, node in enumerate(fields[0].tolist())}
             out[".".join((*(modules[call] if call is not None else ()), name))] = (
-                t.nodes.roots(fields[0]), np.array([position[n] for n in fields[1].tolist()]))
+                t.roots(fields[0]), np.array([position[n] for n in fields[1].tolist()]))
     return out
