@@ -73,6 +73,20 @@ def edited(edits: Edits):
         _CHANNELS.reset(token)
 
 
+class Edited(nn.Module):
+    """``module`` as ``edits`` say (:func:`xprune_jax.prune` gives one), with the same variables' layout."""
+
+    module: nn.Module
+    edits: Edits
+
+    def setup(self):
+        nn.share_scope(self, self.module)
+
+    def __call__(self, *args, **kwargs):
+        with edited(self.edits):
+            return self.module(*args, **kwargs)
+
+
 def select(module: nn.Module, name: str, x: jax.Array, index) -> jax.Array:
     """``x``'s channels at ``index`` (a slice, indices, or a function of ``x``), unless pruning edited this
     selection (``{module path}.{name}``): channel splits and shuffles that pruning may move go through here.

@@ -13,6 +13,7 @@ import functools
 import heapq
 import math
 import re
+import types
 
 import jax
 import numpy as np
@@ -20,8 +21,10 @@ import numpy as np
 from xprune_jax import analysis, models, tree_paths
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
+from xprune_jax.models.layers import Edited, Edits
 from xprune_jax.pruning import surgery
 from xprune_jax.pruning.surgery import graph_of
+from xprune_jax.pruning.trace import trace
 
 MODES = ("zero", "remove", "shrink", "remove+shrink")
 ALLOCATIONS = ("global", "layer")
@@ -192,16 +195,27 @@ def _plan_shrink_layerwise(c: _Context, kind: str, target: float, shrink_ratio: 
 
 
 def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, normalize: str, floor: float):
-    """Global channel allocation: a removal step takes a group's next lowest channels down to the next
-    multiple of ``round_to`` (not below the group's floor); steps are taken across all groups in order
-    of the highest normalised importance they remove, until the exact savings meet the budget."""
+    """Global channel allocation over the eligible groups of the model (see :func:`allocate`)."""
     by_layer = {l.name: l for l in c.layers}
-    params = c.model.variables["params"]
     groups, importance = {}, {}
     for name, group in _eligible_groups(c).items():
         values = group_importance(c.scores, group, by_layer)
         if values is not None:
             groups[name], importance[name] = group, normalized(values, normalize)
+    total = c.flops_before if kind == "flops" else c.params_before
+    already = total - (analysis.total_flops(c.layers) if kind == "flops" else count_params(c.model.arch, c.model.spec))
+    keep = allocate(groups, importance, by_layer, c.model.variables["params"], kind, target, total, already, round_to,
+                    floor, c.model.arch)
+    graph = graph_of(c.model.arch, c.model.spec)
+    return list(keep), keep, surgery.shrink(c.model.spec, c.model.variables, graph, keep, sliced=False)[0]
+
+
+def allocate(groups: dict, importance: dict, by_layer: dict, params: dict, kind: str, target: float, total: int,
+             already: int, round_to: int, floor: float, what: str) -> dict[str, list[int]]:
+    """Global channel allocation: a removal step takes a group's next lowest channels (by ``importance``) down to
+    the next multiple of ``round_to`` (not below the group's ``floor``); steps are taken across all groups in order
+    of the highest importance they remove, until the exact savings (``already`` saved before) meet ``target`` of
+    ``total``. Returns the channels each narrowed group keeps."""
     order = {n: np.argsort(importance[n], kind="stable") for n in groups}  # lowest first
     minimum = {n: max(round_to, math.ceil(floor * g.width / round_to) * round_to) for n, g in groups.items()}
     kept = {n: g.width for n, g in groups.items()}
@@ -218,8 +232,6 @@ def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, no
     heapq.heapify(heap)
     savings = ShrinkSavings(by_layer, params)
     index = 0 if kind == "flops" else 1
-    total = c.flops_before if kind == "flops" else c.params_before
-    already = total - (analysis.total_flops(c.layers) if kind == "flops" else count_params(c.model.arch, c.model.spec))
     while already + savings.totals()[index] < target * total and heap:
         _, name, smaller = heapq.heappop(heap)
         kept[name] = smaller
@@ -229,13 +241,55 @@ def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, no
             heapq.heappush(heap, step)
     saved = already + savings.totals()[index]
     if saved < target * total:
-        raise UserError(f"budget {kind}=-{target:.0%} can't be met by shrink on {c.model.arch}: every eligible "
+        raise UserError(f"budget {kind}=-{target:.0%} can't be met by shrink on {what}: every eligible "
                         f"channel group at its floor ({floor:.1%} of its width) cuts {saved / total:.1%}; lower the "
                         "budget or the floor (--floor), or use --mode=remove+shrink")
-    chosen = [n for n in groups if kept[n] < groups[n].width]
-    keep = {n: sorted(int(i) for i in order[n][groups[n].width - kept[n]:]) for n in chosen}
-    graph = graph_of(c.model.arch, c.model.spec)
-    return chosen, keep, surgery.shrink(c.model.spec, c.model.variables, graph, keep, sliced=False)[0]
+    return {n: sorted(int(i) for i in order[n][groups[n].width - kept[n]:]) for n in groups if kept[n] < groups[n].width}
+
+
+def prune(module, variables: dict, example_input, scores="l1", budget: str = "flops=-30%", *, protect=(),
+          round_to: int = 8, floor: float = 0.125, normalize: str = "mean", **apply_kwargs):
+    """Prune the channels of any Flax module under ``budget`` (``flops=-N%`` or ``params=-N%``), allocated globally:
+    groups traced from ``module.apply(variables, example_input, **apply_kwargs)``, ranked by ``scores`` (``"l1"``,
+    ``"l2"`` of the weights, or a score file of ``xprune score``'s form), its first layer, heads and ``protect`` kept
+    whole. Returns the module under :class:`~xprune_jax.models.layers.Edited` (called as the module is), its
+    sliced variables, and the channels each narrowed group keeps."""
+    graph = trace(module, variables, example_input, **apply_kwargs)
+    kind, target = parse_budget(budget)
+    if kind == "layers":
+        raise UserError("prune allocates channels; give it a flops=-N% or params=-N% budget")
+    params = variables["params"]
+    by_layer = {name: types.SimpleNamespace(shape=shape) for name, shape in graph.shapes.items()}
+    scores = scores if isinstance(scores, dict) else weight_scores(params, list(graph.shapes), scores)
+    protected = [next(iter(graph.shapes)), *graph.heads, *protect]
+    groups = {g.name: g for g in graph.groups if not _blocked(g, protected, set(graph.heads))}
+    importance = {n: normalized(v, normalize) for n, g in groups.items()
+                  if (v := group_importance(scores, g, by_layer)) is not None}
+    total = sum(math.prod(by_layer[n].shape[:-1]) * np.size(tree_paths.get(params, n)["kernel"]) for n in by_layer) \
+        if kind == "flops" else sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+    keep = allocate({n: groups[n] for n in importance}, importance, by_layer, params, kind, target, total, 0, round_to,
+                    floor, type(module).__name__)
+    spec, variables = surgery.shrink(_Unedited(), variables, graph, keep)
+    return Edited(module, spec.edits), variables, keep
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unedited:
+    edits: Edits = Edits()
+
+
+def weight_scores(params: dict, layers: list[str], criterion: str) -> dict:
+    """A score file of weight magnitudes (``"l1"`` or ``"l2"``): each layer's output and input channels."""
+    if criterion not in ("l1", "l2"):
+        raise UserError(f"unknown scores {criterion!r}: give l1, l2 or a score file (a dict)")
+
+    def norm(kernel, axis):
+        other = tuple(a for a in range(kernel.ndim) if a != axis % kernel.ndim)
+        return np.abs(kernel).sum(other) if criterion == "l1" else np.sqrt(np.square(kernel).sum(other))
+
+    kernels = {name: np.asarray(tree_paths.get(params, name)["kernel"]) for name in layers}
+    return {"criterion": criterion, "layers": [{"name": n, "channel_scores": norm(k, -1).tolist(),
+                                                "input_channel_scores": norm(k, -2).tolist()} for n, k in kernels.items()]}
 
 
 def normalized(values: np.ndarray, how: str) -> np.ndarray:

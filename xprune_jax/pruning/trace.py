@@ -82,6 +82,7 @@ class Graph:
     heads: list[str]
     selections: dict[str, tuple[np.ndarray, np.ndarray]]
     channels: dict[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]  # each conv or linear layer's output shape (without the batch), in execution order
 
 
 Field = collections.namedtuple("Field", "ids axes")  # ids: the value's rank, full size on the axes, 1 elsewhere
@@ -132,7 +133,7 @@ class _Trace:
         self.index = np.concatenate([np.arange(n) for *_, n in axes] + [np.zeros(0, int)])
         self.fields, self.variables = {}, set()  # value key -> its fields; the keys of variables (or a view of one)
         self.role: dict[tuple[int, int], str] = {}  # (leaf, axis) -> producer | consumer | depthwise | vector
-        self.order: dict[int, int] = {}  # kernel leaf -> execution order
+        self.order: dict[int, tuple] = {}  # kernel leaf -> its layer's output shape (without the batch), in execution order
         self.protected: dict[int, str] = {}  # node -> what made it untraceable
         self.cuts = collections.defaultdict(set)  # (leaf, axis) -> indices where a selection starts a segment
 
@@ -259,7 +260,7 @@ class _Trace:
         if owner is None or eqn.params["batch_group_count"] != 1 or any(f.axes != (lhs[1],) for f in x):
             self.protect(x + kernel, "conv_general_dilated (by a kernel that is not a variable, or over channels in space)")
             return [[]]
-        self.order.setdefault(owner[0], len(self.order))
+        self.order.setdefault(owner[0], self.shape[eqn.outs[0]][1:])
         made = k_out
         if groups == 1:
             self.role[owner[0], rhs[0]], self.role[owner[0], rhs[1]] = "producer", "consumer"
@@ -295,7 +296,7 @@ class _Trace:
                 else:
                     if owner:
                         self.role[owner] = "consumer"
-                        self.order.setdefault(owner[0], len(self.order))
+                        self.order.setdefault(owner[0], self.shape[eqn.outs[0]][1:])
                     partner = partners[list(contracting).index(f.axes[0])]
                     for g in others if side == 0 else ():  # the channels contracted together meet
                         if g.axes == (partner,):
@@ -396,9 +397,9 @@ class _Trace:
         return [out]
 
 
-def trace(module, variables: dict, *example_inputs) -> Graph:
-    """The channel groups and removable units of ``module.apply(variables, *example_inputs)``, for any Flax
-    module; ``variables`` and the inputs may be ``jax.ShapeDtypeStruct``s (the trace is abstract)."""
+def trace(module, variables: dict, *example_inputs, **apply_kwargs) -> Graph:
+    """The channel groups and removable units of ``module.apply(variables, *example_inputs, **apply_kwargs)``, for
+    any Flax module; ``variables`` and the inputs may be ``jax.ShapeDtypeStruct``s (the trace is abstract)."""
     flat_vars, treedef = jax.tree_util.tree_flatten_with_path(variables)
     leaves = [(str(p[0].key), tuple(str(k.key) for k in p[1:-1]), str(p[-1].key), tuple(np.shape(x))) for p, x in flat_vars]
     abstract = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", jnp.float32)) for x in (*[x for _, x in flat_vars], *example_inputs)]
@@ -413,7 +414,7 @@ def trace(module, variables: dict, *example_inputs) -> Graph:
 
     def apply(flat_variables, *xs):
         with nn.intercept_methods(scoped):
-            return module.apply(jax.tree_util.tree_unflatten(treedef, flat_variables), *xs)
+            return module.apply(jax.tree_util.tree_unflatten(treedef, flat_variables), *xs, **apply_kwargs)
 
     with one_primitive_per_conv(), nn.override_named_call(False):
         closed = jax.make_jaxpr(apply)(abstract[:len(leaves)], *abstract[len(leaves):])
@@ -428,7 +429,8 @@ def trace(module, variables: dict, *example_inputs) -> Graph:
     t.protect([f for key in outputs for f in t.fields.get(key, [])], OUTPUT)
     groups, untraceable, heads, channels = _groups(t)
     units = _units(t, dict(zip(keys, range(len(leaves)))), [m for _, m, _, _ in leaves], modules)
-    return Graph(groups, untraceable, units, heads, _selections(t, modules, set(outputs)), channels)
+    shapes = {t.leaves[leaf][1]: shape for leaf, shape in t.order.items()}
+    return Graph(groups, untraceable, units, heads, _selections(t, modules, set(outputs)), channels, shapes)
 
 
 def _groups(t: _Trace):
@@ -445,15 +447,16 @@ def _groups(t: _Trace):
         for index, root in enumerate(t.roots(np.arange(start, start + leaves[leaf][3][axis])).tolist()):
             members[root].append((leaf, axis, index))
     reasons = {t.find(node): reason for node, reason in reversed(list(t.protected.items()))}
+    order = {leaf: i for i, leaf in enumerate(t.order)}
     keyed = collections.defaultdict(list)  # the producers' segments -> the channels they make
     for root, entries in members.items():
         producers = {(leaf, axis, sum(c <= i for c in t.cuts.get((leaf, axis), ()))) for leaf, axis, i in entries
                      if t.role[leaf, axis] == "producer"}
         if producers:
-            keyed[tuple(sorted(producers, key=lambda p: (t.order[p[0]], p[2])))].append(root)
+            keyed[tuple(sorted(producers, key=lambda p: (order[p[0]], p[2])))].append(root)
     split = collections.Counter((leaf, axis) for producers in keyed for leaf, axis, _ in producers)
     groups, untraceable, heads, channels = [], {}, [], {}
-    for producers, roots in sorted(keyed.items(), key=lambda kv: [(t.order[p[0]], p[2]) for p in kv[0]]):
+    for producers, roots in sorted(keyed.items(), key=lambda kv: [(order[p[0]], p[2]) for p in kv[0]]):
         first, axis, segment = producers[0]
         name = leaves[first][1] + (f"[{segment}]" if split[first, axis] > 1 else "")
         roots.sort(key=lambda r: next(i for leaf, a, i in members[r] if (leaf, a) == (first, axis)))
