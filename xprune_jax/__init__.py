@@ -7,7 +7,7 @@ __all__ = ["UserError", "prune"]
 
 def __getattr__(name):
     if name == "prune":  # imported on first use: the package's import stays light
-        from xprune_jax.pruning.plan import prune
+        from xprune_jax.api import prune
         return prune
     raise AttributeError(f"module 'xprune_jax' has no attribute {name!r}")
 __version__ = "0.1.0"

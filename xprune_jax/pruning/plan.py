@@ -13,7 +13,6 @@ import functools
 import heapq
 import math
 import re
-import types
 
 import jax
 import numpy as np
@@ -21,10 +20,8 @@ import numpy as np
 from xprune_jax import analysis, models, tree_paths
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
-from xprune_jax.models.layers import Edited, Edits
 from xprune_jax.pruning import surgery
 from xprune_jax.pruning.surgery import graph_of
-from xprune_jax.pruning.trace import trace
 
 MODES = ("zero", "remove", "shrink", "remove+shrink")
 ALLOCATIONS = ("global", "layer")
@@ -157,7 +154,7 @@ def _without_units(model: Model, units) -> Model:
 
 
 def _eligible_groups(c: _Context) -> dict:
-    return {g.name: g for g in graph_of(c.model.arch, c.model.spec).groups if not _blocked(g, c.protected, c.heads)}
+    return {g.name: g for g in graph_of(c.model.arch, c.model.spec).groups if not blocked(g, c.protected, c.heads)}
 
 
 def _plan_shrink_layerwise(c: _Context, kind: str, target: float, shrink_ratio: float, round_to: int):
@@ -212,10 +209,9 @@ def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, no
 
 def allocate(groups: dict, importance: dict, by_layer: dict, params: dict, kind: str, target: float, total: int,
              already: int, round_to: int, floor: float, what: str) -> dict[str, list[int]]:
-    """Global channel allocation: a removal step takes a group's next lowest channels (by ``importance``) down to
-    the next multiple of ``round_to`` (not below the group's ``floor``); steps are taken across all groups in order
-    of the highest importance they remove, until the exact savings (``already`` saved before) meet ``target`` of
-    ``total``. Returns the channels each narrowed group keeps."""
+    """The channels each narrowed group keeps: a step takes a group's next lowest channels (by ``importance``) down
+    to the next multiple of ``round_to`` (not below its ``floor``), steps across all groups in order of the highest
+    importance they remove, until the exact savings (``already`` saved before) meet ``target`` of ``total``."""
     order = {n: np.argsort(importance[n], kind="stable") for n in groups}  # lowest first
     minimum = {n: max(round_to, math.ceil(floor * g.width / round_to) * round_to) for n, g in groups.items()}
     kept = {n: g.width for n, g in groups.items()}
@@ -245,51 +241,6 @@ def allocate(groups: dict, importance: dict, by_layer: dict, params: dict, kind:
                         f"channel group at its floor ({floor:.1%} of its width) cuts {saved / total:.1%}; lower the "
                         "budget or the floor (--floor), or use --mode=remove+shrink")
     return {n: sorted(int(i) for i in order[n][groups[n].width - kept[n]:]) for n in groups if kept[n] < groups[n].width}
-
-
-def prune(module, variables: dict, example_input, scores="l1", budget: str = "flops=-30%", *, protect=(),
-          round_to: int = 8, floor: float = 0.125, normalize: str = "mean", **apply_kwargs):
-    """Prune the channels of any Flax module under ``budget`` (``flops=-N%`` or ``params=-N%``), allocated globally:
-    groups traced from ``module.apply(variables, example_input, **apply_kwargs)``, ranked by ``scores`` (``"l1"``,
-    ``"l2"`` of the weights, or a score file of ``xprune score``'s form), its first layer, heads and ``protect`` kept
-    whole. Returns the module under :class:`~xprune_jax.models.layers.Edited` (called as the module is), its
-    sliced variables, and the channels each narrowed group keeps."""
-    graph = trace(module, variables, example_input, **apply_kwargs)
-    kind, target = parse_budget(budget)
-    if kind == "layers":
-        raise UserError("prune allocates channels; give it a flops=-N% or params=-N% budget")
-    params = variables["params"]
-    by_layer = {name: types.SimpleNamespace(shape=shape) for name, shape in graph.shapes.items()}
-    scores = scores if isinstance(scores, dict) else weight_scores(params, list(graph.shapes), scores)
-    protected = [next(iter(graph.shapes)), *graph.heads, *protect]
-    groups = {g.name: g for g in graph.groups if not _blocked(g, protected, set(graph.heads))}
-    importance = {n: normalized(v, normalize) for n, g in groups.items()
-                  if (v := group_importance(scores, g, by_layer)) is not None}
-    total = sum(math.prod(by_layer[n].shape[:-1]) * np.size(tree_paths.get(params, n)["kernel"]) for n in by_layer) \
-        if kind == "flops" else sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-    keep = allocate({n: groups[n] for n in importance}, importance, by_layer, params, kind, target, total, 0, round_to,
-                    floor, type(module).__name__)
-    spec, variables = surgery.shrink(_Unedited(), variables, graph, keep)
-    return Edited(module, spec.edits), variables, keep
-
-
-@dataclasses.dataclass(frozen=True)
-class _Unedited:
-    edits: Edits = Edits()
-
-
-def weight_scores(params: dict, layers: list[str], criterion: str) -> dict:
-    """A score file of weight magnitudes (``"l1"`` or ``"l2"``): each layer's output and input channels."""
-    if criterion not in ("l1", "l2"):
-        raise UserError(f"unknown scores {criterion!r}: give l1, l2 or a score file (a dict)")
-
-    def norm(kernel, axis):
-        other = tuple(a for a in range(kernel.ndim) if a != axis % kernel.ndim)
-        return np.abs(kernel).sum(other) if criterion == "l1" else np.sqrt(np.square(kernel).sum(other))
-
-    kernels = {name: np.asarray(tree_paths.get(params, name)["kernel"]) for name in layers}
-    return {"criterion": criterion, "layers": [{"name": n, "channel_scores": norm(k, -1).tolist(),
-                                                "input_channel_scores": norm(k, -2).tolist()} for n, k in kernels.items()]}
 
 
 def normalized(values: np.ndarray, how: str) -> np.ndarray:
@@ -331,7 +282,7 @@ def _touches(name: str, protected) -> bool:
     return any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in protected)
 
 
-def _blocked(group, protected, heads) -> bool:
+def blocked(group, protected, heads) -> bool:
     """Whether ``group`` touches a protected layer. A head (a classifier's fc, a detector's predictors)
     keeps its outputs but may read fewer inputs, unless something else protects it (``--protect``)."""
     others = [p for p in protected if p not in heads]
@@ -476,7 +427,7 @@ def validate_plan(model: Model, plan: Plan) -> None:
                             "tracer does not follow; protect it or change the model")
         groups = {g.name: g for g in graph.groups}
         _check_selected(plan.selected, set(groups), "shrink", model, plan,
-                        lambda name: _blocked(groups[name], plan.protected, heads))
+                        lambda name: blocked(groups[name], plan.protected, heads))
         for name in plan.selected:
             keep = plan.keep_channels.get(name)
             if keep is None or not 0 < len(keep) < groups[name].width or min(keep) < 0 or \

@@ -1,7 +1,6 @@
-"""The surgery, written once for every model: removed units and kept channels turn ``(spec, variables)``
-into a new pair, pure. The spec changes only by its :class:`~xprune_jax.models.layers.Edits` (units
-removed, layer widths, re-indexed channel selections); the variables lose the removed units' subtrees and
-are sliced along the channel axes of the traced groups, each layer once."""
+"""The surgery, written once for every model: removed units and kept channels turn ``(spec, variables)`` into a
+new pair, pure. The spec changes by its :class:`~xprune_jax.models.layers.Edits` only (units removed, widths,
+re-indexed selections); the variables lose the removed subtrees and are sliced once per layer."""
 
 import collections
 import dataclasses

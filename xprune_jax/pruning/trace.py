@@ -28,7 +28,6 @@ ELEMENTWISE = frozenset("""abs add add_any and atan2 ceil clamp convert_element_
     rem round rsqrt select_n sign sin sqrt square stop_gradient sub tan tanh xor""".split())
 REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin".split())
 VIEWS = frozenset("convert_element_type copy copy_p reshape broadcast_in_dim transpose squeeze".split())  # of a variable
-OUTPUT = "the model's outputs"
 
 
 class Slot(typing.NamedTuple):
@@ -42,7 +41,6 @@ class Slot(typing.NamedTuple):
     index: tuple[int, ...] | None = None
 
     def positions(self, channels) -> np.ndarray:
-        """Where the group's ``channels`` sit along the layer's channel axis (those it has)."""
         channels = np.asarray(channels, int)
         if self.index is not None:
             found = np.asarray(self.index, int)[channels]
@@ -52,8 +50,7 @@ class Slot(typing.NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ChannelGroup:
-    """Channels that shrink together, named by their first producer (``[k]``: its k-th segment); several
-    producers are coupled (residual adds, shared heads)."""
+    """Channels that shrink together, named by their first producer (``[k]``: its k-th segment), coupled."""
 
     name: str
     width: int
@@ -73,8 +70,7 @@ class Unit(typing.NamedTuple):
 
 @dataclasses.dataclass
 class Graph:
-    """Groups, untraceable groups (and what their channels reach), units, heads (producers of untraceable
-    channels), each selection's input channels and index, and each group's channels (as component roots)."""
+    """What the tracer found; heads make untraceable channels; selections and channels are component roots."""
 
     groups: list[ChannelGroup]
     untraceable: dict[str, str]
@@ -89,7 +85,6 @@ Field = collections.namedtuple("Field", "ids axes")  # ids: the value's rank, fu
 
 
 def _move(f: Field, new_axes, ndim: int) -> Field:
-    """``f``'s axes moved to ``new_axes`` (one each, in order) of a value of rank ``ndim``."""
     ids = f.ids.reshape([f.ids.shape[a] for a in f.axes]).transpose(np.argsort(new_axes))
     shape = [1] * ndim
     for a, n in zip(sorted(new_axes), ids.shape):
@@ -120,8 +115,7 @@ def _reshape_groups(old, new) -> list[tuple[list[int], list[int]]]:
 
 
 class _Trace:
-    """The jaxpr with its calls (``jit``, ``custom_jvp``/``custom_vjp``, remat) inlined over integer value keys,
-    the walk that gives values their fields, and the union-find over the nodes of every variable axis."""
+    """The jaxpr (calls inlined) over integer value keys, the walk giving values fields, the union-find of nodes."""
 
     def __init__(self, leaves):
         self.eqns, self.shape, self.const, self.producer, self.uses = [], [], {}, {}, collections.defaultdict(list)
@@ -426,7 +420,7 @@ def trace(module, variables: dict, *example_inputs, **apply_kwargs) -> Graph:
                          for a, n in enumerate(shape)]
         t.variables.add(key)
     t.run()
-    t.protect([f for key in outputs for f in t.fields.get(key, [])], OUTPUT)
+    t.protect([f for key in outputs for f in t.fields.get(key, [])], "the model's outputs")
     groups, untraceable, heads, channels = _groups(t)
     units = _units(t, dict(zip(keys, range(len(leaves)))), [m for _, m, _, _ in leaves], modules)
     shapes = {t.leaves[leaf][1]: shape for leaf, shape in t.order.items()}
