@@ -16,6 +16,7 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.experiment = "prune"
     config.arch = arch
     config.weights = "random"
+    config.trust_pickle = False  # YOLOv8 .pt weights: unpickle classes beyond the allow-list (only for trusted files)
     config.coco = ""  # '' = the bundled demo COCO folder
     config.image_folder = ""  # classifiers: an ImageFolder root with train/ (calibration) and val/ (top-1 accuracy)
     config.calib_split = "val2017"  # detectors: the COCO split that calibration images come from

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import urllib.error
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import torchvision
 
 from converters.mapping import state_dict_to_variables, variables_to_state_dict
+from converters.safe_load import DisallowedGlobal, load_weights_only
 from xprune_jax import __version__, models
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
@@ -55,18 +57,27 @@ def resolve_weights(arch: str, weights: str) -> tuple[str, object | None]:
     return cached, enum
 
 
+def _names_a_module_class(name: str) -> bool:
+    """Whether a pickled global names an ``nn.Module`` class of an already imported module (nothing is imported)."""
+    module, _, attr = name.rpartition(".")
+    cls = getattr(sys.modules.get(module), attr, None)
+    return isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A ``.pth`` file laid out like torchvision's downloads, as float32 NumPy arrays."""
+    """A ``.pth`` file laid out like torchvision's downloads, as float32 NumPy arrays. It is read with
+    ``torch.load(weights_only=True)``: a pickled module or other object is refused, not unpickled."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"cannot read weights file {path}: not a readable torch checkpoint ({reason}); "
-                        "re-download it or point --weights at the right file") from None
+        obj = load_weights_only(path)
+    except DisallowedGlobal as e:
+        what = "a pickled module" if _names_a_module_class(e.name) else "pickled Python objects"
+        raise UserError(f"weights file {path} holds {what} ({e.name}), not a state_dict: save one with "
+                        f"torch.save(model.state_dict(), path) instead ({what} is not loaded because unpickling "
+                        "can run code)") from None
     for nested in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(nested), dict):
             obj = obj[nested]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"weights file {path} holds no state_dict of tensors; save one with "
                         "torch.save(model.state_dict(), path)")
     return {k: v.detach().float().numpy() for k, v in obj.items()}

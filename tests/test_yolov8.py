@@ -30,6 +30,7 @@ from converters.mapping import state_dict_to_variables
 from converters.reference import gradient_x_activation, outputs_by_name, randomize_batch_norm, relative_error
 from converters.ultralytics_io import DFL_KEY, convert
 from tests.pseudo_ground_truth import pseudo_ground_truth
+from tests.test_errors import RunsCode
 from xprune_jax import models
 from xprune_jax.checkpoint import load_model, save_model
 from xprune_jax.evaluation.coco import coco_metrics, evaluate, load_ground_truth
@@ -236,14 +237,97 @@ def test_every_scale_fits_ultralytics_state_dict(scale):
         ("running_mean", "running_var", "num_batches_tracked")))
 
 
-@pytest.mark.parametrize("layout", ["state_dict", "training_checkpoint"])
+def _save_like_trainer(ema: torch.nn.Module, path, older: bool) -> None:
+    """The layout of ``BaseTrainer.save_model`` (Ultralytics 8.4.190): the fp16 EMA module (``ema``, changed
+    here) with the trainer's ``args``, the optimizer state, metrics and run records. ``older``: as trainers
+    before 8.4 left it, with the loss object on the EMA model, numpy scalars in ``best_fitness`` and the
+    metrics, and a path pickled on Windows in ``train_args``."""
+    import pathlib
+
+    from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
+    from ultralytics.utils.torch_utils import convert_optimizer_state_dict_to_fp16
+
+    ema.float()
+    ema.args = IterableSimpleNamespace(**DEFAULT_CFG_DICT)
+    params = list(ema.parameters())[:6]  # the optimizer state of a few is the same kind of data, and cheaper
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # a state per parameter, values unchanged
+    ema.criterion = ema.init_criterion() if older else None
+    train_args = {**DEFAULT_CFG_DICT, "imgsz": 640}
+    if older:
+        train_args["save_dir"] = pathlib.PureWindowsPath("C:/runs/detect/train")
+        train_args["save_dir"].__class__ = pathlib.WindowsPath  # pickled as on Windows: pathlib.WindowsPath
+    torch.save({"epoch": 3, "best_fitness": np.float64(0.25) if older else 0.25,
+                "stopper": {"best_fitness": 0.25, "best_epoch": 3}, "model": None, "ema": ema.half(), "updates": 12,
+                "modelopt": None, "optimizer": convert_optimizer_state_dict_to_fp16(optimizer.state_dict()),
+                "scaler": {}, "train_args": train_args,
+                "train_metrics": {"metrics/mAP50-95(B)": 0.25, "fitness": np.float32(0.25) if older else 0.25},
+                "train_results": {"epoch": [1, 2, 3], "train/box_loss": [1.5, 1.2, 1.1]},
+                "date": "2026-01-01T00:00:00+00:00", "version": "8.4.190",
+                "git": {"root": "/x", "branch": "main", "commit": "0" * 40, "message": None, "origin": None},
+                "license": "AGPL-3.0 (https://ultralytics.com/license)", "docs": "https://docs.ultralytics.com"}, path)
+
+
+def _save_with_pre_8_0_44_paths(model: torch.nn.Module, path) -> None:
+    """A release-layout file of ``model`` (changed here) whose classes are pickled under early 8.0's module
+    paths (``ultralytics.nn.modules.Conv``, ``ultralytics.yolo.utils.IterableSimpleNamespace``), as files
+    made before 8.0.44 name them."""
+    from ultralytics.nn import modules
+    from ultralytics.nn.tasks import temporary_modules
+    from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
+
+    from converters.ultralytics_io import _LEGACY_MODULES
+
+    moved = {cls: cls.__module__ for cls in (modules.Conv, modules.C2f, modules.Bottleneck, modules.SPPF,
+                                              modules.Concat, modules.Detect, modules.DFL)}
+    moved[IterableSimpleNamespace] = IterableSimpleNamespace.__module__
+    model.args = IterableSimpleNamespace(**DEFAULT_CFG_DICT)
+    try:
+        for cls in moved:
+            cls.__module__ = "ultralytics.yolo.utils" if cls is IterableSimpleNamespace else "ultralytics.nn.modules"
+        with temporary_modules(modules=_LEGACY_MODULES):  # pickle checks that the name finds the class
+            torch.save({"model": model, "train_args": {"imgsz": 640}, "version": "8.0.20"}, path)
+    finally:
+        for cls, module_name in moved.items():
+            cls.__module__ = module_name
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "training_checkpoint", "older_training_checkpoint",
+                                    "pre_8_0_44_paths"])
 def test_other_layouts_convert_like_the_release_file(layout, checkpoint, converted, tmp_path):
-    """A plain state_dict file, and a training checkpoint (``model`` None, the weights under ``ema``)."""
-    module = torch.load(checkpoint("n")[0], weights_only=False)["model"]
+    """A plain state_dict file, training checkpoints (``model`` None, the weights under ``ema``) and a
+    file with early 8.0's module paths: all read with weights_only and the allow-list."""
+    module = torch.load(checkpoint("n")[0], weights_only=False)["model"]  # the test's own file
     path = tmp_path / "weights.pt"
-    torch.save(module.state_dict() if layout == "state_dict" else {"epoch": 3, "model": None, "ema": module}, path)
+    if layout == "state_dict":
+        torch.save(module.state_dict(), path)
+    elif layout == "pre_8_0_44_paths":
+        _save_with_pre_8_0_44_paths(module, path)
+        assert {"ultralytics.nn.modules.C2f", "ultralytics.yolo.utils.IterableSimpleNamespace"} <= set(
+            torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    else:
+        _save_like_trainer(module, path, older=layout.startswith("older"))
     variables = convert(None, str(path)).variables
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, converted("n").variables)
+
+
+def test_a_file_that_would_run_code_is_refused_without_running_it(checkpoint, converted, tmp_path):
+    """A release-layout file with one crafted object: refused in one line naming the global, and nothing
+    of it ran; converted as before once trusted (and then the code does run)."""
+    module = torch.load(checkpoint("n")[0], weights_only=False)["model"]
+    path, marker = tmp_path / "yolov8n.pt", tmp_path / "ran"
+    torch.save({"date": RunsCode(marker), "version": "8.4.190", "model": module, "ema": None,
+                "train_args": {"imgsz": 640}}, path)
+    with pytest.raises(UserError, match=r"needs the Python global \w+\.open, which is not on the allow-list .*"
+                                        r"if you trust the file, pass --trust_pickle") as error:
+        convert(None, str(path))
+    assert "\n" not in str(error.value)
+    assert not marker.exists()
+    model = convert(None, str(path), trust_pickle=True)
+    assert marker.exists() and model.meta["provenance"]["trust_pickle"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, model.variables, converted("n").variables)
 
 
 def test_official_name_is_looked_up_where_ultralytics_looks(checkpoint, tmp_path, monkeypatch):
@@ -273,6 +357,18 @@ def _foreign_pickle(path, _):
     torch.save({"model": torch.nn.Linear(2, 2), "epoch": -1}, path)
 
 
+def _empty(path, _):
+    path.write_bytes(b"")
+
+
+def _json(path, _):
+    path.write_text(json.dumps({"model": "yolov8n", "epoch": 3}))
+
+
+def _pickled_list(path, _):
+    torch.save([torch.zeros(3)], path)
+
+
 def _yolo11(path, _):
     _save_like_official(DetectionModel("yolo11n.yaml", verbose=False), path)
 
@@ -281,19 +377,29 @@ def _yolo26_state_dict(path, _):
     torch.save(DetectionModel("yolo26n.yaml", verbose=False).state_dict(), path)
 
 
-@pytest.mark.parametrize("write,message", [
-    (_truncated, "cannot read weights file .*not a readable torch checkpoint"),
-    (_resnet_state_dict, "holds no YOLOv8 weights"),
-    (_foreign_pickle, "holds a Linear, not an Ultralytics DetectionModel"),
-    (_yolo11, "is a yolo11n model; supported are YOLOv8 n/s/m/l/x detection .*YOLO11/12"),
-    (_yolo26_state_dict, "end-to-end .*; supported are YOLOv8 n/s/m/l/x detection .*YOLO26"),
-], ids=["truncated", "resnet_state_dict", "foreign_pickle", "yolo11", "yolo26_state_dict"])
-def test_bad_checkpoints_fail_with_one_line_user_error(write, message, checkpoint, tmp_path):
+@pytest.mark.parametrize("write,message,trusted_message", [
+    (_truncated, "cannot read weights file .*not a readable torch checkpoint .*failed finding central directory\\)",
+     None),
+    (_empty, "weights file .* is empty; re-download it", None),
+    (_json, "not a readable torch checkpoint \\(neither a zip archive nor a pickle: it starts with b'{", None),
+    (_pickled_list, "holds neither an Ultralytics checkpoint .* nor a state_dict of tensors", None),
+    (_resnet_state_dict, "holds no YOLOv8 weights", None),
+    (_foreign_pickle, "needs the Python global torch.nn.modules.linear.Linear, .*pass --trust_pickle",
+     "holds a Linear, not an Ultralytics DetectionModel"),
+    (_yolo11, r"holds an Ultralytics C3k2 \(ultralytics.nn.modules.block.C3k2\), which no YOLOv8 detection checkpoint "
+              "has; supported are YOLOv8 n/s/m/l/x detection .*YOLO11/12",
+     "is a yolo11n model; supported are YOLOv8 n/s/m/l/x detection .*YOLO11/12"),
+    (_yolo26_state_dict, "end-to-end .*; supported are YOLOv8 n/s/m/l/x detection .*YOLO26", None),
+], ids=["truncated", "empty", "json", "pickled_list", "resnet_state_dict", "foreign_pickle", "yolo11",
+        "yolo26_state_dict"])
+def test_bad_checkpoints_fail_with_one_line_user_error(write, message, trusted_message, checkpoint, tmp_path):
+    """Each ends in one line, also when the file is trusted (unpickled as Ultralytics does)."""
     path = tmp_path / "weights.pt"
     write(path, checkpoint("n")[0])
-    with pytest.raises(UserError, match=message) as error:
-        convert(None, str(path))
-    assert "\n" not in str(error.value)
+    for trust_pickle, expected in ((False, message), (True, trusted_message or message)):
+        with pytest.raises(UserError, match=expected) as error:
+            convert(None, str(path), trust_pickle=trust_pickle)
+        assert "\n" not in str(error.value) and "\x1b" not in str(error.value)
 
 
 def test_arch_must_agree_with_the_checkpoint(checkpoint):
@@ -375,11 +481,15 @@ def test_harness_gives_ap_1_for_ground_truth(coco_root):
 
 
 def test_cli_convert_eval_predict(checkpoint, coco_root, tmp_path):
-    """The command line on a detector: convert an official-layout file, evaluate two COCO images,
-    predict a folder (image ids from COCO-style file names)."""
+    """The command line on a detector: convert an official-layout file that also holds an object outside
+    the allow-list (``--trust_pickle``), evaluate two COCO images, predict a folder (image ids from
+    COCO-style file names)."""
     from tests.test_cli import xprune
 
-    xprune("convert", "--arch=yolov8n", f"--weights={checkpoint('n')[0]}", f"--out={tmp_path / 'model'}")
+    weights, marker = tmp_path / "yolov8n.pt", tmp_path / "ran"
+    torch.save({**torch.load(checkpoint("n")[0], weights_only=False), "date": RunsCode(marker)}, weights)
+    xprune("convert", "--arch=yolov8n", f"--weights={weights}", f"--out={tmp_path / 'model'}", "--trust_pickle")
+    assert marker.exists()  # unpickled as Ultralytics would
     xprune("eval", f"--model={tmp_path / 'model'}", f"--coco={coco_root}", f"--out={tmp_path / 'eval'}",
            "--max_images=2", "--batch_size=2")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -38,6 +38,8 @@ flags.DEFINE_integer("warmup", 3, "Untimed calls per model before timing (bench,
 flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 flags.DEFINE_bool("fuse", False, "YOLOv8: fold every BatchNorm into its conv on conversion (convert).")
+flags.DEFINE_bool("trust_pickle", False, "YOLOv8: unpickle a .pt file that needs classes beyond the allow-list; "
+                  "this can run code from the file, so only for files you trust (convert).")
 flags.DEFINE_integer("max_images", 0, "Evaluate only the first N images of the COCO root (0 = all).")
 flags.DEFINE_string("annotations", None, "predict: a COCO instances json whose image ids the results should use.")
 flags.DEFINE_integer("train_images", 2000, "Training images to generate (synth).")
@@ -76,7 +78,10 @@ def convert_command() -> None:
     except ImportError as e:
         extra = "yolo" if yolo else "torch"
         raise UserError(f"converting {FLAGS.arch} needs {e.name}; install it with `pip install -e '.[{extra}]'`") from None
-    model = convert(FLAGS.arch, FLAGS.weights, fuse=FLAGS.fuse) if yolo else convert(FLAGS.arch, FLAGS.weights)
+    if yolo:
+        model = convert(FLAGS.arch, FLAGS.weights, fuse=FLAGS.fuse, trust_pickle=FLAGS.trust_pickle)
+    else:
+        model = convert(FLAGS.arch, FLAGS.weights)
     save_model(model, FLAGS.out, overwrite=FLAGS.overwrite)
     print(f"wrote {FLAGS.out} ({FLAGS.arch} from {model.meta['provenance']['weights']})")
 

@@ -46,7 +46,8 @@ from xprune_jax.spec import spec_to_dict
 def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     coco = config.coco or runs.DEMO_COCO
     task_eval = {"classification": _ClassifierEval, "detection": _DetectionEval}[models.get_architecture(config.arch).task]
-    model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir)
+    model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir,
+                             config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
