@@ -34,17 +34,25 @@ def _looks_like_path(weights: str) -> bool:
     return os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.exists(weights)
 
 
+def official_weights(arch: str, path: str):
+    """The weights enum of ``arch`` whose download has this file's name (``resnet50-0676ba61.pth`` is
+    ``ResNet50_Weights.IMAGENET1K_V1``), or None."""
+    name = os.path.basename(path)
+    return next((w for w in torchvision.models.get_model_weights(arch) if os.path.basename(w.url) == name), None)
+
+
 def resolve_weights(arch: str, weights: str) -> tuple[str, object | None]:
     """``(file path, weights enum or None)``, as torchvision resolves them.
 
     A weights name is looked up in the torch hub cache (``$TORCH_HOME/hub/checkpoints/<official
-    file name>``) and downloaded there when it is missing and a network is available.
+    file name>``) and downloaded there when it is missing and a network is available. A file with an
+    official file name (:func:`official_weights`) gets that enum.
     """
     if _looks_like_path(weights):
         if not os.path.isfile(weights):
             raise UserError(f"weights file {weights} does not exist: give an existing .pth file or a torchvision "
                             f"weights name such as {torchvision.models.get_model_weights(arch).DEFAULT}")
-        return weights, None
+        return weights, official_weights(arch, weights)
     enum = _weights_enum(arch, weights)
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
     if not os.path.isfile(cached):
@@ -152,36 +160,66 @@ def _num_classes(state_dict: dict, default: int) -> int:
 def convert(arch: str, weights: str) -> Model:
     """torchvision weights (a file or a weights name) -> a Flax :class:`Model` of ``arch``.
 
-    The number of classes comes from the weights; a model card beside a file (:func:`read_model_card`)
-    gives the categories and input sizes of weights trained on other data.
+    The number of classes comes from the weights. The eval transform and categories come from a
+    model card beside a file (:func:`read_model_card`: weights trained on other data), else from the
+    weights enum of the name or of the official file name (:func:`official_weights`), else from the
+    architecture's DEFAULT weights, which ``meta['provenance']['preprocess_assumed']`` then records.
     """
     architecture = models.get_architecture(arch)
     path, enum = resolve_weights(arch, weights)
     state_dict = upgrade_legacy_keys(read_state_dict(path))
-    card = read_model_card(path) if enum is None else {}
+    by_file = path == weights
+    card = read_model_card(path) if by_file else {}
     spec = architecture.default_spec()
     spec = dataclasses.replace(spec, num_classes=_num_classes(state_dict, spec.num_classes))
     if "transform" in card:
         spec = dataclasses.replace(spec, transform=dataclasses.replace(spec.transform, **card["transform"]))
     variables = state_dict_to_variables(state_dict, models.variable_shapes(arch, spec), what=arch)
-    default_categories = list((enum or torchvision.models.get_model_weights(arch).DEFAULT).meta["categories"])
+    default = torchvision.models.get_model_weights(arch).DEFAULT
+    default_categories = list((enum or default).meta["categories"])
     if "categories" in card:
         categories = list(card["categories"])
     elif spec.num_classes == len(default_categories):
         categories = default_categories
     else:
         categories = [str(i) for i in range(spec.num_classes)]
+    sha256 = file_sha256(path)
+    source = {}
+    if enum is not None:
+        source["weights_enum"] = str(enum)
+        if by_file:  # torchvision's file names end in the first hex digits of the file's sha256
+            prefix = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))[1]
+            source["file_name_matches_sha256"] = sha256.startswith(prefix)
+    elif not card.get("preprocess") and "transform" not in card:
+        source["preprocess_assumed"] = str(default)
     meta = {
         "preprocess": card.get("preprocess") or preprocess_config(arch, enum, spec),
         "categories": categories,
         "provenance": {
-            "source": "torchvision", "weights": weights if enum is None else str(enum), "file": os.path.abspath(path),
-            "sha256": file_sha256(path), "converter": __name__, "torch": torch.__version__,
+            "source": "torchvision", "weights": weights if by_file else str(enum), "file": os.path.abspath(path),
+            "sha256": sha256, **source, "converter": __name__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "xprune_jax": __version__,
             **({"model_card": {k: card[k] for k in ("dataset", "command", "metrics") if k in card}} if card else {}),
         },
     }
     return Model(arch, spec, variables, meta)
+
+
+_SIZES = ("resize", "crop", "min_size", "max_size")
+
+
+def assumption_note(model: Model) -> str | None:
+    """The line ``xprune convert`` prints when the eval transform was assumed, not known (None when known)."""
+    provenance = model.meta["provenance"]
+    if "preprocess_assumed" not in provenance:
+        return None
+    preprocess = model.meta["preprocess"]
+    sizes = ", ".join(f"{k} {v}" for k, v in preprocess.items() if k in _SIZES)
+    card = os.path.splitext(provenance["weights"])[0] + ".json"
+    field = "transform" if "min_size" in preprocess else "preprocess"
+    return (f"note: {provenance['weights']} has no model card and no official torchvision file name, so the "
+            f"preprocessing of {provenance['preprocess_assumed']} was assumed ({sizes}); if the weights were "
+            f"trained otherwise, write a model card {card} with their '{field}' and convert again")
 
 
 def to_torch_state_dict(variables: dict) -> dict[str, torch.Tensor]:

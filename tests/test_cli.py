@@ -39,7 +39,10 @@ def workdir(tmp_path_factory, coco_images):
 
 def test_convert_then_predict_matches_torch(workdir):
     tmp, torch_model = workdir
-    xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
+    converted = xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
+    note = converted.stdout.strip().splitlines()[-1]  # no model card, no official file name: the assumption is said
+    assert note.startswith(f"note: {tmp / 'w.pth'} has no model card")
+    assert "ShuffleNet_V2_X0_5_Weights.IMAGENET1K_V1 was assumed (resize 256, crop 224)" in note
     xprune("predict", f"--model={tmp / 'model'}", f"--images={tmp / 'images'}", f"--out={tmp / 'logits.npz'}",
            "--batch_size=2")  # 3 images: the last batch is padded
     result = np.load(tmp / "logits.npz")

@@ -84,6 +84,11 @@ def convert_command() -> None:
         model = convert(FLAGS.arch, FLAGS.weights)
     save_model(model, FLAGS.out, overwrite=FLAGS.overwrite)
     print(f"wrote {FLAGS.out} ({FLAGS.arch} from {model.meta['provenance']['weights']})")
+    if not yolo:
+        from converters.torchvision_io import assumption_note
+
+        if (note := assumption_note(model)):
+            print(note)
 
 
 def predict_command() -> None:
