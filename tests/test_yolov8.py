@@ -2,7 +2,7 @@
 weights and BN statistics -> a .pt file laid out like the official release (fp16 whole module) ->
 convert -> Orbax model dir -> load -> jitted apply, compared with the torch model read back from the
 same file in float32, on real COCO images. The validation pipeline (rect batches, letterbox, NMS,
-box scaling) is compared with Ultralytics' own code."""
+box scaling) is compared with Ultralytics' own code, and the predict pipeline with ``YOLO(file).predict``."""
 
 import copy
 import dataclasses
@@ -17,6 +17,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from ultralytics import YOLO
 from ultralytics.data.augment import LetterBox
 from ultralytics.data.base import BaseDataset
 from ultralytics.data.converter import coco80_to_coco91_class
@@ -33,13 +34,14 @@ from tests.pseudo_ground_truth import pseudo_ground_truth
 from tests.test_errors import RunsCode
 from xprune_jax import models
 from xprune_jax.checkpoint import load_model, save_model
-from xprune_jax.evaluation.coco import coco_metrics, evaluate, load_ground_truth
+from xprune_jax.evaluation.coco import coco_metrics, evaluate, load_ground_truth, predict_folder
 from xprune_jax.errors import UserError
-from xprune_jax.models.yolov8_pipeline import COCO80_TO_COCO91, YOLOv8Pipeline
+from xprune_jax.models.yolov8_pipeline import COCO80_TO_COCO91, YOLOv8Pipeline, YOLOv8PredictPipeline
 from xprune_jax.ops import box_iou
 
 IMGSZ = 320  # small inputs keep the CPU test fast; the code paths are those of 640
 CLASS_BIAS = -5.0  # mean class logit bias: random heads then score like trained ones (many boxes above conf 0.001)
+PREDICT_BIAS_SHIFT = 2.0  # added for predict's conf 0.25: hundreds of boxes per image pass it, few classes
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,6 +219,88 @@ def test_rect_batches_match_ultralytics(imgsz, batch_size, coco_images):
     assert [i for plan in plans for i in plan.indices] == dataset.im_files
     assert [plan.input_shape for plan in plans] == [tuple(s) for s in dataset.batch_shapes.tolist()]
     assert len({plan.input_shape for plan in plans}) > 1
+
+
+@pytest.mark.parametrize("imgsz", [320, 640])
+def test_predict_letterbox_and_box_scaling_match_ultralytics_predictor(imgsz, coco_images):
+    """Each image alone through ``LetterBox(auto=True)`` (shrunk, enlarged, thin) and its boxes back
+    through ``scale_boxes`` without ``ratio_pad``: at 200x333 the latter's gain is not the letterbox's."""
+    pipeline = YOLOv8PredictPipeline(models.get_architecture("yolov8n").default_spec(), imgsz=imgsz)
+    real = [imread(str(p)) for p in coco_images[:3]]
+    images = real + [cv2.resize(real[0], (333, 200)), cv2.resize(real[1], (900, 5))]
+    rng = np.random.default_rng(0)
+    for bgr in images:
+        want = LetterBox(imgsz, auto=True, stride=32)(image=bgr)
+        (plan,) = pipeline.plan([bgr.shape[:2]], 1)
+        assert plan.input_shape == want.shape[:2]
+        got, meta = pipeline.preprocess(bgr[..., ::-1], plan.input_shape)
+        np.testing.assert_array_equal(got, want[..., ::-1].astype(np.float32) / 255.0)
+        corners = np.sort(rng.uniform(0, 1, (2, 50, 2)) * plan.input_shape[::-1], axis=0)
+        boxes = np.concatenate(corners, axis=1).astype(np.float32)
+        want_boxes = scale_boxes(plan.input_shape, torch.from_numpy(boxes.copy()), bgr.shape[:2]).numpy()
+        np.testing.assert_allclose(pipeline.to_original(boxes, meta), want_boxes, rtol=0, atol=1e-3)
+    sizes = [im.shape[:2] for im in images]
+    for batch_size in (1, 2, 5):  # each image at its own shape, whatever its neighbours
+        plans = pipeline.plan(sizes, batch_size)
+        assert sorted(i for p in plans for i in p.indices) == list(range(len(sizes)))
+        assert all(p.input_shape == pipeline.plan([sizes[i]], 1)[0].input_shape for p in plans for i in p.indices)
+
+
+@pytest.fixture(scope="module")
+def predict_checkpoint(checkpoint, tmp_path_factory):
+    """An official-layout yolov8n file whose class scores reach predict's conf 0.25."""
+    torch_model = copy.deepcopy(checkpoint("n")[1])
+    with torch.no_grad():
+        for branch in torch_model.model[22].cv3:
+            branch[2].bias += PREDICT_BIAS_SHIFT
+    path = tmp_path_factory.mktemp("yolov8n_predict") / "yolov8n.pt"
+    _save_like_official(torch_model, path)
+    return path
+
+
+def _detections_by_file(entries: list[dict]) -> dict[str, dict]:
+    by_file = {}
+    for e in entries:
+        by_file.setdefault(e["file_name"], []).append(e)
+    return {name: {"boxes": np.asarray([[x, y, x + w, y + h] for x, y, w, h in (e["bbox"] for e in es)]),
+                   "scores": np.asarray([e["score"] for e in es]), "labels": np.asarray([e["category_id"] for e in es])}
+            for name, es in by_file.items()}
+
+
+def test_predict_matches_ultralytics_predict_whatever_the_folder_and_batch_size(predict_checkpoint, coco_images,
+                                                                                tmp_path):
+    """``xprune predict`` gives each image what Ultralytics' ``YOLO(file).predict(image)`` gives (box for
+    box: IoU > 0.99, the same class, the score within 1e-3 relative), and the same detections alone,
+    in a folder of four and with batch sizes 1 and 4. The four share one predict input shape (two
+    compilations), while the validator's rectangular batch of them is not the first one's alone."""
+    model = convert("yolov8n", str(predict_checkpoint))
+    model = dataclasses.replace(model, meta={**model.meta, "preprocess": {"imgsz": IMGSZ}})
+    sizes = {p: Image.open(p).size[::-1] for p in coco_images}
+    pipeline = YOLOv8PredictPipeline(model.spec, IMGSZ)
+    same_shape = [p for p in coco_images if pipeline.input_shape(*sizes[p]) == pipeline.input_shape(*sizes[coco_images[0]])]
+    first = min(same_shape, key=lambda p: sizes[p][0] / sizes[p][1])
+    paths = [first] + [p for p in same_shape if p != first][:3]
+    validator = YOLOv8Pipeline(model.spec, IMGSZ)
+    assert validator.plan([sizes[first]], 1)[0].input_shape != validator.plan([sizes[p] for p in paths], 4)[0].input_shape
+    four, alone = tmp_path / "four", tmp_path / "alone"
+    for folder, chosen in ((four, paths), (alone, paths[:1])):
+        folder.mkdir()
+        for path in chosen:
+            (folder / path.name).write_bytes(path.read_bytes())
+    by_batch = {batch_size: predict_folder(model, str(four), batch_size, progress=False) for batch_size in (1, 4)}
+    assert by_batch[1] == by_batch[4]
+    alone_entries = predict_folder(model, str(alone), 1, progress=False)
+    assert alone_entries == [e for e in by_batch[4] if e["file_name"] == first.name]
+
+    ours, yolo, coco91 = _detections_by_file(by_batch[4]), YOLO(str(predict_checkpoint)), np.asarray(coco80_to_coco91_class())
+    for path in paths:
+        result = yolo.predict(str(path), imgsz=IMGSZ, verbose=False)[0].boxes
+        want = {"boxes": result.xyxy.numpy(), "scores": result.conf.numpy(), "labels": coco91[result.cls.numpy().astype(int)]}
+        got = ours[path.name]
+        assert 100 <= len(want["boxes"]) == len(got["boxes"]) and len(set(want["labels"])) >= 3, path.name
+        same = ((np.asarray(box_iou(want["boxes"], got["boxes"])) > 0.99) & (want["labels"][:, None] == got["labels"][None])
+                & (np.abs(want["scores"][:, None] - got["scores"][None]) <= 1e-3 * want["scores"][:, None]))
+        assert same.any(1).mean() >= 0.99 and same.any(0).mean() >= 0.99, path.name
 
 
 def test_class_ids_map_to_coco91_like_ultralytics():
@@ -480,14 +564,14 @@ def test_harness_gives_ap_1_for_ground_truth(coco_root):
     assert coco_metrics(ground_truth, shifted, ids)["AP"] < 0.9  # the harness can tell a bad detector
 
 
-def test_cli_convert_eval_predict(checkpoint, coco_root, tmp_path):
+def test_cli_convert_eval_predict(predict_checkpoint, coco_root, tmp_path):
     """The command line on a detector: convert an official-layout file that also holds an object outside
     the allow-list (``--trust_pickle``), evaluate two COCO images, predict a folder (image ids from
     COCO-style file names)."""
     from tests.test_cli import xprune
 
     weights, marker = tmp_path / "yolov8n.pt", tmp_path / "ran"
-    torch.save({**torch.load(checkpoint("n")[0], weights_only=False), "date": RunsCode(marker)}, weights)
+    torch.save({**torch.load(predict_checkpoint, weights_only=False), "date": RunsCode(marker)}, weights)
     xprune("convert", "--arch=yolov8n", f"--weights={weights}", f"--out={tmp_path / 'model'}", "--trust_pickle")
     assert marker.exists()  # unpickled as Ultralytics would
     xprune("eval", f"--model={tmp_path / 'model'}", f"--coco={coco_root}", f"--out={tmp_path / 'eval'}",

@@ -50,3 +50,13 @@ class DetectionPipeline(Protocol):
 
     def to_input(self, boxes: np.ndarray, meta: Any) -> np.ndarray:
         """xyxy boxes [N, 4] in original pixels -> input pixels, as the training transform maps targets."""
+
+
+def batches_by_shape(shapes: list[tuple[int, int]], batch_size: int) -> list[BatchPlan]:
+    """Batches of images (given as their input shapes) that share an input shape, in order of first
+    appearance: each image's input does not depend on the other images or on the batch size."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(index)
+    return [BatchPlan(tuple(indices[i:i + batch_size]), shape)
+            for shape, indices in groups.items() for i in range(0, len(indices), batch_size)]

@@ -45,11 +45,13 @@ def load_ground_truth(annotation_file: str):
                         "use the official instances_val2017.json layout") from None
 
 
-def pipeline_for(model: Model):
+def pipeline_for(model: Model, predict: bool = False):
+    """The detector's evaluation pipeline, or with ``predict`` its single-image prediction pipeline."""
     architecture = models.get_architecture(model.arch)
     if architecture.pipeline is None:
         raise UserError(f"{model.arch} is a {architecture.task} model; this command needs a detector")
-    return architecture.pipeline(model)
+    make = architecture.predict_pipeline if predict and architecture.predict_pipeline else architecture.pipeline
+    return make(model)
 
 
 def image_id_from_name(path: str) -> int | None:
@@ -59,10 +61,12 @@ def image_id_from_name(path: str) -> int | None:
 
 
 def detect(model: Model, paths: list[str], image_ids: list, sizes: list[tuple[int, int]], batch_size: int,
-           partial_file: str | None = None, progress: bool = True, forward=None) -> tuple[list[dict], dict]:
-    """COCO result entries for ``paths`` and a latency record. ``sizes`` are original (h, w);
-    ``forward`` is a ``jax.jit`` of the pipeline's forward to reuse (one is made otherwise)."""
-    pipeline = pipeline_for(model)
+           partial_file: str | None = None, progress: bool = True, forward=None,
+           predict: bool = False) -> tuple[list[dict], dict]:
+    """COCO result entries for ``paths`` and a latency record, through the evaluation pipeline or, with
+    ``predict``, the prediction one. ``sizes`` are original (h, w); ``forward`` is a ``jax.jit`` of
+    the pipeline's forward to reuse (one is made otherwise)."""
+    pipeline = pipeline_for(model, predict)
     mesh = parallel.data_mesh()
     batch_size = parallel.round_up_batch(batch_size, mesh)
     forward = forward or jax.jit(pipeline.forward)
@@ -185,12 +189,13 @@ def evaluate(model: Model, coco_root: str, out_dir: str, batch_size: int = 8, ma
 
 def predict_folder(model: Model, folder: str, batch_size: int = 8, annotation_file: str | None = None,
                    progress: bool = True) -> list[dict]:
-    """``xprune predict`` for detectors: COCO result entries for every image of ``folder``."""
+    """``xprune predict`` for detectors: COCO result entries for every image of ``folder``, each as the
+    detector's own single-image predict gives it (whatever the other images and ``batch_size``)."""
     paths = list_images(folder)
     ids_by_name = {}
     if annotation_file:
         ids_by_name = {e["file_name"]: e["id"] for e in load_ground_truth(annotation_file).dataset["images"]}
     image_ids = [ids_by_name.get(os.path.basename(p), image_id_from_name(p)) for p in paths]
     sizes = [load_rgb(p).size[::-1] for p in paths]
-    detections, _ = detect(model, paths, image_ids, sizes, batch_size, None, progress)
+    detections, _ = detect(model, paths, image_ids, sizes, batch_size, None, progress, predict=True)
     return detections

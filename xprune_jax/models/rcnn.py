@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xprune_jax.detection import CONFIDENCE_TOP_K
-from xprune_jax.detection import BatchPlan
+from xprune_jax.detection import BatchPlan, batches_by_shape
 from xprune_jax.losses.rcnn import FasterRCNNLossConfig, fastrcnn_loss, roi_training_samples, rpn_loss
 from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, Conv2d, Linear, capture
 from xprune_jax.models.resnet import ResNetBackbone, ResNetSpec, resnet_spec
@@ -445,8 +445,11 @@ class TorchvisionDetectionPipeline:
     ``GeneralizedRCNNTransform`` (normalise, resize, zero-pad bottom/right) around ``module``.
 
     ``bucket`` (a multiple of ``size_divisible``) rounds the padded shapes: 32 gives exactly
-    torchvision's padding (its eval uses one image per batch), so outputs match torchvision box
-    for box; a larger bucket means fewer compilations, at the cost of exactness near the padding.
+    torchvision's padding of each image alone (its eval uses one image per batch), so outputs match
+    torchvision box for box; a larger bucket means fewer compilations, at the cost of exactness near
+    the padding. Batches hold one padded shape, so an image's detections do not depend on the other
+    images or the batch size (torchvision pads a batch to its largest image): evaluation and
+    ``predict`` share this pipeline.
     """
 
     module: FasterRCNN | RetinaNet
@@ -474,12 +477,8 @@ class TorchvisionDetectionPipeline:
 
     def plan(self, sizes: list[tuple[int, int]], batch_size: int) -> list[BatchPlan]:
         """Batches of images with the same padded shape (in order of first appearance)."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, (height, width) in enumerate(sizes):
-            shape = tuple(-(-side // self.bucket) * self.bucket for side in self.resized_size(height, width))
-            groups.setdefault(shape, []).append(index)
-        return [BatchPlan(tuple(indices[i:i + batch_size]), shape)
-                for shape, indices in groups.items() for i in range(0, len(indices), batch_size)]
+        return batches_by_shape([tuple(-(-side // self.bucket) * self.bucket for side in self.resized_size(h, w))
+                                 for h, w in sizes], batch_size)
 
     def preprocess(self, image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, tuple]:
         """uint8 HWC RGB -> the normalised, resized image zero-padded to ``input_shape``; meta is
