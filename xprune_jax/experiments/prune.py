@@ -97,7 +97,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                              "params_ratio": plan.params_after / plan.params_before,
                              "latency_ratio": latency["ratio_median"], "latency_ratio_iqr": latency["ratio_iqr"]})
                 bar.update()
-    bar.set_description("prune")
+    bar.set_description("prune", refresh=False)
     bar.close()
     evaluated.save()  # a gathering run that measured nothing new still keeps every measurement it used
     if evaluated.resumed:
