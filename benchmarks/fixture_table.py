@@ -4,6 +4,10 @@ and the demo's table with the notes under it.
     python benchmarks/fixture_table.py                      # every benchmarks/results/tables/<arch>/
     python benchmarks/fixture_table.py --tables=DIR --archs=yolov8n,mobilenet_v2
     python benchmarks/fixture_table.py --demo               # benchmarks/results/demo/ (or --demo=RUN_DIR)
+    python benchmarks/fixture_table.py --demo --readme=README.md   # put it in the README in place
+
+With ``--readme`` the table replaces the README's text between the two comment lines that mark it
+(``<!-- fixture_table.py --demo -->`` and ``<!-- end -->``; without ``--demo``, ``<!-- fixture_table.py -->``).
 
 Each row is one mode and budget, each column one criterion: the mean metric over calibration
 seeds (± standard deviation where the seeds differ as printed), the best in bold (every one that
@@ -20,6 +24,7 @@ import os
 import textwrap
 
 from xprune_jax.experiments.prune import best_criteria, format_mean, format_metric
+from xprune_jax.fileio import atomic_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "results", "demo")
@@ -97,23 +102,42 @@ def demo_table(run_dir: str = DEMO) -> str:
     return "\n".join(lines) + "\n\n" + textwrap.fill("(" + " ".join(notes) + ")", width=100)
 
 
+def put_in_readme(path: str, marker: str, text: str) -> None:
+    """Replace what lies between the ``marker`` comment line and the next ``<!-- end -->`` in ``path``."""
+    with open(path) as f:
+        readme = f.read()
+    begin, end = f"<!-- {marker} -->\n", "<!-- end -->"
+    if readme.count(begin) != 1 or end not in readme[readme.find(begin):]:
+        raise SystemExit(f"{path} has no single `{begin.strip()}` ... `{end}` block to put the table in; add one")
+    start = readme.index(begin) + len(begin)
+    stop = readme.index(end, start)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(readme[:start] + text + "\n" + readme[stop:])
+    print(f"wrote the table into {path}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tables", default=os.path.join(HERE, "results", "tables"), help="folder of run folders, one per arch")
     p.add_argument("--archs", default=",".join(LABELS), help="comma-separated, in table order")
     p.add_argument("--demo", nargs="?", const=DEMO, default=None, metavar="RUN_DIR",
-                   help="print the demo's table and notes from its run folder instead")
+                   help="the demo's table and notes from its run folder instead")
+    p.add_argument("--readme", help="put the table into this README (between its marker comments) instead of printing it")
     args = p.parse_args(argv)
     if args.demo:
-        print(demo_table(args.demo))
-        return
-    lines = header(CRITERIA)
-    for arch in args.archs.split(","):
-        path = os.path.join(args.tables, arch, "results.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                lines += table_rows(json.load(f), LABELS.get(arch, arch))
-    print("\n".join(lines))
+        text, marker = demo_table(args.demo), "fixture_table.py --demo"
+    else:
+        lines = header(CRITERIA)
+        for arch in args.archs.split(","):
+            path = os.path.join(args.tables, arch, "results.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    lines += table_rows(json.load(f), LABELS.get(arch, arch))
+        text, marker = "\n".join(lines), "fixture_table.py"
+    if args.readme:
+        put_in_readme(args.readme, marker, text)
+    else:
+        print(text)
 
 
 if __name__ == "__main__":

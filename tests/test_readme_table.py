@@ -34,3 +34,15 @@ def test_readme_demo_table_comes_from_the_demo_run():
     assert table.count("\n| ") == len({(s["mode"], s["budget"]) for s in results["summary"]}), table  # a row per budget
     assert table in (REPO / "README.md").read_text(), \
         "README's demo table is stale: paste `python benchmarks/fixture_table.py --demo`"
+
+
+def test_readme_tables_are_put_in_place_by_one_command(tmp_path):
+    """`--readme` rewrites exactly the marked blocks: a stale README comes back to the committed one."""
+    readme = (REPO / "README.md").read_text()
+    demo, fixtures = made_by_fixture_table("--demo"), made_by_fixture_table()
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.replace(demo, "| stale |").replace(fixtures, "| stale |\n| too |"))
+    assert stale.read_text().count("| stale |") == 2
+    made_by_fixture_table("--demo", f"--readme={stale}")
+    made_by_fixture_table(f"--readme={stale}")
+    assert stale.read_text() == readme
