@@ -31,6 +31,7 @@ import sys
 import jax
 import numpy as np
 import tqdm
+from scipy import stats
 
 from xprune_jax import models, parallel, predict, runs, timing
 from xprune_jax.attribution.compare import compare
@@ -328,19 +329,17 @@ def format_mean(metric: str, cell: dict) -> str:
 
 
 def _layers(scores: dict) -> list[dict]:
-    """The scored layers, without the block aggregates (which sum their layers' scores)."""
+    """The scored layers, without the block entries (which overlap their layers)."""
     return [l for l in scores["layers"] if l["kind"] != "block"]
 
 
 def layer_comparison(scores: dict) -> list[dict]:
-    """How far the criteria agree over the scored layers (blocks left out: they repeat their layers)."""
+    """How far the criteria agree over the scored layers (block entries left out: they overlap their layers)."""
     return compare({c: {l["name"]: l["scores"][c] for l in _layers(scores)} for c in scores["criteria"]})
 
 
 def _ranks(values) -> np.ndarray:
     """1-based ranks, ties sharing their average rank (the ranks Spearman's correlation compares)."""
-    from scipy import stats
-
     return stats.rankdata(values)
 
 
