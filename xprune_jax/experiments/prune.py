@@ -26,12 +26,15 @@ import functools
 import hashlib
 import json
 import os
+import sys
 
 import jax
 import numpy as np
 import tqdm
+from scipy import stats
 
 from xprune_jax import models, parallel, predict, runs, timing
+from xprune_jax.attribution.compare import compare
 from xprune_jax.attribution.score import calibration_images, draw, score_model
 from xprune_jax.checkpoint import save_model, write_json_atomic
 from xprune_jax.data.images import image_folder, list_images, load_rgb
@@ -46,16 +49,22 @@ from xprune_jax.spec import spec_to_dict
 def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     coco = config.coco or runs.DEMO_COCO
     task_eval = {"classification": _ClassifierEval, "detection": _DetectionEval}[models.get_architecture(config.arch).task]
+    is_model_dir = os.path.isfile(os.path.join(config.weights or "", "model.json"))
+    _say(f"prune: {'loading' if is_model_dir else 'converting'} {config.arch} from "
+         f"{'seeded random weights' if config.weights == 'random' else config.weights}")
     model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir,
                              config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
+    _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
     evaluated = Measurements(os.path.join(run_dir, MEASUREMENTS), _measurement_context(config, model, unpruned),
                              resume=config.resume, sources=tuple(config.get("measurements_from", ())))
     rows, scores_by_seed = [], {}
+    # the bar counts pruned models done (measured, reused or infeasible); its label says what runs now
     bar = tqdm.tqdm(total=len(config.seeds) * len(config.criteria) * len(config.prunings), unit="model", desc="prune")
     for seed in config.seeds:
+        bar.set_description(f"seed {seed}: scoring {config.calib_images} images with {', '.join(config.criteria)}")
         scores = score_model(model, list(config.criteria), config.objective, calibration=evaluator.calibration(seed),
                              batch_size=config.batch_size, seed=seed, progress=False, all_channel_scores=True)
         write_json_atomic(os.path.join(run_dir, "scores", f"seed{seed}.json"), scores)
@@ -67,15 +76,17 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
             for pruning in config.prunings:
                 mode, budget = pruning.split(":", 1)
                 row = {"criterion": criterion, "mode": mode, "budget": budget, "seed": seed}
-                bar.update()
+                bar.set_description(f"seed {seed}: planning {criterion} {pruning}")
                 try:
                     plan = make_plan(model, single, mode, budget)
                 except UserError as e:  # e.g. a budget that the eligible units can't meet
                     rows.append({**row, "infeasible": str(e)})
+                    bar.update()
                     continue
                 key = plan_key(mode, plan)
                 measured = evaluated.get(key)
                 if measured is None:
+                    bar.set_description(f"seed {seed}: measuring {criterion} {pruning}")
                     pruned = apply_plan(model, plan)
                     metrics, latency = evaluator(pruned, timed_against=unpruned)
                     measured = evaluated.put(key, {"metrics": metrics, "latency": latency})
@@ -87,23 +98,32 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                              "flops_ratio": plan.flops_after / plan.flops_before,
                              "params_ratio": plan.params_after / plan.params_before,
                              "latency_ratio": latency["ratio_median"], "latency_ratio_iqr": latency["ratio_iqr"]})
+                bar.update()
+    bar.set_description("prune", refresh=False)
     bar.close()
     evaluated.save()  # a gathering run that measured nothing new still keeps every measurement it used
     if evaluated.resumed:
         print(f"resumed: {evaluated.resumed} of {len(evaluated.entries)} measurements came from earlier runs")
+    _say("prune: writing the plots and the report")
     first = scores_by_seed[config.seeds[0]]
+    comparison = layer_comparison(first)
     _plot_scores(first, os.path.join(run_dir, "plots", "layer_scores.png"))
-    _plot_ranks(first, os.path.join(run_dir, "plots", "criteria_ranks.png"))
+    _plot_ranks(first, comparison, os.path.join(run_dir, "plots", "criteria_ranks.png"))
     _plot_tradeoff(rows, evaluator.metric, os.path.join(run_dir, "plots", "tradeoff.png"))
     results = {"arch": model.arch, "weights": model.meta.get("provenance", {}).get("weights"),
                "metric": evaluator.metric, "metric_description": evaluator.description,
                "unpruned": {"metrics": unpruned.metrics,
                             "latency_ms": _median([t for m in evaluated.entries.values() for t in m["latency"]["unpruned_ms"]])},
-               "comparison": first["comparison"], "rows": rows, "summary": summarize(rows, evaluator.metric)}
+               "comparison": comparison, "rows": rows, "summary": summarize(rows, evaluator.metric)}
     return results, _report(results, config)
 
 
 MEASUREMENTS = "measurements.json"
+
+
+def _say(message: str) -> None:
+    """A progress line on stderr, beside the progress bar (which it does not break)."""
+    tqdm.tqdm.write(message, file=sys.stderr)
 
 
 def plan_key(mode: str, plan) -> str:
@@ -270,7 +290,7 @@ def _median(values) -> float | None:
 
 def summarize(rows: list[dict], metric: str) -> list[dict]:
     """Per (mode, budget, criterion): the metric and ratios over seeds (mean, std, n), and per
-    (mode, budget) the criterion with the best mean metric."""
+    (mode, budget) which criteria are ``best``: every one whose mean, as printed, is the best printed."""
     cells = {}
     for r in rows:
         if "infeasible" not in r:
@@ -285,41 +305,83 @@ def summarize(rows: list[dict], metric: str) -> list[dict]:
                         "latency_ratio": float(np.median([r["latency_ratio"] for r in group]))})
     for mode, budget in {(s["mode"], s["budget"]) for s in summary}:
         group = [s for s in summary if (s["mode"], s["budget"]) == (mode, budget)]
-        best = max(s["metric_mean"] for s in group)
+        best = best_criteria(group, metric)
         for s in group:
-            s["best"] = s["metric_mean"] == best
+            s["best"] = s["criterion"] in best
     return summary
+
+
+def best_criteria(cells: list[dict], metric: str) -> list[str]:
+    """The criteria of one mode and budget whose mean metric, as printed, equals the best printed
+    (what the tables show as tied is tied), in the order given."""
+    best = format_metric(metric, max(s["metric_mean"] for s in cells))
+    return [s["criterion"] for s in cells if format_metric(metric, s["metric_mean"]) == best]
+
+
+def format_metric(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric.startswith("top1") else f"{value:.3f}"
+
+
+def format_mean(metric: str, cell: dict) -> str:
+    """A summary cell's mean metric, with ± the standard deviation over seeds only where there are
+    several seeds and they differ as printed."""
+    mean, spread = format_metric(metric, cell["metric_mean"]), format_metric(metric, cell["metric_std"])
+    return mean if cell["n"] < 2 or spread == format_metric(metric, 0.0) else f"{mean} ± {spread}"
+
+
+def _layers(scores: dict) -> list[dict]:
+    """The scored layers, without the block entries (which overlap their layers)."""
+    return [l for l in scores["layers"] if l["kind"] != "block"]
+
+
+def layer_comparison(scores: dict) -> list[dict]:
+    """How far the criteria agree over the scored layers (block entries left out: they overlap their layers)."""
+    return compare({c: {l["name"]: l["scores"][c] for l in _layers(scores)} for c in scores["criteria"]})
+
+
+def _ranks(values) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank (the ranks Spearman's correlation compares)."""
+    return stats.rankdata(values)
 
 
 def _plot_scores(scores: dict, path: str) -> None:
     plt = runs.pyplot()
-    layers = [l for l in scores["layers"] if l["kind"] != "block"]
-    fig, ax = plt.subplots(figsize=(11, 3.6))
+    layers = _layers(scores)
+    fig, ax = plt.subplots(figsize=(11, 5))
     for criterion in scores["criteria"]:
-        values = np.array([l["scores"][criterion] for l in layers])
-        ranks = values.argsort().argsort() / max(1, len(values) - 1)
+        ranks = (_ranks([l["scores"][criterion] for l in layers]) - 1) / max(1, len(layers) - 1)
         ax.plot(ranks, ".-", ms=3, lw=0.6, label=criterion)
-    ax.set(title=f"{scores['arch']}: per-layer score as a rank percentile (0 = least important), depth order",
-           xlabel="layer (depth order)", ylabel="rank percentile")
-    ax.legend(fontsize=7, ncol=3)
+    step = -(-len(layers) // 100)  # at most 100 names, each readable
+    ax.set_xticks(range(0, len(layers), step))
+    ax.set_xticklabels([l["name"].removesuffix(".conv") for l in layers[::step]], rotation=90, fontsize=6)
+    ax.set_xlim(-1, len(layers))
+    ax.set_title(f"{scores['arch']}: each layer's score as a rank percentile (0 = least important; ties share a rank)",
+                 loc="left", fontsize=10)
+    ax.set_ylabel("rank percentile")
+    ax.grid(axis="x", lw=0.3, alpha=0.5)
+    ax.legend(fontsize=7, ncol=len(scores["criteria"]), loc="lower right", bbox_to_anchor=(1, 1), frameon=False,
+              borderaxespad=0.2)
     fig.tight_layout()
     runs.save_figure(fig, path)
 
 
-def _plot_ranks(scores: dict, path: str) -> None:
+def _plot_ranks(scores: dict, comparison: list[dict], path: str) -> None:
+    """The first criterion's layer ranks against the first L1 criterion's (else the last one's), with
+    the correlations of exactly the layers plotted."""
     plt = runs.pyplot()
     criteria = scores["criteria"]
     other = next((c for c in criteria[1:] if c.startswith("l1")), criteria[-1])
-    layers = [l for l in scores["layers"] if l["kind"] != "block"]
-    a = np.array([l["scores"][criteria[0]] for l in layers]).argsort().argsort()
-    b = np.array([l["scores"][other] for l in layers]).argsort().argsort()
-    row = next(r for r in scores["comparison"] if {r["a"], r["b"]} == {criteria[0], other}) if other != criteria[0] else None
+    layers = _layers(scores)
+    a = _ranks([l["scores"][criteria[0]] for l in layers])
+    b = _ranks([l["scores"][other] for l in layers])
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.scatter(a, b, s=8)
-    title = f"{criteria[0]} vs {other}"
+    title = f"{criteria[0]} vs {other}, {len(layers)} layers (blocks left out)"
+    row = next((r for r in comparison if {r["a"], r["b"]} == {criteria[0], other}), None)
     if row:
         title += f"\nSpearman {row['spearman']:+.2f}, Kendall {row['kendall']:+.2f}"
-    ax.set(title=title, xlabel=f"rank by {criteria[0]}", ylabel=f"rank by {other}")
+    ax.set(title=title, xlabel=f"rank by {criteria[0]} (ties share a rank)", ylabel=f"rank by {other}")
+    ax.title.set_fontsize(9)
     fig.tight_layout()
     runs.save_figure(fig, path)
 
@@ -344,10 +406,6 @@ def _plot_tradeoff(rows: list[dict], metric: str, path: str) -> None:
     runs.save_figure(fig, path)
 
 
-def format_metric(metric: str, value: float) -> str:
-    return f"{value:.1%}" if metric.startswith("top1") else f"{value:.3f}"
-
-
 def _report(results: dict, config) -> str:
     metric = results["metric"]
     unpruned = results["unpruned"]
@@ -361,11 +419,11 @@ def _report(results: dict, config) -> str:
              f"{', '.join(str(s) for s in config.seeds)} ({config.calib_images} images each). Config, environment and "
              "seeds: `config.json`, `environment.json`; scores: `scores/`.", "",
              "## Summary over seeds", "",
-             f"Mean {metric} over calibration seeds (± standard deviation); **bold** = the best criterion at that mode "
-             "and budget.", "",
+             f"Mean {metric} over calibration seeds (± standard deviation, where the seeds differ as printed); "
+             "**bold** = the best criterion at that mode and budget (every one, where they tie as printed).", "",
              "| mode | budget | criterion | seeds | " + metric + " | FLOPs | params | latency |", "|---|---|---|---|---|---|---|---|"]
     for s in sorted(results["summary"], key=lambda s: (s["mode"], s["budget"], -s["metric_mean"])):
-        value = f"{fmt(s['metric_mean'])} ± {fmt(s['metric_std'])}"
+        value = format_mean(metric, s)
         lines.append(f"| {s['mode']} | {s['budget']} | {s['criterion']} | {s['n']} | "
                      f"{'**' + value + '**' if s['best'] else value} | {s['flops_ratio']:.3f} | {s['params_ratio']:.3f} | "
                      f"{s['latency_ratio']:.3f} |")
@@ -380,7 +438,9 @@ def _report(results: dict, config) -> str:
         lines.append(f"| {r['criterion']} | {r['mode']} | {r['budget']} | {r['seed']} | {len(r['selected'])} | "
                      f"{fmt(r['metrics'][metric])} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
                      f"{r['latency_ratio']:.3f} [{r['latency_ratio_iqr'][0]:.3f}, {r['latency_ratio_iqr'][1]:.3f}] |")
-    lines += ["", "Criteria agreement (first seed):", "", "| a | b | Spearman | Kendall | bottom-k overlap |", "|---|---|---|---|---|"]
+    if results["comparison"]:
+        lines += ["", f"Criteria agreement (first seed, over the {results['comparison'][0]['layers']} scored layers; "
+                  "block aggregates left out):", "", "| a | b | Spearman | Kendall | bottom-k overlap |", "|---|---|---|---|---|"]
     for c in results["comparison"]:
         lines.append(f"| {c['a']} | {c['b']} | {c['spearman']:+.2f} | {c['kendall']:+.2f} | {c['bottom_k_overlap']:.0%} of {c['bottom_k']} |")
     lines += ["", "`zero` keeps the graph, so its latency ratio measures timing noise, not a speed-up.", "",
@@ -390,22 +450,25 @@ def _report(results: dict, config) -> str:
 
 
 def _verdicts(summary: list[dict], metric: str) -> list[str]:
-    """One plain sentence per mode and budget: the winner, and how the paper's attribution fared
-    against the L1 baseline and the random control (a gap within one standard deviation is a tie)."""
+    """One plain sentence per mode and budget: the winners, and how the paper's attribution fared
+    against the L1 baseline and the random control (equal as printed, or a gap within one standard
+    deviation, is a tie)."""
+    fmt = functools.partial(format_metric, metric)
     lines = []
     for mode, budget in sorted({(s["mode"], s["budget"]) for s in summary}):
         group = {s["criterion"]: s for s in summary if (s["mode"], s["budget"]) == (mode, budget)}
-        best = max(group.values(), key=lambda s: s["metric_mean"])
-        text = f"- `{mode}` at {budget}: best is `{best['criterion']}` ({format_metric(metric, best['metric_mean'])})."
+        best = best_criteria(sorted(group.values(), key=lambda s: s["criterion"]), metric)
+        value = fmt(group[best[0]]["metric_mean"])
+        text = (f"- `{mode}` at {budget}: best is `{best[0]}` ({value})." if len(best) == 1 else
+                f"- `{mode}` at {budget}: best are {', '.join(f'`{c}`' for c in best)}, tied at {value}.")
         paper = group.get("grad_x_act")
         for rival in ("l1", "random"):
             if paper and rival in group:
                 a, b = paper, group[rival]
                 spread = max(a["metric_std"], b["metric_std"])
-                verdict = ("ties with" if abs(a["metric_mean"] - b["metric_mean"]) <= spread
-                           else "beats" if a["metric_mean"] > b["metric_mean"] else "loses to")
+                tie = fmt(a["metric_mean"]) == fmt(b["metric_mean"]) or abs(a["metric_mean"] - b["metric_mean"]) <= spread
+                verdict = "ties with" if tie else "beats" if a["metric_mean"] > b["metric_mean"] else "loses to"
                 caveat = ", one seed: no spread to judge by" if min(a["n"], b["n"]) < 2 else ""
-                text += (f" The paper's `grad_x_act` {verdict} `{rival}` ({format_metric(metric, a['metric_mean'])} vs "
-                         f"{format_metric(metric, b['metric_mean'])}{caveat}).")
+                text += f" The paper's `grad_x_act` {verdict} `{rival}` ({fmt(a['metric_mean'])} vs {fmt(b['metric_mean'])}{caveat})."
         lines.append(text)
     return lines
