@@ -29,6 +29,11 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.seed = 0
     config.prunings = ("zero:layers=5%", "remove:flops=-10%", "remove:flops=-20%", "shrink:flops=-10%",
                        "shrink:flops=-20%", "shrink:flops=-30%")
+    # make_plan's options (xprune prune's flags): shrink allocates channels globally, each group keeping
+    # at least `floor` of its width; allocation="layer" is the paper's protocol (whole groups, shrink_ratio each)
+    config.pruning = ml_collections.ConfigDict({
+        "allocation": "global", "normalize": "mean", "floor": 0.125, "round_to": 8, "shrink_ratio": 0.5,
+        "remove_share": 0.5, "protect": ()})
     config.save_models = False
     config.bench = ml_collections.ConfigDict({"batch_size": 1, "repeats": 10, "warmup": 2})
     config.out_dir = ""

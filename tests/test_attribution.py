@@ -129,3 +129,49 @@ def test_flops_match_torchvision_metadata():
         layers = analysis.describe_layers(arch, spec)
         assert analysis.total_flops(layers) / 1e9 == pytest.approx(weights.meta["_ops"], abs=0.0015), arch
         assert count_params(arch, spec) == weights.meta["num_params"], arch
+
+
+def test_taylor_weight_magnitudes_and_bn_scale_match_torch(images):
+    """Channel-level peers' criteria against torch: Taylor ``sum |w dL/dw|`` from torch autograd (the
+    gradient of the summed cross-entropy, float64), L1/L2 filter magnitudes per output and input
+    channel, and |gamma| of the BatchNorm after each conv. MobileNetV2 has depthwise convs too."""
+    arch = "mobilenet_v2"
+    x = images[:, :, :96, :96].double()
+    torch_model = random_torchvision(arch, images, seed=2).double()
+    loss = torch.nn.functional.cross_entropy(torch_model(x), torch.tensor([3, 7]), reduction="sum")
+    loss.backward()
+    spec = models.get_architecture(arch).default_spec()
+    layers = analysis.describe_layers(arch, spec, 96)
+    with jax.enable_x64(True):
+        variables = state_dict_to_variables({k: v.detach().numpy() for k, v in torch_model.state_dict().items()},
+                                            models.variable_shapes(arch, spec), arch)
+        variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), variables)
+        batch = {"images": x.permute(0, 2, 3, 1).numpy(), "weights": np.ones(2), "labels": np.array([3, 7], np.int32)}
+        stats, grads = jax.tree_util.tree_map(np.asarray, statistics_step(models.build(arch, spec), cross_entropy, True)(
+            variables, batch))
+    inputs = ScoringInputs(layers, variables["params"], stats, grads, n_images=2)
+    scores = {name: get_criterion(name)(inputs) for name in ("taylor_weight", "l1", "l2", "bn_scale")}
+    modules = dict(torch_model.named_modules())
+    checked = 0
+    for layer in (l for l in layers if l.kind != "block"):
+        w = modules[layer.name].weight.detach().numpy()
+        w = w if w.ndim == 4 else w[:, :, None, None]  # (out, in, kh, kw)
+        g = modules[layer.name].weight.grad.numpy().reshape(w.shape)
+        depthwise = layer.kind == "depthwise"
+        want = {"taylor_weight": np.abs(w * g) / 2, "l1": np.abs(w), "l2": w ** 2}
+        for name, values in want.items():
+            got = scores[name][layer.name]
+            out, inp = values.sum((1, 2, 3)), values.sum((0, 2, 3))
+            if name == "l2":
+                out, inp = np.sqrt(out), np.sqrt(inp)
+            np.testing.assert_allclose(got.channel_scores, out, rtol=1e-6, err_msg=f"{name} {layer.name}")
+            assert (got.input_channel_scores is None) == depthwise
+            if not depthwise:
+                np.testing.assert_allclose(got.input_channel_scores, inp, rtol=1e-6, err_msg=f"{name} {layer.name}")
+        bn = scores["bn_scale"][layer.name]
+        if layer.norm is None:
+            assert bn.score is None and bn.channel_scores is None and layer.name == "classifier.1"
+        else:
+            np.testing.assert_array_equal(bn.channel_scores, np.abs(modules[layer.norm].weight.detach().numpy()))
+            checked += 1
+    assert checked == 52 and scores["taylor_weight"]["features.3"].score > 0  # every conv has its BN; blocks scored

@@ -46,7 +46,7 @@ def test_coupled_groups_surgery_equals_masking_and_is_predicted(arch, small_imag
     """Each coupled group alone, then every group at once (inner widths included). features.17.conv.2
     alone narrows 320 to 160, the width of its input: it must still add no skip."""
     model = dataclasses.replace(_model(arch), meta={"preprocess": {"crop": SIZE}})
-    everything = make_plan(model, score_model_like(model, seed=11), "shrink", "layers=99.9%")
+    everything = make_plan(model, score_model_like(model, seed=11), "shrink", "layers=99.9%", allocation="layer")
     assert set(COUPLED_GROUPS[arch]) <= set(everything.selected)
     groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
     by_layer = {l.name: l for l in analysis.describe_layers(arch, model.spec, SIZE)}
@@ -95,7 +95,7 @@ def test_detector_groups_are_predicted_and_protectable(arch):
     outputs it reads and its own groups."""
     model = _detector(arch)
     groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
-    plan = make_plan(model, score_model_like(model, seed=12), "shrink", "layers=99.9%")
+    plan = make_plan(model, score_model_like(model, seed=12), "shrink", "layers=99.9%", allocation="layer")
     assert {f"backbone.body.layer{i}" for i in range(1, 5)} <= set(plan.selected)
     by_layer = {l.name: l for l in analysis.describe_layers(arch, model.spec, 256)}
     flops, params = _shrink_savings([groups[n] for n in plan.selected], plan.keep_channels, by_layer,
@@ -112,10 +112,24 @@ def test_detector_groups_are_predicted_and_protectable(arch):
             np.shape(tree_paths.get(model.variables["params"], head)["kernel"])[-1]
     assert spec_from_dict(spec_to_dict(pruned.spec)) == pruned.spec
     stages = {f"backbone.body.{s}" for s in model.spec.fpn_stages}
-    guarded = make_plan(model, score_model_like(model, seed=12), "shrink", "layers=99.9%", protect=["backbone.fpn"])
+    guarded = make_plan(model, score_model_like(model, seed=12), "shrink", "layers=99.9%", allocation="layer",
+                        protect=["backbone.fpn"])
     assert not [n for n in guarded.selected if n in stages or n.startswith("backbone.fpn")]
     with pytest.raises(UserError, match="prunes 'backbone.fpn.inner_blocks', which is protected"):
         apply_plan(model, dataclasses.replace(guarded, selected=["backbone.fpn.inner_blocks"]))
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"])
+def test_detector_global_allocation_reaches_70_percent(arch):
+    """remove+shrink at -70% FLOPs on a whole detector: met exactly as predicted, predictors untouched."""
+    model = _detector(arch)
+    plan = make_plan(model, score_model_like(model, seed=3), "remove+shrink", "flops=-70%")
+    pruned = apply_plan(model, plan)
+    assert plan.removed and plan.flops_after <= 0.3 * plan.flops_before
+    assert plan.flops_after == analysis.total_flops(analysis.describe_layers(arch, pruned.spec, 256))
+    assert plan.params_after == count_params(arch, pruned.spec) == \
+        sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
+    assert {"backbone.fpn.layer_blocks", "backbone.fpn.inner_blocks"} & set(plan.selected)
 
 
 def test_mobilenet_v2_skips_are_stated_by_the_spec():
@@ -132,7 +146,7 @@ def test_the_last_group_narrows_only_as_far_as_the_budget_needs():
     """Faster R-CNN's groups are coarse (the FPN output group alone cuts ~15% of the FLOPs): the last
     group taken keeps as many channels as still meet the budget, one rounding step more would miss."""
     model = _detector("fasterrcnn_resnet50_fpn")
-    plan = make_plan(model, score_model_like(model, seed=1), "shrink", "flops=-30%")
+    plan = make_plan(model, score_model_like(model, seed=1), "shrink", "flops=-30%", allocation="layer")
     assert 0.30 <= 1 - plan.flops_after / plan.flops_before < 0.31
     groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
     by_layer = {l.name: l for l in analysis.describe_layers(model.arch, model.spec, 256)}
@@ -177,7 +191,7 @@ def test_shufflenet_v2_remove_shrink_and_shrink_again(small_images, tmp_path):
     width can't become the identity."""
     model = dataclasses.replace(_model("shufflenet_v2_x1_0"), meta={"preprocess": {"crop": SIZE}})
     removed = _check_surgery(model, make_plan(model, score_model_like(model, seed=13), "remove", "layers=40%"), small_images)
-    plan = make_plan(removed, score_model_like(removed, seed=14), "shrink", "layers=99.9%")
+    plan = make_plan(removed, score_model_like(removed, seed=14), "shrink", "layers=99.9%", allocation="layer")
     assert {"stage2.0.branch1.2", "stage3.0.branch2.5", "conv5.0"} <= set(plan.selected)
     shrunk = _check_surgery(removed, plan, small_images)
     assert sum(u.order is not None for u in shrunk.spec.units) > 8 and any(u.split is not None for u in shrunk.spec.units)
@@ -190,5 +204,5 @@ def test_shufflenet_v2_remove_shrink_and_shrink_again(small_images, tmp_path):
     assert stuck
     with pytest.raises(UserError, match=f"names '{stuck[0]}', which is not a remove-able unit"):
         apply_plan(shrunk, dataclasses.replace(plan, mode="remove", selected=[stuck[0]], keep_channels={}))
-    again = make_plan(reloaded, score_model_like(reloaded, seed=15), "shrink", "layers=99.9%", round_to=2)
+    again = make_plan(reloaded, score_model_like(reloaded, seed=15), "shrink", "layers=99.9%", allocation="layer", round_to=2)
     _check_surgery(reloaded, again, small_images)

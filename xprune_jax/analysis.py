@@ -24,24 +24,33 @@ class LayerInfo:
     shape: tuple[int, ...]  # output shape of one image (H, W, C) or (C,)
     params: int  # parameters under this module (a block: all of its layers)
     flops: int  # multiply-accumulates for one image, torchvision's "GFLOPS" convention
+    norm: str | None = None  # the BatchNorm applied to this layer's output, if one is
 
 
-def traced_layers(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict, dict, list[str]]:
-    """One abstract trace (no computation): variable shapes, captured output shapes by name, and
-    module paths in the order their calls *finish* (a block after its layers)."""
-    order = []
+def traced_layers(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict, dict, list[str], dict[str, str]]:
+    """One abstract trace (no computation): variable shapes, captured output shapes by name, module
+    paths in the order their calls *finish* (a block after its layers), and the BatchNorm that each
+    module's output goes through next (the norm called right after it, on its output)."""
+    order, norms, last = [], {}, {}
 
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__" and context.module.path:
-            order.append(".".join(context.module.path))
+            name = ".".join(context.module.path)
+            if isinstance(context.module, nn.BatchNorm) and args and last.get("output") is args[0]:
+                norms[last["name"]] = name
+            order.append(name)
+            last.update(name=name, output=out)
         return out
 
     x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
     variables = jax.eval_shape(module.init, jax.random.key(0), x)
-    with nn.intercept_methods(record):
-        _, outputs = jax.eval_shape(functools.partial(models.apply_with_intermediates, module), variables, x)
-    return variables, outputs, order
+    def apply(variables, x):  # the interceptor sees tracers: it must run inside the trace
+        with nn.intercept_methods(record):
+            return models.apply_with_intermediates(module, variables, x)
+
+    _, outputs = jax.eval_shape(apply, variables, x)
+    return variables, outputs, order, norms
 
 
 def kernels(tree: dict) -> list:
@@ -52,8 +61,13 @@ def kernels(tree: dict) -> list:
 def describe_layers(arch: str, spec, input_size: int | tuple[int, int] | None = None) -> list[LayerInfo]:
     """Every captured layer of the model in execution order, for one image of ``input_size``."""
     size = input_size or models.get_architecture(arch).input_size
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    variables, outputs, order = traced_layers(models.build(arch, spec), (1, *hw, 3))
+    return list(_described(arch, spec, (size, size) if isinstance(size, int) else tuple(size)))
+
+
+@functools.lru_cache(maxsize=256)
+def _described(arch: str, spec, hw: tuple[int, int]) -> tuple[LayerInfo, ...]:
+    """:func:`describe_layers`, traced once per (frozen, hashable) spec: planners ask for the same ones often."""
+    variables, outputs, order, norms = traced_layers(models.build(arch, spec), (1, *hw, 3))
     params = variables["params"]
     captured = [name for name in order if name in outputs]
     layers, first_conv = [], True
@@ -72,8 +86,8 @@ def describe_layers(arch: str, spec, input_size: int | tuple[int, int] | None = 
         else:  # a block: the sum over the layers inside it
             flops = sum(f for n, f in flops_of.items() if n.startswith(name + "."))
             kind = "block"
-        layers.append(LayerInfo(name, kind, out_shape, n_params, flops))
-    return layers
+        layers.append(LayerInfo(name, kind, out_shape, n_params, flops, norms.get(name) if own is not None else None))
+    return tuple(layers)
 
 
 def _kind(name: str, kernel_shape: tuple[int, ...], first_conv: bool) -> str:

@@ -19,18 +19,25 @@ flags.DEFINE_string("images", None, "A folder of images (predict).")
 flags.DEFINE_string("out", None, "Where to write the result.")
 flags.DEFINE_string("coco", None, "A COCO root laid out like the official download: val2017/, annotations/.")
 flags.DEFINE_list("criterion", ["grad_x_act"], "Criteria, comma-separated; the first is the primary one "
-                  "(grad_x_act, grad_x_act:mean, grad_x_act:signed, l1, l1:mean, random).")
+                  "(grad_x_act, grad_x_act:mean, grad_x_act:signed, taylor_weight, l1, l1:mean, l2, bn_scale, random).")
 flags.DEFINE_string("objective", "", "The scalar attribution explains ('' = the task's default: cross_entropy).")
 flags.DEFINE_integer("calib_images", 32, "Calibration images drawn from --coco (score).")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration draw and of the random criterion (synth: of the dataset).")
 flags.DEFINE_string("scores", None, "A scores file written by `xprune score` (prune).")
-flags.DEFINE_enum("mode", None, ["zero", "remove", "shrink"], "zero: the paper's (no speed-up); remove: depth; shrink: width.")
+flags.DEFINE_enum("mode", None, ["zero", "remove", "shrink", "remove+shrink"],
+                  "zero: the paper's (no speed-up); remove: depth; shrink: width; remove+shrink: both in one plan.")
 flags.DEFINE_string("budget", None, "layers=5% (bottom fraction of eligible units), flops=-30%, params=-30%, or "
                     "latency=-30% (measured side by side at --batch_size; remove/shrink).")
 flags.DEFINE_list("protect", [], "Extra layers or blocks never to prune (the stem and heads always are; a "
                   "classifier head may read fewer inputs: --protect=layer4 keeps ResNet's).")
 flags.DEFINE_string("plan", None, "Apply this plan JSON (e.g. hand-edited) instead of --scores/--mode/--budget.")
-flags.DEFINE_float("shrink_ratio", 0.5, "Fraction of a selected group's channels that shrink removes.")
+flags.DEFINE_enum("allocation", "global", ["global", "layer"], "shrink: rank every channel of every group globally "
+                  "(default), or take whole groups by their layer score, each narrowed by --shrink_ratio (the paper's).")
+flags.DEFINE_enum("normalize", "mean", ["mean", "max", "lamp", "none"], "Global allocation: how each group's channel "
+                  "importances are scaled to compare across groups.")
+flags.DEFINE_float("floor", 0.125, "Global allocation: the fraction of its width every group keeps at least.")
+flags.DEFINE_float("remove_share", 0.5, "remove+shrink: the share of the budget taken by removing units first.")
+flags.DEFINE_float("shrink_ratio", 0.5, "Layer allocation: fraction of a selected group's channels that shrink removes.")
 flags.DEFINE_integer("round_to", 8, "Shrink keeps a multiple of this many channels.")
 flags.DEFINE_string("export_torch", None, "Also write the model as a torch file {arch, spec, state_dict} (classifiers).")
 flags.DEFINE_integer("repeats", 20, "Timed rounds per model (bench, prune with a latency budget).")
@@ -163,7 +170,7 @@ def prune_command() -> None:
         scores = _read_json(FLAGS.scores, "scores file", "`xprune score`")
         latency_target = parse_latency_budget(FLAGS.budget)
         if latency_target is None:
-            plan = make_plan(model, scores, FLAGS.mode, FLAGS.budget, FLAGS.protect, FLAGS.shrink_ratio, FLAGS.round_to)
+            plan = make_plan(model, scores, FLAGS.mode, FLAGS.budget, FLAGS.protect, **_plan_options())
         else:
             plan = _plan_for_latency(model, scores, latency_target)
     pruned = apply_plan(model, plan)
@@ -176,6 +183,11 @@ def prune_command() -> None:
     print(f"wrote {FLAGS.out} ({plan.mode}, {len(plan.selected)} units): FLOPs {plan.flops_before / 1e9:.3f}G -> "
           f"{plan.flops_after / 1e9:.3f}G ({plan.flops_after / plan.flops_before - 1:+.1%}), params "
           f"{plan.params_before / 1e6:.2f}M -> {plan.params_after / 1e6:.2f}M; plan in {FLAGS.out.rstrip('/')}.plan.json")
+
+
+def _plan_options() -> dict:
+    return {"shrink_ratio": FLAGS.shrink_ratio, "round_to": FLAGS.round_to, "allocation": FLAGS.allocation,
+            "normalize": FLAGS.normalize, "floor": FLAGS.floor, "remove_share": FLAGS.remove_share}
 
 
 def _plan_for_latency(model, scores: dict, target: float):
@@ -194,8 +206,8 @@ def _plan_for_latency(model, scores: dict, target: float):
 
     steps, met = [], False
     try:
-        plan, _ = plan_for_latency(model, scores, FLAGS.mode, target, measure, FLAGS.protect, FLAGS.shrink_ratio,
-                                   FLAGS.round_to, progress=True, steps=steps)
+        plan, _ = plan_for_latency(model, scores, FLAGS.mode, target, measure, FLAGS.protect, progress=True, steps=steps,
+                                   **_plan_options())
         met = True
     finally:
         write_json_atomic(FLAGS.out.rstrip("/") + ".latency.json", {

@@ -9,8 +9,8 @@ import tqdm
 
 from xprune_jax import analysis, models, parallel, runs
 from xprune_jax.attribution.compare import compare
-from xprune_jax.attribution.criteria import ScoringInputs, get_criterion
-from xprune_jax.attribution.objectives import get_objective
+from xprune_jax.attribution.criteria import CRITERIA, ScoringInputs, get_criterion
+from xprune_jax.attribution.objectives import LOSS_ARCHS, get_objective
 from xprune_jax.attribution.statistics import statistics_step
 from xprune_jax.checkpoint import Model
 from xprune_jax.data.images import classification_transform, list_images, load_rgb, prefetch
@@ -50,8 +50,9 @@ def _detection_side(model: Model, pipeline) -> int:
 
 
 def gather_statistics(model: Model, paths: list[str], objective, batch_size: int, progress: bool = True,
-                      ground_truth=None, seed: int = 0) -> dict:
-    """Summed gradient x activation statistics over ``paths`` (one jitted pass per batch).
+                      ground_truth=None, seed: int = 0, weight_gradients: bool = False):
+    """Summed gradient x activation statistics over ``paths`` (one jitted pass per batch); with
+    ``weight_gradients``, ``(statistics, dL/dparams summed over the images)``.
 
     ``ground_truth``: classifiers' class indices (else -1: the model's own top-1), or for detectors
     a COCO annotation file holding the images, whose boxes go to the objective (``loss``). A loss that
@@ -59,7 +60,7 @@ def gather_statistics(model: Model, paths: list[str], objective, batch_size: int
     """
     mesh = parallel.data_mesh()
     batch_size = parallel.round_up_batch(batch_size, mesh)
-    step = statistics_step(model.module, objective)
+    step = statistics_step(model.module, objective, weight_gradients)
     variables = jax.device_put(model.variables, parallel.replicated(mesh))
     load = _example_loader(model, paths, ground_truth)
     if getattr(objective, "model_targets", False):  # the model computes the loss: targets go with the images
@@ -153,7 +154,9 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     task = models.get_architecture(model.arch).task
     chosen = [get_criterion(name) for name in criteria]
     if not chosen:
-        raise UserError("no --criterion given; choose from grad_x_act, grad_x_act:mean, grad_x_act:signed, l1, l1:mean, random")
+        raise UserError(f"no --criterion given; choose from {', '.join(sorted(CRITERIA))}")
+    if not objective and calibration and calibration[1] is not None and task == "detection" and model.arch.startswith(LOSS_ARCHS):
+        objective = "loss"  # annotated calibration images: the training loss picks better channels than confidence
     objective_name, objective_fn = get_objective(objective, task, model.arch, model.spec)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     inputs = ScoringInputs(layers, model.variables["params"], seed=seed)
@@ -168,7 +171,9 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
                 ground_truth = os.path.join(coco_root, "annotations", "instances_val2017.json")
         if objective_name == "loss" and ground_truth is None:
             raise UserError("the loss objective needs the calibration images' ground truth; give a COCO root with annotations")
-        inputs.statistics = gather_statistics(model, paths, objective_fn, batch_size, progress, ground_truth, seed)
+        weight_gradients = any(c.needs_weight_gradients for c in chosen)
+        statistics = gather_statistics(model, paths, objective_fn, batch_size, progress, ground_truth, seed, weight_gradients)
+        inputs.statistics, inputs.weight_gradients = statistics if weight_gradients else (statistics, None)
         inputs.n_images = len(paths)
     results = {c.full_name: c(inputs) for c in chosen}
     primary = chosen[0].full_name
@@ -181,10 +186,12 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
             "flops": layer.flops, "score": results[primary][layer.name].score,
             "scores": {c: results[c][layer.name].score for c in results},
             "channel_scores": _listed(results[primary][layer.name].channel_scores),
-            **({"channel_scores_by": {c: _listed(results[c][layer.name].channel_scores) for c in results}}
+            "input_channel_scores": _listed(results[primary][layer.name].input_channel_scores),
+            **({"channel_scores_by": {c: _listed(results[c][layer.name].channel_scores) for c in results},
+                "input_channel_scores_by": {c: _listed(results[c][layer.name].input_channel_scores) for c in results}}
                if all_channel_scores else {}),
         } for layer in layers],
-        "comparison": compare({c: {n: s.score for n, s in r.items()} for c, r in results.items()}),
+        "comparison": compare({c: {n: s.score for n, s in r.items() if s.score is not None} for c, r in results.items()}),
         "environment": runs.environment(),
     }
 

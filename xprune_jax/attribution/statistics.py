@@ -26,8 +26,9 @@ def _reduce(a, g) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def statistics_step(module, objective):
-    """A jitted ``(variables, batch) -> {layer: {abs, signed, channel_abs, channel_signed}}``.
+def statistics_step(module, objective, weight_gradients: bool = False):
+    """A jitted ``(variables, batch) -> {layer: {abs, signed, channel_abs, channel_signed}}``; with
+    ``weight_gradients``, ``(that, dL/dparams)`` from the same backward pass (for Taylor criteria).
 
     ``batch`` holds ``images`` plus whatever the objective reads (``weights`` masks padded images), and
     ``model_targets`` where the model itself computes the loss (Faster R-CNN's training forward).
@@ -38,12 +39,16 @@ def statistics_step(module, objective):
         shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)[PERTURBATIONS]
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-        def loss(perturbations):
-            out, state = module.apply({**variables, PERTURBATIONS: perturbations}, *inputs, mutable=[INTERMEDIATES])
+        def loss(perturbations, params):
+            out, state = module.apply({**variables, "params": params, PERTURBATIONS: perturbations}, *inputs,
+                                      mutable=[INTERMEDIATES])
             return objective(out, batch, state[INTERMEDIATES]), state[INTERMEDIATES]
 
-        grads, acts = jax.grad(loss, has_aux=True)(zeros)
+        wrt = (0, 1) if weight_gradients else 0
+        grads, acts = jax.grad(loss, argnums=wrt, has_aux=True)(zeros, variables["params"])
+        grads, params_grads = grads if weight_gradients else (grads, None)
         acts, grads = models.flatten_names(acts), models.flatten_names(grads)
-        return {name: _reduce(acts[name], grads[name]) for name in acts}
+        statistics = {name: _reduce(acts[name], grads[name]) for name in acts}
+        return (statistics, params_grads) if weight_gradients else statistics
 
     return jax.jit(step)

@@ -71,14 +71,14 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
         scores_by_seed[seed] = scores
         for criterion in scores["criteria"]:
             single = {**scores, "criterion": criterion, "layers": [
-                {**l, "score": l["scores"][criterion], "channel_scores": l["channel_scores_by"][criterion]}
-                for l in scores["layers"]]}
+                {**l, "score": l["scores"][criterion], "channel_scores": l["channel_scores_by"][criterion],
+                 "input_channel_scores": l["input_channel_scores_by"][criterion]} for l in scores["layers"]]}
             for pruning in config.prunings:
                 mode, budget = pruning.split(":", 1)
                 row = {"criterion": criterion, "mode": mode, "budget": budget, "seed": seed}
                 bar.set_description(f"seed {seed}: planning {criterion} {pruning}")
                 try:
-                    plan = make_plan(model, single, mode, budget)
+                    plan = make_plan(model, single, mode, budget, **plan_options(config))
                 except UserError as e:  # e.g. a budget that the eligible units can't meet
                     rows.append({**row, "infeasible": str(e)})
                     bar.update()
@@ -126,9 +126,17 @@ def _say(message: str) -> None:
     tqdm.tqdm.write(message, file=sys.stderr)
 
 
+def plan_options(config) -> dict:
+    """:func:`make_plan`'s options from the config's ``pruning`` fields (defaults: the library's)."""
+    fields = ("protect", "allocation", "normalize", "floor", "round_to", "shrink_ratio", "remove_share")
+    return {k: (tuple(config.pruning[k]) if k == "protect" else config.pruning[k])
+            for k in fields if k in config.get("pruning", {})}
+
+
 def plan_key(mode: str, plan) -> str:
     """A plan's content (mode, units, kept channels) as a short stable key: plans alike, keys alike."""
-    return hashlib.sha256(json.dumps([mode, plan.selected, plan.keep_channels], sort_keys=True).encode()).hexdigest()
+    content = [mode, plan.selected, plan.keep_channels] + ([plan.removed] if plan.removed else [])
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
@@ -136,6 +144,7 @@ def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
     return json.loads(json.dumps({
         "arch": model.arch, "weights_sha256": model.meta.get("provenance", {}).get("sha256"),
         "spec": spec_to_dict(model.spec), "eval_images": config.eval_images, "bench": config.bench.to_dict(),
+        **({"pruning": config.pruning.to_dict()} if "pruning" in config else {}),
         "seed": config.seed, "unpruned_metrics": unpruned.metrics}))
 
 
@@ -257,11 +266,13 @@ class _DetectionEval:
         return []
 
     def calibration(self, seed: int):
-        """Calibration images of ``config.calib_split``, with its annotation file for the ``loss`` objective."""
+        """Calibration images of ``config.calib_split``, with its annotation file for the ``loss`` objective
+        (the default objective where the split has annotations)."""
         split = self.config.calib_split
         annotations = os.path.join(self.coco, "annotations", f"instances_{split}.json")
         paths = calibration_images(self.coco, self.config.calib_images, seed, split)
-        return paths, annotations if self.config.objective == "loss" else None
+        labelled = self.config.objective == "loss" or (not self.config.objective and os.path.isfile(annotations))
+        return paths, annotations if labelled else None
 
     def __call__(self, model, timed_against: _Evaluated | None = None):
         from xprune_jax.evaluation.coco import coco_metrics, detect, pipeline_for

@@ -28,11 +28,12 @@ def parse_latency_budget(budget: str) -> float | None:
 
 
 def plan_for_latency(model, scores: dict, mode: str, target: float, measure: Callable[[object], float],
-                     protect=(), shrink_ratio: float = 0.5, round_to: int = 8, max_steps: int = 6,
-                     tolerance: float = 0.02, progress: bool = False, steps: list | None = None) -> tuple[Plan, list[dict]]:
+                     protect=(), max_steps: int = 6, tolerance: float = 0.02, progress: bool = False,
+                     steps: list | None = None, **plan_options) -> tuple[Plan, list[dict]]:
     """The plan with the smallest FLOPs cut found whose measured latency ratio ``measure(pruned)`` is
-    at most ``1 - target``, and every step of the search. Steps are appended to ``steps`` as they are
-    measured, so a caller that passes a list keeps them when the budget can't be met."""
+    at most ``1 - target``, and every step of the search (``plan_options`` go to :func:`make_plan`).
+    Steps are appended to ``steps`` as they are measured, so a caller that passes a list keeps them
+    when the budget can't be met."""
     if mode == "zero":
         raise UserError("zero mode keeps every FLOP and buys no speed; a latency budget needs --mode=remove or shrink")
     steps, best = [] if steps is None else steps, None
@@ -40,7 +41,7 @@ def plan_for_latency(model, scores: dict, mode: str, target: float, measure: Cal
     cut = target  # first guess: latency falls as fast as FLOPs
     for _ in range(max_steps):
         try:
-            plan = make_plan(model, scores, mode, f"flops=-{100 * cut:.4g}%", protect, shrink_ratio, round_to)
+            plan = make_plan(model, scores, mode, f"flops=-{100 * cut:.4g}%", protect, **plan_options)
         except UserError:  # more than the eligible units can cut
             steps.append({"flops_cut_asked": cut, "infeasible": True})
             upper = cut

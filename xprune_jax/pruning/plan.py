@@ -2,13 +2,15 @@
 (spec, variables) pair they produce.
 
 Budgets: ``layers=5%`` (the bottom fraction of the eligible units: the paper's global 5%),
-``flops=-30%`` or ``params=-30%`` (a reduction target; in shrink mode the last group taken narrows only as
-far as the target needs). Modes: ``zero`` (the paper's; no speed-up),
-``remove`` (depth pruning), ``shrink`` (width pruning).
+``flops=-30%`` or ``params=-30%`` (a reduction target). Modes: ``zero`` (the paper's; no speed-up),
+``remove`` (depth pruning), ``shrink`` (width pruning: channels allocated globally by default, or
+whole groups layer-wise as in the paper), and ``remove+shrink`` (both in one plan).
 """
 
 import collections
 import dataclasses
+import functools
+import heapq
 import math
 import re
 
@@ -21,7 +23,9 @@ from xprune_jax.errors import UserError
 from xprune_jax.pruning import surgery
 from xprune_jax.pruning.rules import prediction_heads, protected_units, rules_for
 
-MODES = ("zero", "remove", "shrink")
+MODES = ("zero", "remove", "shrink", "remove+shrink")
+ALLOCATIONS = ("global", "layer")
+NORMALIZATIONS = ("mean", "max", "lamp", "none")
 
 
 @dataclasses.dataclass
@@ -36,6 +40,9 @@ class Plan:
     flops_after: int  # FLOPs of the network that runs (zeroed layers still cost their FLOPs)
     params_before: int
     params_after: int  # parameters stored (zeroed ones included)
+    allocation: str = "layer"  # shrink: "global" (channels ranked across groups) or "layer" (the paper's: whole groups)
+    normalize: str | None = None  # global allocation: how channel importances were made comparable across groups
+    removed: list[str] = dataclasses.field(default_factory=list)  # remove+shrink: the units removed before shrinking
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -46,80 +53,216 @@ def parse_budget(text: str) -> tuple[str, float]:
     return match.group(1), float(match.group(2)) / 100
 
 
+@functools.lru_cache(maxsize=256)
 def count_params(arch: str, spec) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(models.variable_shapes(arch, spec)["params"])))
 
 
-def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), shrink_ratio: float = 0.5,
-              round_to: int = 8) -> Plan:
-    """Rank the eligible units by the score file's criterion (lowest first) and take them under the budget."""
+def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *, shrink_ratio: float = 0.5,
+              round_to: int = 8, allocation: str = "global", normalize: str = "mean", floor: float = 0.125,
+              remove_share: float = 0.5) -> Plan:
+    """Rank the eligible units by the score file's criterion (lowest first) and take them under the budget.
+
+    ``shrink`` allocates channels ``globally`` (every channel of every eligible group ranked by its
+    group's importance, ``normalize``-d per group, removed lowest first until the budget is met, each
+    group keeping at least ``floor`` of its width and a multiple of ``round_to``), or ``layer``-wise as
+    the paper does (groups ranked by their producers' layer scores, each narrowed by ``shrink_ratio``).
+    ``remove+shrink`` removes units until ``remove_share`` of the budget is met, then shrinks globally.
+    """
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if allocation not in ALLOCATIONS:
+        raise UserError(f"unknown --allocation {allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
+    if normalize not in NORMALIZATIONS:
+        raise UserError(f"unknown --normalize {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
     kind, target = parse_budget(budget)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     score = _scores_by_layer(scores, layers, model.arch)
     heads = set(prediction_heads(model.spec, layers))
     protected = sorted({l.name for l in layers if l.kind == "stem"} | heads | set(protected_units(model.spec)) | set(protect))
     flops_before, params_before = analysis.total_flops(layers), count_params(model.arch, model.spec)
+    context = _Context(model, scores, score, layers, heads, protected, flops_before, params_before)
 
     if mode == "zero":
         if kind != "layers":
             raise UserError("zero mode keeps every FLOP and parameter; use --budget=layers=N% (the paper: layers=5%)")
-        eligible = [l.name for l in layers if l.kind != "block" and not _touches(l.name, protected)]
+        eligible = [l.name for l in layers if l.kind != "block" and score[l.name] is not None
+                    and not _touches(l.name, protected)]
         chosen = sorted(eligible, key=lambda n: (score[n], n))[: max(1, round(target * len(eligible)))]
         return Plan(mode, budget, scores["criterion"], chosen, {}, protected, flops_before, flops_before,
                     params_before, params_before)
-
-    rules = rules_for(model.spec)
     if mode == "remove":
-        units = [u for u in rules.removable(model.spec) if not _touches(u, protected)]
-        costs = {u: _unit_costs(u, layers, model.variables) for u in units}
-        unit_score = {u: sum(score[l.name] for l in layers if l.kind != "block" and l.name.startswith(u + ".")) for u in units}
-        ranked = sorted(units, key=lambda u: (unit_score[u], u))
-
-        def savings(chosen):  # removals don't interact: their savings add up
-            return tuple(sum(costs[u][i] for u in chosen) for i in (0, 1))
-
-        chosen = _take(ranked, kind, target, savings, flops_before, params_before, mode, model.arch)
-        spec = rules.remove(model.spec, chosen)
-        keep = {}
-    else:
-        by_layer = {l.name: l for l in layers}
-        groups = {g.name: g for g in rules.groups(model.spec) if not _blocked(g, protected, heads)}
-        order = {n: np.argsort(-_group_channel_scores(scores, g, by_layer), kind="stable") for n, g in groups.items()}
-
-        def top(name, n_keep):  # the group's n_keep best channels
-            return sorted(int(i) for i in order[name][:n_keep])
-
-        keep = {n: top(n, min(g.width - 1, max(round_to, math.ceil((1 - shrink_ratio) * g.width / round_to) * round_to)))
-                for n, g in groups.items()}
-        groups = {n: g for n, g in groups.items() if 0 < len(keep[n]) < g.width}
-        group_score = {n: float(np.mean([score[p.layer] for p in g.producers])) for n, g in groups.items()}
-        ranked = sorted(groups, key=lambda n: (group_score[n], n))
-
-        def savings(chosen):
-            return _shrink_savings([groups[n] for n in chosen], keep, by_layer, model.variables["params"])
-
-        chosen = _take(ranked, kind, target, savings, flops_before, params_before, mode, model.arch)
-        if kind != "layers":  # the last group narrows only as far as the budget needs (a big one overshoots)
-            last, index = chosen[-1], 0 if kind == "flops" else 1
-            need = target * (flops_before if kind == "flops" else params_before)
-            for n_keep in range(len(keep[last]) + round_to, groups[last].width, round_to):
-                wider = {**keep, last: top(last, n_keep)}
-                if _shrink_savings([groups[n] for n in chosen], wider, by_layer, model.variables["params"])[index] < need:
-                    break
-                keep = wider
-        keep = {n: keep[n] for n in chosen}
-        spec = model.spec
-        for n in chosen:
-            spec = rules.resize(spec, n, keep[n])
-    after = analysis.total_flops(analysis.describe_layers(model.arch, spec, analysis.input_size(model)))
-    return Plan(mode, budget, scores["criterion"], chosen, keep, protected, flops_before, after,
-                params_before, count_params(model.arch, spec))
+        chosen, spec = _plan_remove(context, kind, target)
+        return context.plan(mode, budget, chosen, {}, spec)
+    if mode == "shrink" and allocation == "layer":
+        chosen, keep, spec = _plan_shrink_layerwise(context, kind, target, shrink_ratio, round_to)
+        return context.plan(mode, budget, chosen, keep, spec, allocation="layer")
+    if kind == "layers":
+        raise UserError("a layers=N% budget takes whole units, which global allocation does not do; give shrink a "
+                        "flops=-N% or params=-N% budget, or use --allocation=layer (the paper's protocol)")
+    removed, spec, start = [], model.spec, context
+    if mode == "remove+shrink":
+        removed, spec = _plan_remove(context, kind, target * remove_share, partial=True)
+        pruned = _without_units(model, removed)
+        start = _Context(pruned, scores, score, analysis.describe_layers(model.arch, spec, analysis.input_size(model)),
+                         heads, protected, flops_before, params_before)
+    chosen, keep, spec = _plan_shrink_global(start, kind, target, round_to, normalize, floor)
+    return context.plan(mode, budget, chosen, keep, spec, allocation="global", normalize=normalize, removed=removed)
 
 
-def _take(ranked, kind, target, savings, flops_before, params_before, mode, arch) -> list[str]:
-    """The lowest-ranked units, as many as the budget needs; ``savings(units) -> (flops, params)``."""
+@dataclasses.dataclass
+class _Context:
+    """What every planner reads: the model, its scores and layers, what is protected, and its costs
+    before pruning (the budget's reference, also after a removal)."""
+
+    model: Model
+    scores: dict
+    score: dict
+    layers: list
+    heads: set
+    protected: list
+    flops_before: int
+    params_before: int
+
+    def plan(self, mode, budget, chosen, keep, spec, **fields) -> Plan:
+        after = analysis.total_flops(analysis.describe_layers(self.model.arch, spec, analysis.input_size(self.model)))
+        return Plan(mode, budget, self.scores["criterion"], chosen, keep, self.protected, self.flops_before, after,
+                    self.params_before, count_params(self.model.arch, spec), **fields)
+
+
+def _plan_remove(c: _Context, kind: str, target: float, partial: bool = False) -> tuple[list[str], object]:
+    """Removable units, lowest summed layer score first, as many as the budget needs (``partial``: as
+    many as exist when all of them fall short)."""
+    rules = rules_for(c.model.spec)
+    units = [u for u in rules.removable(c.model.spec) if not _touches(u, c.protected)]
+    members = {u: [c.score[l.name] for l in c.layers if l.kind != "block" and l.name.startswith(u + ".")] for u in units}
+    units = [u for u in units if any(s is not None for s in members[u])]
+    costs = {u: _unit_costs(c, rules, u) for u in units}
+    unit_score = {u: sum(s for s in members[u] if s is not None) for u in units}
+    ranked = sorted(units, key=lambda u: (unit_score[u], u))
+
+    def savings(chosen):  # removals don't interact: their savings add up
+        return tuple(sum(costs[u][i] for u in chosen) for i in (0, 1))
+
+    chosen = _take(ranked, kind, target, savings, c.flops_before, c.params_before, "remove", c.model.arch, partial)
+    return chosen, rules.remove(c.model.spec, chosen)
+
+
+def _without_units(model: Model, units) -> Model:
+    rules = rules_for(model.spec)
+    return Model(model.arch, rules.remove(model.spec, units),
+                 rules.remove_variables(model.arch, model.spec, model.variables, units), model.meta)
+
+
+def _eligible_groups(c: _Context) -> dict:
+    return {g.name: g for g in rules_for(c.model.spec).groups(c.model.spec) if not _blocked(g, c.protected, c.heads)}
+
+
+def _plan_shrink_layerwise(c: _Context, kind: str, target: float, shrink_ratio: float, round_to: int):
+    """The paper's protocol: groups ranked by their producers' mean layer score, each narrowed by
+    ``shrink_ratio`` to its best channels (by the producers' channel scores)."""
+    by_layer = {l.name: l for l in c.layers}
+    groups = {n: g for n, g in _eligible_groups(c).items() if all(c.score[p.layer] is not None for p in g.producers)}
+    order = {n: np.argsort(-_group_channel_scores(c.scores, g, by_layer), kind="stable") for n, g in groups.items()}
+
+    def top(name, n_keep):  # the group's n_keep best channels
+        return sorted(int(i) for i in order[name][:n_keep])
+
+    keep = {n: top(n, min(g.width - 1, max(round_to, math.ceil((1 - shrink_ratio) * g.width / round_to) * round_to)))
+            for n, g in groups.items()}
+    groups = {n: g for n, g in groups.items() if 0 < len(keep[n]) < g.width}
+    group_score = {n: float(np.mean([c.score[p.layer] for p in g.producers])) for n, g in groups.items()}
+    ranked = sorted(groups, key=lambda n: (group_score[n], n))
+    params = c.model.variables["params"]
+
+    def savings(chosen):
+        return _shrink_savings([groups[n] for n in chosen], keep, by_layer, params)
+
+    chosen = _take(ranked, kind, target, savings, c.flops_before, c.params_before, "shrink", c.model.arch)
+    if kind != "layers":  # the last group narrows only as far as the budget needs (a big one overshoots)
+        last, index = chosen[-1], 0 if kind == "flops" else 1
+        need = target * (c.flops_before if kind == "flops" else c.params_before)
+        for n_keep in range(len(keep[last]) + round_to, groups[last].width, round_to):
+            wider = {**keep, last: top(last, n_keep)}
+            if _shrink_savings([groups[n] for n in chosen], wider, by_layer, params)[index] < need:
+                break
+            keep = wider
+    keep = {n: keep[n] for n in chosen}
+    return chosen, keep, _resized(c.model.spec, chosen, keep)
+
+
+def _resized(spec, chosen, keep):
+    rules = rules_for(spec)
+    for n in chosen:
+        spec = rules.resize(spec, n, keep[n])
+    return spec
+
+
+def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, normalize: str, floor: float):
+    """Global channel allocation: a removal step takes a group's next lowest channels down to the next
+    multiple of ``round_to`` (not below the group's floor); steps are taken across all groups in order
+    of the highest normalised importance they remove, until the exact savings meet the budget."""
+    by_layer = {l.name: l for l in c.layers}
+    params = c.model.variables["params"]
+    groups, importance = {}, {}
+    for name, group in _eligible_groups(c).items():
+        values = group_importance(c.scores, group, by_layer)
+        if values is not None:
+            groups[name], importance[name] = group, normalized(values, normalize)
+    order = {n: np.argsort(importance[n], kind="stable") for n in groups}  # lowest first
+    minimum = {n: max(round_to, math.ceil(floor * g.width / round_to) * round_to) for n, g in groups.items()}
+    kept = {n: g.width for n, g in groups.items()}
+
+    def next_step(name):
+        width = kept[name]
+        smaller = (width - 1) // round_to * round_to
+        if smaller < minimum[name]:
+            return None
+        dropped = groups[name].width - smaller
+        return float(importance[name][order[name][dropped - 1]]), name, smaller
+
+    heap = [step for step in map(next_step, groups) if step is not None]
+    heapq.heapify(heap)
+    savings = ShrinkSavings(by_layer, params)
+    index = 0 if kind == "flops" else 1
+    total = c.flops_before if kind == "flops" else c.params_before
+    already = total - (analysis.total_flops(c.layers) if kind == "flops" else count_params(c.model.arch, c.model.spec))
+    while already + savings.totals()[index] < target * total and heap:
+        _, name, smaller = heapq.heappop(heap)
+        kept[name] = smaller
+        savings.set(groups[name], order[name][: groups[name].width - smaller])
+        step = next_step(name)
+        if step is not None:
+            heapq.heappush(heap, step)
+    saved = already + savings.totals()[index]
+    if saved < target * total:
+        raise UserError(f"budget {kind}=-{target:.0%} can't be met by shrink on {c.model.arch}: every eligible "
+                        f"channel group at its floor ({floor:.1%} of its width) cuts {saved / total:.1%}; lower the "
+                        "budget or the floor (--floor), or use --mode=remove+shrink")
+    chosen = [n for n in groups if kept[n] < groups[n].width]
+    keep = {n: sorted(int(i) for i in order[n][groups[n].width - kept[n]:]) for n in chosen}
+    return chosen, keep, _resized(c.model.spec, chosen, keep)
+
+
+def normalized(values: np.ndarray, how: str) -> np.ndarray:
+    """A group's channel importances made comparable across groups: divided by their ``mean`` or
+    ``max``, ``lamp`` (each divided by the sum of those not smaller, LAMP's score), or ``none``."""
+    values = np.asarray(values, float)
+    if how == "none":
+        return values
+    if how == "lamp":
+        order = np.argsort(values, kind="stable")
+        tail = np.cumsum(values[order][::-1])[::-1]
+        out = np.empty_like(values)
+        out[order] = values[order] / np.maximum(tail, 1e-300)
+        return out
+    scale = values.mean() if how == "mean" else values.max()
+    return values / scale if scale > 0 else np.zeros_like(values)
+
+
+def _take(ranked, kind, target, savings, flops_before, params_before, mode, arch, partial=False) -> list[str]:
+    """The lowest-ranked units, as many as the budget needs; ``savings(units) -> (flops, params)``.
+    ``partial``: all of them when even all fall short, instead of an error."""
     if kind == "layers":
         return ranked[: max(1, round(target * len(ranked)))]
     total, index = (flops_before, 0) if kind == "flops" else (params_before, 1)
@@ -129,9 +272,10 @@ def _take(ranked, kind, target, savings, flops_before, params_before, mode, arch
             break
         chosen.append(unit)
     saved = savings(chosen)[index]
-    if saved < target * total:
+    if saved < target * total and not partial:
         raise UserError(f"budget {kind}=-{target:.0%} can't be met by {mode} on {arch}: all {len(ranked)} eligible "
-                        f"units together cut {saved / total:.1%}; lower the budget or use another mode")
+                        f"units together cut {saved / total:.1%}; lower the budget or use another mode "
+                        "(remove+shrink reaches further)")
     return chosen
 
 
@@ -147,47 +291,101 @@ def _blocked(group, protected, heads) -> bool:
         any(_touches(s.layer, others if s.layer in heads else protected) for s in group.consumers)
 
 
-def _unit_costs(unit: str, layers, variables) -> tuple[int, int]:
-    """FLOPs and parameters that removing ``unit`` saves (every layer inside it goes)."""
-    flops = sum(l.flops for l in layers if l.kind != "block" and l.name.startswith(unit + "."))
-    params = tree_paths.get(variables["params"], unit, {})
-    return flops, int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+def _unit_costs(c: _Context, rules, unit: str) -> tuple[int, int]:
+    """FLOPs and parameters that removing ``unit`` alone saves, counted on the spec without it (what
+    goes with it, like a YOLOv8 C2f's concat slot, included); removals of different units add up."""
+    arch, spec, size = c.model.arch, c.model.spec, analysis.input_size(c.model)
+    without = rules.remove(spec, [unit])
+    return (analysis.total_flops(analysis.describe_layers(arch, spec, size)) -
+            analysis.total_flops(analysis.describe_layers(arch, without, size)),
+            count_params(arch, spec) - count_params(arch, without))
+
+
+class ShrinkSavings:
+    """FLOPs and parameters saved by narrowing groups, exactly as the analysis counts them in the
+    narrowed spec: every conv loses the output channels its producer and depthwise slots drop (kernel
+    and bias) and the input channels its consumer slots drop, summed over the groups that share it;
+    each BN loses two parameters a dropped channel. Updated one group at a time (:meth:`set`), so a
+    global allocation can take thousands of small steps."""
+
+    def __init__(self, by_layer: dict, params: dict):
+        self.by_layer, self.params = by_layer, params
+        self.dropped_out, self.dropped_in = collections.Counter(), collections.Counter()
+        self.groups, self.lost, self.bn_params = {}, {}, 0
+
+    def set(self, group, dropped) -> None:
+        """``group`` drops ``dropped`` (indices into its width), replacing what it dropped before."""
+        before = self.groups.get(group.name, ())
+        self.groups[group.name] = dropped = np.asarray(dropped, int)
+        touched = set()
+        for channels, sign in ((before, -1), (dropped, 1)):
+            channels = np.asarray(channels, int)
+            for slot in group.producers + group.depthwise:
+                self.dropped_out[slot.layer] += sign * len(slot.positions(channels))
+                touched.add(slot.layer)
+            for slot in group.consumers:
+                self.dropped_in[slot.layer] += sign * len(slot.positions(channels))
+                touched.add(slot.layer)
+            self.bn_params += sign * 2 * sum(len(slot.positions(channels)) for slot in group.norms)
+        for name in touched:
+            layer = tree_paths.get(self.params, name)
+            *window, per_group_in, out = np.shape(layer["kernel"])  # a conv's (kh, kw), a linear layer's ()
+            d_in, d_out = self.dropped_in[name], self.dropped_out[name]
+            lost = math.prod(window) * (per_group_in * out - (per_group_in - d_in) * (out - d_out))
+            self.lost[name] = (math.prod(self.by_layer[name].shape[:-1]) * lost,
+                               lost + (d_out if "bias" in layer else 0))
+
+    def totals(self) -> tuple[int, int]:
+        return (sum(f for f, _ in self.lost.values()),
+                sum(p for _, p in self.lost.values()) + self.bn_params)
 
 
 def _shrink_savings(groups, keep: dict, by_layer, params: dict) -> tuple[int, int]:
-    """FLOPs and parameters saved by narrowing ``groups`` together, exactly as the analysis counts
-    them in the narrowed spec: every conv loses the output channels its producer and depthwise slots
-    drop (kernel and bias) and the input channels its consumer slots drop, summed over the groups
-    that share it; each BN loses two parameters a dropped channel."""
-    dropped_out, dropped_in, bn_params = collections.Counter(), collections.Counter(), 0
+    """FLOPs and parameters saved by narrowing ``groups`` together to the channels ``keep``."""
+    savings = ShrinkSavings(by_layer, params)
     for g in groups:
-        dropped = np.setdiff1d(np.arange(g.width), keep[g.name])
-        for slot in g.producers + g.depthwise:
-            dropped_out[slot.layer] += len(slot.positions(dropped))
-        for slot in g.consumers:
-            dropped_in[slot.layer] += len(slot.positions(dropped))
-        bn_params += 2 * sum(len(slot.positions(dropped)) for slot in g.norms)
-    flops = saved_params = 0
-    for name in dropped_out.keys() | dropped_in.keys():
-        layer = tree_paths.get(params, name)
-        *window, per_group_in, out = np.shape(layer["kernel"])  # a conv's (kh, kw), a linear layer's ()
-        lost = math.prod(window) * (per_group_in * out - (per_group_in - dropped_in[name]) * (out - dropped_out[name]))
-        flops += math.prod(by_layer[name].shape[:-1]) * lost
-        saved_params += lost + (dropped_out[name] if "bias" in layer else 0)
-    return flops, saved_params + bn_params
+        savings.set(g, np.setdiff1d(np.arange(g.width), keep[g.name]))
+    return savings.totals()
+
+
+def slot_values(values, slot, width: int) -> np.ndarray:
+    """A layer's per-channel ``values`` (along the slot's axis) at the group's ``width`` channels: 0 where
+    a shuffled channel is not in the layer, summed over the ``span`` inputs a flattened channel has."""
+    values = np.asarray(values, float)
+    if slot.index is not None:
+        index = np.asarray(slot.index, int)
+        return np.where(index >= 0, values[np.maximum(index, 0)], 0.0)
+    return values[slot.offset: slot.offset + width * slot.span].reshape(width, slot.span).sum(1)
 
 
 def _group_channel_scores(scores: dict, group, by_layer) -> np.ndarray:
-    """Per-channel scores of a group: the sum, over its producers, of each producer's per-channel
-    scores at the producer's slot (one producer: its slice; coupled producers: they add up)."""
+    """Per-channel scores of a group in the paper's protocol: the sum, over its producers, of each
+    producer's per-channel scores at the producer's slot."""
     total = np.zeros(group.width)
     for p in group.producers:
-        values = np.asarray(_channel_scores(scores, p.layer, by_layer[p.layer].shape[-1]), float)
-        total += values[p.positions(np.arange(group.width))]
+        total += slot_values(_channel_scores(scores, p.layer, by_layer[p.layer].shape[-1]), p, group.width)
     return total
 
 
-def _scores_by_layer(scores: dict, layers, arch: str) -> dict[str, float]:
+def group_importance(scores: dict, group, by_layer) -> np.ndarray | None:
+    """A channel group's importance per channel, as DepGraph sums it over the group: every producer's
+    and depthwise conv's output-channel scores and every consumer's input-channel scores, where the
+    criterion defines them (``channel_scores``, ``input_channel_scores``). None when a producer has none
+    (e.g. ``bn_scale`` of a layer without BatchNorm): such a group is not pruned."""
+    entries = {e["name"]: e for e in scores["layers"]}
+    parts = [(s, "channel_scores", True) for s in group.producers] + \
+        [(s, "channel_scores", False) for s in group.depthwise] + [(s, "input_channel_scores", False) for s in group.consumers]
+    total = np.zeros(group.width)
+    for slot, key, required in parts:
+        values = entries[slot.layer].get(key)
+        if values is None and required:
+            return None
+        if values is not None:
+            total += slot_values(values, slot, group.width)
+    return total
+
+
+def _scores_by_layer(scores: dict, layers, arch: str) -> dict[str, float | None]:
     if scores.get("arch") not in (None, arch):
         raise UserError(f"the scores were computed for {scores['arch']}, not {arch}; run `xprune score` on this model")
     by_name = {entry["name"]: entry["score"] for entry in scores["layers"]}
@@ -201,11 +399,10 @@ def _scores_by_layer(scores: dict, layers, arch: str) -> dict[str, float]:
 
 
 def _channel_scores(scores: dict, name: str, width: int):
-    entry = next(e for e in scores["layers"] if e["name"] == name)
-    values = entry.get("channel_scores")
+    values = next(e for e in scores["layers"] if e["name"] == name).get("channel_scores")
     if values is None or len(values) != width:
         raise UserError(f"the scores file has no per-channel scores for {name}; shrink needs a criterion "
-                        "that defines them (grad_x_act, l1, random)")
+                        "that defines them (grad_x_act, taylor_weight, l1, l2, random)")
     return values
 
 
@@ -214,20 +411,33 @@ def validate_plan(model: Model, plan: Plan) -> None:
     if plan.mode not in MODES:
         raise UserError(f"plan mode {plan.mode!r} is unknown; choose one of: {', '.join(MODES)}")
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
+    heads = set(prediction_heads(model.spec, layers))
+    units = {"remove": plan.selected, "remove+shrink": plan.removed}.get(plan.mode, [])
+    if units:
+        _check_selected(units, set(rules_for(model.spec).removable(model.spec)), "remove", model, plan,
+                        lambda name: _touches(name, plan.protected))
     if plan.mode == "zero":
         known = {l.name for l in layers if l.kind != "block"}
-    elif plan.mode == "remove":
-        known = set(rules_for(model.spec).removable(model.spec))
-    else:
-        groups = {g.name: g for g in rules_for(model.spec).groups(model.spec)}
-        known, heads = set(groups), set(prediction_heads(model.spec, layers))
-    for name in plan.selected:
+        _check_selected(plan.selected, known, plan.mode, model, plan, lambda name: _touches(name, plan.protected))
+    elif plan.mode != "remove":
+        spec = rules_for(model.spec).remove(model.spec, plan.removed) if plan.removed else model.spec
+        groups = {g.name: g for g in rules_for(spec).groups(spec)}
+        _check_selected(plan.selected, set(groups), "shrink", model, plan,
+                        lambda name: _blocked(groups[name], plan.protected, heads))
+        for name in plan.selected:
+            keep = plan.keep_channels.get(name)
+            if keep is None or not 0 < len(keep) < groups[name].width or min(keep) < 0 or \
+                    max(keep) >= groups[name].width or len(set(keep)) != len(keep):
+                raise UserError(f"the plan keeps channels of {name!r} that don't fit its {groups[name].width} "
+                                "channels; keep_channels lists distinct indices, some but not all of them")
+
+
+def _check_selected(selected, known, mode, model, plan, touched) -> None:
+    for name in selected:
         if name not in known:
-            raise UserError(f"the plan names {name!r}, which is not a {plan.mode}-able unit of this "
+            raise UserError(f"the plan names {name!r}, which is not a {mode}-able unit of this "
                             f"{model.arch} model; eligible: {', '.join(sorted(known)[:6])}, ...")
-        touched = (_blocked(groups[name], plan.protected, heads) if plan.mode == "shrink"
-                   else _touches(name, plan.protected))
-        if touched:
+        if touched(name):
             raise UserError(f"the plan prunes {name!r}, which is protected or touches a protected layer "
                             f"({', '.join(plan.protected)}); drop it from the plan or from the protected list")
 
@@ -235,15 +445,15 @@ def validate_plan(model: Model, plan: Plan) -> None:
 def apply_plan(model: Model, plan: Plan) -> Model:
     """The pruned model: a new (spec, variables) pair, with the plan recorded in its metadata."""
     validate_plan(model, plan)
+    spec, variables = model.spec, model.variables
     if plan.mode == "zero":
-        spec, variables = model.spec, surgery.zero_layers(model.variables, plan.selected)
-    elif plan.mode == "remove":
-        rules = rules_for(model.spec)
-        spec = rules.remove(model.spec, plan.selected)
-        variables = rules.remove_variables(model.arch, model.spec, model.variables, plan.selected)
-    else:
-        rules = rules_for(model.spec)
-        spec, variables = model.spec, model.variables
+        variables = surgery.zero_layers(variables, plan.selected)
+    removed = plan.selected if plan.mode == "remove" else plan.removed
+    if removed:
+        removal = _without_units(model, removed)
+        spec, variables = removal.spec, removal.variables
+    if plan.mode in ("shrink", "remove+shrink"):
+        rules = rules_for(spec)
         for name in plan.selected:  # groups of the current spec: slot offsets move as other groups shrink
             group = next(g for g in rules.groups(spec) if g.name == name)
             keep = np.asarray(plan.keep_channels[name])

@@ -358,12 +358,17 @@ class YOLOv8Rules(Rules):
       input, and cv2's concat slots 1 ... n + 1;
     - ``model.K.m.I.cv1.conv``: a bottleneck's inner width.
 
-    Groups that touch the Detect head (the outputs of 15, 18, 21) or the stem are protected.
+    - ``model.22.cv{2,3}.K.{0,1}.conv``: the Detect head's hidden widths, per level and branch.
+
+    The heads are the Detect head's last 1x1 convs (``model.22.cv{2,3}.K.2``): they keep their outputs
+    and may read fewer inputs. Groups that touch the stem are protected; ``--protect=model.22`` keeps
+    the whole Detect head and its inputs (the outputs of 15, 18, 21), as the paper-protocol tables do.
     """
 
     @staticmethod
-    def protected(spec: YOLOv8Spec) -> list[str]:
-        return [spec.detect.name]
+    def heads(spec: YOLOv8Spec) -> list[str]:
+        levels = range(len(spec.detect.strides))
+        return [f"{spec.detect.name}.{branch}.{k}.2" for k in levels for branch in ("cv2", "cv3")]
 
     @staticmethod
     def removable(spec: YOLOv8Spec) -> list[str]:
@@ -442,11 +447,24 @@ class YOLOv8Rules(Rules):
                  *(Slot(f"{c.name}.cv2.conv", a + j * h) for j in range(n + 1)))))
             groups += [group(f"{c.name}.{b.name}.cv1.conv", b.hidden, (Slot(f"{c.name}.{b.name}.cv1.conv"),),
                              (Slot(f"{c.name}.{b.name}.cv2.conv"),)) for b in c.bottlenecks]
+        d = spec.detect
+        for branch, widths in (("cv2", d.box_widths), ("cv3", d.class_widths)):
+            for k, level in enumerate(widths):
+                convs = [f"{d.name}.{branch}.{k}.{j}" for j in range(3)]
+                groups += [group(f"{convs[j]}.conv", width, (Slot(f"{convs[j]}.conv"),),
+                                 (Slot(f"{convs[j + 1]}.conv" if j == 0 else convs[2]),)) for j, width in enumerate(level)]
         return groups
 
     @staticmethod
     def resize(spec: YOLOv8Spec, group: str, kept) -> YOLOv8Spec:
         keep = len(kept)
+        head = re.fullmatch(rf"{re.escape(spec.detect.name)}\.(cv[23])\.(\d+)\.([01])\.conv", group)
+        if head:
+            field = "box_widths" if head[1] == "cv2" else "class_widths"
+            level, j = int(head[2]), int(head[3])
+            widths = tuple(tuple(keep if (k, i) == (level, j) else w for i, w in enumerate(pair))
+                           for k, pair in enumerate(getattr(spec.detect, field)))
+            return dataclasses.replace(spec, detect=dataclasses.replace(spec.detect, **{field: widths}))
         match = re.fullmatch(r"(model\.\d+)\.(conv|cv[12]\.conv|cv1\.conv\[[01]\]|(m\.\d+)\.cv1\.conv)", group)
         if not match:
             raise KeyError(group)

@@ -1,8 +1,6 @@
 """Rewrites of the variables that go with a rewritten spec. Written once for every architecture:
 they only address subtrees by torch path and slice arrays along channel axes."""
 
-import copy
-
 import jax
 import numpy as np
 
@@ -11,7 +9,8 @@ from xprune_jax.pruning.rules import ChannelGroup
 
 
 def _copy(variables: dict) -> dict:
-    return jax.tree_util.tree_map(np.array, copy.deepcopy(jax.tree_util.tree_map(np.asarray, variables)))
+    """New containers holding the same (host) arrays: surgery replaces arrays, it never writes into one."""
+    return jax.tree_util.tree_map(np.asarray, variables)
 
 
 def restrict_to_spec(variables: dict, arch: str, spec) -> dict:
