@@ -88,7 +88,7 @@ def load_model(model_dir: str) -> Model:
         raise UserError(f"{model_dir} was written by an incompatible xprune_jax version; re-convert it")
     if not isinstance(arch, str) or arch not in models.ARCHITECTURES:
         raise UserError(f"{meta_path} is corrupt (unknown arch {arch!r}); re-create the model with `xprune convert`")
-    problem = _preprocess_problem(arch, meta.get("preprocess", {}))
+    problem = preprocess_problem(arch, meta.get("preprocess", {}))
     if problem:
         raise UserError(f"{meta_path} is corrupt ({problem}); re-create the model with `xprune convert`")
     try:
@@ -112,22 +112,30 @@ def load_model(model_dir: str) -> Model:
     return model
 
 
-def _preprocess_problem(arch: str, preprocess: dict) -> str | None:
-    """What keeps ``preprocess`` from being the input transform that ``arch``'s code reads, or None."""
-    def positive(key):
-        return isinstance(preprocess.get(key), int) and not isinstance(preprocess[key], bool) and preprocess[key] > 0
+def preprocess_problem(arch: str, preprocess: dict, complete: bool = False) -> str | None:
+    """What is wrong with ``preprocess``, the input transform that ``arch``'s code reads, or None.
+    Given keys must have the right type; with ``complete``, every key the transform needs must be
+    given (classifiers: resize, crop, mean, std; YOLOv8: imgsz)."""
+    checks = {"resize": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "crop": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "mean": lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v),
+              "std": lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and x for x in v),
+              "interpolation": lambda v: v in ("bilinear", "bicubic", "nearest"),
+              "imgsz": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 32 == 0}
+    wrong = [k for k, ok in checks.items() if k in preprocess and not ok(preprocess[k])]
+    if wrong:
+        return f"preprocess {wrong[0]} is {preprocess[wrong[0]]!r}"
+    needed = (("resize", "crop", "mean", "std") if models.get_architecture(arch).task == "classification"
+              else ("imgsz",) if arch.startswith("yolov8") else ())
+    missing = [k for k in needed if k not in preprocess] if complete else []
+    return f"preprocess lacks {', '.join(missing)}" if missing else None
 
-    def triple(key):
-        value = preprocess.get(key)
-        return isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) and v for v in value)
 
-    if models.get_architecture(arch).task == "classification":
-        if not (positive("resize") and positive("crop") and triple("mean") and triple("std")
-                and preprocess.get("interpolation", "bilinear") in ("bilinear", "bicubic", "nearest")):
-            return "preprocess needs resize and crop (positive integers), mean and std (3 numbers each)"
-    elif arch.startswith("yolov8") and not (positive("imgsz") and preprocess["imgsz"] % 32 == 0):
-        return "preprocess needs imgsz, a positive multiple of 32"
-    return None
+def check_preprocess(model: Model, where: str) -> None:
+    """A :class:`UserError` unless ``model`` has the whole input transform its architecture reads."""
+    problem = preprocess_problem(model.arch, model.meta.get("preprocess", {}), complete=True)
+    if problem:
+        raise UserError(f"{where}: the model's {problem}; re-create the model with `xprune convert`")
 
 
 def _check_checkpoint_files(variables_dir: str, model_dir: str) -> None:

@@ -96,6 +96,15 @@ def _one_model() -> str:
     return FLAGS.model[0]
 
 
+def _load_for_use(model_dir: str):
+    """A model to run: loaded, with the whole input transform its architecture reads."""
+    from xprune_jax.checkpoint import check_preprocess, load_model
+
+    model = load_model(model_dir)
+    check_preprocess(model, model_dir)
+    return model
+
+
 def _new_out(path: str) -> None:
     """An --out that must not exist yet (unless --overwrite) and must be writable: checked before the work."""
     from xprune_jax.fileio import check_writable
@@ -131,11 +140,11 @@ def predict_command() -> None:
     import numpy as np
 
     from xprune_jax import models, predict
-    from xprune_jax.checkpoint import load_model, write_json_atomic
+    from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.data.images import list_images
     from xprune_jax.fileio import atomic_path, check_writable
 
-    model = load_model(_one_model())
+    model = _load_for_use(_one_model())
     detector = models.get_architecture(model.arch).task == "detection"
     paths = list_images(FLAGS.images)
     if FLAGS.annotations:
@@ -160,11 +169,10 @@ def predict_command() -> None:
 
 
 def eval_command() -> None:
-    from xprune_jax.checkpoint import load_model
     from xprune_jax.evaluation.coco import evaluate
     from xprune_jax.fileio import check_writable
 
-    model = load_model(_one_model())
+    model = _load_for_use(_one_model())
     check_writable(FLAGS.out)
     metrics = evaluate(model, FLAGS.coco, FLAGS.out, FLAGS.batch_size, FLAGS.max_images, overwrite=FLAGS.overwrite)
     print(f"wrote {FLAGS.out}: AP {metrics['AP']:.4f}, AP50 {metrics['AP50']:.4f} on {metrics['images']} images")
@@ -173,11 +181,11 @@ def eval_command() -> None:
 def score_command() -> None:
     from xprune_jax import models
     from xprune_jax.attribution.score import draw, score_model
-    from xprune_jax.checkpoint import load_model, write_json_atomic
+    from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.data.images import image_folder
     from xprune_jax.fileio import check_writable
 
-    model = load_model(_one_model())
+    model = _load_for_use(_one_model())
     calibration = None
     if FLAGS.image_folder:
         if FLAGS.coco:
@@ -346,10 +354,10 @@ def bench_command() -> None:
     import jax
 
     from xprune_jax import parallel, runs, timing
-    from xprune_jax.checkpoint import load_model, model_fingerprint, write_json_atomic
+    from xprune_jax.checkpoint import model_fingerprint, write_json_atomic
     from xprune_jax.fileio import check_writable
 
-    models = [load_model(path) for path in FLAGS.model]
+    models = [_load_for_use(path) for path in FLAGS.model]
     if FLAGS.out:
         check_writable(FLAGS.out)
     batch_size = parallel.round_up_batch(FLAGS.batch_size, parallel.data_mesh())
