@@ -23,7 +23,7 @@ from tests.conftest import COCO_SUBSET
 from converters.reference import random_torchvision, relative_error
 from xprune_jax import analysis, models, tree_paths
 from xprune_jax.attribution.score import score_model
-from xprune_jax.checkpoint import Model, load_model, save_model
+from xprune_jax.checkpoint import Model, load_model, model_fingerprint, save_model
 from xprune_jax.errors import UserError
 from xprune_jax.models.yolov8 import fuse_batch_norms
 from xprune_jax.pruning.plan import Plan, apply_plan, count_params, make_plan
@@ -360,7 +360,7 @@ def score_model_like(model: Model, seed: int) -> dict:
 
     layers = analysis.describe_layers(model.arch, model.spec, 320)
     scores = get_criterion("random")(ScoringInputs(layers, {}, seed=seed))
-    return {"criterion": "random", "arch": model.arch, "layers": [
+    return {"criterion": "random", "arch": model.arch, "model_fingerprint": model_fingerprint(model), "layers": [
         {"name": l.name, "score": scores[l.name].score, "channel_scores": list(scores[l.name].channel_scores)} for l in layers]}
 
 

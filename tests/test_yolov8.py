@@ -34,7 +34,8 @@ from tests.pseudo_ground_truth import pseudo_ground_truth
 from tests.test_errors import RunsCode
 from xprune_jax import models
 from xprune_jax.checkpoint import load_model, save_model
-from xprune_jax.evaluation.coco import coco_metrics, evaluate, load_ground_truth, predict_folder
+from xprune_jax.evaluation.coco import (coco_metrics, evaluate, evaluation_images, evaluation_record, load_ground_truth,
+                                         predict_folder)
 from xprune_jax.errors import UserError
 from xprune_jax.models.yolov8_pipeline import COCO80_TO_COCO91, YOLOv8Pipeline, YOLOv8PredictPipeline
 from xprune_jax.ops import box_iou
@@ -513,6 +514,8 @@ def test_coco_eval_resumes_and_gives_the_same_map_as_ultralytics(checkpoint, con
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     with open(resumed / "detections.partial.jsonl", "w") as f:
+        made_by = evaluation_record(model, evaluation_images(str(coco_root), 4)[2], 2, 4)
+        f.write(json.dumps({"made_by": made_by}) + "\n")  # what made the partial file: resumed only by the same
         for image_id in ids:
             f.write(json.dumps({"image_id": image_id, "detections": [d for d in detections if d["image_id"] == image_id]}) + "\n")
         f.write('{"image_id": 1, "detec')  # a line cut short by the crash
@@ -707,7 +710,7 @@ def test_score_then_prune_a_detector(converted, coco_root):
     model = converted("n")
     model = dataclasses.replace(model, meta={**model.meta, "preprocess": {"imgsz": IMGSZ}})
     scores = score_model(model, ["grad_x_act", "l1"], coco_root=str(coco_root), calib_images=2, batch_size=2,
-                         seed=1, progress=False)
+                         seed=1, progress=False, calib_split="val2017")
     assert scores["objective"] == "confidence" and len(scores["calibration"]["images"]) == 2
     by_name = {l["name"]: l for l in scores["layers"]}
     assert by_name["model.2.m.0.cv1.conv"]["score"] > 0 and by_name["model.0.conv"]["kind"] == "stem"

@@ -2,11 +2,13 @@
 random order every round (so drift and noise hit all alike), and ratios taken per round."""
 
 import os
+import sys
 import time
 from typing import Callable
 
 import jax
 import numpy as np
+import tqdm
 
 DEMO_IMAGE = os.path.join(os.path.dirname(__file__), "data", "demo_coco", "val2017", "000000000139.jpg")
 
@@ -39,15 +41,18 @@ def model_call(model, batch_size: int = 1, image: str = DEMO_IMAGE) -> Callable[
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
-                      seed: int = 0) -> dict[str, list[float]]:
-    """Seconds per call of each zero-argument function, ``repeats`` rounds each."""
-    for fn in fns.values():
+                      seed: int = 0, progress: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument function, ``repeats`` rounds each. ``progress``: say
+    which function warms up (its first call compiles), then a progress bar over the rounds."""
+    for k, (name, fn) in enumerate(fns.items(), 1):
+        if progress:
+            print(f"compiling and warming up model {k} of {len(fns)}: {name}", file=sys.stderr, flush=True)
         for _ in range(warmup):
             jax.block_until_ready(fn())
     rng = np.random.default_rng(seed)
     times = {name: [] for name in fns}
     names = list(fns)
-    for _ in range(repeats):
+    for _ in tqdm.trange(repeats, unit="round", desc="timing", disable=not progress):
         for i in rng.permutation(len(names)):
             start = time.perf_counter()
             jax.block_until_ready(fns[names[i]]())

@@ -12,16 +12,19 @@ from xprune_jax.attribution.compare import compare
 from xprune_jax.attribution.criteria import CRITERIA, ScoringInputs, get_criterion
 from xprune_jax.attribution.objectives import LOSS_ARCHS, get_objective
 from xprune_jax.attribution.statistics import statistics_step
-from xprune_jax.checkpoint import Model
+from xprune_jax.checkpoint import Model, model_fingerprint
 from xprune_jax.data.images import classification_transform, list_images, load_rgb, prefetch
 from xprune_jax.errors import UserError
 
 
-def calibration_images(coco_root: str, n: int, seed: int, split: str = "val2017") -> list[str]:
+def calibration_images(coco_root: str, n: int, seed: int, split: str = "train2017") -> list[str]:
     """``n`` images of ``coco_root/<split>`` drawn with ``seed`` (a different seed, other images)."""
     folder = os.path.join(coco_root, split)
+    if not os.path.isdir(coco_root):
+        raise UserError(f"COCO root {coco_root} does not exist: point --coco at a folder laid out like the official download")
     if not os.path.isdir(folder):
-        raise UserError(f"COCO folder {coco_root} has no {split}/: point --coco at a folder laid out like the official download")
+        raise UserError(f"COCO root {coco_root} has no {split}/ to calibrate on: set --calib_split (config.calib_split) "
+                        "to a split it has (val2017 overlaps the images that evaluation measures)")
     return draw(list_images(folder), n, seed)
 
 
@@ -142,11 +145,13 @@ def _load_classification(path, preprocess):
 
 def score_model(model: Model, criteria: list[str], objective: str = "", coco_root: str = "", calib_images: int = 32,
                 batch_size: int = 8, seed: int = 0, progress: bool = True, all_channel_scores: bool = False,
-                calibration: tuple[list[str], object] | None = None) -> dict:
-    """Scores of every layer under each criterion, with layer metadata and a comparison.
+                calibration: tuple[list[str], object] | None = None, calib_split: str = "train2017") -> dict:
+    """Scores of every layer under each criterion, with layer metadata, a comparison, and the model's
+    fingerprint (:func:`~xprune_jax.checkpoint.model_fingerprint`: plans check it).
 
-    Calibration images are ``calib_images`` of ``coco_root/val2017`` drawn with ``seed``, or the
-    given ``calibration = (paths, ground truth or None)`` (see :func:`gather_statistics`).
+    Calibration images are ``calib_images`` of ``coco_root/<calib_split>`` drawn with ``seed`` (the
+    ``loss`` objective reads ``annotations/instances_<calib_split>.json``), or the given
+    ``calibration = (paths, ground truth or None)`` (see :func:`gather_statistics`).
 
     ``channel_scores`` are the primary (first) criterion's; ``all_channel_scores`` adds every
     criterion's under ``channel_scores_by``.
@@ -166,9 +171,9 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
         if paths is None:
             if not coco_root:
                 raise UserError("data-driven criteria need calibration images: pass --coco=ROOT")
-            paths = calibration_images(coco_root, calib_images, seed)
+            paths = calibration_images(coco_root, calib_images, seed, calib_split)
             if objective_name == "loss":
-                ground_truth = os.path.join(coco_root, "annotations", "instances_val2017.json")
+                ground_truth = os.path.join(coco_root, "annotations", f"instances_{calib_split}.json")
         if objective_name == "loss" and ground_truth is None:
             raise UserError("the loss objective needs the calibration images' ground truth; give a COCO root with annotations")
         weight_gradients = any(c.needs_weight_gradients for c in chosen)
@@ -179,7 +184,9 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     primary = chosen[0].full_name
     return {
         "criterion": primary, "criteria": list(results), "objective": objective_name, "arch": model.arch,
+        "model_fingerprint": model_fingerprint(model),
         "calibration": {"images": [os.path.basename(p) for p in paths], "seed": seed, "batch_size": batch_size,
+                        "split": calib_split if paths and calibration is None else None,
                         "ground_truth": ground_truth if isinstance(ground_truth, str) else ground_truth is not None},
         "layers": [{
             "name": layer.name, "kind": layer.kind, "shape": list(layer.shape), "params": layer.params,

@@ -2,12 +2,14 @@
 detector (through its :class:`xprune_jax.detection.DetectionPipeline`).
 
 Decoding and preprocessing run in threads ahead of the device. Each finished batch is appended to
-``detections.partial.jsonl``, so a crashed run resumes without redoing finished images; the final
-files are written atomically.
+``detections.partial.jsonl``, so a crashed run resumes without redoing finished images (only a run of
+the same model and settings: the file's first line records them); the final files are written
+atomically.
 """
 
 import concurrent.futures
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -18,9 +20,10 @@ import numpy as np
 import tqdm
 
 from xprune_jax import models, parallel
-from xprune_jax.checkpoint import Model, write_json_atomic
+from xprune_jax.checkpoint import Model, model_fingerprint, write_json_atomic
 from xprune_jax.data.images import list_images, load_rgb
 from xprune_jax.errors import UserError
+from xprune_jax.fileio import atomic_path, exclusive
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
@@ -35,14 +38,47 @@ def coco_paths(root: str) -> tuple[str, str]:
 
 
 def load_ground_truth(annotation_file: str):
+    """pycocotools' COCO index of a COCO instances json, checked first for the fields evaluation reads."""
     from pycocotools.coco import COCO
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(annotation_file)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read COCO annotations {annotation_file} ({e.__class__.__name__}: {e}); "
+        with open(annotation_file) as f:
+            dataset = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read COCO annotations {annotation_file} ({e.__class__.__name__}); "
                         "use the official instances_val2017.json layout") from None
+    problem = _annotation_problem(dataset)
+    if problem:
+        raise UserError(f"COCO annotations {annotation_file} {problem}; use the official instances_val2017.json layout")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+ANNOTATION_FIELDS = {"images": ("id", "file_name", "height", "width"), "categories": ("id", "name"),
+                     "annotations": ("image_id", "category_id", "bbox", "area")}
+
+
+def _annotation_problem(dataset) -> str | None:
+    """What keeps ``dataset`` from being a COCO instances file that evaluation can use, or None."""
+    if not isinstance(dataset, dict):
+        return f"hold a {type(dataset).__name__}, not an object with images, annotations and categories"
+    for section, fields in ANNOTATION_FIELDS.items():
+        entries = dataset.get(section)
+        if not isinstance(entries, list):
+            return f"have no {section!r} list"
+        for i, entry in enumerate(entries):
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if missing:
+                return f"lack {', '.join(repr(f) for f in missing)} in {section}[{i}]"
+            if section == "images" and not all(isinstance(entry[f], int) and entry[f] > 0 for f in ("height", "width")):
+                return f"give images[{i}] a height or width that is not a positive integer"
+            if section == "annotations" and not (isinstance(entry["bbox"], list) and len(entry["bbox"]) == 4
+                                                 and all(isinstance(v, (int, float)) for v in entry["bbox"])):
+                return f"give annotations[{i}] a bbox that is not [x, y, w, h]"
+    return None
 
 
 def pipeline_for(model: Model, predict: bool = False):
@@ -136,7 +172,8 @@ def _read_partial(path: str | None) -> dict:
                     record = json.loads(line)
                 except ValueError:  # a line cut short by a crash: that image is redone
                     continue
-                done[record["image_id"]] = record["detections"]
+                if "image_id" in record:  # the first line records what made the file
+                    done[record["image_id"]] = record["detections"]
     return done
 
 
@@ -170,21 +207,78 @@ def evaluation_images(coco_root: str, max_images: int = 0) -> tuple[str, object,
 
 
 def evaluate(model: Model, coco_root: str, out_dir: str, batch_size: int = 8, max_images: int = 0,
-             progress: bool = True) -> dict:
-    """``xprune eval``: detections.json, metrics.json and latency.json in ``out_dir``."""
+             progress: bool = True, overwrite: bool = False) -> dict:
+    """``xprune eval``: detections.json, metrics.json and latency.json in ``out_dir``.
+
+    Finished batches go to ``detections.partial.jsonl``, whose first line records what made them
+    (:func:`evaluation_record`); a later run resumes from it only if that matches, and starts over
+    with ``overwrite``. One process at a time writes ``out_dir`` (a lock file in it).
+    """
     image_dir, ground_truth, entries = evaluation_images(coco_root, max_images)
+    check_categories(model, ground_truth, coco_paths(coco_root)[1])
+    made_by = evaluation_record(model, entries, batch_size, max_images)
     os.makedirs(out_dir, exist_ok=True)
-    partial = os.path.join(out_dir, "detections.partial.jsonl")
-    detections, latency = detect(model, [os.path.join(image_dir, e["file_name"]) for e in entries],
-                                 [e["id"] for e in entries], [(e["height"], e["width"]) for e in entries],
-                                 batch_size, partial, progress)
-    metrics = coco_metrics(ground_truth, detections, [e["id"] for e in entries])
-    metrics.update({"images": len(entries), "detections": len(detections), "arch": model.arch})
-    write_json_atomic(os.path.join(out_dir, "detections.json"), detections)
-    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
-    write_json_atomic(os.path.join(out_dir, "latency.json"), latency)
-    os.remove(partial)
+    with exclusive(out_dir):
+        partial = os.path.join(out_dir, "detections.partial.jsonl")
+        _start_partial(partial, made_by, overwrite)
+        detections, latency = detect(model, [os.path.join(image_dir, e["file_name"]) for e in entries],
+                                     [e["id"] for e in entries], [(e["height"], e["width"]) for e in entries],
+                                     batch_size, partial, progress)
+        metrics = coco_metrics(ground_truth, detections, [e["id"] for e in entries])
+        metrics.update({"images": len(entries), "detections": len(detections), "arch": model.arch, "made_by": made_by})
+        write_json_atomic(os.path.join(out_dir, "detections.json"), detections)
+        write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+        write_json_atomic(os.path.join(out_dir, "latency.json"), latency)
+        os.remove(partial)
     return metrics
+
+
+def evaluation_record(model: Model, entries: list[dict], batch_size: int, max_images: int) -> dict:
+    """What an evaluation's detections depend on: the model's content, the images and the batch size
+    (Ultralytics' rectangular batches depend on it) and the matmul precision."""
+    images = json.dumps([[e["id"], e["file_name"], e["height"], e["width"]] for e in entries]).encode()
+    return {"model_fingerprint": model_fingerprint(model), "arch": model.arch,
+            "images_sha256": hashlib.sha256(images).hexdigest(), "images": len(entries), "max_images": max_images,
+            "batch_size": parallel.round_up_batch(batch_size, parallel.data_mesh()),
+            "matmul_precision": str(jax.config.jax_default_matmul_precision)}
+
+
+def _start_partial(path: str, made_by: dict, overwrite: bool) -> None:
+    """Keep the partial file of the same evaluation; refuse another's (or drop it with ``overwrite``)."""
+    if os.path.exists(path) and not overwrite:
+        try:
+            with open(path) as f:
+                recorded = json.loads(f.readline()).get("made_by")
+        except (ValueError, AttributeError):
+            recorded = None
+        if recorded == made_by:
+            return
+        differ = ("an unrecorded model and settings" if not isinstance(recorded, dict) else
+                  "another " + ", ".join(k for k in made_by if recorded.get(k) != made_by[k]))
+        raise UserError(f"{path} holds detections made with {differ}; choose another --out, or pass --overwrite "
+                        "to start over")
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(json.dumps({"made_by": made_by}) + "\n")
+
+
+def check_categories(model: Model, ground_truth, annotation_file: str) -> None:
+    """Refuse to evaluate a detector against annotations whose category ids name other classes."""
+    names = model.meta.get("categories") or []
+    model_names = {}
+    for category_id, index in pipeline_for(model).class_indices.items():
+        name = str(names[index]).strip().lower() if index < len(names) else ""
+        if name and name not in ("n/a", "__background__", str(index)):  # placeholders name nothing
+            model_names[category_id] = name
+    data_names = {c["id"]: str(c["name"]).strip().lower() for c in ground_truth.dataset["categories"]}
+    if not model_names:
+        return  # the model records no class names: nothing to check against
+    shared = sorted(set(model_names) & set(data_names))
+    wrong = [i for i in shared if model_names[i] != data_names[i]]
+    if wrong or not shared:
+        example = (f"category id {wrong[0]} is {model_names[wrong[0]]!r} to the model but {data_names[wrong[0]]!r} in "
+                   "the annotations" if wrong else "they share no category id")
+        raise UserError(f"the model's categories are not those of {annotation_file} ({example}); "
+                        "evaluate on data labelled with the model's classes")
 
 
 def predict_folder(model: Model, folder: str, batch_size: int = 8, annotation_file: str | None = None,

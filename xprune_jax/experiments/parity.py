@@ -19,7 +19,21 @@ from xprune_jax.experiments import register
 from xprune_jax.experiments.common import prepare_model
 
 
-@register("parity")
+def validate(config) -> None:
+    """The archs are classifiers this experiment can convert, and the image folder exists."""
+    archs = config.get("archs")
+    if not isinstance(archs, (tuple, list)) or not archs:
+        raise UserError(f"config.archs is {archs!r}; give a tuple of classifier names, e.g. ('resnet50',)")
+    for arch in archs:
+        if not isinstance(arch, str) or models.get_architecture(arch).task != "classification":
+            raise UserError(f"config.archs holds {arch!r}; the parity experiment compares torchvision classifiers")
+    if not isinstance(config.get("images"), str) or config.images and not os.path.isdir(config.images):
+        raise UserError(f"config.images {config.get('images')!r} is not a folder; point it at images ('' = the bundled ones)")
+    if not isinstance(config.get("seed"), int) or isinstance(config.seed, bool):
+        raise UserError(f"config.seed is {config.get('seed')!r}; it must be an integer")
+
+
+@register("parity", validate=validate)
 def parity(config, run_dir: str) -> tuple[dict, str]:
     try:
         import torch

@@ -45,7 +45,81 @@ from xprune_jax.pruning.plan import apply_plan, make_plan
 from xprune_jax.spec import spec_to_dict
 
 
-@register("prune")
+def validate(config) -> None:
+    """Check every field the experiment reads before any work (a bad budget would otherwise make every
+    row "infeasible"): one :class:`UserError` naming the field and the fix."""
+    from xprune_jax.attribution.criteria import get_criterion
+    from xprune_jax.attribution.objectives import get_objective
+    from xprune_jax.pruning.plan import MODES, parse_budget
+
+    def field(name, kind, minimum=None):
+        value = config
+        for part in name.split("."):
+            value = value.get(part) if hasattr(value, "get") else None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool or (
+                minimum is not None and value < minimum):
+            want = {int: "an integer", str: "a string", bool: "True or False"}.get(kind, "a tuple")
+            want += f" >= {minimum}" if minimum is not None else ""
+            raise UserError(f"config.{name} is {value!r}; it must be {want}")
+        return value
+
+    if not isinstance(config.get("arch"), str):
+        raise UserError(f"config.arch is {config.get('arch')!r}; give an architecture name such as resnet50")
+    architecture = models.get_architecture(config.arch)
+    field("weights", str)
+    for name in ("coco", "image_folder", "out_dir"):
+        field(name, str)
+    for path in ("coco", "image_folder"):
+        if config[path] and not os.path.isdir(config[path]):
+            raise UserError(f"config.{path} {config[path]!r} is not a folder; point it at an existing one ('' = the default)")
+    if config.image_folder:
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(config.image_folder, split)):
+                raise UserError(f"config.image_folder {config.image_folder!r} has no {split}/; give an ImageFolder root "
+                                "with train/ (calibration) and val/ (evaluation)")
+    if architecture.task == "detection":
+        split = field("calib_split", str)
+        if not os.path.isdir(os.path.join(config.coco or runs.DEMO_COCO, split)):
+            raise UserError(f"config.calib_split {split!r} is not a folder of {config.coco or runs.DEMO_COCO}; "
+                            "choose a split it has (val2017 overlaps the images evaluation measures)")
+    criteria = field("criteria", (tuple, list))
+    if not criteria:
+        raise UserError("config.criteria is empty; give at least one, e.g. ('grad_x_act', 'l1')")
+    for criterion in criteria:
+        if not isinstance(criterion, str):
+            raise UserError(f"config.criteria holds {criterion!r}; criteria are names such as 'grad_x_act'")
+        get_criterion(criterion)
+    get_objective(field("objective", str), architecture.task, config.arch, architecture.default_spec())
+    prunings = field("prunings", (tuple, list))
+    if not prunings:
+        raise UserError("config.prunings is empty; give at least one, e.g. ('remove:flops=-10%',)")
+    for pruning in prunings:
+        mode, _, budget = pruning.partition(":") if isinstance(pruning, str) else ("", "", "")
+        if mode not in MODES or not budget:
+            raise UserError(f"config.prunings holds {pruning!r}; write mode:budget with a mode of {', '.join(MODES)}, "
+                            "e.g. 'shrink:flops=-30%'")
+        try:
+            kind, _ = parse_budget(budget)
+        except UserError as e:
+            raise UserError(f"config.prunings {pruning!r}: {e}") from None
+        if mode == "zero" and kind != "layers":
+            raise UserError(f"config.prunings {pruning!r}: zero mode keeps every FLOP; use zero:layers=N%")
+    seeds = field("seeds", (tuple, list))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"config.seeds is {seeds!r}; give a tuple of integer seeds, e.g. (0, 1, 2)")
+    field("seed", int)
+    for name, minimum in (("calib_images", 1), ("batch_size", 1), ("eval_images", 0), ("bench.batch_size", 1),
+                          ("bench.repeats", 1), ("bench.warmup", 0)):
+        field(name, int, minimum)
+    for name in ("save_models", "resume"):
+        field(name, bool)
+    for source in config.get("measurements_from", ()):
+        if not isinstance(source, str) or not os.path.isfile(source):
+            raise UserError(f"config.measurements_from names {source!r}, which is not a file; give the measurements.json "
+                            "of a run of the same model and config")
+
+
+@register("prune", validate=validate)
 def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     coco = config.coco or runs.DEMO_COCO
     task_eval = {"classification": _ClassifierEval, "detection": _DetectionEval}[models.get_architecture(config.arch).task]

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from xprune_jax import analysis, models, tree_paths
-from xprune_jax.checkpoint import Model
+from xprune_jax.checkpoint import Model, model_fingerprint
 from xprune_jax.errors import UserError
 from xprune_jax.pruning import surgery
 from xprune_jax.pruning.rules import prediction_heads, protected_units, rules_for
@@ -46,11 +46,20 @@ class Plan:
 
 
 def parse_budget(text: str) -> tuple[str, float]:
-    match = re.fullmatch(r"(layers|flops|params)=-?(\d+(?:\.\d+)?)%", text.replace(" ", ""))
-    if not match or not 0 < float(match.group(2)) < 100:
+    """``layers=5%`` -> ("layers", 0.05); ``flops=-30%``/``params=-30%`` -> ("flops"/"params", 0.3). A
+    reduction takes its minus (``flops=30%`` would read as growth); a fraction of layers takes none."""
+    compact = text.replace(" ", "") if isinstance(text, str) else ""
+    match = re.fullmatch(r"(layers|flops|params)=(-?)(\d+(?:\.\d+)?)%", compact)
+    if match and match.group(1) != "layers" and not match.group(2):
+        raise UserError(f"bad --budget {text!r}: a {match.group(1)} reduction takes a minus: "
+                        f"{match.group(1)}=-{match.group(3)}%")
+    if match and match.group(1) == "layers" and match.group(2):
+        raise UserError(f"bad --budget {text!r}: layers=N% is the fraction of units pruned, without a minus: "
+                        f"layers={match.group(3)}%")
+    if not match or not 0 < float(match.group(3)) < 100:
         raise UserError(f"bad --budget {text!r}: use layers=5%, flops=-30%, params=-30% or latency=-30% "
                         "(between 0 and 100%)")
-    return match.group(1), float(match.group(2)) / 100
+    return match.group(1), float(match.group(3)) / 100
 
 
 @functools.lru_cache(maxsize=256)
@@ -77,7 +86,7 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
         raise UserError(f"unknown --normalize {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
     kind, target = parse_budget(budget)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
-    score = _scores_by_layer(scores, layers, model.arch)
+    score = _scores_by_layer(scores, layers, model)
     heads = set(prediction_heads(model.spec, layers))
     protected = sorted({l.name for l in layers if l.kind == "stem"} | heads | set(protected_units(model.spec)) | set(protect))
     flops_before, params_before = analysis.total_flops(layers), count_params(model.arch, model.spec)
@@ -385,9 +394,25 @@ def group_importance(scores: dict, group, by_layer) -> np.ndarray | None:
     return total
 
 
-def _scores_by_layer(scores: dict, layers, arch: str) -> dict[str, float | None]:
-    if scores.get("arch") not in (None, arch):
-        raise UserError(f"the scores were computed for {scores['arch']}, not {arch}; run `xprune score` on this model")
+def check_scores(scores, model: Model) -> None:
+    """A :class:`UserError` unless ``scores`` is a scores file made for this very model (``xprune score``
+    records the model's fingerprint; a pruned model, or another file of the same architecture, differs)."""
+    if not (isinstance(scores, dict) and isinstance(scores.get("layers"), list) and isinstance(scores.get("criterion"), str)
+            and all(isinstance(e, dict) and isinstance(e.get("name"), str) and (e.get("score") is None or isinstance(e["score"], (int, float)))
+                    for e in scores["layers"])):
+        raise UserError("the scores file is not one `xprune score` writes (it needs a criterion and a list of layers "
+                        "with name and score); run `xprune score` on this model")
+    if scores.get("arch") not in (None, model.arch):
+        raise UserError(f"the scores were computed for {scores['arch']}, not {model.arch}; run `xprune score` on this model")
+    recorded = scores.get("model_fingerprint")
+    if recorded != model_fingerprint(model):
+        why = "records no model fingerprint" if recorded is None else "was made for another model (its fingerprint differs)"
+        raise UserError(f"the scores file {why}: scores must come from this very model (a pruned model needs new "
+                        "scores); run `xprune score` on this model")
+
+
+def _scores_by_layer(scores: dict, layers, model: Model) -> dict[str, float | None]:
+    check_scores(scores, model)
     by_name = {entry["name"]: entry["score"] for entry in scores["layers"]}
     missing = [l.name for l in layers if l.name not in by_name]
     extra = sorted(set(by_name) - {l.name for l in layers})
