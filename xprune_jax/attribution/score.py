@@ -151,7 +151,8 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
 
     Calibration images are ``calib_images`` of ``coco_root/<calib_split>`` drawn with ``seed`` (the
     ``loss`` objective reads ``annotations/instances_<calib_split>.json``), or the given
-    ``calibration = (paths, ground truth or None)`` (see :func:`gather_statistics`).
+    ``calibration = (paths, ground truth or None)`` (see :func:`gather_statistics`). A detector whose
+    loss is ported calibrates on that loss by default where the images have ground truth.
 
     ``channel_scores`` are the primary (first) criterion's; ``all_channel_scores`` adds every
     criterion's under ``channel_scores_by``.
@@ -160,8 +161,11 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     chosen = [get_criterion(name) for name in criteria]
     if not chosen:
         raise UserError(f"no --criterion given; choose from {', '.join(sorted(CRITERIA))}")
-    if not objective and calibration and calibration[1] is not None and task == "detection" and model.arch.startswith(LOSS_ARCHS):
-        objective = "loss"  # annotated calibration images: the training loss picks better channels than confidence
+    if not objective and task == "detection" and model.arch.startswith(LOSS_ARCHS):
+        # annotated calibration images: the training loss picks better channels than the label-free confidence
+        annotations = os.path.join(coco_root, "annotations", f"instances_{calib_split}.json") if coco_root else ""
+        labelled = calibration[1] is not None if calibration else os.path.isfile(annotations)
+        objective = "loss" if labelled else ""
     objective_name, objective_fn = get_objective(objective, task, model.arch, model.spec)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     inputs = ScoringInputs(layers, model.variables["params"], seed=seed)
