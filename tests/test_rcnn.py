@@ -361,7 +361,7 @@ def test_score_model_calibrates_through_the_detector_pipeline(run, coco_root):
     model = dataclasses.replace(run["model"], spec=dataclasses.replace(
         spec, transform=dataclasses.replace(spec.transform, **SMALL)))
     assert calibration_loader(model)(sorted((coco_root / "val2017").glob("*.jpg"))[0]).shape == (512, 512, 3)
-    scores = score_model(model, ["grad_x_act"], coco_root=str(coco_root), calib_images=2, batch_size=2,
+    scores = score_model(model, ["grad_x_act"], "confidence", coco_root=str(coco_root), calib_images=2, batch_size=2,
                          progress=False, calib_split="val2017")
     assert scores["objective"] == "confidence" and len(scores["calibration"]["images"]) == 2
     by_name = {layer["name"]: layer for layer in scores["layers"]}

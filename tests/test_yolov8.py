@@ -709,9 +709,12 @@ def test_score_then_prune_a_detector(converted, coco_root):
 
     model = converted("n")
     model = dataclasses.replace(model, meta={**model.meta, "preprocess": {"imgsz": IMGSZ}})
-    scores = score_model(model, ["grad_x_act", "l1"], coco_root=str(coco_root), calib_images=2, batch_size=2,
-                         seed=1, progress=False, calib_split="val2017")
+    scores = score_model(model, ["grad_x_act", "l1"], "confidence", coco_root=str(coco_root), calib_images=2,
+                         batch_size=2, seed=1, progress=False, calib_split="val2017")
     assert scores["objective"] == "confidence" and len(scores["calibration"]["images"]) == 2
+    # by default a detector calibrates on its training loss where the split has annotations
+    assert score_model(model, ["l1"], coco_root=str(coco_root), calib_split="val2017")["objective"] == "loss"
+    assert score_model(model, ["l1"], coco_root=str(coco_root), calib_split="train2017")["objective"] == "confidence"
     by_name = {l["name"]: l for l in scores["layers"]}
     assert by_name["model.2.m.0.cv1.conv"]["score"] > 0 and by_name["model.0.conv"]["kind"] == "stem"
     plan = make_plan(model, scores, "remove", "layers=50%")
