@@ -398,8 +398,8 @@ def check_scores(scores, model: Model) -> None:
     """A :class:`UserError` unless ``scores`` is a scores file made for this very model (``xprune score``
     records the model's fingerprint; a pruned model, or another file of the same architecture, differs)."""
     if not (isinstance(scores, dict) and isinstance(scores.get("layers"), list) and isinstance(scores.get("criterion"), str)
-            and all(isinstance(e, dict) and isinstance(e.get("name"), str) and (e.get("score") is None or isinstance(e["score"], (int, float)))
-                    for e in scores["layers"])):
+            and all(isinstance(e, dict) and isinstance(e.get("name"), str) and "score" in e
+                    and (e["score"] is None or isinstance(e["score"], (int, float))) for e in scores["layers"])):
         raise UserError("the scores file is not one `xprune score` writes (it needs a criterion and a list of layers "
                         "with name and score); run `xprune score` on this model")
     if scores.get("arch") not in (None, model.arch):
@@ -420,6 +420,17 @@ def _scores_by_layer(scores: dict, layers, model: Model) -> dict[str, float | No
         example = ", ".join((missing or extra)[:3])
         raise UserError(f"the scores file was made for another model ({len(missing)} layers lack a score, {len(extra)} "
                         f"scored layers are not in this model, e.g. {example}); run `xprune score` on this very model")
+    entries = {entry["name"]: entry for entry in scores["layers"]}
+    for layer in layers:
+        if layer.kind == "block":
+            continue
+        kernel = np.shape(tree_paths.get(model.variables["params"], layer.name)["kernel"])
+        for key, width in (("channel_scores", layer.shape[-1]), ("input_channel_scores", kernel[-2])):
+            values = entries[layer.name].get(key)
+            if values is not None and not (isinstance(values, list) and len(values) == width and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                raise UserError(f"the scores file's {key} of {layer.name} are not {width} numbers; run `xprune score` "
+                                "on this very model")
     return by_name
 
 
