@@ -44,6 +44,16 @@ flags.DEFINE_integer("train_images", 2000, "Training images to generate (synth).
 flags.DEFINE_integer("val_images", 200, "Validation images to generate (synth).")
 flags.DEFINE_integer("image_size", 256, "Side of the generated square images in pixels (synth).")
 flags.DEFINE_integer("crop_size", 64, "Side of the classification crops in pixels (synth).")
+flags.DEFINE_string("teacher", None, "finetune: the unpruned model to distil from (default: the model the plan was "
+                    "applied to, recorded by `xprune prune`).")
+flags.DEFINE_string("split", "train2017", "finetune: the image folder of --coco to train on (annotations/instances_<split>.json "
+                    "gives its ground truth).")
+flags.DEFINE_string("image_folder", None, "finetune: a labelled ImageFolder (<class name>/<image>) to train a classifier on.")
+flags.DEFINE_integer("steps", None, "finetune: optimiser steps.")
+flags.DEFINE_float("lr", 1e-3, "finetune: peak learning rate (linear warm-up over 5% of the steps, then cosine).")
+flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd"], "finetune: AdamW, or SGD with momentum 0.9.")
+flags.DEFINE_integer("recalibrate_bn", 0, "finetune: first re-estimate BatchNorm statistics on this many training images.")
+flags.DEFINE_integer("checkpoint_every", 100, "finetune: steps between checkpoints (in <out>.checkpoints; a rerun resumes).")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py (run).", lock_config=True)
 flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "xprune_jax", "jax"),
                     "JAX's persistent compilation cache ('' disables it).")
@@ -157,6 +167,9 @@ def prune_command() -> None:
         else:
             plan = _plan_for_latency(model, scores, latency_target)
     pruned = apply_plan(model, plan)
+    from xprune_jax.training.teacher import source_record
+
+    pruned.meta["pruned_from"] = source_record(_one_model(), model)  # the default teacher of `xprune finetune`
     save_model(pruned, FLAGS.out, overwrite=FLAGS.overwrite)
     write_json_atomic(FLAGS.out.rstrip("/") + ".plan.json", dataclasses.asdict(plan))
     if FLAGS.export_torch:
@@ -236,6 +249,20 @@ def run_command() -> None:
     print(f"wrote {os.path.join(run_dir, 'report.md')}")
 
 
+def finetune_command() -> None:
+    _require("model", "out", "steps")
+    from xprune_jax.training.command import run_finetune
+    from xprune_jax.training.loop import FinetuneConfig
+    from xprune_jax.training.objectives import parse_objective
+
+    config = FinetuneConfig(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, optimizer=FLAGS.optimizer,
+                            objective=parse_objective(FLAGS.objective), seed=FLAGS.seed,
+                            checkpoint_every=FLAGS.checkpoint_every)
+    record = run_finetune(_one_model(), FLAGS.out, config, FLAGS.teacher, FLAGS.coco, FLAGS.split, FLAGS.image_folder,
+                          FLAGS.recalibrate_bn, FLAGS.overwrite)
+    print(f"wrote {FLAGS.out}: {record['steps']} steps, final loss {record['final']['loss']:.4g}")
+
+
 def synth_command() -> None:
     _require("coco", "out")
     from xprune_jax.data.synthetic import make_dataset
@@ -248,7 +275,7 @@ def synth_command() -> None:
 
 
 COMMANDS = {"convert": convert_command, "predict": predict_command, "eval": eval_command, "score": score_command, "prune": prune_command,
-            "bench": bench_command, "run": run_command, "synth": synth_command}
+            "bench": bench_command, "run": run_command, "synth": synth_command, "finetune": finetune_command}
 
 
 def main(argv: list[str]) -> None:
