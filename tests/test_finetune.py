@@ -142,6 +142,33 @@ def test_recalibration_restores_scrambled_statistics():
     assert recalibrated.meta["recalibrate_bn"]["bn_layers"] == 12 and recalibrated.meta["recalibrate_bn"]["images"] == 12
 
 
+@pytest.mark.parametrize("arch", ["yolov8n", "retinanet_resnet50_fpn"])
+def test_flipped_examples_carry_mirrored_boxes(arch, coco_root):
+    """Host augmentation: a flipped example's ground truth (network-input pixels, through the model's own
+    letterbox or resize) is the mirror of the unflipped one's."""
+    spec = models.get_architecture(arch).default_spec()
+    if arch == "yolov8n":
+        model = Model(arch, spec, {}, {"preprocess": {"imgsz": 128}})
+    else:
+        model = Model(arch, dataclasses.replace(spec, transform=dataclasses.replace(spec.transform, min_size=96,
+                                                                                    max_size=128)), {}, {})
+    data = training_data.coco_split(model, str(coco_root), "val2017")
+    data = dataclasses.replace(data, paths=data.paths[:1], targets=data.targets[:1])
+    examples = {flip: training_data.ExampleLoader(model, data, 1, 0, training_data.Augmentation(flip, 0.0), True)(0, 0)
+                for flip in (0.0, 1.0)}
+    plain, flipped = examples[0.0], examples[1.0]
+    n = int(plain["gt_mask"].sum())
+    assert n > 0 and np.array_equal(plain["gt_mask"], flipped["gt_mask"])
+    if arch == "yolov8n":
+        width = plain["images"].shape[1]  # the letterbox centres the image: mirror about the canvas
+    else:
+        width = int(np.any(plain["images"] != 0, axis=(0, 2)).sum())  # zero padding right of the resized image
+    mirrored = np.stack([width - flipped["gt_boxes"][:n, 2], flipped["gt_boxes"][:n, 1],
+                         width - flipped["gt_boxes"][:n, 0], flipped["gt_boxes"][:n, 3]], axis=1)
+    np.testing.assert_allclose(mirrored, plain["gt_boxes"][:n], atol=1.0)
+    assert np.abs(plain["gt_boxes"][:n, 0] - flipped["gt_boxes"][:n, 0]).max() > 2  # the flip did something
+
+
 # --- objectives --------------------------------------------------------------------------------------------
 
 def _heads(name: str, rng) -> dict:

@@ -181,9 +181,9 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
     mesh = mesh or parallel.data_mesh()
     batch_size = parallel.round_up_batch(config.batch_size, mesh)
     load = ExampleLoader(student, data, batch_size, config.seed, config.augmentation, with_targets=bool(objective.task))
-    example = jax.tree_util.tree_map(lambda *x: np.stack(x), *[load(0, slot) for slot in range(batch_size)])
     levels = []
     if objective.feature:
+        example = jax.tree_util.tree_map(lambda *x: np.stack(x), *[load(0, slot) for slot in range(batch_size)])
         levels = _check_features(objectives.family(student.arch, student.spec),
                                  objectives.family(teacher.arch, teacher.spec), student, teacher, example, objective)
 
@@ -225,7 +225,7 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
                 raise UserError(_divergence(loss, step, manager, checkpoint_dir, config))
             if manager and step > start_step and step % config.checkpoint_every == 0:
                 manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(
-                    {"identity": identity, "history": history, "window": window})))
+                    {"identity": identity, "history": list(history), "window": list(window)})))
             state = new_state
             window.append(loss)
             last_terms = metrics
@@ -253,8 +253,8 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
         "steps": config.steps, "batch_size": batch_size, "devices": int(mesh.size), "seed": config.seed,
         "augmentation": dataclasses.asdict(config.augmentation), "data": data.describe(),
         "resumed_from": start_step or None,
-        "final": {"loss": float(np.mean(tail)) if tail else None,
-                  "terms": {k: float(v) for k, v in last_terms.items()}},
+        "final": {"loss": float(np.mean(tail)) if tail else None,  # the mean over the last tenth of the history
+                  "last_step": {k: float(v) for k, v in last_terms.items()}},
         "history": history, "seconds": round(time.perf_counter() - start_time, 1),
         "environment": runs.environment(),
     }
