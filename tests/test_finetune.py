@@ -367,6 +367,21 @@ def test_bad_inputs_get_one_line_errors(workdir, tmp_path):
             dataclasses.replace(config, objective=objectives.Objective(distill=0.0, task=1.0)))
 
 
+def test_default_teacher_is_the_recorded_source(workdir, tmp_path):
+    from xprune_jax.training.teacher import resolve_teacher, source_record
+
+    source = load_model(str(workdir / "model"))
+    pruned = Model(source.arch, source.spec, source.variables, {"pruned_from": source_record(str(workdir / "model"), source)})
+    teacher, record = resolve_teacher(pruned, None)
+    assert record == pruned.meta["pruned_from"] and teacher.arch == source.arch
+    _raises("records no model it was pruned from", resolve_teacher, Model(source.arch, source.spec, {}, {}), None)
+    save_model(tiny_model(seed=3), str(tmp_path / "changed"))
+    changed = {"pruned_from": {**pruned.meta["pruned_from"], "model": str(tmp_path / "changed")}}
+    _raises("has changed since the model was pruned from it", resolve_teacher, dataclasses.replace(pruned, meta=changed), None)
+    gone = {"pruned_from": {**pruned.meta["pruned_from"], "model": str(tmp_path / "gone")}}
+    _raises("is gone; pass --teacher", resolve_teacher, dataclasses.replace(pruned, meta=gone), None)
+
+
 def test_divergence_stops_naming_the_step_and_the_last_good_checkpoint(workdir, tmp_path):
     student = tiny_model()
     data = training_data.labelled_folder(student, str(workdir / "folder"))
