@@ -211,30 +211,27 @@ class RetinaNetFamily(Family):
 
 
 class FasterRCNNFamily(Family):
-    """The teacher runs its inference forward (its proposals and their box-head outputs are captured);
-    the student runs its RPN and its box head on the teacher's top proposals (``FasterRCNN(rois=...)``),
-    plus torchvision's training forward when the task loss is on."""
+    """The teacher (``train=False``) runs its inference forward (its proposals and their box-head outputs are
+    captured); the student runs its RPN and its box head on the teacher's top proposals
+    (``FasterRCNN(rois=...)``), plus torchvision's training forward when the task loss is on."""
 
     def run(self, variables, batch, train, teacher, objective):
-        images = batch["images"]
-        targets = batch.get("model_targets") if objective.task else None
-        n = objective.rcnn_rois
-        if teacher is None:  # this is the teacher
+        images, batch_size, n = batch["images"], batch["images"].shape[0], objective.rcnn_rois
+        heads, out = {}, {}
+        if not train:  # the teacher: its inference forward, its top proposals and their box-head outputs
             _, inter, stats = _apply(self.module, variables, images, train=train)
-            proposals = inter["rpn.proposals"][:, :n]
-            num = inter["rpn.proposals"].shape[1]
-            logits = inter["roi_heads.box_predictor.cls_score"].reshape(images.shape[0], num, -1)[:, :n]
-            deltas = inter["roi_heads.box_predictor.bbox_pred"].reshape(images.shape[0], num, -1, 4)[:, :n]
-            out = {}
+            proposals, num = inter["rpn.proposals"][:, :n], inter["rpn.proposals"].shape[1]
+            heads = {"rois": proposals, "rois_valid": jnp.any(proposals != 0, axis=-1),
+                     "rois_logits": inter["roi_heads.box_predictor.cls_score"].reshape(batch_size, num, -1)[:, :n],
+                     "rois_deltas": inter["roi_heads.box_predictor.bbox_pred"].reshape(batch_size, num, -1, 4)[:, :n]}
         else:
-            proposals = teacher["heads"]["rois"]
-            out, inter, stats = _apply(self.module, variables, images, targets, rois=proposals, train=train)
-            logits, deltas = out["rois_logits"], out["rois_deltas"]
-        batch_size = images.shape[0]
-        heads = {"objectness": inter["rpn.objectness"],
-                 "rpn_deltas": inter["rpn.head.bbox_pred"].reshape(batch_size, -1, 4),
-                 "rois": proposals, "rois_valid": jnp.any(proposals != 0, axis=-1),
-                 "rois_logits": logits, "rois_deltas": deltas}
+            targets = batch.get("model_targets") if objective.task else None
+            rois = teacher["heads"]["rois"] if teacher is not None else None
+            out, inter, stats = _apply(self.module, variables, images, targets, rois=rois, train=train)
+            if rois is not None:
+                heads = {"rois_logits": out["rois_logits"], "rois_deltas": out["rois_deltas"]}
+        heads.update({"objectness": inter["rpn.objectness"],
+                      "rpn_deltas": inter["rpn.head.bbox_pred"].reshape(batch_size, -1, 4)})
         task = {k: out[k] for k in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
                 if k in out}
         return {"heads": heads, "features": _fpn_features(self.spec, inter, "pool"), "task": task}, stats
