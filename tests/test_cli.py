@@ -119,6 +119,7 @@ def test_prune_remove_then_export(workdir, coco_root):
     plan = json.loads((tmp / "pruned.plan.json").read_text())
     assert plan["mode"] == "remove" and plan["flops_after"] <= 0.9 * plan["flops_before"]
     assert "FLOPs" in result.stdout and json.loads((tmp / "pruned" / "model.json").read_text())["plans"][0] == plan
+    assert json.loads((tmp / "pruned" / "model.json").read_text())["pruned_from"]["model"] == str(tmp / "model")
     exported = torch.load(tmp / "pruned.pt", weights_only=True)
     removed = plan["selected"][0]
     assert exported["arch"] == ARCH and not any(k.startswith(removed + ".branch2") for k in exported["state_dict"])

@@ -69,6 +69,15 @@ flags.DEFINE_integer("train_images", 2000, "Training images to generate.")
 flags.DEFINE_integer("val_images", 200, "Validation images to generate.")
 flags.DEFINE_integer("image_size", 256, "Side of the generated square images in pixels.")
 flags.DEFINE_integer("crop_size", 64, "Side of the classification crops in pixels.")
+flags.DEFINE_string("teacher", None, "The unpruned model to distil from (default: the model the plan was applied to, "
+                    "recorded by `xprune prune`).")
+flags.DEFINE_string("split", "train2017", "The image folder of --coco to train on (annotations/instances_<split>.json "
+                    "gives its ground truth).")
+flags.DEFINE_integer("steps", None, "Optimiser steps.")
+flags.DEFINE_float("lr", 1e-3, "Peak learning rate (linear warm-up over 5% of the steps, then cosine).")
+flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd"], "AdamW, or SGD with momentum 0.9.")
+flags.DEFINE_integer("recalibrate_bn", 0, "First re-estimate the BatchNorm statistics on this many training images.")
+flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints (in <out>.checkpoints; a rerun resumes).")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py; override fields with "
                                 "--config.FIELD=VALUE.", lock_config=True)
 flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "xprune_jax", "jax"),
@@ -76,11 +85,13 @@ flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache",
 
 SHARED = ("cache_dir",)  # flags every command takes
 HELP = ("-h", "-help", "--help", "-helpshort", "--helpshort", "-?")
-LIMITS = {"batch_size": 1, "calib_images": 1, "repeats": 1, "round_to": 1, "max_images": 0, "warmup": 0}  # minimums
+LIMITS = {"batch_size": 1, "calib_images": 1, "repeats": 1, "round_to": 1, "max_images": 0, "warmup": 0, "steps": 1,
+          "recalibrate_bn": 0, "checkpoint_every": 1}  # minimums
 METAVARS = {"arch": "NAME", "weights": "FILE|NAME", "model": "DIR", "images": "DIR", "coco": "ROOT", "criterion": "C[,C...]",
             "scores": "FILE", "plan": "FILE", "budget": "KIND=N%", "config": "FILE[:ARG]", "image_folder": "DIR",
             "annotations": "FILE", "export_torch": "FILE", "protect": "NAME[,NAME...]", "calib_split": "SPLIT",
-            "objective": "NAME", "mode": "zero|remove|shrink", "cache_dir": "DIR"}
+            "objective": "NAME", "mode": "zero|remove|shrink|remove+shrink", "cache_dir": "DIR", "teacher": "DIR",
+            "split": "SPLIT"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +273,9 @@ def prune_command() -> None:
         else:
             plan = _plan_for_latency(model, scores, latency_target)
     pruned = apply_plan(model, plan)
+    from xprune_jax.training.teacher import source_record
+
+    pruned.meta["pruned_from"] = source_record(_one_model(), model)  # the default teacher of `xprune finetune`
     save_model(pruned, FLAGS.out, overwrite=FLAGS.overwrite)
     write_json_atomic(out + ".plan.json", dataclasses.asdict(plan))
     if FLAGS.export_torch:
@@ -403,6 +417,19 @@ def run_command() -> None:
     print(f"wrote {os.path.join(run_dir, 'report.md')}")
 
 
+def finetune_command() -> None:
+    from xprune_jax.training.command import run_finetune
+    from xprune_jax.training.loop import FinetuneConfig
+    from xprune_jax.training.objectives import parse_objective
+
+    config = FinetuneConfig(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, optimizer=FLAGS.optimizer,
+                            objective=parse_objective(FLAGS.objective), seed=FLAGS.seed,
+                            checkpoint_every=FLAGS.checkpoint_every)
+    record = run_finetune(_one_model(), FLAGS.out, config, FLAGS.teacher, FLAGS.coco, FLAGS.split, FLAGS.image_folder,
+                          FLAGS.recalibrate_bn, FLAGS.overwrite)
+    print(f"wrote {FLAGS.out}: {record['steps']} steps, final loss {record['final']['loss']:.4g}")
+
+
 def synth_command() -> None:
     from xprune_jax.data.synthetic import make_dataset
     from xprune_jax.fileio import check_writable
@@ -475,6 +502,21 @@ COMMANDS = {
         "xprune run --config=configs/demo.py --config.out_dir=runs/demo",
         "a run folder (config.out_dir, else runs/EXPERIMENT-TIME): report.md, results.json, config.json, "
         "environment.json, plots/*.png"),
+    "finetune": Command(
+        finetune_command, "recover a pruned model's accuracy: distillation from its unpruned teacher and/or the task loss",
+        ("model", "out", "steps"), ("teacher", "coco", "split", "image_folder", "objective", "batch_size", "lr",
+                                    "optimizer", "recalibrate_bn", "checkpoint_every", "seed", "overwrite"),
+        "xprune finetune --model=models/r50_shrink --coco=/data/coco --steps=2000 --out=models/r50_shrink_ft",
+        "a model directory DIR whose provenance names the teacher, the plan, the objective, the optimiser, the steps, "
+        "the data and the final loss; checkpoints in DIR.checkpoints while it runs (a rerun resumes)",
+        out="DIR", helps={"out": "The recovered model directory to write.",
+                          "objective": "Weighted terms, e.g. distill=1,task=0.5,feature=0.1,temperature=4 (default: "
+                                       "distill=1).",
+                          "image_folder": "A labelled ImageFolder (<class name>/<image>) to train a classifier on.",
+                          "coco": "A COCO-layout root to train a detector on (its --split).",
+                          "batch_size": "Images per step (rounded up to a multiple of the device count).",
+                          "seed": "Seed of the data order, augmentation and initial state.",
+                          "overwrite": "Replace an existing --out."}),
     "synth": Command(
         synth_command, "generate the seeded synthetic shapes dataset in the COCO layout",
         ("coco", "out"), ("seed", "train_images", "val_images", "image_size", "crop_size"),
@@ -561,8 +603,11 @@ def parse(argv: list[str]) -> str:
     for flag, minimum in LIMITS.items():
         if flag in takes and getattr(FLAGS, flag) < minimum:
             raise UserError(f"--{flag}={getattr(FLAGS, flag)} is invalid: use an integer >= {minimum}")
-    if "shrink_ratio" in takes and not 0 < FLAGS.shrink_ratio < 1:
-        raise UserError(f"--shrink_ratio={FLAGS.shrink_ratio} is invalid: use a fraction between 0 and 1, e.g. 0.5")
+    for flag, example in (("shrink_ratio", 0.5), ("floor", 0.125), ("remove_share", 0.5)):
+        if flag in takes and not 0 < getattr(FLAGS, flag) < 1:
+            raise UserError(f"--{flag}={getattr(FLAGS, flag)} is invalid: use a fraction between 0 and 1, e.g. {example}")
+    if "lr" in takes and not FLAGS.lr > 0:
+        raise UserError(f"--lr={FLAGS.lr} is invalid: use a positive learning rate, e.g. 1e-3")
     return name
 
 

@@ -334,32 +334,43 @@ class FasterRCNN(nn.Module):
     targets)``; FrozenBN, so BatchNorm is unchanged): RPN proposals with the training top-n, its loss,
     the RoI heads on the sampled proposals and their loss. Returns torchvision's loss dict plus
     ``per_image`` (each image's losses as torchvision computes them for a batch of one).
+
+    With ``rois`` ``[B, R, 4]`` (e.g. a teacher's proposals, for distillation) the box head also runs on
+    them, and the outputs (the loss dict, or without ``targets`` an empty dict: the RPN still runs and
+    captures its head outputs) gain ``rois_logits`` ``[B, R, C]`` and ``rois_deltas`` ``[B, R, C, 4]``.
     """
 
     spec: FasterRCNNSpec
 
     @nn.compact
-    def __call__(self, images, targets: dict | None = None):
+    def __call__(self, images, targets: dict | None = None, rois=None):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
         levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner_width"], "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
-        if targets is None:
+        roi_heads = RoIHeads(s, name="roi_heads")
+        if targets is None and rois is None:
             proposals, valid, _ = RegionProposalNetwork(s, name="rpn")(levels, image_sizes, input_shape)
-            logits, deltas = RoIHeads(s, name="roi_heads")(levels[:-1], proposals, input_shape)
+            logits, deltas = roi_heads(levels[:-1], proposals, input_shape)
             return jax.vmap(functools.partial(_roi_detections, s))(logits, deltas, proposals, valid, image_sizes)
-        config = FasterRCNNLossConfig()
-        train_spec = dataclasses.replace(s, rpn_pre_nms_top_n=config.rpn_pre_nms_top_n,
-                                         rpn_post_nms_top_n=config.rpn_post_nms_top_n)
-        proposals, valid, (objectness, deltas, anchors) = RegionProposalNetwork(train_spec, name="rpn")(
-            levels, image_sizes, input_shape)
-        keys = jax.vmap(jax.random.split)(targets["keys"])
-        rpn = rpn_loss(objectness, deltas, anchors, targets["gt_boxes"], targets["gt_mask"], keys[:, 0], config)
-        samples = roi_training_samples(proposals, valid, targets["gt_boxes"], targets["gt_classes"],
-                                       targets["gt_mask"], keys[:, 1], config)
-        roi = fastrcnn_loss(*RoIHeads(s, name="roi_heads")(levels[:-1], samples["rois"], input_shape), samples,
-                            config.beta)
-        return {**{k: v for k, v in {**rpn, **roi}.items() if k != "per_image"},
-                "per_image": {**rpn["per_image"], **roi["per_image"]}}
+        out = {}
+        if targets is None:
+            RegionProposalNetwork(s, name="rpn")(levels, image_sizes, input_shape)
+        else:
+            config = FasterRCNNLossConfig()
+            train_spec = dataclasses.replace(s, rpn_pre_nms_top_n=config.rpn_pre_nms_top_n,
+                                             rpn_post_nms_top_n=config.rpn_post_nms_top_n)
+            proposals, valid, (objectness, deltas, anchors) = RegionProposalNetwork(train_spec, name="rpn")(
+                levels, image_sizes, input_shape)
+            keys = jax.vmap(jax.random.split)(targets["keys"])
+            rpn = rpn_loss(objectness, deltas, anchors, targets["gt_boxes"], targets["gt_mask"], keys[:, 0], config)
+            samples = roi_training_samples(proposals, valid, targets["gt_boxes"], targets["gt_classes"],
+                                           targets["gt_mask"], keys[:, 1], config)
+            roi = fastrcnn_loss(*roi_heads(levels[:-1], samples["rois"], input_shape), samples, config.beta)
+            out = {**{k: v for k, v in {**rpn, **roi}.items() if k != "per_image"},
+                   "per_image": {**rpn["per_image"], **roi["per_image"]}}
+        if rois is not None:
+            out["rois_logits"], out["rois_deltas"] = roi_heads(levels[:-1], rois, input_shape)
+        return out
 
 
 class RetinaNetHead(nn.Module):

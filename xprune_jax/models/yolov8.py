@@ -28,6 +28,7 @@ SCALES = {"n": (0.33, 0.25, 1024), "s": (0.33, 0.50, 1024), "m": (0.67, 0.75, 76
           "l": (1.00, 1.00, 512), "x": (1.00, 1.25, 512)}  # yolov8.yaml: (depth, width, max_channels)
 REG_MAX = 16  # DFL bins per box side: the box branch outputs 4 * REG_MAX channels
 MAX_STRIDE = 32
+BN_MOMENTUM = 0.03  # Ultralytics' initialize_weights sets every BatchNorm2d's momentum (and eps 1e-3)
 
 
 @register_spec
@@ -181,7 +182,7 @@ class ConvBlock(nn.Module):
         s = self.spec
         y = Conv2d(s.out, s.kernel, s.stride, use_bias=self.fused, name="conv")(x)
         if not self.fused:
-            y = batch_norm("bn", self.bn_eps)(y)
+            y = batch_norm("bn", self.bn_eps, BN_MOMENTUM)(y)
         return capture(self, nn.silu(y))
 
 
