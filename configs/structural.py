@@ -34,6 +34,10 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.pruning = ml_collections.ConfigDict({
         "allocation": "global", "normalize": "mean", "floor": 0.125, "round_to": 8, "shrink_ratio": 0.5,
         "remove_share": 0.5, "protect": ()})
+    # recovery of every pruned model, each stage measured as the cut is (0 = off): BN statistics re-estimated
+    # on `recalibrate_bn` training images, then `finetune.steps` steps distilling from the unpruned model
+    config.recovery = ml_collections.ConfigDict({"recalibrate_bn": 0, "finetune": ml_collections.ConfigDict({
+        "steps": 0, "batch_size": 16, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 1e-4, "objective": "distill=1"})})
     config.save_models = False
     config.bench = ml_collections.ConfigDict({"batch_size": 1, "repeats": 10, "warmup": 2})
     config.out_dir = ""

@@ -113,6 +113,36 @@ def validate(config) -> None:
         field(name, int, minimum)
     for name in ("save_models", "resume"):
         field(name, bool)
+    if "pruning" in config:
+        from xprune_jax.pruning.plan import ALLOCATIONS, NORMALIZATIONS
+
+        for name, choices in (("allocation", ALLOCATIONS), ("normalize", NORMALIZATIONS)):
+            if config.pruning.get(name) not in choices:
+                raise UserError(f"config.pruning.{name} is {config.pruning.get(name)!r}; choose one of {', '.join(choices)}")
+        for name in ("floor", "shrink_ratio", "remove_share"):
+            value = config.pruning.get(name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+                raise UserError(f"config.pruning.{name} is {value!r}; it must be a fraction between 0 and 1")
+        field("pruning.round_to", int, 1)
+        if not all(isinstance(p, str) for p in field("pruning.protect", (tuple, list))):
+            raise UserError("config.pruning.protect must list layer or block names, e.g. ('model.22',)")
+    if _recovers(config):
+        from xprune_jax.training.loop import OPTIMIZERS
+        from xprune_jax.training.objectives import parse_objective
+
+        field("recovery.recalibrate_bn", int, 0)
+        field("recovery.finetune.steps", int, 0)
+        field("recovery.finetune.batch_size", int, 2)
+        parse_objective(field("recovery.finetune.objective", str))
+        if config.recovery.finetune.optimizer not in OPTIMIZERS:
+            raise UserError(f"config.recovery.finetune.optimizer is {config.recovery.finetune.optimizer!r}; choose one "
+                            f"of {', '.join(OPTIMIZERS)}")
+        for name in ("lr", "weight_decay"):
+            value = config.recovery.finetune.get(name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (name == "lr" and not value):
+                raise UserError(f"config.recovery.finetune.{name} is {value!r}; it must be a positive number")
+        if architecture.task == "classification" and not config.image_folder:
+            raise UserError("config.recovery trains a classifier on labelled images: set config.image_folder (its train/)")
     for source in config.get("measurements_from", ()):
         if not isinstance(source, str) or not os.path.isfile(source):
             raise UserError(f"config.measurements_from names {source!r}, which is not a file; give the measurements.json "
@@ -129,6 +159,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir,
                              config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
+    recovery = _Recovery(config, model, evaluator) if _recovers(config) else None
     _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
@@ -163,12 +194,17 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                     bar.set_description(f"seed {seed}: measuring {criterion} {pruning}")
                     pruned = apply_plan(model, plan)
                     metrics, latency = evaluator(pruned, timed_against=unpruned)
-                    measured = evaluated.put(key, {"metrics": metrics, "latency": latency})
+                    measurement = {"metrics": metrics, "latency": latency}
+                    if recovery:
+                        bar.set_description(f"seed {seed}: recovering {criterion} {pruning}")
+                        measurement["recovery"] = recovery(pruned)
+                    measured = evaluated.put(key, measurement)
                     if config.save_models:
                         name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
                         save_model(pruned, os.path.join(run_dir, "models", name), overwrite=True)
                 metrics, latency = measured["metrics"], measured["latency"]
                 rows.append({**row, "selected": plan.selected, "metrics": metrics,
+                             **({"recovery": measured["recovery"]} if "recovery" in measured else {}),
                              "flops_ratio": plan.flops_after / plan.flops_before,
                              "params_ratio": plan.params_after / plan.params_before,
                              "latency_ratio": latency["ratio_median"], "latency_ratio_iqr": latency["ratio_iqr"]})
@@ -219,6 +255,7 @@ def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
         "arch": model.arch, "weights_sha256": model.meta.get("provenance", {}).get("sha256"),
         "spec": spec_to_dict(model.spec), "eval_images": config.eval_images, "bench": config.bench.to_dict(),
         **({"pruning": config.pruning.to_dict()} if "pruning" in config else {}),
+        **({"recovery": config.recovery.to_dict()} if _recovers(config) else {}),
         "seed": config.seed, "unpruned_metrics": unpruned.metrics}))
 
 
@@ -306,13 +343,25 @@ class _ClassifierEval:
         index = draw(list(range(len(self.calib_paths))), self.config.calib_images, seed)
         return [self.calib_paths[i] for i in index], None if self.calib_labels is None else self.calib_labels[index]
 
-    def __call__(self, model, timed_against: _Evaluated | None = None):
+    def training_set(self, model):
+        """What recovery trains on: the labelled ``train/`` folder (never the evaluation images)."""
+        from xprune_jax.training.data import labelled_folder
+
+        if not self.config.image_folder:
+            raise UserError("recovery of a classifier needs labelled training images: set config.image_folder")
+        return labelled_folder(model, os.path.join(self.config.image_folder, "train"))
+
+    def metrics(self, model) -> dict:
         predicted = predict.classify(model, self.paths, self.config.batch_size, progress=False).argmax(-1)
         if self.reference is None:
             self.reference = predicted
         metrics = {"top1_agreement": float(np.mean(predicted == self.reference))}
         if self.labels is not None:
             metrics["top1"] = float(np.mean(predicted == self.labels))
+        return metrics
+
+    def __call__(self, model, timed_against: _Evaluated | None = None):
+        metrics = self.metrics(model)
         size = model.meta["preprocess"]["crop"]
         x = np.random.default_rng(0).standard_normal((self.config.bench.batch_size, size, size, 3), np.float32)
         return _timed(model, jax.jit(model.module.apply), x, metrics, timed_against, self.config)
@@ -348,14 +397,71 @@ class _DetectionEval:
         labelled = self.config.objective == "loss" or (not self.config.objective and os.path.isfile(annotations))
         return paths, annotations if labelled else None
 
-    def __call__(self, model, timed_against: _Evaluated | None = None):
+    def training_set(self, model):
+        """What recovery trains on: ``config.calib_split`` with its ground truth where the objective has a task
+        term (never the evaluation images)."""
+        from xprune_jax.training.data import coco_split
+        from xprune_jax.training.objectives import parse_objective
+
+        labelled = bool(parse_objective(self.config.recovery.finetune.objective).task)
+        return coco_split(model, self.coco, self.config.calib_split, labelled=labelled)
+
+    def metrics(self, model, forward=None) -> dict:
         from xprune_jax.evaluation.coco import coco_metrics, detect, pipeline_for
 
-        forward = jax.jit(pipeline_for(model).forward)
+        forward = forward or jax.jit(pipeline_for(model).forward)
         ids = [e["id"] for e in self.entries]
         detections, _ = detect(model, self.paths, ids, self.sizes, self.config.batch_size, progress=False, forward=forward)
-        metrics = coco_metrics(self.ground_truth, detections, ids)
-        return _timed(model, forward, self.bench_batch, metrics, timed_against, self.config)
+        return coco_metrics(self.ground_truth, detections, ids)
+
+    def __call__(self, model, timed_against: _Evaluated | None = None):
+        from xprune_jax.evaluation.coco import pipeline_for
+
+        forward = jax.jit(pipeline_for(model).forward)
+        return _timed(model, forward, self.bench_batch, self.metrics(model, forward), timed_against, self.config)
+
+
+def _recovers(config) -> bool:
+    return "recovery" in config and bool(config.recovery.recalibrate_bn or config.recovery.finetune.steps)
+
+
+class _Recovery:
+    """What ``config.recovery`` asks of each pruned model, each stage evaluated as the pruned model is: BN
+    statistics re-estimated on ``recalibrate_bn`` training images (weights frozen), then ``finetune.steps``
+    of fine-tuning from the unpruned model (distillation and/or the task loss) on the training split. Both
+    are seeded by ``config.seed``, so a plan met again recovers the same way."""
+
+    def __init__(self, config, teacher, evaluator):
+        self.config, self.teacher, self.evaluator = config.recovery, teacher, evaluator
+        self.seed, self.batch_size = config.seed, config.batch_size
+        self.data = evaluator.training_set(teacher)
+
+    def finetune_config(self):
+        from xprune_jax.training.loop import FinetuneConfig
+        from xprune_jax.training.objectives import parse_objective
+
+        f = self.config.finetune
+        return FinetuneConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, optimizer=f.optimizer,
+                              weight_decay=f.weight_decay, objective=parse_objective(f.objective), seed=self.seed)
+
+    def __call__(self, pruned) -> dict:
+        import time
+
+        from xprune_jax.training.loop import finetune
+        from xprune_jax.training.recalibrate import recalibrate_bn
+
+        stages, model = {}, pruned
+        if self.config.recalibrate_bn:
+            start = time.perf_counter()
+            model = recalibrate_bn(model, draw(self.data.paths, self.config.recalibrate_bn, self.seed), self.batch_size,
+                                   progress=False)
+            stages["recalibrated"] = {"seconds": time.perf_counter() - start, "metrics": self.evaluator.metrics(model)}
+        if self.config.finetune.steps:
+            start = time.perf_counter()
+            model, record = finetune(model, self.teacher, self.data, self.finetune_config(), progress=False)
+            stages["finetuned"] = {"seconds": time.perf_counter() - start, "steps": record["steps"],
+                                   "final_loss": record["final"]["loss"], "metrics": self.evaluator.metrics(model)}
+        return stages
 
 
 def _timed(model, forward, x, metrics: dict, timed_against: _Evaluated | None, config):
@@ -387,13 +493,30 @@ def summarize(rows: list[dict], metric: str) -> list[dict]:
                         "metric_mean": float(values.mean()), "metric_std": float(values.std(ddof=1)) if len(group) > 1 else 0.0,
                         "flops_ratio": float(np.mean([r["flops_ratio"] for r in group])),
                         "params_ratio": float(np.mean([r["params_ratio"] for r in group])),
-                        "latency_ratio": float(np.median([r["latency_ratio"] for r in group]))})
+                        "latency_ratio": float(np.median([r["latency_ratio"] for r in group])),
+                        **_recovered(group, metric)})
     for mode, budget in {(s["mode"], s["budget"]) for s in summary}:
         group = [s for s in summary if (s["mode"], s["budget"]) == (mode, budget)]
         best = best_criteria(group, metric)
         for s in group:
             s["best"] = s["criterion"] in best
     return summary
+
+
+RECOVERY_STAGES = ("recalibrated", "finetuned")
+
+
+def _recovered(group: list[dict], metric: str) -> dict:
+    """Per recovery stage the rows reached: the metric's mean, std and n over seeds, and the mean seconds."""
+    out = {}
+    for stage in RECOVERY_STAGES:
+        done = [r["recovery"][stage] for r in group if stage in r.get("recovery", {})]
+        if done:
+            values = np.array([d["metrics"][metric] for d in done])
+            out[stage] = {"metric_mean": float(values.mean()), "n": len(done),
+                          "metric_std": float(values.std(ddof=1)) if len(done) > 1 else 0.0,
+                          "seconds": float(np.mean([d["seconds"] for d in done]))}
+    return out
 
 
 def best_criteria(cells: list[dict], metric: str) -> list[str]:
@@ -513,6 +636,8 @@ def _report(results: dict, config) -> str:
                      f"{'**' + value + '**' if s['best'] else value} | {s['flops_ratio']:.3f} | {s['params_ratio']:.3f} | "
                      f"{s['latency_ratio']:.3f} |")
     lines += ["", "## Who wins", ""] + _verdicts(results["summary"], metric)
+    if any(stage in s for s in results["summary"] for stage in RECOVERY_STAGES):
+        lines += _recovery_report(results, config)
     lines += ["", "## Every run", "",
               f"| criterion | mode | budget | seed | units | {metric} | FLOPs | params | latency |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -532,6 +657,56 @@ def _report(results: dict, config) -> str:
               "![layer scores](plots/layer_scores.png)", "", "![criteria ranks](plots/criteria_ranks.png)", "",
               "![trade-off](plots/tradeoff.png)", ""]
     return "\n".join(lines)
+
+
+def _recovery_report(results: dict, config) -> list[str]:
+    """The recovery table (each cell as cut, after BN recalibration and after fine-tuning, beside the
+    unpruned metric) and, per mode and budget, which criterion wins before and after fine-tuning."""
+    metric, summary = results["metric"], results["summary"]
+    unpruned = results["unpruned"]["metrics"][metric]
+    fmt = functools.partial(format_metric, metric)
+    r, f = config.recovery, config.recovery.finetune
+    lines = ["", "## After recovery", "",
+             f"Unpruned {metric}: {fmt(unpruned)}. BN recalibration: {r.recalibrate_bn} training images, weights "
+             f"frozen. Fine-tuning: {f.steps} steps of batch {f.batch_size}, {f.optimizer} at lr {f.lr:g}, objective "
+             f"`{f.objective}`, teacher the unpruned model. **Bold** = the best criterion at that stage, mode and budget; "
+             "the last columns are the fine-tuned metric as a fraction of the unpruned one and the mean wall time of "
+             "recovery per model.", "",
+             f"| mode | budget | criterion | seeds | as cut | BN recalibrated | fine-tuned | of unpruned | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(s["mode"], s["budget"]) for s in summary})
+    best = {}
+    for key in keys:
+        group = [s for s in summary if (s["mode"], s["budget"]) == key]
+        best[key] = {stage: set(best_criteria([{"criterion": s["criterion"], **s[stage]} for s in group if stage in s],
+                                              metric)) if any(stage in s for s in group) else set()
+                     for stage in RECOVERY_STAGES}
+        best[key]["cut"] = {s["criterion"] for s in group if s["best"]}
+
+    def cell(s, stage, key):
+        part = s if stage == "cut" else s.get(stage)
+        if part is None:
+            return "-"
+        text = format_mean(metric, {"n": part["n"], "metric_mean": part["metric_mean"], "metric_std": part["metric_std"]})
+        return f"**{text}**" if s["criterion"] in best[key][stage] else text
+
+    for s in sorted(summary, key=lambda s: (s["mode"], s["budget"], -s.get("finetuned", s)["metric_mean"])):
+        key = (s["mode"], s["budget"])
+        last = s.get("finetuned") or s.get("recalibrated")
+        fraction = f"{last['metric_mean'] / unpruned:.1%}" if last and unpruned else "-"
+        seconds = sum(s[stage]["seconds"] for stage in RECOVERY_STAGES if stage in s)
+        lines.append(f"| {s['mode']} | {s['budget']} | {s['criterion']} | {s['n']} | {cell(s, 'cut', key)} | "
+                     f"{cell(s, 'recalibrated', key)} | {cell(s, 'finetuned', key)} | {fraction} | {seconds:.0f} |")
+    lines += ["", "Does recovery change which criterion wins?", ""]
+    for key in keys:
+        after = "finetuned" if best[key]["finetuned"] else "recalibrated"
+        before, now = sorted(best[key]["cut"]), sorted(best[key][after])
+        same = set(before) & set(now)
+        verdict = "the same" if set(before) == set(now) else "partly the same" if same else "a different one"
+        lines.append(f"- `{key[0]}` at {key[1]}: best as cut {', '.join(f'`{c}`' for c in before)}; "
+                     f"{'fine-tuned' if after == 'finetuned' else 'recalibrated'} {', '.join(f'`{c}`' for c in now)} "
+                     f"({verdict}).")
+    return lines
 
 
 def _verdicts(summary: list[dict], metric: str) -> list[str]:
