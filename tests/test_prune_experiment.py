@@ -177,3 +177,34 @@ def test_report_bolds_every_tie_as_printed_and_shows_no_spread_for_one_seed():
     assert "best are `grad_x_act`, `l1`, tied at 0.280." in report
     assert "The paper's `grad_x_act` ties with `l1` (0.280 vs 0.280" in report
     assert_report_holds_results(report, results)
+
+
+def test_recovery_stage_is_measured_and_reported(tmp_path):
+    """config.recovery: every pruned model is measured as cut, after BN recalibration on training images
+    and after a few fine-tuning steps from the unpruned model; the report puts them side by side and the
+    measurements' context records the settings (so a resume with other recovery settings is refused)."""
+    out = tmp_path / "run"
+    args = ("run", "--config=configs/structural.py:shufflenet_v2_x1_0",
+            "--config.weights=benchmarks/fixtures/shufflenet_v2_x1_0_shapes.pth",
+            "--config.image_folder=xprune_jax/data/demo_shapes/classification", "--config.criteria=('random',)",
+            "--config.prunings=('shrink:flops=-50%',)", "--config.calib_images=8", "--config.batch_size=8",
+            "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.recovery.recalibrate_bn=16",
+            "--config.recovery.finetune.steps=4", "--config.recovery.finetune.batch_size=8", f"--config.out_dir={out}")
+    xprune(*args)
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    assert results["metric"] == "top1"
+    for r in results["rows"]:
+        recovered = r["recovery"]
+        assert set(recovered) == {"recalibrated", "finetuned"} and recovered["finetuned"]["steps"] == 4
+        assert recovered["finetuned"]["metrics"]["top1"] != r["metrics"]["top1"] or \
+            recovered["recalibrated"]["metrics"]["top1"] != r["metrics"]["top1"]  # recovery changed the model
+    for s in results["summary"]:
+        fmt = lambda c: format_metric("top1", c["metric_mean"])  # noqa: E731
+        assert s["recalibrated"]["n"] == s["finetuned"]["n"] == 1
+        assert f"| shrink | flops=-50% | {s['criterion']} | 1 | " in report
+        assert fmt(s["finetuned"]) in report and fmt(s["recalibrated"]) in report
+    assert "## After recovery" in report and "16 training images" in report and "4 steps of batch 8" in report
+    assert "Does recovery change which criterion wins?" in report
+    context = json.loads((out / "measurements.json").read_text())["context"]
+    assert context["recovery"]["finetune"]["steps"] == 4 and context["recovery"]["recalibrate_bn"] == 16
