@@ -39,7 +39,11 @@ flags.DEFINE_float("floor", 0.125, "Global allocation: the fraction of its width
 flags.DEFINE_float("remove_share", 0.5, "remove+shrink: the share of the budget taken by removing units first.")
 flags.DEFINE_float("shrink_ratio", 0.5, "Layer allocation: fraction of a selected group's channels that shrink removes.")
 flags.DEFINE_integer("round_to", 8, "Shrink keeps a multiple of this many channels.")
-flags.DEFINE_string("export_torch", None, "Also write the model as a torch file {arch, spec, state_dict} (classifiers).")
+flags.DEFINE_string("export_torch", None, "prune: also write the pruned model as `export --format=torch` does.")
+flags.DEFINE_enum("format", None, ["ultralytics", "torch", "onnx", "jax"], "export: an Ultralytics .pt (YOLOv8), a "
+                  "torch file for converters.load_pruned (torchvision models), ONNX, or a jax.export function (.npz).")
+flags.DEFINE_string("input_shape", None, "export (jax, onnx): the preprocessed input B,H,W,3; default: the shape "
+                    "the model's preprocessing fixes (a classifier's crop, YOLOv8's imgsz) with B=1.")
 flags.DEFINE_integer("repeats", 20, "Timed rounds per model (bench, prune with a latency budget).")
 flags.DEFINE_integer("warmup", 3, "Untimed calls per model before timing (bench, prune with a latency budget).")
 flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
@@ -167,12 +171,22 @@ def prune_command() -> None:
     save_model(pruned, FLAGS.out, overwrite=FLAGS.overwrite)
     write_json_atomic(FLAGS.out.rstrip("/") + ".plan.json", dataclasses.asdict(plan))
     if FLAGS.export_torch:
-        from converters.torchvision_io import export_torch
+        from xprune_jax.export import export_model
 
-        export_torch(pruned, FLAGS.export_torch)
+        export_model(pruned, "torch", FLAGS.export_torch, overwrite=True)
     print(f"wrote {FLAGS.out} ({plan.mode}, {len(plan.selected)} units): FLOPs {plan.flops_before / 1e9:.3f}G -> "
           f"{plan.flops_after / 1e9:.3f}G ({plan.flops_after / plan.flops_before - 1:+.1%}), params "
           f"{plan.params_before / 1e6:.2f}M -> {plan.params_after / 1e6:.2f}M; plan in {FLAGS.out.rstrip('/')}.plan.json")
+
+
+def export_command() -> None:
+    _require("model", "format", "out")
+    from xprune_jax.checkpoint import load_model
+    from xprune_jax.export import export_model
+
+    model = load_model(_one_model())
+    export_model(model, FLAGS.format, FLAGS.out, FLAGS.input_shape, FLAGS.overwrite)
+    print(f"wrote {FLAGS.out} ({model.arch} as {FLAGS.format})")
 
 
 def _plan_options() -> dict:
@@ -260,6 +274,7 @@ def synth_command() -> None:
 
 
 COMMANDS = {"convert": convert_command, "predict": predict_command, "eval": eval_command, "score": score_command, "prune": prune_command,
+            "export": export_command,
             "bench": bench_command, "run": run_command, "synth": synth_command}
 
 
