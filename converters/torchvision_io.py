@@ -1,4 +1,4 @@
-"""Resolve, read and convert torchvision weights; export Flax variables back to torch."""
+"""Resolve, read and convert torchvision weights; the torchvision model of unpruned Flax variables."""
 
 import dataclasses
 import json
@@ -16,7 +16,7 @@ from converters.safe_load import DisallowedGlobal, load_weights_only
 from xprune_jax import __version__, models
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
-from xprune_jax.fileio import atomic_path, file_sha256
+from xprune_jax.fileio import file_sha256
 
 
 def _weights_enum(arch: str, name: str):
@@ -236,14 +236,3 @@ def torch_model(arch: str, variables: dict) -> torch.nn.Module:
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
-
-
-def export_torch(model: Model, path: str) -> None:
-    """Write ``{"arch", "spec", "state_dict"}`` with torch.save (atomically): the state_dict is in
-    torchvision's layout and key names; the spec says which blocks exist and how wide each layer is
-    (an unpruned or zero-pruned model loads straight into ``torchvision.models.get_model(arch)``)."""
-    from xprune_jax.spec import spec_to_dict
-
-    with atomic_path(path) as tmp:
-        torch.save({"arch": model.arch, "spec": spec_to_dict(model.spec),
-                    "state_dict": to_torch_state_dict(model.variables)}, tmp)

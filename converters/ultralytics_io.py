@@ -74,7 +74,8 @@ def resolve_weights(weights: str) -> str:
 
 def allowed_globals() -> list:
     """What a YOLOv8 detection checkpoint of Ultralytics 8.x may name besides tensors and plain data:
-    the classes of its modules, the ``IterableSimpleNamespace`` of its ``args``, the loss object that
+    the classes of its modules (``C3f``: a pruned C2f with unequal halves, as `xprune export` writes it), the
+    ``IterableSimpleNamespace`` of its ``args``, the loss object that
     trainers before 8.4 left on the EMA model (ultralytics#2842), numpy scalars (``best_fitness``) and
     paths in ``train_args``. Each is allowed under its module path and under the paths that older
     versions pickled it as (``_LEGACY_MODULES``, and the flat ``ultralytics.nn.modules`` of early 8.0):
@@ -85,7 +86,7 @@ def allowed_globals() -> list:
     from ultralytics.nn.tasks import DetectionModel
     from ultralytics.utils import IterableSimpleNamespace, loss, tal
 
-    classes = (DetectionModel, modules.Conv, modules.C2f, modules.Bottleneck, modules.SPPF, modules.Concat,
+    classes = (DetectionModel, modules.Conv, modules.C2f, modules.C3f, modules.Bottleneck, modules.SPPF, modules.Concat,
                modules.Detect, modules.DFL, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Sequential, nn.ModuleList,
                nn.MaxPool2d, nn.Upsample, IterableSimpleNamespace, loss.v8DetectionLoss, loss.BboxLoss, loss.DFLoss,
                tal.TaskAlignedAssigner, nn.BCEWithLogitsLoss)

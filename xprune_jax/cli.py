@@ -55,7 +55,11 @@ flags.DEFINE_float("remove_share", 0.5, "remove+shrink: the share of the budget 
 flags.DEFINE_float("shrink_ratio", 0.5, "Layer allocation: the fraction of a selected group's channels that shrink "
                    "removes, in (0, 1).")
 flags.DEFINE_integer("round_to", 8, "Shrink keeps a multiple of this many channels.")
-flags.DEFINE_string("export_torch", None, "Also write the model as a torch file {arch, spec, state_dict} (classifiers).")
+flags.DEFINE_string("export_torch", None, "Also write the pruned model as `xprune export --format=torch` does.")
+flags.DEFINE_enum("format", None, ["ultralytics", "torch", "onnx", "jax"], "An Ultralytics .pt (YOLOv8), a torch file "
+                  "for converters.load_pruned (torchvision models), ONNX, or a jax.export function (.npz).")
+flags.DEFINE_string("input_shape", None, "The preprocessed input B,H,W,3 (jax, onnx); default: the shape the model's "
+                    "preprocessing fixes (a classifier's crop, YOLOv8's imgsz) with B=1.")
 flags.DEFINE_integer("repeats", 20, "Timed rounds per model.")
 flags.DEFINE_integer("warmup", 3, "Untimed calls per model before timing (the first compiles).")
 flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
@@ -279,9 +283,9 @@ def prune_command() -> None:
     save_model(pruned, FLAGS.out, overwrite=FLAGS.overwrite)
     write_json_atomic(out + ".plan.json", dataclasses.asdict(plan))
     if FLAGS.export_torch:
-        from converters.torchvision_io import export_torch
+        from xprune_jax.export import export_model
 
-        export_torch(pruned, FLAGS.export_torch)
+        export_model(pruned, "torch", FLAGS.export_torch, overwrite=True)
     print(f"wrote {FLAGS.out} ({plan.mode}, {len(plan.selected)} units): FLOPs {plan.flops_before / 1e9:.3f}G -> "
           f"{plan.flops_after / 1e9:.3f}G ({plan.flops_after / plan.flops_before - 1:+.1%}), params "
           f"{plan.params_before / 1e6:.2f}M -> {plan.params_after / 1e6:.2f}M; plan in {out}.plan.json")
@@ -324,6 +328,15 @@ def _read_plan(path: str):
     if problem:
         raise UserError(f"plan {path} is not a plan ({problem}); write one with `xprune prune --scores=...` and edit that")
     return Plan(**data)
+
+
+def export_command() -> None:
+    from xprune_jax.checkpoint import load_model
+    from xprune_jax.export import export_model
+
+    model = load_model(_one_model())
+    export_model(model, FLAGS.format, FLAGS.out, FLAGS.input_shape, FLAGS.overwrite)
+    print(f"wrote {FLAGS.out} ({model.arch} as {FLAGS.format})")
 
 
 def _plan_options() -> dict:
@@ -489,6 +502,14 @@ COMMANDS = {
                           "batch_size": "Batch of the timed calls (latency budgets).",
                           "repeats": "Timed rounds per candidate (latency budgets).",
                           "warmup": "Untimed calls per candidate before timing (latency budgets)."}),
+    "export": Command(
+        export_command, "write a (pruned) model for another runtime: Ultralytics, torch, ONNX or a jax.export function",
+        ("model", "format", "out"), ("input_shape", "overwrite"),
+        "xprune export --model=models/yolov8n_shrink --format=ultralytics --out=yolov8n_shrink.pt",
+        "ultralytics: a .pt that YOLO(path) loads (val, predict, export; train with PrunedDetectionTrainer); torch: "
+        "{arch, spec, state_dict} for converters.load_pruned; onnx: an ONNX graph; jax: a .npz with the serialized "
+        "StableHLO function and its parameters",
+        out="FILE", helps={"out": "The file to write.", "overwrite": "Replace an existing --out."}),
     "bench": Command(
         bench_command, "time models side by side (random interleaved order, ratios with IQR)",
         ("model",), ("batch_size", "repeats", "warmup", "seed", "out"),

@@ -146,12 +146,12 @@ def _plan_remove(c: _Context, kind: str, target: float, partial: bool = False) -
     units = [u for u in rules.removable(c.model.spec) if not _touches(u, c.protected)]
     members = {u: [c.score[l.name] for l in c.layers if l.kind != "block" and l.name.startswith(u + ".")] for u in units}
     units = [u for u in units if any(s is not None for s in members[u])]
-    costs = {u: _unit_costs(c, rules, u) for u in units}
     unit_score = {u: sum(s for s in members[u] if s is not None) for u in units}
     ranked = sorted(units, key=lambda u: (unit_score[u], u))
+    costs = functools.cache(lambda u: _unit_costs(c, rules, u))  # traced only for the units the plan reaches
 
     def savings(chosen):  # removals don't interact: their savings add up
-        return tuple(sum(costs[u][i] for u in chosen) for i in (0, 1))
+        return tuple(sum(costs(u)[i] for u in chosen) for i in (0, 1))
 
     chosen = _take(ranked, kind, target, savings, c.flops_before, c.params_before, "remove", c.model.arch, partial)
     return chosen, rules.remove(c.model.spec, chosen)
