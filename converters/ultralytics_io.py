@@ -83,10 +83,11 @@ def allowed_globals() -> list:
     ``temporary_modules`` plays no part in it."""
     from torch import nn
     from ultralytics.nn import modules
+    from ultralytics.nn.modules.block import C3f
     from ultralytics.nn.tasks import DetectionModel
     from ultralytics.utils import IterableSimpleNamespace, loss, tal
 
-    classes = (DetectionModel, modules.Conv, modules.C2f, modules.C3f, modules.Bottleneck, modules.SPPF, modules.Concat,
+    classes = (DetectionModel, modules.Conv, modules.C2f, C3f, modules.Bottleneck, modules.SPPF, modules.Concat,
                modules.Detect, modules.DFL, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Sequential, nn.ModuleList,
                nn.MaxPool2d, nn.Upsample, IterableSimpleNamespace, loss.v8DetectionLoss, loss.BboxLoss, loss.DFLoss,
                tal.TaskAlignedAssigner, nn.BCEWithLogitsLoss)
