@@ -29,7 +29,7 @@ from converters.reference import relative_error
 from tests.test_rcnn import _matched
 from xprune_jax import analysis, models, tree_paths
 from xprune_jax.attribution.criteria import ScoringInputs, get_criterion
-from xprune_jax.checkpoint import Model, save_model
+from xprune_jax.checkpoint import Model, model_fingerprint, save_model
 from xprune_jax.errors import UserError
 from xprune_jax.export import export_model
 from xprune_jax.models.yolov8_pipeline import YOLOv8Pipeline
@@ -65,7 +65,7 @@ def _scores(model: Model, criterion: str, seed: int = 0) -> dict:
     """A score file of a data-free criterion (tests/test_pruning.py's ``score_model_like``, any criterion)."""
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))  # the planner's trace
     scores = get_criterion(criterion)(ScoringInputs(layers, model.variables["params"], seed=seed))
-    return {"criterion": criterion, "arch": model.arch, "layers": [
+    return {"criterion": criterion, "arch": model.arch, "model_fingerprint": model_fingerprint(model), "layers": [
         {"name": l.name, "score": scores[l.name].score, "channel_scores":
          None if scores[l.name].channel_scores is None else list(scores[l.name].channel_scores)} for l in layers]}
 

@@ -397,4 +397,4 @@ def test_cli_errors_are_one_line(workdir):
     result = subprocess.run(_finetune_command(workdir, workdir / "never", "--steps=0"), capture_output=True, text=True,
                             cwd=REPO, env=_env())
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert "--steps must be at least 1" in result.stderr
+    assert "--steps=0 is invalid: use an integer >= 1" in result.stderr
