@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xprune_jax import models, tree_paths
+from xprune_jax.models.layers import BatchNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ def traced_layers(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__" and context.module.path:
             name = ".".join(context.module.path)
-            if isinstance(context.module, nn.BatchNorm) and args and last.get("output") is args[0]:
+            if isinstance(context.module, (BatchNorm, nn.BatchNorm)) and args and last.get("output") is args[0]:
                 norms[last["name"]] = name
             order.append(name)
             last.update(name=name, output=out)
