@@ -48,7 +48,7 @@ from xprune_jax.losses.rcnn import FasterRCNNLossConfig, fastrcnn_loss, roi_trai
 from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, Conv2d, Linear, at_least_float32, capture
 from xprune_jax.models.resnet import ResNetBackbone, ResNetSpec, resnet_spec
 from xprune_jax.ops import (BoxCoder, batched_nms, clip_boxes_to_image, grid_anchors, multiscale_roi_align,
-                            small_box_mask)
+                            small_box_mask, top_k_pairs)
 from xprune_jax.spec import register_spec
 
 RPN_MIN_BOX_SIZE = 1e-3  # torchvision's RegionProposalNetwork.min_size
@@ -458,11 +458,15 @@ def retinanet_candidates(spec: RetinaNetSpec, logits: list, deltas: list, level_
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
     scores, boxes, labels, confidence = [], [], [], []
     for level_logits, level_deltas, anchors in zip(logits, deltas, level_anchors):
-        level_scores = jax.nn.sigmoid(level_logits).reshape(level_logits.shape[0], -1)
+        level_scores = jax.nn.sigmoid(level_logits)  # [B, anchors, classes]
+        size = level_scores.shape[1] * level_scores.shape[2]
+        # lax.top_k over the flattened (anchor, class) scores, without sorting all of them; one pass
+        # over the scores finds each anchor's best, which both top-ks start from.
+        best = jnp.max(level_scores, axis=-1)
         # The image's top-k over all levels lies within the per-level top-k (before thresholding).
-        confidence.append(jax.lax.top_k(level_scores, min(CONFIDENCE_TOP_K, level_scores.shape[1]))[0])
-        level_scores = jnp.where(level_scores > spec.score_thresh, level_scores, -jnp.inf)
-        top_scores, index = jax.lax.top_k(level_scores, min(spec.topk_candidates, level_scores.shape[1]))
+        confidence.append(top_k_pairs(level_scores, min(CONFIDENCE_TOP_K, size), best)[0])
+        above, best = (jnp.where(x > spec.score_thresh, x, -jnp.inf) for x in (level_scores, best))
+        top_scores, index = top_k_pairs(above, min(spec.topk_candidates, size), best)
         anchor_index = index // spec.num_classes
         scores.append(top_scores)
         labels.append(index % spec.num_classes)
