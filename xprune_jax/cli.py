@@ -47,6 +47,10 @@ flags.DEFINE_integer("val_images", 200, "Validation images to generate (synth)."
 flags.DEFINE_integer("image_size", 256, "Side of the generated square images in pixels (synth).")
 flags.DEFINE_integer("crop_size", 64, "Side of the classification crops in pixels (synth).")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py (run).", lock_config=True)
+flags.DEFINE_enum("precision", "highest", ["highest", "default", "bfloat16"],
+                  "Precision of every model run: highest (float32 throughout; parity and evaluation), default (the "
+                  "backend's: TF32 convs and matmuls on recent NVIDIA GPUs, float32 on CPU) or bfloat16 (parameters "
+                  "and inputs in bfloat16, post-processing in float32). run: overrides the config's precision.")
 flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "xprune_jax", "jax"),
                     "JAX's persistent compilation cache ('' disables it).")
 
@@ -152,6 +156,7 @@ def prune_command() -> None:
     from xprune_jax.pruning.plan import Plan, apply_plan, make_plan
 
     model = load_model(_one_model())
+    latency_target = None
     if FLAGS.plan:
         try:
             with open(FLAGS.plan) as f:
@@ -167,6 +172,11 @@ def prune_command() -> None:
         else:
             plan = _plan_for_latency(model, scores, latency_target)
     pruned = apply_plan(model, plan)
+    if latency_target is not None:  # the plan came from measurements at this precision
+        from xprune_jax import precision
+
+        pruned.meta["latency_search"] = {"budget": FLAGS.budget, "batch_size": FLAGS.batch_size,
+                                         "precision": precision.current()}
     save_model(pruned, FLAGS.out, overwrite=FLAGS.overwrite)
     write_json_atomic(FLAGS.out.rstrip("/") + ".plan.json", dataclasses.asdict(plan))
     if FLAGS.export_torch:
@@ -181,7 +191,7 @@ def prune_command() -> None:
 def _plan_for_latency(model, scores: dict, target: float):
     """Search the plan by measuring each candidate against ``model`` (batch --batch_size, --repeats
     rounds); the steps go to ``<out>.latency.json``, also when the budget can't be met."""
-    from xprune_jax import timing
+    from xprune_jax import precision, timing
     from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.pruning.latency import plan_for_latency
 
@@ -199,8 +209,8 @@ def _plan_for_latency(model, scores: dict, target: float):
         met = True
     finally:
         write_json_atomic(FLAGS.out.rstrip("/") + ".latency.json", {
-            "budget": FLAGS.budget, "met": met, "batch_size": FLAGS.batch_size, "repeats": FLAGS.repeats,
-            "warmup": FLAGS.warmup, "seed": FLAGS.seed, "steps": steps})
+            "budget": FLAGS.budget, "met": met, "batch_size": FLAGS.batch_size, "precision": precision.current(),
+            "repeats": FLAGS.repeats, "warmup": FLAGS.warmup, "seed": FLAGS.seed, "steps": steps})
     return plan
 
 
@@ -218,27 +228,31 @@ def bench_command() -> None:
     _require("model")
     import jax
 
-    from xprune_jax import parallel, runs, timing
+    from xprune_jax import parallel, precision, runs, timing
     from xprune_jax.checkpoint import load_model, write_json_atomic
 
     batch_size = parallel.round_up_batch(FLAGS.batch_size, parallel.data_mesh())
     calls = {os.path.basename(os.path.normpath(path)): timing.model_call(load_model(path), batch_size) for path in FLAGS.model}
     names = list(calls)
     summary = timing.summarize(timing.time_side_by_side(calls, FLAGS.repeats, FLAGS.warmup, FLAGS.seed), names[0])
-    print(f"batch {batch_size} on {jax.default_backend()}, {FLAGS.repeats} rounds in random order after "
-          f"{FLAGS.warmup} warm-up calls each:")
+    print(f"batch {batch_size} on {jax.default_backend()} at precision {precision.current()}, {FLAGS.repeats} rounds "
+          f"in random order after {FLAGS.warmup} warm-up calls each:")
     print(timing.markdown_table(summary, names[0]))
     if FLAGS.out:
-        write_json_atomic(FLAGS.out, {"batch_size": batch_size, "models": FLAGS.model, "summary": summary,
-                                      "environment": runs.environment()})
+        write_json_atomic(FLAGS.out, {"batch_size": batch_size, "precision": precision.current(), "models": FLAGS.model,
+                                      "summary": summary, "environment": runs.environment()})
 
 
 def run_command() -> None:
     _require("config")
-    from xprune_jax import runs
+    from xprune_jax import precision, runs
     from xprune_jax.experiments import get_experiment
 
     config = FLAGS.config
+    if FLAGS["precision"].present or "precision" not in config:
+        with config.unlocked():
+            config.precision = FLAGS.precision
+    precision.set_precision(config.precision)
     experiment = get_experiment(config.experiment)
     run_dir = runs.start_run(config)
     results, report = experiment(config, run_dir)
@@ -269,6 +283,9 @@ def main(argv: list[str]) -> None:
 
         jax.config.update("jax_compilation_cache_dir", FLAGS.cache_dir)
     logging.set_verbosity(logging.WARNING)
+    from xprune_jax import precision
+
+    precision.set_precision(FLAGS.precision)
     try:
         COMMANDS[argv[1]]()
     except UserError as e:

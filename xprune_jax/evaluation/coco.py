@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import tqdm
 
-from xprune_jax import models, parallel
+from xprune_jax import models, parallel, precision
 from xprune_jax.checkpoint import Model, write_json_atomic
 from xprune_jax.data.images import list_images, load_rgb
 from xprune_jax.errors import UserError
@@ -64,19 +64,19 @@ def detect(model: Model, paths: list[str], image_ids: list, sizes: list[tuple[in
            partial_file: str | None = None, progress: bool = True, forward=None,
            predict: bool = False) -> tuple[list[dict], dict]:
     """COCO result entries for ``paths`` and a latency record, through the evaluation pipeline or, with
-    ``predict``, the prediction one. ``sizes`` are original (h, w); ``forward`` is a ``jax.jit`` of
-    the pipeline's forward to reuse (one is made otherwise)."""
+    ``predict``, the prediction one, at the current :mod:`~xprune_jax.precision`. ``sizes`` are
+    original (h, w); ``forward`` is a ``jax.jit`` of the pipeline's forward to reuse (one is made otherwise)."""
     pipeline = pipeline_for(model, predict)
     mesh = parallel.data_mesh()
     batch_size = parallel.round_up_batch(batch_size, mesh)
     forward = forward or jax.jit(pipeline.forward)
-    variables = jax.device_put(model.variables, parallel.replicated(mesh))
+    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
     done = _read_partial(partial_file)
     plans = [p for p in pipeline.plan(sizes, batch_size) if not all(image_ids[i] in done for i in p.indices)]
 
     def prepare(plan):
         arrays, metas = zip(*(pipeline.preprocess(np.asarray(load_rgb(paths[i])), plan.input_shape) for i in plan.indices))
-        return parallel.pad_batch(np.stack(arrays), batch_size), metas
+        return precision.cast(parallel.pad_batch(np.stack(arrays), batch_size)), metas
 
     latencies, shapes_seen, compile_seconds = [], set(), 0.0
     start = time.perf_counter()
@@ -112,7 +112,7 @@ def detect(model: Model, paths: list[str], image_ids: list, sizes: list[tuple[in
               "per_image_seconds_median": float(np.median(latencies)) if latencies else None,
               "per_image_seconds_p90": float(np.percentile(latencies, 90)) if latencies else None,
               "per_image_seconds": latencies, "images_per_second": remaining / elapsed if elapsed else None,
-              "backend": jax.default_backend()}
+              "backend": jax.default_backend(), "precision": precision.current()}
     return ordered, record
 
 
@@ -179,7 +179,8 @@ def evaluate(model: Model, coco_root: str, out_dir: str, batch_size: int = 8, ma
                                  [e["id"] for e in entries], [(e["height"], e["width"]) for e in entries],
                                  batch_size, partial, progress)
     metrics = coco_metrics(ground_truth, detections, [e["id"] for e in entries])
-    metrics.update({"images": len(entries), "detections": len(detections), "arch": model.arch})
+    metrics.update({"images": len(entries), "detections": len(detections), "arch": model.arch,
+                    "precision": precision.current()})
     write_json_atomic(os.path.join(out_dir, "detections.json"), detections)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     write_json_atomic(os.path.join(out_dir, "latency.json"), latency)
