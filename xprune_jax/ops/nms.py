@@ -9,11 +9,11 @@ Two exact algorithms give the same boxes in the same order; ``method`` picks one
   ``non_max_suppression_padded``): a tile is suppressed by the boxes kept so far in one
   ``[tile, max_output]`` IoU block, then by itself through a ``[tile, tile]`` IoU block iterated
   to its fixed point. A few steps of parallel work instead of one step per kept box: RetinaNet's
-  300 detections take 5-10 steps, Faster R-CNN's 1000 proposals 7-10. The tile is 256 on CPU and
-  512 elsewhere (``lax.platform_dependent``: chosen when the computation is lowered for its
+  300 detections from ~2000 candidates take at most 8-10 steps of 256, Faster R-CNN's 1000
+  proposals from ~4700 at most 19. The tile is 256 on CPU and 512 elsewhere (``lax.platform_dependent``: chosen when the computation is lowered for its
   platform); benchmarks/README.md has the measurements.
 - ``"loop"``: one step per kept box (at most ``max_output`` steps of O(N) work): the simplest form,
-  kept as the baseline the benchmarks compare with. 2.5-4.5x slower on CPU at the detectors' sizes;
+  kept as the baseline the benchmarks compare with. 2-6x slower on CPU at the detectors' sizes;
   on an accelerator each of its hundreds of steps costs kernel launches and a host round trip for
   the loop's condition.
 """
