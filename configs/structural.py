@@ -27,6 +27,7 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.batch_size = 4
     config.seeds = (0,)
     config.seed = 0
+    config.precision = "highest"  # highest | default | bfloat16 (xprune_jax/precision.py); --precision overrides it
     config.prunings = ("zero:layers=5%", "remove:flops=-10%", "remove:flops=-20%", "shrink:flops=-10%",
                        "shrink:flops=-20%", "shrink:flops=-30%")
     # make_plan's options (xprune prune's flags): shrink allocates channels globally, each group keeping

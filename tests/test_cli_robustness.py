@@ -106,19 +106,7 @@ def _lines(path) -> int:
         return 0
 
 
-@pytest.fixture
-def default_precision():
-    """A subprocess's matmul precision (conftest sets 'highest'): evaluations record it, so a resume
-    in this process of a subprocess's evaluation needs the same."""
-    import jax
-
-    before = jax.config.jax_default_matmul_precision
-    jax.config.update("jax_default_matmul_precision", None)
-    yield
-    jax.config.update("jax_default_matmul_precision", before)
-
-
-def test_eval_killed_then_another_model_is_refused_and_the_same_resumes(work, tmp_path, capfd, default_precision):
+def test_eval_killed_then_another_model_is_refused_and_the_same_resumes(work, tmp_path, capfd):
     from xprune_jax.evaluation.coco import evaluate
 
     out = tmp_path / "eval"

@@ -569,8 +569,8 @@ def test_harness_gives_ap_1_for_ground_truth(coco_root):
 
 def test_cli_convert_eval_predict(predict_checkpoint, coco_root, tmp_path):
     """The command line on a detector: convert an official-layout file that also holds an object outside
-    the allow-list (``--trust_pickle``), evaluate two COCO images, predict a folder (image ids from
-    COCO-style file names)."""
+    the allow-list (``--trust_pickle``), evaluate two COCO images (in bfloat16, recorded as such),
+    predict a folder (image ids from COCO-style file names)."""
     from tests.test_cli import xprune
 
     weights, marker = tmp_path / "yolov8n.pt", tmp_path / "ran"
@@ -578,9 +578,10 @@ def test_cli_convert_eval_predict(predict_checkpoint, coco_root, tmp_path):
     xprune("convert", "--arch=yolov8n", f"--weights={weights}", f"--out={tmp_path / 'model'}", "--trust_pickle")
     assert marker.exists()  # unpickled as Ultralytics would
     xprune("eval", f"--model={tmp_path / 'model'}", f"--coco={coco_root}", f"--out={tmp_path / 'eval'}",
-           "--max_images=2", "--batch_size=2")
+           "--max_images=2", "--batch_size=2", "--precision=bfloat16")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["images"] == 2 and metrics["arch"] == "yolov8n"
+    assert metrics["images"] == 2 and metrics["arch"] == "yolov8n" and metrics["precision"] == "bfloat16"
+    assert json.loads((tmp_path / "eval" / "latency.json").read_text())["precision"] == "bfloat16"
     images = tmp_path / "images"
     images.mkdir()
     first = sorted((coco_root / "val2017").glob("*.jpg"))[0]

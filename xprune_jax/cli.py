@@ -84,10 +84,14 @@ flags.DEFINE_integer("recalibrate_bn", 0, "First re-estimate the BatchNorm stati
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints (in <out>.checkpoints; a rerun resumes).")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py; override fields with "
                                 "--config.FIELD=VALUE.", lock_config=True)
+flags.DEFINE_enum("precision", "highest", ["highest", "default", "bfloat16"],
+                  "Precision of every model run: highest (float32 throughout; parity and evaluation), default (the "
+                  "backend's: TF32 convs and matmuls on recent NVIDIA GPUs, float32 on CPU) or bfloat16 (parameters "
+                  "and inputs in bfloat16, post-processing in float32). run: overrides the config's precision.")
 flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "xprune_jax", "jax"),
                     "JAX's persistent compilation cache ('' disables it).")
 
-SHARED = ("cache_dir",)  # flags every command takes
+SHARED = ("cache_dir", "precision")  # flags every command takes
 HELP = ("-h", "-help", "--help", "-helpshort", "--helpshort", "-?")
 LIMITS = {"batch_size": 1, "calib_images": 1, "repeats": 1, "round_to": 1, "max_images": 0, "warmup": 0, "steps": 1,
           "recalibrate_bn": 0, "checkpoint_every": 1}  # minimums
@@ -277,6 +281,11 @@ def prune_command() -> None:
         else:
             plan = _plan_for_latency(model, scores, latency_target)
     pruned = apply_plan(model, plan)
+    if latency_target is not None:  # the plan came from measurements at this precision
+        from xprune_jax import precision
+
+        pruned.meta["latency_search"] = {"budget": FLAGS.budget, "batch_size": FLAGS.batch_size,
+                                         "precision": precision.current()}
     from xprune_jax.training.teacher import source_record
 
     pruned.meta["pruned_from"] = source_record(_one_model(), model)  # the default teacher of `xprune finetune`
@@ -347,7 +356,7 @@ def _plan_options() -> dict:
 def _plan_for_latency(model, scores: dict, target: float):
     """Search the plan by measuring each candidate against ``model`` (batch --batch_size, --repeats
     rounds); the steps go to ``<out>.latency.json``, also when the budget can't be met."""
-    from xprune_jax import timing
+    from xprune_jax import precision, timing
     from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.pruning.latency import plan_for_latency
 
@@ -365,8 +374,8 @@ def _plan_for_latency(model, scores: dict, target: float):
         met = True
     finally:
         write_json_atomic(FLAGS.out.rstrip("/") + ".latency.json", {
-            "budget": FLAGS.budget, "met": met, "batch_size": FLAGS.batch_size, "repeats": FLAGS.repeats,
-            "warmup": FLAGS.warmup, "seed": FLAGS.seed, "steps": steps})
+            "budget": FLAGS.budget, "met": met, "batch_size": FLAGS.batch_size, "precision": precision.current(),
+            "repeats": FLAGS.repeats, "warmup": FLAGS.warmup, "seed": FLAGS.seed, "steps": steps})
     return plan
 
 
@@ -394,7 +403,7 @@ def model_labels(paths: list[str]) -> list[str]:
 def bench_command() -> None:
     import jax
 
-    from xprune_jax import parallel, runs, timing
+    from xprune_jax import parallel, precision, runs, timing
     from xprune_jax.checkpoint import model_fingerprint, write_json_atomic
     from xprune_jax.fileio import check_writable
 
@@ -406,22 +415,26 @@ def bench_command() -> None:
     calls = {label: timing.model_call(model, batch_size) for label, model in zip(labels, models)}
     times = timing.time_side_by_side(calls, FLAGS.repeats, FLAGS.warmup, FLAGS.seed, progress=True)
     summary = timing.summarize(times, labels[0])
-    print(f"batch {batch_size} on {jax.default_backend()}, {FLAGS.repeats} rounds in random order after "
-          f"{FLAGS.warmup} warm-up calls each:")
+    print(f"batch {batch_size} on {jax.default_backend()} at precision {precision.current()}, {FLAGS.repeats} rounds "
+          f"in random order after {FLAGS.warmup} warm-up calls each:")
     print(timing.markdown_table(summary, labels[0]))
     if FLAGS.out:
-        write_json_atomic(FLAGS.out, {"batch_size": batch_size, "models": FLAGS.model, "labels": labels,
+        write_json_atomic(FLAGS.out, {"batch_size": batch_size, "precision": precision.current(), "models": FLAGS.model, "labels": labels,
                                       "model_fingerprints": [model_fingerprint(m) for m in models],
                                       "repeats": FLAGS.repeats, "warmup": FLAGS.warmup, "seed": FLAGS.seed,
                                       "summary": summary, "environment": runs.environment()})
 
 
 def run_command() -> None:
-    from xprune_jax import runs
+    from xprune_jax import precision, runs
     from xprune_jax.experiments import validated_experiment
     from xprune_jax.fileio import check_writable
 
     config = FLAGS.config
+    if FLAGS["precision"].present or "precision" not in config:
+        with config.unlocked():
+            config.precision = FLAGS.precision
+    precision.set_precision(config.precision)
     experiment = validated_experiment(config)
     check_writable(config.get("out_dir") or os.path.join("runs", "x"), "config.out_dir")
     run_dir = runs.start_run(config)
@@ -435,6 +448,9 @@ def finetune_command() -> None:
     from xprune_jax.training.loop import FinetuneConfig
     from xprune_jax.training.objectives import parse_objective
 
+    if FLAGS.precision == "bfloat16":
+        raise UserError("finetune trains float32 parameters: use --precision=highest or default (bfloat16 is for "
+                        "running a model: eval, predict, bench)")
     config = FinetuneConfig(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, optimizer=FLAGS.optimizer,
                             objective=parse_objective(FLAGS.objective), seed=FLAGS.seed,
                             checkpoint_every=FLAGS.checkpoint_every)
@@ -668,6 +684,9 @@ def main(argv: list[str]) -> None:
 
             jax.config.update("jax_compilation_cache_dir", FLAGS.cache_dir)
         logging.set_verbosity(logging.WARNING)
+        from xprune_jax import precision
+
+        precision.set_precision(FLAGS.precision)
         COMMANDS[name].run()
     except UserError as e:
         _fail(f"xprune {name}", str(e))

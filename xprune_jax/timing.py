@@ -17,8 +17,9 @@ def model_call(model, batch_size: int = 1, image: str = DEMO_IMAGE) -> Callable[
     """A zero-argument call of ``model``'s jitted forward on one fixed batch, for timing: a classifier
     gets standard-normal input at its crop size; a detector gets ``image`` (a bundled COCO image by
     default) through its own pipeline, ``batch_size`` times, and returns padded detections (so NMS is
-    timed too). The batch is split over the local devices (rounded up to a multiple of their count)."""
-    from xprune_jax import models, parallel
+    timed too). The batch is split over the local devices (rounded up to a multiple of their count), at
+    the current :mod:`~xprune_jax.precision`."""
+    from xprune_jax import models, parallel, precision
     from xprune_jax.data.images import load_rgb
 
     mesh = parallel.data_mesh()
@@ -35,8 +36,8 @@ def model_call(model, batch_size: int = 1, image: str = DEMO_IMAGE) -> Callable[
         (plan,) = pipeline.plan([pixels.shape[:2]], 1)
         x = np.repeat(pipeline.preprocess(pixels, plan.input_shape)[0][None], batch_size, axis=0)
         forward = jax.jit(pipeline.forward)
-    variables = jax.device_put(model.variables, parallel.replicated(mesh))
-    x = jax.device_put(x, parallel.batch_sharding(mesh))
+    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
+    x = jax.device_put(precision.cast(x), parallel.batch_sharding(mesh))
     return lambda: forward(variables, x)
 
 

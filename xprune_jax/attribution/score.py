@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import tqdm
 
-from xprune_jax import analysis, models, parallel, runs
+from xprune_jax import analysis, models, parallel, precision, runs
 from xprune_jax.attribution.compare import compare
 from xprune_jax.attribution.criteria import CRITERIA, ScoringInputs, get_criterion
 from xprune_jax.attribution.objectives import LOSS_ARCHS, get_objective
@@ -64,7 +64,7 @@ def gather_statistics(model: Model, paths: list[str], objective, batch_size: int
     mesh = parallel.data_mesh()
     batch_size = parallel.round_up_batch(batch_size, mesh)
     step = statistics_step(model.module, objective, weight_gradients)
-    variables = jax.device_put(model.variables, parallel.replicated(mesh))
+    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
     load = _example_loader(model, paths, ground_truth)
     if getattr(objective, "model_targets", False):  # the model computes the loss: targets go with the images
         load = functools.partial(_with_targets, load, seed)
@@ -72,6 +72,7 @@ def gather_statistics(model: Model, paths: list[str], objective, batch_size: int
     with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=not progress) as bar:
         for _, examples in prefetch(list(range(len(paths))), load, batch_size):
             batch = jax.tree_util.tree_map(lambda *x: parallel.pad_batch(np.stack(x), batch_size), *examples)
+            batch["images"] = precision.cast(batch["images"])  # the ground truth stays float32
             batch["weights"] = parallel.pad_batch(np.ones(len(examples), np.float32), batch_size)
             batch = jax.device_put(batch, parallel.batch_sharding(mesh))
             stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), step(variables, batch))
@@ -189,6 +190,7 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     return {
         "criterion": primary, "criteria": list(results), "objective": objective_name, "arch": model.arch,
         "model_fingerprint": model_fingerprint(model),
+        "precision": precision.current(),
         "calibration": {"images": [os.path.basename(p) for p in paths], "seed": seed, "batch_size": batch_size,
                         "split": calib_split if paths and calibration is None else None,
                         "ground_truth": ground_truth if isinstance(ground_truth, str) else ground_truth is not None},

@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from xprune_jax import models
-from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS
+from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, at_least_float32
 
 
 def _reduce(a, g) -> dict:
-    """Sums over the images of a batch; per-channel values keep the channel (last) axis."""
-    ag = (a * g).reshape(a.shape[0], -1, a.shape[-1])  # [images, positions, channels]
+    """Sums over the images of a batch (in float32 at least, also for a bfloat16 network); per-channel
+    values keep the channel (last) axis."""
+    ag = (at_least_float32(a) * at_least_float32(g)).reshape(a.shape[0], -1, a.shape[-1])  # [images, positions, channels]
     return {
         "abs": jnp.sum(jnp.abs(ag)),  # sum over images of sum_i |a_i g_i|
         "signed": jnp.sum(jnp.abs(jnp.sum(ag, axis=(1, 2)))),  # sum over images of |sum_i a_i g_i|

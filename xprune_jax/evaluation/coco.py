@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import tqdm
 
-from xprune_jax import models, parallel
+from xprune_jax import models, parallel, precision
 from xprune_jax.checkpoint import Model, model_fingerprint, write_json_atomic
 from xprune_jax.data.images import list_images, load_rgb
 from xprune_jax.errors import UserError
@@ -100,19 +100,19 @@ def detect(model: Model, paths: list[str], image_ids: list, sizes: list[tuple[in
            partial_file: str | None = None, progress: bool = True, forward=None,
            predict: bool = False) -> tuple[list[dict], dict]:
     """COCO result entries for ``paths`` and a latency record, through the evaluation pipeline or, with
-    ``predict``, the prediction one. ``sizes`` are original (h, w); ``forward`` is a ``jax.jit`` of
-    the pipeline's forward to reuse (one is made otherwise)."""
+    ``predict``, the prediction one, at the current :mod:`~xprune_jax.precision`. ``sizes`` are
+    original (h, w); ``forward`` is a ``jax.jit`` of the pipeline's forward to reuse (one is made otherwise)."""
     pipeline = pipeline_for(model, predict)
     mesh = parallel.data_mesh()
     batch_size = parallel.round_up_batch(batch_size, mesh)
     forward = forward or jax.jit(pipeline.forward)
-    variables = jax.device_put(model.variables, parallel.replicated(mesh))
+    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
     done = _read_partial(partial_file)
     plans = [p for p in pipeline.plan(sizes, batch_size) if not all(image_ids[i] in done for i in p.indices)]
 
     def prepare(plan):
         arrays, metas = zip(*(pipeline.preprocess(np.asarray(load_rgb(paths[i])), plan.input_shape) for i in plan.indices))
-        return parallel.pad_batch(np.stack(arrays), batch_size), metas
+        return precision.cast(parallel.pad_batch(np.stack(arrays), batch_size)), metas
 
     latencies, shapes_seen, compile_seconds = [], set(), 0.0
     start = time.perf_counter()
@@ -148,7 +148,7 @@ def detect(model: Model, paths: list[str], image_ids: list, sizes: list[tuple[in
               "per_image_seconds_median": float(np.median(latencies)) if latencies else None,
               "per_image_seconds_p90": float(np.percentile(latencies, 90)) if latencies else None,
               "per_image_seconds": latencies, "images_per_second": remaining / elapsed if elapsed else None,
-              "backend": jax.default_backend()}
+              "backend": jax.default_backend(), "precision": precision.current()}
     return ordered, record
 
 
@@ -225,7 +225,8 @@ def evaluate(model: Model, coco_root: str, out_dir: str, batch_size: int = 8, ma
                                      [e["id"] for e in entries], [(e["height"], e["width"]) for e in entries],
                                      batch_size, partial, progress)
         metrics = coco_metrics(ground_truth, detections, [e["id"] for e in entries])
-        metrics.update({"images": len(entries), "detections": len(detections), "arch": model.arch, "made_by": made_by})
+        metrics.update({"images": len(entries), "detections": len(detections), "arch": model.arch, "made_by": made_by,
+                        "precision": made_by["precision"]})
         write_json_atomic(os.path.join(out_dir, "detections.json"), detections)
         write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
         write_json_atomic(os.path.join(out_dir, "latency.json"), latency)
@@ -235,12 +236,12 @@ def evaluate(model: Model, coco_root: str, out_dir: str, batch_size: int = 8, ma
 
 def evaluation_record(model: Model, entries: list[dict], batch_size: int, max_images: int) -> dict:
     """What an evaluation's detections depend on: the model's content, the images and the batch size
-    (Ultralytics' rectangular batches depend on it) and the matmul precision."""
+    (Ultralytics' rectangular batches depend on it) and the precision."""
     images = json.dumps([[e["id"], e["file_name"], e["height"], e["width"]] for e in entries]).encode()
     return {"model_fingerprint": model_fingerprint(model), "arch": model.arch,
             "images_sha256": hashlib.sha256(images).hexdigest(), "images": len(entries), "max_images": max_images,
             "batch_size": parallel.round_up_batch(batch_size, parallel.data_mesh()),
-            "matmul_precision": str(jax.config.jax_default_matmul_precision)}
+            "precision": precision.current()}
 
 
 def _start_partial(path: str, made_by: dict, overwrite: bool) -> None:

@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from xprune_jax import models, runs
+from xprune_jax import models, precision, runs
 from xprune_jax.data.images import classification_transform, list_images, load_rgb
 from xprune_jax.errors import UserError
 from xprune_jax.experiments import register
@@ -41,7 +41,9 @@ def parity(config, run_dir: str) -> tuple[dict, str]:
         from converters import reference, torchvision_io
     except ImportError as e:
         raise UserError(f"the parity experiment needs torch and torchvision ({e}); `pip install -e '.[torch]'`") from None
-    jax.config.update("jax_default_matmul_precision", "highest")
+    if config.get("precision", "highest") != "highest":
+        raise UserError("the parity experiment compares with torch at full float32: run it with precision 'highest'")
+    precision.set_precision("highest")
     images = list_images(config.images or os.path.join(runs.DEMO_COCO, "val2017"))
     results = {}
     for arch in config.archs:

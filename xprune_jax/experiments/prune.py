@@ -33,7 +33,7 @@ import numpy as np
 import tqdm
 from scipy import stats
 
-from xprune_jax import models, parallel, predict, runs, timing
+from xprune_jax import models, parallel, precision, predict, runs, timing
 from xprune_jax.attribution.compare import compare
 from xprune_jax.attribution.score import calibration_images, draw, score_model
 from xprune_jax.checkpoint import save_model, write_json_atomic
@@ -256,7 +256,7 @@ def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
         "spec": spec_to_dict(model.spec), "eval_images": config.eval_images, "bench": config.bench.to_dict(),
         **({"pruning": config.pruning.to_dict()} if "pruning" in config else {}),
         **({"recovery": config.recovery.to_dict()} if _recovers(config) else {}),
-        "seed": config.seed, "unpruned_metrics": unpruned.metrics}))
+        "seed": config.seed, "precision": precision.current(), "unpruned_metrics": unpruned.metrics}))
 
 
 class Measurements:
@@ -467,7 +467,7 @@ class _Recovery:
 def _timed(model, forward, x, metrics: dict, timed_against: _Evaluated | None, config):
     """The unpruned model's :class:`_Evaluated`, or a pruned model's ``(metrics, latency summary)``
     timed side by side with it."""
-    call = functools.partial(forward, jax.device_put(model.variables), jax.device_put(x))
+    call = functools.partial(forward, jax.device_put(precision.cast(model.variables)), jax.device_put(precision.cast(x)))
     if timed_against is None:
         return _Evaluated(metrics, call)
     times = timing.time_side_by_side({"unpruned": timed_against.call, "pruned": call}, config.bench.repeats,

@@ -28,6 +28,12 @@ def capture(module: nn.Module, x: jax.Array) -> jax.Array:
     return x
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """``x`` in float32 if its dtype is narrower (a bfloat16 network's outputs, before boxes are decoded),
+    else unchanged (float64 stays float64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class Conv2d(nn.Module):
     """``torch.nn.Conv2d``: explicit symmetric padding (never 'SAME'), groups, optional bias."""
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xprune_jax.models.layers import Conv2d, batch_norm, capture, max_pool
+from xprune_jax.models.layers import Conv2d, at_least_float32, batch_norm, capture, max_pool
 from xprune_jax.ops import dist2bbox, make_anchor_points
 from xprune_jax.spec import register_spec
 
@@ -264,9 +264,10 @@ class Detect(nn.Module):
                 y = Conv2d(outputs, 1, use_bias=True, name=f"{branch}.{i}.2")(y)
                 collected.append(y.reshape(y.shape[0], -1, outputs))
         points, strides = make_anchor_points([x.shape[1:3] for x in features], s.strides)
-        distances = dfl_decode(jnp.concatenate(boxes, axis=1), s.reg_max)
+        # Boxes are decoded in float32 even in a bfloat16 network (its pixel steps would be 4 px at 640).
+        distances = dfl_decode(at_least_float32(jnp.concatenate(boxes, axis=1)), s.reg_max)
         xywh = dist2bbox(distances, points) * strides
-        out = jnp.concatenate([xywh, jax.nn.sigmoid(jnp.concatenate(logits, axis=1))], axis=-1)
+        out = jnp.concatenate([xywh, jax.nn.sigmoid(at_least_float32(jnp.concatenate(logits, axis=1)))], axis=-1)
         return jnp.swapaxes(capture(self, out), 1, 2)
 
 

@@ -128,9 +128,12 @@ class YOLOv8Pipeline:
         image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(self.pad_value,) * 3)
         return image.astype(np.float32) / 255.0, (left, top)
 
-    def forward(self, variables: dict, images) -> dict:
-        predictions = jnp.swapaxes(YOLOv8(self.spec).apply(variables, images), 1, 2)
-        return jax.vmap(self._select)(predictions)
+    def forward(self, variables: dict, images, candidates_from: dict | None = None, return_raw: bool = False) -> dict:
+        """Padded detections; ``raw`` is the network's ``predictions [B, 4 + nc, A]`` (see
+        :meth:`xprune_jax.detection.DetectionPipeline.forward`)."""
+        raw = {"predictions": YOLOv8(self.spec).apply(variables, images)}
+        detections = jax.vmap(self._select)(jnp.swapaxes((candidates_from or raw)["predictions"], 1, 2))
+        return {**detections, "raw": raw} if return_raw or candidates_from is not None else detections
 
     def _select(self, predictions):
         """One image's ``[A, 4 + nc]`` predictions -> padded detections after NMS."""
