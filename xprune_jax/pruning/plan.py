@@ -238,8 +238,11 @@ def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, no
     already = total - (analysis.total_flops(c.layers) if kind == "flops" else count_params(c.model.arch, c.model.spec))
     while already + savings.totals()[index] < target * total and heap:
         _, name, smaller = heapq.heappop(heap)
-        kept[name] = smaller
         savings.set(groups[name], order[name][: groups[name].width - smaller])
+        if savings.starves(groups[name]):  # a reader of scattered channels (a ShuffleNetV2 branch) would read none
+            savings.set(groups[name], order[name][: groups[name].width - kept[name]])
+            continue  # the group shrinks no further: other groups' steps only take more of that reader's inputs
+        kept[name] = smaller
         step = next_step(name)
         if step is not None:
             heapq.heappush(heap, step)
@@ -343,6 +346,14 @@ class ShrinkSavings:
             lost = math.prod(window) * (per_group_in * out - (per_group_in - d_in) * (out - d_out))
             self.lost[name] = (math.prod(self.by_layer[name].shape[:-1]) * lost,
                                lost + (d_out if "bias" in layer else 0))
+
+    def starves(self, group) -> bool:
+        """Whether a layer that reads ``group``'s channels now reads no input channel at all."""
+        for slot in group.consumers:
+            *_, per_group_in, _ = np.shape(tree_paths.get(self.params, slot.layer)["kernel"])
+            if self.dropped_in[slot.layer] >= per_group_in:
+                return True
+        return False
 
     def totals(self) -> tuple[int, int]:
         return (sum(f for f, _ in self.lost.values()),
