@@ -44,6 +44,14 @@ def write_json_atomic(path: str, data) -> None:
         f.write("\n")
 
 
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """An Orbax checkpointer for this process alone: a model directory is written by one process (process 0
+    of a multi-process run) and read by each on its own, with no barrier among them."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 def save_model(model: Model, out_dir: str, overwrite: bool = False) -> None:
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
@@ -53,7 +61,7 @@ def save_model(model: Model, out_dir: str, overwrite: bool = False) -> None:
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
     try:
         variables = jax.tree_util.tree_map(np.asarray, model.variables)
-        checkpointer = ocp.StandardCheckpointer()
+        checkpointer = _local_checkpointer()
         checkpointer.save(os.path.join(staging, "variables"), variables)
         checkpointer.wait_until_finished()
         write_json_atomic(os.path.join(staging, "model.json"), {
@@ -99,7 +107,7 @@ def load_model(model_dir: str) -> Model:
     variables_dir = os.path.abspath(os.path.join(model_dir, "variables"))
     _check_checkpoint_files(variables_dir, model_dir)
     try:
-        variables = ocp.StandardCheckpointer().restore(variables_dir)
+        variables = _local_checkpointer().restore(variables_dir)
     except Exception as e:  # Orbax raises many types for missing or damaged files
         raise UserError(f"cannot read the variables of {model_dir} ({e.__class__.__name__}): the checkpoint is "
                         "damaged; re-create the model with `xprune convert`") from None

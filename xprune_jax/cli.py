@@ -62,7 +62,8 @@ flags.DEFINE_string("input_shape", None, "The preprocessed input B,H,W,3 (jax, o
                     "preprocessing fixes (a classifier's crop, YOLOv8's imgsz) with B=1.")
 flags.DEFINE_integer("repeats", 20, "Timed rounds per model.")
 flags.DEFINE_integer("warmup", 3, "Untimed calls per model before timing (the first compiles).")
-flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multiple of the device count).")
+flags.DEFINE_integer("batch_size", 8, "Images per batch (a multiple of the device count: every device of every "
+                     "process).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 flags.DEFINE_bool("fuse", False, "YOLOv8: fold every BatchNorm into its conv on conversion.")
 flags.DEFINE_bool("trust_pickle", False, "YOLOv8: unpickle a .pt file that needs classes beyond the allow-list; "
@@ -90,8 +91,17 @@ flags.DEFINE_enum("precision", "highest", ["highest", "default", "bfloat16"],
                   "and inputs in bfloat16, post-processing in float32). run: overrides the config's precision.")
 flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "xprune_jax", "jax"),
                     "JAX's persistent compilation cache ('' disables it).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process runs (predict, eval, score, finetune): HOST:PORT where "
+                    "process 0 runs the coordinator (auto-detected on Cloud TPU, Slurm and Open MPI).")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes take part (1: run alone, even "
+                     "where a cluster is detected).")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 to num_processes - 1 (process 0 "
+                     "runs the coordinator and writes the results; the others log to <out>.process<N>.log).")
+flags.DEFINE_float("distributed_timeout", 120.0, "Multi-process runs: seconds to wait for every process to join, and "
+                   "for a silent process before the others stop with an error.")
 
-SHARED = ("cache_dir", "precision")  # flags every command takes
+SHARED = ("cache_dir", "precision", "coordinator_address", "num_processes", "process_id",
+          "distributed_timeout")  # every command
 HELP = ("-h", "-help", "--help", "-helpshort", "--helpshort", "-?")
 LIMITS = {"batch_size": 1, "calib_images": 1, "repeats": 1, "round_to": 1, "max_images": 0, "warmup": 0, "steps": 1,
           "recalibrate_bn": 0, "checkpoint_every": 1}  # minimums
@@ -99,7 +109,8 @@ METAVARS = {"arch": "NAME", "weights": "FILE|NAME", "model": "DIR", "images": "D
             "scores": "FILE", "plan": "FILE", "budget": "KIND=N%", "config": "FILE[:ARG]", "image_folder": "DIR",
             "annotations": "FILE", "export_torch": "FILE", "protect": "NAME[,NAME...]", "calib_split": "SPLIT",
             "objective": "NAME", "mode": "zero|remove|shrink|remove+shrink", "cache_dir": "DIR", "teacher": "DIR",
-            "split": "SPLIT"}
+            "split": "SPLIT", "coordinator_address": "HOST:PORT", "num_processes": "N", "process_id": "I",
+            "distributed_timeout": "SECONDS"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +123,7 @@ class Command:
     writes: str
     out: str = "PATH"  # what --out names
     helps: dict = dataclasses.field(default_factory=dict)  # this command's own help of a shared flag
+    scales: bool = False  # spreads over the processes of a multi-process run (--num_processes etc.)
 
 
 def _require(*names: str) -> None:
@@ -177,7 +189,7 @@ def convert_command() -> None:
 def predict_command() -> None:
     import numpy as np
 
-    from xprune_jax import models, predict
+    from xprune_jax import models, parallel, predict
     from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.data.images import list_images
     from xprune_jax.fileio import atomic_path, check_writable
@@ -196,10 +208,13 @@ def predict_command() -> None:
         from xprune_jax.evaluation.coco import predict_folder
 
         detections = predict_folder(model, FLAGS.images, FLAGS.batch_size, FLAGS.annotations)
-        write_json_atomic(FLAGS.out, detections)
-        print(f"wrote {FLAGS.out} ({len(detections)} detections)")
+        if parallel.is_main():
+            write_json_atomic(FLAGS.out, detections)
+            print(f"wrote {FLAGS.out} ({len(detections)} detections)")
         return
     logits = predict.classify(model, paths, FLAGS.batch_size)
+    if not parallel.is_main():
+        return
     with atomic_path(FLAGS.out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, files=np.asarray([os.path.basename(p) for p in paths]), logits=logits)
@@ -213,11 +228,13 @@ def eval_command() -> None:
     model = _load_for_use(_one_model())
     check_writable(FLAGS.out)
     metrics = evaluate(model, FLAGS.coco, FLAGS.out, FLAGS.batch_size, FLAGS.max_images, overwrite=FLAGS.overwrite)
+    if metrics is None:  # not process 0 of a multi-process run: process 0 reports
+        return
     print(f"wrote {FLAGS.out}: AP {metrics['AP']:.4f}, AP50 {metrics['AP50']:.4f} on {metrics['images']} images")
 
 
 def score_command() -> None:
-    from xprune_jax import models
+    from xprune_jax import models, parallel
     from xprune_jax.attribution.score import draw, score_model
     from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.data.images import image_folder
@@ -239,6 +256,8 @@ def score_command() -> None:
     result["model"] = os.path.abspath(_one_model())
     if calibration is not None:
         result["calibration"]["image_folder"] = os.path.abspath(FLAGS.image_folder)
+    if not parallel.is_main():
+        return
     write_json_atomic(FLAGS.out, result)
     print(f"wrote {FLAGS.out}: {len(result['layers'])} layers, criteria {', '.join(result['criteria'])}, "
           f"objective {result['objective']}")
@@ -410,7 +429,7 @@ def bench_command() -> None:
     models = [_load_for_use(path) for path in FLAGS.model]
     if FLAGS.out:
         check_writable(FLAGS.out)
-    batch_size = parallel.round_up_batch(FLAGS.batch_size, parallel.data_mesh())
+    batch_size = parallel.check_batch_size(FLAGS.batch_size, parallel.data_mesh())
     labels = model_labels(FLAGS.model)
     calls = {label: timing.model_call(model, batch_size) for label, model in zip(labels, models)}
     times = timing.time_side_by_side(calls, FLAGS.repeats, FLAGS.warmup, FLAGS.seed, progress=True)
@@ -456,6 +475,10 @@ def finetune_command() -> None:
                             checkpoint_every=FLAGS.checkpoint_every)
     record = run_finetune(_one_model(), FLAGS.out, config, FLAGS.teacher, FLAGS.coco, FLAGS.split, FLAGS.image_folder,
                           FLAGS.recalibrate_bn, FLAGS.overwrite)
+    from xprune_jax import parallel
+
+    if not parallel.is_main():
+        return
     print(f"wrote {FLAGS.out}: {record['steps']} steps, final loss {record['final']['loss']:.4g}")
 
 
@@ -485,7 +508,7 @@ COMMANDS = {
         "xprune predict --model=models/yolov8n --images=photos/ --out=detections.json",
         "classifiers: an .npz with files and logits; detectors: a COCO results json (image_id, file_name, "
         "category_id, bbox [x,y,w,h], score)",
-        out="FILE", helps={"out": "The file to write: .npz (classifiers) or .json (detectors)."}),
+        out="FILE", helps={"out": "The file to write: .npz (classifiers) or .json (detectors)."}, scales=True),
     "eval": Command(
         eval_command, "COCO evaluation of a detector (pycocotools AP) and its latency",
         ("model", "coco", "out"), ("batch_size", "max_images", "overwrite"),
@@ -493,7 +516,7 @@ COMMANDS = {
         "DIR/detections.json, DIR/metrics.json (AP ... AR100, the model fingerprint and settings), DIR/latency.json; "
         "a stopped run of the same model and settings resumes from DIR/detections.partial.jsonl",
         out="DIR", helps={"out": "The folder to write the results into.",
-                          "overwrite": "Start over instead of resuming a stopped evaluation in --out."}),
+                          "overwrite": "Start over instead of resuming a stopped evaluation in --out."}, scales=True),
     "score": Command(
         score_command, "score every layer with attribution criteria on calibration images",
         ("model", "out"), ("criterion", "objective", "coco", "calib_split", "image_folder", "calib_images",
@@ -503,7 +526,7 @@ COMMANDS = {
         "a scores json: criteria, objective, calibration (split or image folder, images, seed), the model fingerprint, "
         "and each layer's name, score, kind, params, flops, shape and channel_scores; a comparison of the criteria",
         out="FILE", helps={"out": "The scores json to write.",
-                           "seed": "Seed of the calibration draw and of the random criterion."}),
+                           "seed": "Seed of the calibration draw and of the random criterion."}, scales=True),
     "prune": Command(
         prune_command, "prune a model by its scores under a budget (or apply a plan)",
         ("model", "out"), ("scores", "mode", "budget", "plan", "protect", "allocation", "normalize", "floor",
@@ -551,9 +574,10 @@ COMMANDS = {
                                        "distill=1).",
                           "image_folder": "A labelled ImageFolder (<class name>/<image>) to train a classifier on.",
                           "coco": "A COCO-layout root to train a detector on (its --split).",
-                          "batch_size": "Images per step (rounded up to a multiple of the device count).",
+                          "batch_size": "Images per step (a multiple of the device count: every device of every "
+                                        "process).",
                           "seed": "Seed of the data order, augmentation and initial state.",
-                          "overwrite": "Replace an existing --out."}),
+                          "overwrite": "Replace an existing --out."}, scales=True),
     "synth": Command(
         synth_command, "generate the seeded synthetic shapes dataset in the COCO layout",
         ("coco", "out"), ("seed", "train_images", "val_images", "image_size", "crop_size"),
@@ -645,6 +669,10 @@ def parse(argv: list[str]) -> str:
             raise UserError(f"--{flag}={getattr(FLAGS, flag)} is invalid: use a fraction between 0 and 1, e.g. {example}")
     if "lr" in takes and not FLAGS.lr > 0:
         raise UserError(f"--lr={FLAGS.lr} is invalid: use a positive learning rate, e.g. 1e-3")
+    from xprune_jax import distributed
+
+    distributed.check_arguments(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                FLAGS.distributed_timeout)
     return name
 
 
@@ -677,6 +705,8 @@ def parse_or_exit(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     """Run the parsed command ``argv[1]``; a :class:`UserError` (or an OS error such as a full disk)
     is one line on stderr and exit status 2."""
+    from xprune_jax import distributed
+
     name = argv[1]
     try:
         if FLAGS.cache_dir:
@@ -687,21 +717,32 @@ def main(argv: list[str]) -> None:
         from xprune_jax import precision
 
         precision.set_precision(FLAGS.precision)
-        COMMANDS[name].run()
+        command = COMMANDS[name]
+        with distributed.session(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                 FLAGS.distributed_timeout, name, command.scales, FLAGS.out if command.scales else None):
+            command.run()
     except UserError as e:
         _fail(f"xprune {name}", str(e))
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRORS:
+            distributed.crash(e)
             raise
         fix = ("free some space or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT)
                else "check the path's permissions or write elsewhere")
         _fail(f"xprune {name}", f"{e.strerror} ({e.filename or 'while writing'}); {fix}")
+    except BaseException as e:  # a bug or an interrupt: a multi-process run must not leave the others waiting
+        distributed.crash(e)
+        raise
 
 
 ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _fail(name: str, message: str) -> None:
+    from xprune_jax import distributed
+
+    if distributed.active():  # the other processes stop too, quoting this
+        distributed.fail(message)
     print(f"{name}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
     sys.exit(2)
 

@@ -45,10 +45,10 @@ def file_sha256(path: str) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(directory: str):
-    """Hold ``directory``'s lock file (``.xprune.lock``) for the block: a second process that wants it
-    gets a :class:`UserError` naming the holder, instead of both writing the same files."""
-    path = os.path.join(directory, ".xprune.lock")
+def exclusive(directory: str, name: str = ".xprune.lock"):
+    """Hold ``directory``'s lock file ``name`` for the block: a second process that wants it gets a
+    :class:`UserError` naming the holder, instead of both writing the same files."""
+    path = os.path.join(directory, name)
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

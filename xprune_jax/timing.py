@@ -17,13 +17,13 @@ def model_call(model, batch_size: int = 1, image: str = DEMO_IMAGE) -> Callable[
     """A zero-argument call of ``model``'s jitted forward on one fixed batch, for timing: a classifier
     gets standard-normal input at its crop size; a detector gets ``image`` (a bundled COCO image by
     default) through its own pipeline, ``batch_size`` times, and returns padded detections (so NMS is
-    timed too). The batch is split over the local devices (rounded up to a multiple of their count), at
-    the current :mod:`~xprune_jax.precision`."""
+    timed too). The batch is split over the devices (a multiple of their count), at the current
+    :mod:`~xprune_jax.precision`."""
     from xprune_jax import models, parallel, precision
     from xprune_jax.data.images import load_rgb
 
     mesh = parallel.data_mesh()
-    batch_size = parallel.round_up_batch(batch_size, mesh)
+    parallel.check_batch_size(batch_size, mesh)
 
     architecture = models.get_architecture(model.arch)
     if architecture.pipeline is None:

@@ -60,24 +60,34 @@ def gather_statistics(model: Model, paths: list[str], objective, batch_size: int
     ``ground_truth``: classifiers' class indices (else -1: the model's own top-1), or for detectors
     a COCO annotation file holding the images, whose boxes go to the objective (``loss``). A loss that
     samples (Faster R-CNN's) samples image ``i`` of ``paths`` with the raw key ``(seed, i)``.
+
+    Every process of a multi-process run passes the same ``paths`` (the global calibration draw) and
+    loads only its rows of each batch; the jitted step sums over every device of every process, so
+    each process gets the same totals, equal to one device's up to the order of float32 sums.
     """
     mesh = parallel.data_mesh()
-    batch_size = parallel.round_up_batch(batch_size, mesh)
-    step = statistics_step(model.module, objective, weight_gradients)
+    parallel.check_batch_size(batch_size, mesh)
+    rows = parallel.local_rows(batch_size, mesh)
+    step = statistics_step(model.module, objective, weight_gradients, mesh)
     variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
     load = _example_loader(model, paths, ground_truth)
     if getattr(objective, "model_targets", False):  # the model computes the loss: targets go with the images
         load = functools.partial(_with_targets, load, seed)
-    total = None
-    with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=not progress) as bar:
-        for _, examples in prefetch(list(range(len(paths))), load, batch_size):
-            batch = jax.tree_util.tree_map(lambda *x: parallel.pad_batch(np.stack(x), batch_size), *examples)
+    shares = parallel.local_items(list(range(len(paths))), batch_size, mesh)  # this process's images of each batch
+    chunks = prefetch([i for share in shares for i in share], load, len(rows))
+    total, blank = None, None
+    with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=not (progress and parallel.is_main())) as bar:
+        for start, share in zip(range(0, len(paths), batch_size), shares):
+            examples = next(chunks)[1] if share else []
+            if blank is None:  # padding rows: zeros shaped like an example, weight 0
+                blank = jax.tree_util.tree_map(np.zeros_like, examples[0] if examples else load(0))
+            batch = jax.tree_util.tree_map(lambda *x: np.stack(x), *examples, *[blank] * (len(rows) - len(examples)))
             batch["images"] = precision.cast(batch["images"])  # the ground truth stays float32
-            batch["weights"] = parallel.pad_batch(np.ones(len(examples), np.float32), batch_size)
-            batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-            stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), step(variables, batch))
+            batch["weights"] = (np.arange(len(rows)) < len(examples)).astype(np.float32)
+            stats = step(variables, parallel.global_batch(batch, batch_size, mesh))
+            stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), stats)
             total = stats if total is None else jax.tree_util.tree_map(np.add, total, stats)
-            bar.update(len(examples))
+            bar.update(min(batch_size, len(paths) - start))
     return total
 
 

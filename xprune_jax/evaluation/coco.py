@@ -101,55 +101,84 @@ def detect(model: Model, paths: list[str], image_ids: list, sizes: list[tuple[in
            predict: bool = False) -> tuple[list[dict], dict]:
     """COCO result entries for ``paths`` and a latency record, through the evaluation pipeline or, with
     ``predict``, the prediction one, at the current :mod:`~xprune_jax.precision`. ``sizes`` are
-    original (h, w); ``forward`` is a ``jax.jit`` of the pipeline's forward to reuse (one is made otherwise)."""
+    original (h, w); ``forward`` is a ``jax.jit`` of the pipeline's forward to reuse (one is made otherwise).
+
+    Every process of a multi-process run passes every image's path, id and size and gets every entry
+    back; each reads and preprocesses only its own rows of each batch (:func:`parallel.local_rows`) and
+    logs only its own images to its own ``partial_file``. A batch is skipped only when every process
+    has its images logged."""
     pipeline = pipeline_for(model, predict)
     mesh = parallel.data_mesh()
-    batch_size = parallel.round_up_batch(batch_size, mesh)
+    parallel.check_batch_size(batch_size, mesh)
+    rows = parallel.local_rows(batch_size, mesh)
+    progress = progress and parallel.is_main()
     forward = forward or jax.jit(pipeline.forward)
     variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
-    done = _read_partial(partial_file)
-    plans = [p for p in pipeline.plan(sizes, batch_size) if not all(image_ids[i] in done for i in p.indices)]
+    plans = pipeline.plan(sizes, batch_size)
+    shares = [[plan.indices[k] for k in rows if k < len(plan.indices)] for plan in plans]  # this process's images
+    logged = _read_partial(partial_file)
+    done = {i: logged[image_ids[i]] for share in shares for i in share if image_ids[i] in logged}
+    finished = parallel.all_processes([all(i in done for i in share) for share in shares])
+    todo = [k for k, finished_k in enumerate(finished) if not finished_k]
 
-    def prepare(plan):
-        arrays, metas = zip(*(pipeline.preprocess(np.asarray(load_rgb(paths[i])), plan.input_shape) for i in plan.indices))
-        return precision.cast(parallel.pad_batch(np.stack(arrays), batch_size)), metas
+    def prepare(k):
+        plan, share = plans[k], shares[k]
+        # a process without images in a short last batch still sends rows of the right shape (zeros)
+        loaded = [pipeline.preprocess(np.asarray(load_rgb(paths[i])), plan.input_shape) for i in share or plan.indices[:1]]
+        arrays = np.stack([array for array, _ in loaded])[: len(share)]
+        return precision.cast(parallel.pad_batch(arrays, len(rows))), [meta for _, meta in loaded]
 
     latencies, shapes_seen, compile_seconds = [], set(), 0.0
     start = time.perf_counter()
-    remaining = sum(len(p.indices) for p in plans)
+    remaining = sum(len(plans[k].indices) for k in todo)
     with concurrent.futures.ThreadPoolExecutor(2) as pool, \
             tqdm.tqdm(total=remaining, unit="img", desc="detect", disable=not progress) as bar, \
             (open(partial_file, "a") if partial_file else contextlib.nullcontext()) as log:
-        futures = [pool.submit(prepare, p) for p in plans[:2]]
-        for k, plan in enumerate(plans):
-            batch, metas = futures[k].result()
-            if k + 2 < len(plans):
-                futures.append(pool.submit(prepare, plans[k + 2]))
+        futures = [pool.submit(prepare, k) for k in todo[:2]]
+        for n, k in enumerate(todo):
+            plan = plans[k]
+            batch, metas = futures[n].result()
+            if n + 2 < len(todo):
+                futures.append(pool.submit(prepare, todo[n + 2]))
             tick = time.perf_counter()
-            out = jax.device_get(forward(variables, jax.device_put(batch, parallel.batch_sharding(mesh))))
+            out = forward(variables, parallel.global_batch(batch, batch_size, mesh))
+            out = {key: parallel.host_rows(out[key], rows) for key in ("boxes", "scores", "labels", "valid")}
             seconds = time.perf_counter() - tick
             if plan.input_shape not in shapes_seen:  # the first call of a shape compiles
                 shapes_seen.add(plan.input_shape)
                 compile_seconds += seconds
             else:
                 latencies += [seconds / len(plan.indices)] * len(plan.indices)
-            for j, i in enumerate(plan.indices):
-                entries = _entries(pipeline, out, j, metas[j], image_ids[i], os.path.basename(paths[i]))
-                done[image_ids[i]] = entries
+            for j, i in enumerate(shares[k]):
+                done[i] = _entries(pipeline, out, j, metas[j], image_ids[i], os.path.basename(paths[i]))
                 if log:
-                    log.write(json.dumps({"image_id": image_ids[i], "detections": entries}) + "\n")
+                    log.write(json.dumps({"image_id": image_ids[i], "detections": done[i]}) + "\n")
             if log:
                 log.flush()
             bar.update(len(plan.indices))
     elapsed = time.perf_counter() - start
-    ordered = [entry for image_id in image_ids for entry in done.get(image_id, [])]
+    ordered = _gathered(done, paths, image_ids)
     record = {"images": len(paths), "images_this_run": remaining, "batch_size": batch_size,
+              "devices": mesh.size, "processes": jax.process_count(),
               "compiled_shapes": len(shapes_seen), "first_call_seconds": compile_seconds,
               "per_image_seconds_median": float(np.median(latencies)) if latencies else None,
               "per_image_seconds_p90": float(np.percentile(latencies, 90)) if latencies else None,
               "per_image_seconds": latencies, "images_per_second": remaining / elapsed if elapsed else None,
               "backend": jax.default_backend(), "precision": precision.current()}
     return ordered, record
+
+
+def _gathered(done: dict[int, list[dict]], paths: list[str], image_ids: list) -> list[dict]:
+    """Every process's entries (``done``: image index -> its entries), in image order, on every process.
+    They travel as float64 rows (index, category, x, y, w, h, score): the rounded values arrive exact."""
+    table = np.asarray([[i, e["category_id"], *e["bbox"], e["score"]] for i, entries in done.items() for e in entries],
+                       np.float64).reshape(-1, 7)
+    by_image: dict[int, list] = {}
+    for row in parallel.gather(table):
+        by_image.setdefault(int(row[0]), []).append(row)
+    return [{"image_id": image_ids[i], "file_name": os.path.basename(paths[i]), "category_id": int(row[1]),
+             "bbox": [float(v) for v in row[2:6]], "score": float(row[6])}
+            for i in range(len(paths)) for row in by_image.get(i, [])]
 
 
 def _entries(pipeline, out: dict, j: int, meta, image_id, file_name: str) -> list[dict]:
@@ -208,28 +237,35 @@ def evaluation_images(coco_root: str, max_images: int = 0) -> tuple[str, object,
 
 def evaluate(model: Model, coco_root: str, out_dir: str, batch_size: int = 8, max_images: int = 0,
              progress: bool = True, overwrite: bool = False) -> dict:
-    """``xprune eval``: detections.json, metrics.json and latency.json in ``out_dir``.
+    """``xprune eval``: detections.json, metrics.json and latency.json in ``out_dir``; returns the metrics
+    (None on the other processes of a multi-process run: process 0 alone runs pycocotools and writes).
 
-    Finished batches go to ``detections.partial.jsonl``, whose first line records what made them
+    Finished batches go to ``detections.partial.jsonl`` (``detections.partial.process<N>of<P>.jsonl``,
+    one per process, in a multi-process run), whose first line records what made them
     (:func:`evaluation_record`); a later run resumes from it only if that matches, and starts over
-    with ``overwrite``. One process at a time writes ``out_dir`` (a lock file in it).
+    with ``overwrite``. One run at a time writes ``out_dir`` (a lock file in it).
     """
     image_dir, ground_truth, entries = evaluation_images(coco_root, max_images)
     check_categories(model, ground_truth, coco_paths(coco_root)[1])
+    parallel.check_batch_size(batch_size, parallel.data_mesh())
     made_by = evaluation_record(model, entries, batch_size, max_images)
     os.makedirs(out_dir, exist_ok=True)
-    with exclusive(out_dir):
-        partial = os.path.join(out_dir, "detections.partial.jsonl")
+    processes = jax.process_count()
+    suffix = f".process{jax.process_index()}of{processes}" if processes > 1 else ""  # each process resumes its own
+    with exclusive(out_dir, f".xprune{suffix if jax.process_index() else ''}.lock"):  # process 0 holds the run's lock
+        partial = os.path.join(out_dir, f"detections.partial{suffix}.jsonl")
         _start_partial(partial, made_by, overwrite)
         detections, latency = detect(model, [os.path.join(image_dir, e["file_name"]) for e in entries],
                                      [e["id"] for e in entries], [(e["height"], e["width"]) for e in entries],
                                      batch_size, partial, progress)
-        metrics = coco_metrics(ground_truth, detections, [e["id"] for e in entries])
-        metrics.update({"images": len(entries), "detections": len(detections), "arch": model.arch, "made_by": made_by,
-                        "precision": made_by["precision"]})
-        write_json_atomic(os.path.join(out_dir, "detections.json"), detections)
-        write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
-        write_json_atomic(os.path.join(out_dir, "latency.json"), latency)
+        metrics = None
+        if parallel.is_main():
+            metrics = coco_metrics(ground_truth, detections, [e["id"] for e in entries])
+            metrics.update({"images": len(entries), "detections": len(detections), "arch": model.arch,
+                            "made_by": made_by, "precision": made_by["precision"]})
+            write_json_atomic(os.path.join(out_dir, "detections.json"), detections)
+            write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+            write_json_atomic(os.path.join(out_dir, "latency.json"), latency)
         os.remove(partial)
     return metrics
 
@@ -240,7 +276,7 @@ def evaluation_record(model: Model, entries: list[dict], batch_size: int, max_im
     images = json.dumps([[e["id"], e["file_name"], e["height"], e["width"]] for e in entries]).encode()
     return {"model_fingerprint": model_fingerprint(model), "arch": model.arch,
             "images_sha256": hashlib.sha256(images).hexdigest(), "images": len(entries), "max_images": max_images,
-            "batch_size": parallel.round_up_batch(batch_size, parallel.data_mesh()),
+            "batch_size": batch_size,
             "precision": precision.current()}
 
 
@@ -285,12 +321,20 @@ def check_categories(model: Model, ground_truth, annotation_file: str) -> None:
 def predict_folder(model: Model, folder: str, batch_size: int = 8, annotation_file: str | None = None,
                    progress: bool = True) -> list[dict]:
     """``xprune predict`` for detectors: COCO result entries for every image of ``folder``, each as the
-    detector's own single-image predict gives it (whatever the other images and ``batch_size``)."""
+    detector's own single-image predict gives it (whatever the other images, ``batch_size`` and the
+    number of devices and processes); every process of a multi-process run gets them all."""
     paths = list_images(folder)
     ids_by_name = {}
     if annotation_file:
         ids_by_name = {e["file_name"]: e["id"] for e in load_ground_truth(annotation_file).dataset["images"]}
     image_ids = [ids_by_name.get(os.path.basename(p), image_id_from_name(p)) for p in paths]
-    sizes = [load_rgb(p).size[::-1] for p in paths]
-    detections, _ = detect(model, paths, image_ids, sizes, batch_size, None, progress, predict=True)
+    detections, _ = detect(model, paths, image_ids, image_sizes(paths), batch_size, None, progress, predict=True)
     return detections
+
+
+def image_sizes(paths: list[str]) -> list[tuple[int, int]]:
+    """Each image's (h, w); each process of a multi-process run reads every P-th image, and all learn all."""
+    mine = range(jax.process_index(), len(paths), jax.process_count())
+    table = parallel.gather(np.asarray([[i, *load_rgb(paths[i]).size[::-1]] for i in mine], np.int64).reshape(-1, 3))
+    sizes = {int(i): (int(h), int(w)) for i, h, w in table}
+    return [sizes[i] for i in range(len(paths))]

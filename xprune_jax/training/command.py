@@ -2,6 +2,9 @@
 
 import os
 
+import jax
+
+from xprune_jax import parallel
 from xprune_jax.attribution.score import draw
 from xprune_jax.checkpoint import load_model, save_model
 from xprune_jax.errors import UserError
@@ -41,6 +44,11 @@ def run_finetune(model_dir: str, out: str, config: FinetuneConfig, teacher_dir: 
                                  progress=progress)
     directory = checkpoint_dir(out)
     model, record = finetune(student, teacher, data, config, directory, teacher_record, progress=progress)
-    save_model(model, out, overwrite=overwrite)
-    remove_checkpoints(directory)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("xprune finetune: checkpoints closed")
+    if parallel.is_main():  # process 0 alone writes the model (and removes the shared checkpoints)
+        save_model(model, out, overwrite=overwrite)
+        remove_checkpoints(directory)
     return record

@@ -163,13 +163,17 @@ class ExampleLoader:
         return {"images": array, **targets}
 
 
-def batches(load: ExampleLoader, start: int, stop: int, workers: int = 4, ahead: int = 2) -> Iterator[tuple[int, dict]]:
+def batches(load: ExampleLoader, start: int, stop: int, workers: int = 4, ahead: int = 2,
+            slots: range | None = None) -> Iterator[tuple[int, dict]]:
     """``(step, batch)`` for ``start <= step < stop``, decoded and augmented ``ahead`` batches in advance by
-    ``workers`` threads; each batch is a dict of stacked arrays."""
+    ``workers`` threads; each batch is a dict of stacked arrays: the examples of ``slots`` (default: the
+    whole batch; in a multi-process run, this process's rows)."""
     import jax
 
+    slots = range(load.batch_size) if slots is None else slots
+
     def submit(pool, step):
-        return [pool.submit(load, step, slot) for slot in range(load.batch_size)]
+        return [pool.submit(load, step, slot) for slot in slots]
 
     pool = concurrent.futures.ThreadPoolExecutor(workers)
     try:

@@ -1,6 +1,9 @@
 """The fine-tuning loop: one jitted train step (optax), the batch sharded over the data mesh and the state
 replicated, host augmentation in threads, Orbax checkpoints with exact resume, and a clear stop on a
-divergent loss.
+divergent loss. In a multi-process run each process loads and augments only its rows of each step's
+batch (the order and augmentation are functions of the global position, so they do not depend on the
+number of processes), and Orbax writes and restores checkpoints on every process together (a
+directory every host sees).
 
 - Optimiser: AdamW or SGD with momentum (torch's: weight decay added to the gradient), a linear warm-up
   from 0 and a cosine decay to ``final_lr * lr``, gradient clipping by global norm, weight decay on
@@ -179,7 +182,8 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
     if not data.paths:
         raise UserError(f"no training images in {data.root}")
     mesh = mesh or parallel.data_mesh()
-    batch_size = parallel.round_up_batch(config.batch_size, mesh)
+    batch_size = parallel.check_batch_size(config.batch_size, mesh)
+    rows = parallel.local_rows(batch_size, mesh)
     load = ExampleLoader(student, data, batch_size, config.seed, config.augmentation, with_targets=bool(objective.task))
     levels = []
     if objective.feature:
@@ -216,10 +220,11 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
 
     log_every = max(1, config.steps // 100)
     last_terms, start_time = {}, time.perf_counter()
-    bar = tqdm.tqdm(total=config.steps, initial=start_step, unit="step", desc="finetune", disable=not progress)
+    bar = tqdm.tqdm(total=config.steps, initial=start_step, unit="step", desc="finetune",
+                    disable=not (progress and parallel.is_main()))
     try:
-        for step, batch in batches(load, start_step, config.steps, config.workers):
-            new_state, metrics = step_fn(state, teacher_variables, jax.device_put(batch, parallel.batch_sharding(mesh)))
+        for step, batch in batches(load, start_step, config.steps, config.workers, slots=rows):
+            new_state, metrics = step_fn(state, teacher_variables, parallel.global_batch(batch, batch_size, mesh))
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 raise UserError(_divergence(loss, step, manager, checkpoint_dir, config))
@@ -250,7 +255,8 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
         "optimizer": {"name": config.optimizer, "lr": config.lr, "schedule": "warmup_cosine", "warmup_steps": config.warmup,
                       "final_lr": config.final_lr, "momentum": config.momentum if config.optimizer == "sgd" else None,
                       "weight_decay": config.weight_decay, "clip_norm": config.clip_norm},
-        "steps": config.steps, "batch_size": batch_size, "devices": int(mesh.size), "seed": config.seed,
+        "steps": config.steps, "batch_size": batch_size, "devices": int(mesh.size), "processes": jax.process_count(),
+        "seed": config.seed,
         "augmentation": dataclasses.asdict(config.augmentation), "data": data.describe(),
         "resumed_from": start_step or None,
         "final": {"loss": float(np.mean(tail)) if tail else None,  # the mean over the last tenth of the history

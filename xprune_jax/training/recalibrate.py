@@ -5,6 +5,7 @@ of the batches' (torch's cumulative moving average; batches weighted by their im
 they are equal).
 """
 
+import concurrent.futures
 import functools
 import time
 from typing import Sequence
@@ -28,16 +29,26 @@ def _moments_step(module):
     return jax.jit(step)
 
 
-def _image_batches(model: Model, images, batch_size: int):
+def _image_batches(model: Model, images, batch_size: int, mesh):
+    """``(images in the batch, the batch on the mesh)``: sharded where it splits over the mesh (each process
+    loading only its rows), else (a short last batch) replicated, loaded whole by every process."""
     if isinstance(images, np.ndarray):
-        for start in range(0, len(images), batch_size):
-            yield images[start: start + batch_size]
-        return
-    from xprune_jax.attribution.score import calibration_loader
-    from xprune_jax.data.images import prefetch
+        load = images.__getitem__
+    else:
+        from xprune_jax.attribution.score import calibration_loader
 
-    for _, arrays in prefetch(list(images), calibration_loader(model), batch_size):
-        yield np.stack(arrays)
+        loader = calibration_loader(model)
+        load = lambda i: loader(images[i])  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for start in range(0, len(images), batch_size):
+            size = min(batch_size, len(images) - start)
+            if size % mesh.size == 0:
+                rows = parallel.local_rows(size, mesh)
+                local = np.stack(list(pool.map(load, range(start + rows.start, start + rows.stop))))
+                yield size, parallel.global_batch(local, size, mesh)
+            else:
+                whole = np.stack(list(pool.map(load, range(start, start + size))))
+                yield size, jax.device_put(whole, parallel.replicated(mesh))
 
 
 def recalibrate_bn(model: Model, images: "Sequence[str] | np.ndarray", batch_size: int = 16, mesh=None,
@@ -50,21 +61,20 @@ def recalibrate_bn(model: Model, images: "Sequence[str] | np.ndarray", batch_siz
     if len(images) == 0:
         raise UserError("BN recalibration needs at least one image; pass --recalibrate_bn=N with N > 0")
     mesh = mesh or parallel.data_mesh()
-    batch_size = parallel.round_up_batch(batch_size, mesh)
+    parallel.check_batch_size(batch_size, mesh)
     step = _moments_step(model.module)
     variables = jax.device_put(model.variables, parallel.replicated(mesh))
     start = time.perf_counter()
     sums, total = None, 0
-    with tqdm.tqdm(total=len(images), unit="img", desc="recalibrate BN", disable=not progress) as bar:
-        for batch in _image_batches(model, images, batch_size):
-            if len(batch) < 2:
+    with tqdm.tqdm(total=len(images), unit="img", desc="recalibrate BN", disable=not (progress and parallel.is_main())) as bar:
+        for size, batch in _image_batches(model, images, batch_size, mesh):
+            if size < 2:
                 continue  # one image has no batch variance (torch refuses it in train mode)
-            sharding = parallel.batch_sharding(mesh) if len(batch) % mesh.size == 0 else parallel.replicated(mesh)
-            moments = step(variables, jax.device_put(batch, sharding))
-            weighted = jax.tree_util.tree_map(lambda m, n=len(batch): np.asarray(m, np.float64) * n, moments)
+            moments = step(variables, batch)
+            weighted = jax.tree_util.tree_map(lambda m, n=size: np.asarray(m, np.float64) * n, moments)
             sums = weighted if sums is None else jax.tree_util.tree_map(np.add, sums, weighted)
-            total += len(batch)
-            bar.update(len(batch))
+            total += size
+            bar.update(size)
     if total == 0:
         raise UserError("BN recalibration needs batches of at least 2 images; pass more images or a larger batch size")
     stats = jax.tree_util.tree_map(np.asarray, model.variables.get(BATCH_STATS, {}))
