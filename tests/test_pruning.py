@@ -483,7 +483,7 @@ def test_global_allocation_leaves_every_shuffled_branch_an_input():
             values[half:] = 1e-3
         return values.tolist()
 
-    scores = {"arch": arch, "criterion": "made up", "layers": [
+    scores = {"arch": arch, "criterion": "made up", "model_fingerprint": model_fingerprint(model), "layers": [
         {"name": l.name, "score": 1.0, "channel_scores": channels(l), "input_channel_scores": None}
         for l in analysis.describe_layers(arch, spec, 64)]}
     plan = make_plan(model, scores, "shrink", "flops=-70%")
