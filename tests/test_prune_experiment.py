@@ -208,3 +208,15 @@ def test_recovery_stage_is_measured_and_reported(tmp_path):
     assert "Does recovery change which criterion wins?" in report
     context = json.loads((out / "measurements.json").read_text())["context"]
     assert context["recovery"]["finetune"]["steps"] == 4 and context["recovery"]["recalibrate_bn"] == 16
+
+
+def test_tradeoff_plot_marks_every_mode(tmp_path):
+    """Rows of every pruning mode (remove+shrink included) plot, each mode with its own marker."""
+    from xprune_jax.experiments.prune import _plot_tradeoff
+    from xprune_jax.pruning.plan import MODES
+
+    rows = [{"mode": mode, "criterion": criterion, "latency_ratio": 0.5 + i / 10, "flops_ratio": 0.4 + i / 10,
+             "metrics": {"AP": 0.1 * i}} for i, mode in enumerate(MODES) for criterion in ("l1", "random")]
+    path = tmp_path / "tradeoff.png"
+    _plot_tradeoff(rows, "AP", str(path))
+    assert path.stat().st_size > 0

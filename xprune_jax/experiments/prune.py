@@ -41,7 +41,7 @@ from xprune_jax.data.images import image_folder, list_images, load_rgb
 from xprune_jax.errors import UserError
 from xprune_jax.experiments import register
 from xprune_jax.experiments.common import prepare_model
-from xprune_jax.pruning.plan import apply_plan, make_plan
+from xprune_jax.pruning.plan import MODES, apply_plan, make_plan
 from xprune_jax.spec import spec_to_dict
 
 
@@ -50,7 +50,7 @@ def validate(config) -> None:
     row "infeasible"): one :class:`UserError` naming the field and the fix."""
     from xprune_jax.attribution.criteria import get_criterion
     from xprune_jax.attribution.objectives import get_objective
-    from xprune_jax.pruning.plan import MODES, parse_budget
+    from xprune_jax.pruning.plan import parse_budget
 
     def field(name, kind, minimum=None):
         value = config
@@ -598,7 +598,7 @@ def _plot_tradeoff(rows: list[dict], metric: str, path: str) -> None:
     plt = runs.pyplot()
     rows = [r for r in rows if "infeasible" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    markers = {"zero": "x", "remove": "o", "shrink": "s"}
+    markers = {mode: marker for mode, marker in zip(MODES, "xosD") if any(r["mode"] == mode for r in rows)}
     criteria = sorted({r["criterion"] for r in rows})
     colors = dict(zip(criteria, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for ax, key, label in ((axes[0], "latency_ratio", "measured latency / unpruned"), (axes[1], "flops_ratio", "FLOPs / unpruned")):
