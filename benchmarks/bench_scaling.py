@@ -127,7 +127,7 @@ def run_cell(cell: dict, args, models: str) -> dict:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="results JSON (required; children write nothing)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--images", type=int, default=32, help="strong scaling: images per pass; weak: per 4 devices")
@@ -145,7 +145,10 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    if not args.out:
+        p.error("--out is required")
     from xprune_jax import runs
+    from xprune_jax.checkpoint import write_json_atomic
 
     results = {json.dumps(c, sort_keys=True): {**c, "rounds": []} for c in cells(args)}
     with tempfile.TemporaryDirectory() as models:
@@ -169,9 +172,8 @@ def main() -> None:
         row["ratio_to_one_device"] = row["ms_per_image"] / base["ms_per_image"]
     summary = {f"{r['command']} {r['devices']} devices / {r['processes']} processes": round(r["ratio_to_one_device"] - 1, 4)
                for r in rows if r["mode"] == "strong" and r["devices"] > 1}
-    with open(args.out, "w") as f:
-        json.dump({"command": " ".join(sys.argv), "load_average_after": os.getloadavg(), "overhead_at_equal_work": summary,
-                   "cells": rows, "environment": runs.environment()}, f, indent=1)
+    write_json_atomic(args.out, {"command": " ".join(sys.argv), "load_average_after": os.getloadavg(),
+                                 "overhead_at_equal_work": summary, "cells": rows, "environment": runs.environment()})
     print("| command | scaling | devices | processes | global batch | images | s per pass | ms per image | vs 1 device |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
