@@ -12,7 +12,8 @@ recent NVIDIA GPUs; torch: TF32 convolutions, float32 matmuls). On CPU both are 
 import argparse
 import os
 
-COCO_SUBSET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco_val2017_subset")
+COCO_SUBSET = os.environ.get("XPRUNE_COCO_SUBSET",  # as the tests take it
+                             os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco_val2017_subset"))
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
