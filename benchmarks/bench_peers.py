@@ -883,7 +883,6 @@ def normalisation_table(all_results: list[dict]) -> list[str]:
 
 
 def table(args) -> None:
-    from xprune_jax.checkpoint import write_json_atomic  # noqa: F401  (keeps the import check of the library)
     from xprune_jax.fileio import atomic_path
 
     all_results = load_results(args.results)

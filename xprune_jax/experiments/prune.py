@@ -672,7 +672,7 @@ def _recovery_report(results: dict, config) -> list[str]:
              f"`{f.objective}`, teacher the unpruned model. **Bold** = the best criterion at that stage, mode and budget; "
              "the last columns are the fine-tuned metric as a fraction of the unpruned one and the mean wall time of "
              "recovery per model.", "",
-             f"| mode | budget | criterion | seeds | as cut | BN recalibrated | fine-tuned | of unpruned | seconds |",
+             "| mode | budget | criterion | seeds | as cut | BN recalibrated | fine-tuned | of unpruned | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(s["mode"], s["budget"]) for s in summary})
     best = {}
