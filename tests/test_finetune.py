@@ -398,3 +398,7 @@ def test_cli_errors_are_one_line(workdir):
                             cwd=REPO, env=_env())
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "--steps=0 is invalid: use an integer >= 1" in result.stderr
+    result = subprocess.run(_finetune_command(workdir, workdir / "never", "--precision=bfloat16"), capture_output=True,
+                            text=True, cwd=REPO, env=_env())
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "finetune trains float32 parameters" in result.stderr and not (workdir / "never").exists()

@@ -54,3 +54,16 @@ def test_run_precision_flag_overrides_the_config(tmp_path):
     result = xprune("run", "--config=configs/parity.py", "--precision=bfloat16", f"--config.out_dir={tmp_path / 'run'}",
                     check=False)
     assert result.returncode == 2 and "run it with precision 'highest'" in result.stderr, result.stderr
+
+
+def test_an_evaluation_resumes_only_at_the_precision_that_started_it(tmp_path):
+    """An evaluation's record names the precision, so its partial detections resume at that precision only."""
+    from tests.test_cli_robustness import detector
+    from xprune_jax.evaluation.coco import _start_partial, evaluation_record
+
+    model, entries, partial = detector(), [{"id": 1, "file_name": "a.jpg", "height": 64, "width": 64}], \
+        str(tmp_path / "detections.partial.jsonl")
+    _start_partial(partial, evaluation_record(model, entries, 1, 0), overwrite=False)
+    _start_partial(partial, evaluation_record(model, entries, 1, 0), overwrite=False)  # the same evaluation goes on
+    with precision.use("bfloat16"), pytest.raises(UserError, match="made with another precision; choose another"):
+        _start_partial(partial, evaluation_record(model, entries, 1, 0), overwrite=False)
