@@ -22,6 +22,10 @@ Peak memory: each of the four runs again in its own subprocess, which samples it
 (``VmRSS``) every 2 ms; reported are the RSS before the call (models loaded) and the peak above it
 during the first call (compilation included) and during later calls.
 
+Any backend, one command: JAX on its default backend, torch on CUDA when available, synchronised, with
+the hooks' reductions on torch's device (``bench_common``); ``--skip_memory`` leaves out the peak-RSS
+subprocesses (host memory says little on a GPU).
+
 Weights are random, shaped like trained ones (see ``bench_detectors.py``). ``--threads 1`` pins the
 process to one CPU before jax starts and sets torch to one thread; ``0`` uses every CPU the process may
 use (e.g. under ``taskset``), torch and XLA alike.
@@ -42,6 +46,7 @@ def _parse():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--skip_memory", action="store_true", help="leave out the peak-RSS subprocesses")
     p.add_argument("--worker", choices=["jax forward", "jax score", "torch forward", "torch hooks"],
                    help="internal: measure the peak RSS of one of the four in this process")
     return p.parse_args()
@@ -55,6 +60,8 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+
+import functools  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -70,17 +77,17 @@ from xprune_jax.attribution.statistics import statistics_step  # noqa: E402
 from xprune_jax.fileio import atomic_path  # noqa: E402
 
 
-def _candidates(args) -> tuple[dict, dict]:
+def _candidates(args, device) -> tuple[dict, dict]:
     """The four zero-argument callables on one batch, and what is needed to compare their scores."""
     images = [image for _, image in landscape_images(args.coco, max(args.batch, 2))]
-    detector = random_rcnn(args.arch, images[:2])
+    detector = random_rcnn(args.arch, images[:2], device, args.min_size, args.max_size)
     pipeline = detector.pipeline
     (plan,) = pipeline.plan([im.shape[:2] for im in images[:args.batch]], args.batch)
     arrays, metas = zip(*(pipeline.preprocess(images[i], plan.input_shape) for i in plan.indices))
     x = np.stack(arrays)
-    nchw, sizes = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), [meta[1] for meta in metas]
+    nchw, sizes = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device), [meta[1] for meta in metas]
     variables = jax.device_put(detector.model.variables)
-    batch = {"images": x, "weights": np.ones(len(x), np.float32)}
+    batch = jax.device_put({"images": x, "weights": np.ones(len(x), np.float32)})
     forward, score = jax.jit(pipeline.forward), statistics_step(pipeline.module, confidence)
     torch_model = detector.torch_model
     modules = dict(torch_model.named_modules())
@@ -91,12 +98,16 @@ def _candidates(args) -> tuple[dict, dict]:
             return detector.torch_stages["all"](nchw, sizes)
 
     def torch_hooks():
-        products = gradient_x_activation(torch_model, names, lambda: detection_confidence(torch_model, nchw, sizes))
-        return {name: {"abs": np.abs(ag).sum(), "signed": np.abs(ag.sum((1, 2))).sum(),
-                       "channel_abs": np.abs(ag).sum((0, 1))} for name, ag in products.items()}
+        products = gradient_x_activation(torch_model, names, lambda: detection_confidence(torch_model, nchw, sizes),
+                                         as_numpy=False)
+        reduced = {name: {"abs": ag.abs().sum(), "signed": ag.sum((1, 2)).abs().sum(),
+                          "channel_abs": ag.abs().sum((0, 1))} for name, ag in products.items()}  # on torch's device
+        return {name: {k: v.cpu().numpy() for k, v in r.items()} for name, r in reduced.items()}
 
-    fns = {"jax forward": lambda: forward(variables, x), "jax score": lambda: score(variables, batch),
-           "torch forward": torch_forward, "torch hooks": torch_hooks}
+    sync = functools.partial(bench_common.synchronized, device=device)
+    x_device = jax.device_put(x)
+    fns = {"jax forward": lambda: forward(variables, x_device), "jax score": lambda: score(variables, batch),
+           "torch forward": sync(torch_forward), "torch hooks": sync(torch_hooks)}
     return fns, {"input_shape": list(x.shape[1:3]), "layers": len(names), "names": names}
 
 
@@ -127,7 +138,7 @@ def _peak_during(fn) -> tuple[float, float]:
 
 
 def _worker(args) -> None:
-    fns, _ = _candidates(args)
+    fns, _ = _candidates(args, bench_common.setup(args))
     fn = fns[args.worker]
     before = _rss_mb()
     first_seconds, first_peak = _peak_during(fn)
@@ -149,7 +160,8 @@ def main(args) -> None:
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))  # 0: as many as the CPUs it may use
     if args.worker:
         return _worker(args)
-    fns, facts = _candidates(args)
+    device = bench_common.setup(args)
+    fns, facts = _candidates(args, device)
     compile_seconds = {}
     for name in ("jax forward", "jax score"):
         tick = time.perf_counter()
@@ -163,13 +175,14 @@ def main(args) -> None:
               "torch hooks / torch forward": timing.summarize(times, "torch forward")["torch hooks"],
               "jax forward / torch forward": timing.summarize(times, "torch forward")["jax forward"]}
     memory = {}
-    for name in fns:
+    for name in [] if args.skip_memory else fns:
         print(f"peak RSS: {name}", flush=True)
         command = [sys.executable, __file__, f"--worker={name}", f"--arch={args.arch}", f"--batch={args.batch}",
-                   f"--threads={args.threads}", f"--coco={args.coco}"]
+                   f"--threads={args.threads}", f"--coco={args.coco}", f"--precision={args.precision}",
+                   f"--torch_device={args.torch_device}", f"--min_size={args.min_size}", f"--max_size={args.max_size}"]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         memory[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    results = {"environment": environment(args), **{k: v for k, v in facts.items() if k != "names"},
+    results = {"environment": environment(args, device), **{k: v for k, v in facts.items() if k != "names"},
                "compile_and_first_call_seconds": compile_seconds, "score_agreement": agreement,
                "ratios": ratios, "latency": timing.summarize(times, "jax forward"), "peak_rss": memory, "times": times}
     with atomic_path(args.out) as tmp, open(tmp, "w") as f:
@@ -182,9 +195,9 @@ def _table(results: dict) -> str:
              f"{results['input_shape'][0]}x{results['input_shape'][1]}, {results['layers']} layers scored", "",
              "| | median ms | IQR ms | peak RSS above loaded model, first call / later (MB) |", "|---|---|---|---|"]
     for name, s in results["latency"].items():
-        m = results["peak_rss"][name]
-        lines.append(f"| {name} | {s['median_ms']:.0f} | {s['iqr_ms'][0]:.0f}-{s['iqr_ms'][1]:.0f} | "
-                     f"{m['first_call_peak_above_mb']:.0f} / {m['later_call_peak_above_mb']:.0f} |")
+        m = results["peak_rss"].get(name)
+        memory = f"{m['first_call_peak_above_mb']:.0f} / {m['later_call_peak_above_mb']:.0f}" if m else "not measured"
+        lines.append(f"| {name} | {s['median_ms']:.0f} | {s['iqr_ms'][0]:.0f}-{s['iqr_ms'][1]:.0f} | {memory} |")
     lines += ["", "| ratio (per round) | median [IQR] |", "|---|---|"]
     for name, r in results["ratios"].items():
         lines.append(f"| {name} | **{r['ratio_median']:.2f}** [{r['ratio_iqr'][0]:.2f}, {r['ratio_iqr'][1]:.2f}] |")

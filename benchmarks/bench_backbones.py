@@ -45,11 +45,17 @@ JAX variants (``--jax-variants``): tokens joined by ``+``, e.g. ``fold+dw+pw+i2c
 with ``flax.linen.intercept_methods`` (see benchmarks/README.md for the proposed change).
 
 XLA flag sets (``--xla``): names from :data:`XLA_VARIANTS`, or ``--xla-extra NAME=FLAGS``.
+
+Any backend, one command: JAX on its default backend, torch on CUDA when available (``--torch-device``),
+each torch call timed to ``torch.cuda.synchronize``; ``--precision`` sets both sides' float32
+precision alike (``bench_common``). On a GPU use ``--threads 0`` and ``--xla default`` (the flag sets
+are XLA:CPU's).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -308,15 +314,18 @@ def run_worker(args) -> dict:
     if args.threads:
         cpus = sorted(os.sched_getaffinity(0))[-args.threads:]
         os.sched_setaffinity(0, cpus)  # before jax starts: XLA sizes its thread pool from this
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import numpy as np
     import torch
 
+    import bench_common
     from converters import mapping, reference
     from xprune_jax import models
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = bench_common.setup(args)
     rng = random.Random(args.seed)
     results = []
     for arch in args.archs.split(","):
@@ -326,19 +335,21 @@ def run_worker(args) -> dict:
             np.random.default_rng(args.seed).standard_normal((2, 3, 224, 224)).astype(np.float32))
         tv = reference.random_torchvision(arch, calibration, seed=args.seed).eval()
         state = {k: v.numpy() for k, v in tv.state_dict().items()}
+        tv.to(device)
         variables_np = mapping.state_dict_to_variables(state, models.variable_shapes(arch, spec), arch)
         variables = jax.device_put(variables_np)
         pairs = None
         for batch in [int(b) for b in args.batches.split(",")]:
             x_np = np.random.default_rng(args.seed + batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-            x_t = torch.from_numpy(x_np)
+            x_t = torch.from_numpy(x_np).to(device)
             x_nhwc = jax.device_put(np.ascontiguousarray(x_np.transpose(0, 2, 3, 1)))
             x_nchw = jax.device_put(x_np)
             with torch.inference_mode():
-                want = tv(x_t).numpy()
+                want = tv(x_t).cpu().numpy()
             calls, meta = {}, {}
 
             # torch side
+            @functools.partial(bench_common.synchronized, device=device)
             def torch_call(model=tv, x=x_t):
                 with torch.inference_mode():
                     return model(x)
@@ -346,16 +357,17 @@ def run_worker(args) -> dict:
             calls["torch"] = torch_call
             if "torch_cl" in args.torch_variants:
                 tv_cl = reference.random_torchvision(arch, calibration, seed=args.seed).eval()
-                tv_cl = tv_cl.to(memory_format=torch.channels_last)
+                tv_cl = tv_cl.to(device, memory_format=torch.channels_last)
                 x_cl = x_t.contiguous(memory_format=torch.channels_last)
 
+                @functools.partial(bench_common.synchronized, device=device)
                 def torch_cl_call(model=tv_cl, x=x_cl):
                     with torch.inference_mode():
                         return model(x)
 
                 calls["torch_cl"] = torch_cl_call
                 with torch.inference_mode():
-                    meta["torch_cl"] = {"rel_err": reference.relative_error(tv_cl(x_cl).numpy(), want)}
+                    meta["torch_cl"] = {"rel_err": reference.relative_error(tv_cl(x_cl).cpu().numpy(), want)}
 
             # JAX side
             for name in args.jax_variants.split(","):
@@ -415,7 +427,8 @@ def run_worker(args) -> dict:
                   f"load {loads[0]:.1f}->{loads[1]:.1f}", file=sys.stderr, flush=True)
     return {"xla_name": args.xla_name, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "threads": args.threads, "affinity": sorted(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "results": results}
+            "torch_threads": torch.get_num_threads(), **bench_common.devices(device), "precision": args.precision,
+            "results": results}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,6 +561,9 @@ def main(argv=None):
     p.add_argument("--omp-wait-policy", default=None, choices=["PASSIVE", "ACTIVE"],
                    help="OMP_WAIT_POLICY for the workers (torch's OpenMP); default: leave unset (torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("highest", "default"), default="highest",
+                   help="highest: full float32 on both sides; default: each library's default (TF32 on recent GPUs)")
+    p.add_argument("--torch-device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--xla-name", default="default", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -579,7 +595,8 @@ def main(argv=None):
                    "--archs", args.archs, "--batches", args.batches, "--jax-variants", args.jax_variants,
                    "--torch-variants", args.torch_variants, "--repeats", str(args.repeats),
                    "--min-repeats", str(args.min_repeats), "--max-seconds", str(args.max_seconds),
-                   "--warmup", str(args.warmup), "--threads", str(threads), "--seed", str(args.seed)]
+                   "--warmup", str(args.warmup), "--threads", str(threads), "--seed", str(args.seed),
+                   "--precision", args.precision, "--torch-device", args.torch_device]
             env = dict(os.environ, XLA_FLAGS=flags)
             env.setdefault("PYTHONWARNINGS", "ignore")
             if args.omp_wait_policy:

@@ -14,6 +14,10 @@ What is timed, per detector and batch size (a preprocessed batch in, final detec
   ``DetectionModel`` (as its validator runs it) then ``non_max_suppression`` with the validator's
   settings (conf 0.001, IoU 0.7, multi-label, 300 detections).
 
+Any backend, one command: JAX on its default backend, torch on CUDA when available (``--torch_device``),
+each torch call timed to ``torch.cuda.synchronize``, ``cudnn.benchmark`` on; ``--precision`` sets both
+sides' float32 matmul/conv precision alike (``bench_common``). On a GPU use ``--threads 0``.
+
 Both sides see the same real COCO images (``--coco``), preprocessed once by the JAX pipeline. Each
 round runs both in a fresh random order (``xprune_jax.timing``), warm-up and compilation excluded;
 ratios are per round (JAX / torch), reported as median [IQR]. Every timed pair is also checked for
@@ -53,7 +57,7 @@ def _parse():
     p.add_argument("--batches", default="1,4")
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--throughput_images", type=int, default=16)
+    p.add_argument("--throughput_images", type=int, default=16, help="0: skip the eval throughput")
     p.add_argument("--yolo_class_bias", type=float, default=-5.0,
                    help="mean class-logit bias of the random YOLOv8 head: -5 gives the 30000 NMS candidates "
                         "(Ultralytics' max_nms) per image, lower values fewer")
@@ -66,6 +70,7 @@ if ARGS is not None:
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
@@ -146,11 +151,14 @@ class Detector:
     torch_stages: dict  # name -> fn(nchw tensor, image sizes), same prefixes
     torch_full_images: object  # fn(list of uint8 HWC arrays) -> detections: torch's own whole pipeline
     torch_detections: object  # torch's "all" output -> per image {"boxes" xyxy, "scores", "labels" COCO ids}
+    device: object  # torch's
 
 
-def random_rcnn(arch: str, calibration: list[np.ndarray]) -> Detector:
+def random_rcnn(arch: str, calibration: list[np.ndarray], device=torch.device("cpu"), min_size: int = 800,
+                max_size: int = 1333) -> Detector:
+    """A random R-CNN shaped like a trained one on both sides, with GeneralizedRCNNTransform's sizes."""
     batch = [torch.from_numpy(image).permute(2, 0, 1).float() / 255 for image in calibration]
-    torch_model = random_torchvision(arch, seed=1, weights_backbone=None)
+    torch_model = random_torchvision(arch, seed=1, weights_backbone=None, min_size=min_size, max_size=max_size)
     randomize_batch_norm(torch_model.backbone.body, torch_model.transform(batch)[0].tensors, seed=1)
     _freeze_batch_norm(torch_model.backbone.body)
     layer, factor = SHARPEN[arch]
@@ -163,6 +171,9 @@ def random_rcnn(arch: str, calibration: list[np.ndarray]) -> Detector:
         from converters.torchvision_io import convert
 
         model = convert(arch, path)
+    transform = dataclasses.replace(model.spec.transform, min_size=min_size, max_size=max_size)
+    model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, transform=transform))
+    torch_model.to(device)
     pipeline = pipeline_for(model)
     s = model.spec
     fpn_mode = "pool" if arch.startswith("faster") else "p6p7"
@@ -184,16 +195,17 @@ def random_rcnn(arch: str, calibration: list[np.ndarray]) -> Detector:
         finally:
             torch_model.transform = transform
 
+    sync = functools.partial(bench_common.synchronized, device=device)
     return Detector(
         arch, model, torch_model, pipeline,
         {"body": jax.jit(body), "body+fpn": jax.jit(body_fpn), "all": jax.jit(pipeline.forward)},
-        {"body": lambda x, sizes: torch_model.backbone.body(x), "body+fpn": lambda x, sizes: torch_model.backbone(x),
-         "all": torch_all},
-        lambda images: torch_model([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images]),
-        lambda out: [{k: v.numpy() for k, v in d.items()} for d in out])
+        {"body": sync(lambda x, sizes: torch_model.backbone.body(x)), "body+fpn": sync(lambda x, sizes: torch_model.backbone(x)),
+         "all": sync(torch_all)},
+        sync(lambda images: torch_model([torch.from_numpy(im).permute(2, 0, 1).to(device).float() / 255 for im in images])),
+        lambda out: [{k: v.cpu().numpy() for k, v in d.items()} for d in out], device)
 
 
-def random_yolov8n(calibration: np.ndarray, class_bias: float) -> Detector:
+def random_yolov8n(calibration: np.ndarray, class_bias: float, device=torch.device("cpu")) -> Detector:
     from ultralytics.nn.tasks import DetectionModel
     from ultralytics.utils.nms import non_max_suppression
 
@@ -211,8 +223,9 @@ def random_yolov8n(calibration: np.ndarray, class_bias: float) -> Detector:
         torch.save({"model": copy.deepcopy(torch_model).half(), "train_args": {"imgsz": YOLO_IMGSZ},
                     "version": "8.4.190"}, path)
         model = convert("yolov8n", path, fuse=True)
-        torch_model = torch.load(path, weights_only=False)["model"].float().eval().fuse(verbose=False)
+        torch_model = torch.load(path, weights_only=False)["model"].float().eval().fuse(verbose=False).to(device)
     pipeline = pipeline_for(model)
+    sync = functools.partial(bench_common.synchronized, device=device)
 
     def nms(raw):
         return non_max_suppression(raw, 0.001, 0.7, multi_label=True, max_det=300)
@@ -222,15 +235,15 @@ def random_yolov8n(calibration: np.ndarray, class_bias: float) -> Detector:
 
         letterbox = LetterBox((YOLO_IMGSZ, YOLO_IMGSZ), auto=False, stride=32)
         x = np.stack([letterbox(image=im[..., ::-1]) for im in images])[..., ::-1]  # Ultralytics reads BGR
-        return nms(torch_model(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255))
+        return nms(torch_model(torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).float() / 255))
 
     return Detector(
         "yolov8n", model, torch_model, pipeline,
         {"network": jax.jit(lambda v, x: YOLOv8(model.spec).apply(v, x)), "all": jax.jit(pipeline.forward)},
-        {"network": lambda x, sizes: torch_model(x), "all": lambda x, sizes: nms(torch_model(x))},
-        torch_images,
-        lambda out: [{"boxes": d[:, :4].numpy(), "scores": d[:, 4].numpy(),
-                      "labels": np.asarray(category_ids(80))[d[:, 5].long().numpy()]} for d in out])
+        {"network": sync(lambda x, sizes: torch_model(x)), "all": sync(lambda x, sizes: nms(torch_model(x)))},
+        sync(torch_images),
+        lambda out: [{"boxes": d[:, :4].cpu().numpy(), "scores": d[:, 4].cpu().numpy(),
+                      "labels": np.asarray(category_ids(80))[d[:, 5].long().cpu().numpy()]} for d in out], device)
 
 
 def _iou(a, b):
@@ -261,11 +274,12 @@ def _batch(detector: Detector, images: list[np.ndarray]):
     arrays, metas = zip(*(detector.pipeline.preprocess(images[i], plan.input_shape) for i in plan.indices))
     x = np.stack(arrays)
     sizes = [meta[1] for meta in metas] if detector.arch != "yolov8n" else None
-    return x, torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), sizes
+    return x, torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(detector.device), sizes
 
 
 def _time_end_to_end(detector: Detector, images, batch_size: int, args) -> dict:
     x, nchw, sizes = _batch(detector, images[:batch_size])
+    x = jax.device_put(x)  # both sides' inputs are on their devices before timing
     variables = jax.device_put(detector.model.variables)
     jax_all, torch_all = detector.jax_stages["all"], detector.torch_stages["all"]
     tick = time.perf_counter()
@@ -273,7 +287,7 @@ def _time_end_to_end(detector: Detector, images, batch_size: int, args) -> dict:
     compile_seconds = time.perf_counter() - tick
     extra = {}
     if "network" in detector.jax_stages:  # YOLOv8: the (box, class) pairs above conf that reach NMS (at most 30000)
-        raw = np.asarray(detector.jax_stages["network"](variables, x))
+        raw = np.asarray(detector.jax_stages["network"](variables, x), np.float32)
         extra["nms_candidates_per_image"] = np.minimum((raw[:, 4:] > 0.001).sum((1, 2)), 30000).tolist()
     with torch.inference_mode():
         torch_out = torch_all(nchw, sizes)
@@ -287,6 +301,7 @@ def _time_end_to_end(detector: Detector, images, batch_size: int, args) -> dict:
 def _time_stages(detector: Detector, images, args) -> dict:
     """Cumulative prefixes on both sides at batch 1, then the per-stage differences of their medians."""
     x, nchw, sizes = _batch(detector, images[:1])
+    x = jax.device_put(x)
     variables = jax.device_put(detector.model.variables)
     fns = {}
     for name, fn in detector.jax_stages.items():
@@ -323,16 +338,23 @@ def _throughput(detector: Detector, paths: list[str], batch_size: int) -> dict:
             "jax_images_per_second": record["images_per_second"], "torch_images_per_second": len(paths) / torch_seconds}
 
 
-def environment(args) -> dict:
+def environment(args, device=torch.device("cpu")) -> dict:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
-    import ultralytics
+    try:
+        import ultralytics
+
+        ultralytics_version = ultralytics.__version__
+    except ImportError:  # only YOLOv8 needs it
+        ultralytics_version = None
+    from xprune_jax import precision
 
     return {"command": " ".join([sys.executable, *sys.argv]), "args": vars(args), "cpu": model,
             "cpus_used": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "ultralytics": ultralytics.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "backend": jax.default_backend(), **runs.cpu()}
+            "torchvision": torchvision.__version__, "ultralytics": ultralytics_version,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "backend": jax.default_backend(),
+            "precision": precision.current(), **bench_common.devices(device), **runs.cpu()}
 
 
 def _tables(results: dict) -> str:
@@ -351,6 +373,8 @@ def _tables(results: dict) -> str:
             lines.append(f"| {arch} | {stage} | {ms['torch']:.0f} | {ms['jax']:.0f} |")
     lines += ["", "| detector | images | batch | compiled shapes | torch img/s | JAX img/s |", "|---|---|---|---|---|---|"]
     for arch, r in results["detectors"].items():
+        if "throughput" not in r:
+            continue
         t = r["throughput"]
         lines.append(f"| {arch} | {t['images']} | {t['batch_size']} | {t['compiled_shapes']} | "
                      f"{t['torch_images_per_second']:.2f} | {t['jax_images_per_second']:.2f} |")
@@ -359,12 +383,13 @@ def _tables(results: dict) -> str:
 
 def main(args) -> None:
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))  # 0: as many as the CPUs it may use
+    device = bench_common.setup(args)
     batches = [int(b) for b in args.batches.split(",")]
     images = landscape_images(args.coco, max(batches))
     arrays = [image for _, image in images]
     folder = os.path.join(args.coco, "val2017")
     throughput_paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:args.throughput_images]]
-    results = {"environment": environment(args), "detectors": {}}
+    results = {"environment": environment(args, device), "detectors": {}}
     for arch in args.archs.split(","):
         load_before = os.getloadavg()[0]
         if arch == "yolov8n":
@@ -372,17 +397,18 @@ def main(args) -> None:
 
             letterboxed = np.stack([YOLOv8Pipeline(models.get_architecture("yolov8n").default_spec()).preprocess(
                 a, (YOLO_IMGSZ, YOLO_IMGSZ))[0] for a in arrays])
-            detector = random_yolov8n(letterboxed, args.yolo_class_bias)
+            detector = random_yolov8n(letterboxed, args.yolo_class_bias, device)
         else:
-            detector = random_rcnn(arch, arrays[:2])
+            detector = random_rcnn(arch, arrays[:2], device, args.min_size, args.max_size)
         entry = {"end_to_end": {}}
         for batch in batches:
             print(f"{arch}: end to end, batch {batch}", flush=True)
             entry["end_to_end"][batch] = _time_end_to_end(detector, arrays, batch, args)
         print(f"{arch}: stages", flush=True)
         entry["stages"] = _time_stages(detector, arrays, args)
-        print(f"{arch}: eval throughput", flush=True)
-        entry["throughput"] = _throughput(detector, throughput_paths, max(batches))
+        if args.throughput_images:
+            print(f"{arch}: eval throughput", flush=True)
+            entry["throughput"] = _throughput(detector, throughput_paths, max(batches))
         entry["load_average"] = [load_before, os.getloadavg()[0]]
         results["detectors"][arch] = entry
         with atomic_path(args.out) as tmp, open(tmp, "w") as f:  # partial results survive a crash

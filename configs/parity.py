@@ -18,5 +18,6 @@ def get_config():
     config.weights = ml_collections.ConfigDict({arch: "random" for arch in config.archs})
     config.images = ""  # '' = the bundled demo images
     config.seed = 0
+    config.precision = "highest"  # the comparison is at full float32
     config.out_dir = ""  # '' = runs/parity-<timestamp>
     return config

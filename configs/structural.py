@@ -16,6 +16,7 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.experiment = "prune"
     config.arch = arch
     config.weights = "random"
+    config.trust_pickle = False  # YOLOv8 .pt weights: unpickle classes beyond the allow-list (only for trusted files)
     config.coco = ""  # '' = the bundled demo COCO folder
     config.image_folder = ""  # classifiers: an ImageFolder root with train/ (calibration) and val/ (top-1 accuracy)
     config.calib_split = "val2017"  # detectors: the COCO split that calibration images come from
@@ -26,6 +27,7 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.batch_size = 4
     config.seeds = (0,)
     config.seed = 0
+    config.precision = "highest"  # highest | default | bfloat16 (xprune_jax/precision.py); --precision overrides it
     config.prunings = ("zero:layers=5%", "remove:flops=-10%", "remove:flops=-20%", "shrink:flops=-10%",
                        "shrink:flops=-20%", "shrink:flops=-30%")
     # make_plan's options (xprune prune's flags): shrink allocates channels globally, each group keeping
@@ -33,6 +35,10 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.pruning = ml_collections.ConfigDict({
         "allocation": "global", "normalize": "mean", "floor": 0.125, "round_to": 8, "shrink_ratio": 0.5,
         "remove_share": 0.5, "protect": ()})
+    # recovery of every pruned model, each stage measured as the cut is (0 = off): BN statistics re-estimated
+    # on `recalibrate_bn` training images, then `finetune.steps` steps distilling from the unpruned model
+    config.recovery = ml_collections.ConfigDict({"recalibrate_bn": 0, "finetune": ml_collections.ConfigDict({
+        "steps": 0, "batch_size": 16, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 1e-4, "objective": "distill=1"})})
     config.save_models = False
     config.bench = ml_collections.ConfigDict({"batch_size": 1, "repeats": 10, "warmup": 2})
     config.out_dir = ""

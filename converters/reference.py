@@ -63,7 +63,8 @@ def outputs_by_name(model: torch.nn.Module, names, x: torch.Tensor) -> tuple[tor
     return out, captured
 
 
-def gradient_x_activation(model: torch.nn.Module, names, objective: Callable[[], torch.Tensor]) -> dict[str, np.ndarray]:
+def gradient_x_activation(model: torch.nn.Module, names, objective: Callable[[], torch.Tensor],
+                          as_numpy: bool = True) -> dict[str, np.ndarray]:
     """Every named layer's a * dL/da by torch autograd, the Captum LayerGradientXActivation recipe for
     many layers at once: forward hooks keep each output and retain its gradient, ``objective()`` runs
     the model and returns the scalar L, which is back-propagated once.
@@ -71,6 +72,7 @@ def gradient_x_activation(model: torch.nn.Module, names, objective: Callable[[],
     Returns ``[B, positions, channels]`` per layer: NCHW outputs in (y, x) order, a Linear's ``[N, C]``
     as ``[N, 1, C]``; a module called several times (a head shared over pyramid levels) has its calls
     concatenated along positions, in call order. Layers the objective does not reach give zeros.
+    ``as_numpy=False`` leaves them torch tensors on the model's device (to reduce them there).
     """
     modules, outputs = dict(model.named_modules()), {}
 
@@ -93,7 +95,7 @@ def gradient_x_activation(model: torch.nn.Module, names, objective: Callable[[],
         for a in calls:
             ag = (a * a.grad if a.grad is not None else torch.zeros_like(a)).detach()
             parts.append(ag.permute(0, 2, 3, 1).reshape(ag.shape[0], -1, ag.shape[1]) if ag.ndim == 4 else ag[:, None])
-        result[name] = torch.cat(parts, dim=1).numpy()
+        result[name] = torch.cat(parts, dim=1).numpy() if as_numpy else torch.cat(parts, dim=1)
     return result
 
 

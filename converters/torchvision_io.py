@@ -1,9 +1,10 @@
-"""Resolve, read and convert torchvision weights; export Flax variables back to torch."""
+"""Resolve, read and convert torchvision weights; the torchvision model of unpruned Flax variables."""
 
 import dataclasses
 import json
 import os
 import re
+import sys
 import urllib.error
 
 import numpy as np
@@ -11,10 +12,11 @@ import torch
 import torchvision
 
 from converters.mapping import state_dict_to_variables, variables_to_state_dict
+from converters.safe_load import DisallowedGlobal, load_weights_only
 from xprune_jax import __version__, models
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
-from xprune_jax.fileio import atomic_path, file_sha256
+from xprune_jax.fileio import file_sha256
 
 
 def _weights_enum(arch: str, name: str):
@@ -32,17 +34,25 @@ def _looks_like_path(weights: str) -> bool:
     return os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.exists(weights)
 
 
+def official_weights(arch: str, path: str):
+    """The weights enum of ``arch`` whose download has this file's name (``resnet50-0676ba61.pth`` is
+    ``ResNet50_Weights.IMAGENET1K_V1``), or None."""
+    name = os.path.basename(path)
+    return next((w for w in torchvision.models.get_model_weights(arch) if os.path.basename(w.url) == name), None)
+
+
 def resolve_weights(arch: str, weights: str) -> tuple[str, object | None]:
     """``(file path, weights enum or None)``, as torchvision resolves them.
 
     A weights name is looked up in the torch hub cache (``$TORCH_HOME/hub/checkpoints/<official
-    file name>``) and downloaded there when it is missing and a network is available.
+    file name>``) and downloaded there when it is missing and a network is available. A file with an
+    official file name (:func:`official_weights`) gets that enum.
     """
     if _looks_like_path(weights):
         if not os.path.isfile(weights):
             raise UserError(f"weights file {weights} does not exist: give an existing .pth file or a torchvision "
                             f"weights name such as {torchvision.models.get_model_weights(arch).DEFAULT}")
-        return weights, None
+        return weights, official_weights(arch, weights)
     enum = _weights_enum(arch, weights)
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
     if not os.path.isfile(cached):
@@ -55,18 +65,27 @@ def resolve_weights(arch: str, weights: str) -> tuple[str, object | None]:
     return cached, enum
 
 
+def _names_a_module_class(name: str) -> bool:
+    """Whether a pickled global names an ``nn.Module`` class of an already imported module (nothing is imported)."""
+    module, _, attr = name.rpartition(".")
+    cls = getattr(sys.modules.get(module), attr, None)
+    return isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A ``.pth`` file laid out like torchvision's downloads, as float32 NumPy arrays."""
+    """A ``.pth`` file laid out like torchvision's downloads, as float32 NumPy arrays. It is read with
+    ``torch.load(weights_only=True)``: a pickled module or other object is refused, not unpickled."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"cannot read weights file {path}: not a readable torch checkpoint ({reason}); "
-                        "re-download it or point --weights at the right file") from None
+        obj = load_weights_only(path)
+    except DisallowedGlobal as e:
+        what = "a pickled module" if _names_a_module_class(e.name) else "pickled Python objects"
+        raise UserError(f"weights file {path} holds {what} ({e.name}), not a state_dict: save one with "
+                        f"torch.save(model.state_dict(), path) instead ({what} is not loaded because unpickling "
+                        "can run code)") from None
     for nested in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(nested), dict):
             obj = obj[nested]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"weights file {path} holds no state_dict of tensors; save one with "
                         "torch.save(model.state_dict(), path)")
     return {k: v.detach().float().numpy() for k, v in obj.items()}
@@ -141,36 +160,66 @@ def _num_classes(state_dict: dict, default: int) -> int:
 def convert(arch: str, weights: str) -> Model:
     """torchvision weights (a file or a weights name) -> a Flax :class:`Model` of ``arch``.
 
-    The number of classes comes from the weights; a model card beside a file (:func:`read_model_card`)
-    gives the categories and input sizes of weights trained on other data.
+    The number of classes comes from the weights. The eval transform and categories come from a
+    model card beside a file (:func:`read_model_card`: weights trained on other data), else from the
+    weights enum of the name or of the official file name (:func:`official_weights`), else from the
+    architecture's DEFAULT weights, which ``meta['provenance']['preprocess_assumed']`` then records.
     """
     architecture = models.get_architecture(arch)
     path, enum = resolve_weights(arch, weights)
     state_dict = upgrade_legacy_keys(read_state_dict(path))
-    card = read_model_card(path) if enum is None else {}
+    by_file = path == weights
+    card = read_model_card(path) if by_file else {}
     spec = architecture.default_spec()
     spec = dataclasses.replace(spec, num_classes=_num_classes(state_dict, spec.num_classes))
     if "transform" in card:
         spec = dataclasses.replace(spec, transform=dataclasses.replace(spec.transform, **card["transform"]))
     variables = state_dict_to_variables(state_dict, models.variable_shapes(arch, spec), what=arch)
-    default_categories = list((enum or torchvision.models.get_model_weights(arch).DEFAULT).meta["categories"])
+    default = torchvision.models.get_model_weights(arch).DEFAULT
+    default_categories = list((enum or default).meta["categories"])
     if "categories" in card:
         categories = list(card["categories"])
     elif spec.num_classes == len(default_categories):
         categories = default_categories
     else:
         categories = [str(i) for i in range(spec.num_classes)]
+    sha256 = file_sha256(path)
+    source = {}
+    if enum is not None:
+        source["weights_enum"] = str(enum)
+        if by_file:  # torchvision's file names end in the first hex digits of the file's sha256
+            prefix = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))[1]
+            source["file_name_matches_sha256"] = sha256.startswith(prefix)
+    elif not card.get("preprocess") and "transform" not in card:
+        source["preprocess_assumed"] = str(default)
     meta = {
         "preprocess": card.get("preprocess") or preprocess_config(arch, enum, spec),
         "categories": categories,
         "provenance": {
-            "source": "torchvision", "weights": weights if enum is None else str(enum), "file": os.path.abspath(path),
-            "sha256": file_sha256(path), "converter": __name__, "torch": torch.__version__,
+            "source": "torchvision", "weights": weights if by_file else str(enum), "file": os.path.abspath(path),
+            "sha256": sha256, **source, "converter": __name__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "xprune_jax": __version__,
             **({"model_card": {k: card[k] for k in ("dataset", "command", "metrics") if k in card}} if card else {}),
         },
     }
     return Model(arch, spec, variables, meta)
+
+
+_SIZES = ("resize", "crop", "min_size", "max_size")
+
+
+def assumption_note(model: Model) -> str | None:
+    """The line ``xprune convert`` prints when the eval transform was assumed, not known (None when known)."""
+    provenance = model.meta["provenance"]
+    if "preprocess_assumed" not in provenance:
+        return None
+    preprocess = model.meta["preprocess"]
+    sizes = ", ".join(f"{k} {v}" for k, v in preprocess.items() if k in _SIZES)
+    card = os.path.splitext(provenance["weights"])[0] + ".json"
+    field = "transform" if "min_size" in preprocess else "preprocess"
+    return (f"note: {provenance['weights']} has no model card and no official torchvision file name, so the "
+            f"preprocessing of {provenance['preprocess_assumed']} was assumed ({sizes}); if the weights were "
+            f"trained otherwise, write a model card {card} with their '{field}' and convert again")
 
 
 def to_torch_state_dict(variables: dict) -> dict[str, torch.Tensor]:
@@ -187,14 +236,3 @@ def torch_model(arch: str, variables: dict) -> torch.nn.Module:
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
-
-
-def export_torch(model: Model, path: str) -> None:
-    """Write ``{"arch", "spec", "state_dict"}`` with torch.save (atomically): the state_dict is in
-    torchvision's layout and key names; the spec says which blocks exist and how wide each layer is
-    (an unpruned or zero-pruned model loads straight into ``torchvision.models.get_model(arch)``)."""
-    from xprune_jax.spec import spec_to_dict
-
-    with atomic_path(path) as tmp:
-        torch.save({"arch": model.arch, "spec": spec_to_dict(model.spec),
-                    "state_dict": to_torch_state_dict(model.variables)}, tmp)

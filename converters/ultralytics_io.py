@@ -3,21 +3,24 @@
 Verified with Ultralytics 8.4.190 (torch 2.15): its ``DetectionModel`` built from ``yolov8{n,s,m,l,x}.yaml``
 (the "legacy" Detect head: two 3x3 Convs per branch, DFL with reg_max 16, NMS), saved as the official
 release files are (a pickled dict whose ``model`` is the whole fp16 module, or a training checkpoint
-whose ``ema`` is), and plain state_dicts of that module. Other versions were not run: 8.3 (which added
-the YOLO11 head) should build the same YOLOv8 modules and keys, and a whole-module pickle only loads
-with an Ultralytics version whose classes still unpickle it. Newer head designs (YOLO11/12's
-depthwise class branch, YOLOv10 and YOLO26's end-to-end heads) and other tasks are refused with a
-UserError.
+whose ``ema`` is), and plain state_dicts of that module. Files are read with
+``torch.load(weights_only=True)`` and an allow-list of the classes such checkpoints hold, so reading
+one runs no code from it; a file that needs more is refused unless the caller trusts it
+(``trust_pickle``). Other versions were not run: 8.3 (which added the YOLO11 head) should build the
+same YOLOv8 modules and keys. Newer head designs (YOLO11/12's depthwise class branch, YOLOv10 and
+YOLO26's end-to-end heads) and other tasks are refused with a UserError.
 """
 
 import dataclasses
 import os
+import pathlib
 import re
 
 import numpy as np
 import torch
 
 from converters.mapping import state_dict_to_variables
+from converters.safe_load import DisallowedGlobal, check_not_empty, load_weights_only, unreadable
 from xprune_jax import __version__, models
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
@@ -69,20 +72,77 @@ def resolve_weights(weights: str) -> str:
     return path
 
 
-def read_checkpoint(path: str) -> Checkpoint:
-    """An Ultralytics ``.pt`` file (whole pickled ``DetectionModel``) or a plain state_dict file."""
-    import ultralytics.nn.tasks as tasks  # the classes a whole-model pickle names, and the legacy module aliases
+def allowed_globals() -> list:
+    """What a YOLOv8 detection checkpoint of Ultralytics 8.x may name besides tensors and plain data:
+    the classes of its modules (``C3f``: a pruned C2f with unequal halves, as `xprune export` writes it), the
+    ``IterableSimpleNamespace`` of its ``args``, the loss object that
+    trainers before 8.4 left on the EMA model (ultralytics#2842), numpy scalars (``best_fitness``) and
+    paths in ``train_args``. Each is allowed under its module path and under the paths that older
+    versions pickled it as (``_LEGACY_MODULES``, and the flat ``ultralytics.nn.modules`` of early 8.0):
+    the weights-only unpickler looks names up in this list and imports nothing, so
+    ``temporary_modules`` plays no part in it."""
+    from torch import nn
+    from ultralytics.nn import modules
+    from ultralytics.nn.modules.block import C3f
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import IterableSimpleNamespace, loss, tal
 
+    classes = (DetectionModel, modules.Conv, modules.C2f, C3f, modules.Bottleneck, modules.SPPF, modules.Concat,
+               modules.Detect, modules.DFL, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Sequential, nn.ModuleList,
+               nn.MaxPool2d, nn.Upsample, IterableSimpleNamespace, loss.v8DetectionLoss, loss.BboxLoss, loss.DFLoss,
+               tal.TaskAlignedAssigner, nn.BCEWithLogitsLoss)
+    allowed = []
+    for cls in classes:
+        names = {f"{cls.__module__}.{cls.__qualname__}"}
+        if cls.__module__.startswith("ultralytics.nn.modules."):
+            names.add(f"ultralytics.nn.modules.{cls.__qualname__}")
+        names |= {f"{old}{cls.__module__[len(new):]}.{cls.__qualname__}" for old, new in _LEGACY_MODULES.items()
+                  if cls.__module__.startswith(new)}
+        allowed += [(cls, name) for name in sorted(names)]
+    scalar = np.float64(0).__reduce__()[0]  # numpy.{_core,core}.multiarray.scalar(dtype, bytes)
+    allowed += [(scalar, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")]
+    allowed += [np.dtype] + [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, bool)]
+    path = type(pathlib.Path())  # a path pickled on either OS, as Ultralytics' own loader maps it
+    allowed += [(path, f"{module}.{name}") for module in ("pathlib", "pathlib._local")
+                for name in ("PosixPath", "WindowsPath")]
+    return allowed
+
+
+def _load_trusted(path: str) -> object:
+    """Unpickle anything (``--trust_pickle``), with the legacy module and path aliases of Ultralytics' own loader."""
+    import ultralytics.nn.tasks as tasks
+
+    check_not_empty(path)
+    other_os_path = "pathlib.PosixPath" if os.name == "nt" else "pathlib.WindowsPath"
     try:
-        with tasks.temporary_modules(modules=_LEGACY_MODULES):
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+        with tasks.temporary_modules(modules=_LEGACY_MODULES,
+                                     attributes={other_os_path: f"pathlib.{type(pathlib.Path()).__name__}"}):
+            return torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
         raise UserError(f"{path} needs the Python module {e.name!r}, so it is no Ultralytics 8.x checkpoint: "
                         f"give one of the {SUPPORTED}") from None
     except Exception as e:  # torch and pickle raise many types for truncated or foreign files
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"cannot read weights file {path}: not a readable torch checkpoint ({reason}); "
-                        "re-download it or point --weights at the right file") from None
+        raise unreadable(path, e) from None
+
+
+def read_checkpoint(path: str, trust_pickle: bool = False) -> Checkpoint:
+    """An Ultralytics ``.pt`` file (whole pickled ``DetectionModel``) or a plain state_dict file.
+
+    Read with ``torch.load(weights_only=True)`` and :func:`allowed_globals`; a file that needs any
+    other global is refused unless ``trust_pickle`` (then it is unpickled as Ultralytics does).
+    """
+    if trust_pickle:
+        obj = _load_trusted(path)
+    else:
+        try:
+            obj = load_weights_only(path, allowed_globals())
+        except DisallowedGlobal as e:
+            if e.name.startswith("ultralytics.nn."):
+                raise UserError(f"{path} holds an Ultralytics {e.name.rsplit('.', 1)[-1]} ({e.name}), which no YOLOv8 "
+                                f"detection checkpoint has; supported are {SUPPORTED}; {UNSUPPORTED}") from None
+            raise UserError(f"{path} needs the Python global {e.name}, which is not on the allow-list of YOLOv8 "
+                            "checkpoint classes, so it was not unpickled (that can run code); if you trust the file, "
+                            "pass --trust_pickle (in a config: trust_pickle=True)") from None
     module = (obj.get("ema") or obj.get("model")) if isinstance(obj, dict) else obj
     if isinstance(module, torch.nn.Module):
         if type(module).__name__ != "DetectionModel":
@@ -139,16 +199,17 @@ def _coco_names() -> list[str]:
     return [names[i] for i in sorted(names)]
 
 
-def convert(arch: str | None, weights: str, fuse: bool = False) -> Model:
+def convert(arch: str | None, weights: str, fuse: bool = False, trust_pickle: bool = False) -> Model:
     """An Ultralytics YOLOv8 checkpoint (a file or an official name) -> a float32 Flax :class:`Model`.
 
     The scale and the number of classes come from the checkpoint; ``arch`` (``yolov8n`` ...), when
     given, must agree. With ``fuse``, every BatchNorm is folded into its conv (``spec.fused``).
+    ``trust_pickle`` unpickles a file that needs more than :func:`allowed_globals` (it can run code).
     """
     import ultralytics
 
     path = resolve_weights(weights)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, trust_pickle)
     scale, num_classes = identify(checkpoint, path)
     name = f"yolov8{scale}"
     if arch is not None and arch != name:
@@ -168,9 +229,9 @@ def convert(arch: str | None, weights: str, fuse: bool = False) -> Model:
         "categories": names,
         "provenance": {
             "source": "ultralytics", "weights": weights, "file": os.path.abspath(path), "sha256": file_sha256(path),
-            "scale": scale, "fused": fuse, "checkpoint_ultralytics_version": checkpoint.version,
-            "converter": __name__, "torch": torch.__version__, "ultralytics": ultralytics.__version__,
-            "xprune_jax": __version__,
+            "scale": scale, "fused": fuse, "trust_pickle": trust_pickle,
+            "checkpoint_ultralytics_version": checkpoint.version, "converter": __name__, "torch": torch.__version__,
+            "ultralytics": ultralytics.__version__, "xprune_jax": __version__,
         },
     }
     return Model(name, spec, variables, meta)

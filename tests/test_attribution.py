@@ -175,3 +175,17 @@ def test_taylor_weight_magnitudes_and_bn_scale_match_torch(images):
             np.testing.assert_array_equal(bn.channel_scores, np.abs(modules[layer.norm].weight.detach().numpy()))
             checked += 1
     assert checked == 52 and scores["taylor_weight"]["features.3"].score > 0  # every conv has its BN; blocks scored
+
+
+
+def test_criteria_are_compared_on_the_layers_both_score():
+    """``bn_scale`` leaves layers without a BatchNorm unscored (a classifier): ``score`` compares it with
+    another criterion, in either order, on the layers both score."""
+    from xprune_jax.attribution.compare import compare
+
+    l1 = {"features.1": 3.0, "features.2": 1.0, "features.3": 2.0, "classifier.1": 0.5}
+    bn_scale = {"features.1": 0.2, "features.2": 0.1, "features.3": 0.3}
+    for scores in ({"l1": l1, "bn_scale": bn_scale}, {"bn_scale": bn_scale, "l1": l1}):
+        (row,) = compare(scores, bottom_fraction=0.34)
+        assert row["layers"] == 3 and row["bottom_k"] == 1 and row["bottom_k_overlap"] == 1.0  # features.2 in both
+        assert row["spearman"] == pytest.approx(0.5)

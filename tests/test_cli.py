@@ -39,7 +39,10 @@ def workdir(tmp_path_factory, coco_images):
 
 def test_convert_then_predict_matches_torch(workdir):
     tmp, torch_model = workdir
-    xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
+    converted = xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
+    note = converted.stdout.strip().splitlines()[-1]  # no model card, no official file name: the assumption is said
+    assert note.startswith(f"note: {tmp / 'w.pth'} has no model card")
+    assert "ShuffleNet_V2_X0_5_Weights.IMAGENET1K_V1 was assumed (resize 256, crop 224)" in note
     xprune("predict", f"--model={tmp / 'model'}", f"--images={tmp / 'images'}", f"--out={tmp / 'logits.npz'}",
            "--batch_size=2")  # 3 images: the last batch is padded
     result = np.load(tmp / "logits.npz")
@@ -63,9 +66,9 @@ def test_errors_are_one_line_with_exit_status_2(args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_unknown_command_prints_usage():
+def test_unknown_command_lists_the_commands():
     result = xprune("frobnicate", check=False)
-    assert result.returncode != 0 and "usage: xprune {convert|predict" in result.stderr
+    assert result.returncode == 2 and "unknown command 'frobnicate'; choose one of convert, predict" in result.stderr
 
 
 def test_score_writes_layers_and_comparison(workdir, coco_root):
@@ -76,7 +79,7 @@ def test_score_writes_layers_and_comparison(workdir, coco_root):
         xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
     out = tmp / "scores.json"
     result = xprune("score", f"--model={tmp / 'model'}", "--criterion=grad_x_act,l1,random", f"--coco={coco_root}",
-                    "--calib_images=3", "--batch_size=2", "--seed=5", f"--out={out}")
+                    "--calib_split=val2017", "--calib_images=3", "--batch_size=2", "--seed=5", f"--out={out}")
     scores = json.loads(out.read_text())
     assert scores["criterion"] == "grad_x_act" and scores["objective"] == "cross_entropy"
     assert len(scores["calibration"]["images"]) == 3 and scores["calibration"]["seed"] == 5
@@ -91,14 +94,16 @@ def test_score_writes_layers_and_comparison(workdir, coco_root):
 @pytest.mark.parametrize("args, message", [
     (("--criterion=shap",), "unknown criterion 'shap'"),
     (("--criterion=grad_x_act:median",), "has no variant 'median'"),
-    (("--coco=/nonexistent",), "has no val2017/"),
+    (("--coco=/nonexistent",), "COCO root /nonexistent does not exist"),
+    (("--calib_split=train2017",), "has no train2017/ to calibrate on: set --calib_split"),
     (("--calib_images=100000",), "calibration images asked for, but only"),
 ])
 def test_score_errors(workdir, coco_root, args, message):
     tmp, _ = workdir
     if not (tmp / "model").exists():
         xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
-    result = xprune("score", f"--model={tmp / 'model'}", f"--coco={coco_root}", f"--out={tmp / 'x.json'}", *args, check=False)
+    result = xprune("score", f"--model={tmp / 'model'}", f"--coco={coco_root}", "--calib_split=val2017",
+                    f"--out={tmp / 'x.json'}", *args, check=False)
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
@@ -114,6 +119,7 @@ def test_prune_remove_then_export(workdir, coco_root):
     plan = json.loads((tmp / "pruned.plan.json").read_text())
     assert plan["mode"] == "remove" and plan["flops_after"] <= 0.9 * plan["flops_before"]
     assert "FLOPs" in result.stdout and json.loads((tmp / "pruned" / "model.json").read_text())["plans"][0] == plan
+    assert json.loads((tmp / "pruned" / "model.json").read_text())["pruned_from"]["model"] == str(tmp / "model")
     exported = torch.load(tmp / "pruned.pt", weights_only=True)
     removed = plan["selected"][0]  # a unit's branch, made the identity: stageK.I.branch2
     assert exported["arch"] == ARCH and removed.endswith(".branch2")

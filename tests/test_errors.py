@@ -44,6 +44,46 @@ def test_corrupt_weights_file(weights_file, tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("hello")
     _raises("cannot read weights file", torchvision_io.convert, ARCH, str(text))
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    _raises("weights file .*empty.pth is empty; re-download it", torchvision_io.convert, ARCH, str(empty))
+    card = tmp_path / "card.pth"
+    card.write_text(json.dumps({"categories": ["a", "b"]}))
+    _raises(r"not a readable torch checkpoint \(neither a zip archive nor a pickle: it starts with b'\{\"categories",
+            torchvision_io.convert, ARCH, str(card))
+
+
+class RunsCode:
+    """Unpickling this creates ``path``: what a crafted weights file could do with any code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_pickled_module_or_object_is_refused_in_one_clean_line(tmp_path):
+    """``torch.save(model)`` instead of its state_dict: one line without torch's ANSI-coloured advice."""
+    path = tmp_path / "whole.pth"
+    torch.save(torchvision.models.get_model(ARCH, weights=None), path)
+    message = _raises(r"holds a pickled module \(torchvision.models.shufflenetv2.ShuffleNetV2\), not a state_dict: "
+                      r"save one with torch.save\(model.state_dict\(\), path\) instead \(a pickled module is not "
+                      "loaded because unpickling can run code", torchvision_io.convert, ARCH, str(path))
+    assert "\x1b" not in message and "weights_only" not in message
+    marker = tmp_path / "ran"
+    torch.save({"conv1.0.weight": torch.zeros(1), "note": RunsCode(marker)}, path)
+    _raises(r"holds pickled Python objects \(\w+.open\), not a state_dict", torchvision_io.convert, ARCH, str(path))
+    assert not marker.exists()
+
+
+def test_error_text_is_one_sentence_without_ansi_codes():
+    from converters.safe_load import error_text
+
+    error = RuntimeError("Weights only load failed. \x1b[1mdo those steps only if you trust it\x1b[0m.\n\t(1) more")
+    assert error_text(error) == "Weights only load failed"
+    assert error_text(RuntimeError("\x1b[31mbad\x1b[0m file\nsecond line")) == "bad file"
+    assert error_text(EOFError()) == "EOFError"
 
 
 def test_file_without_state_dict(tmp_path):

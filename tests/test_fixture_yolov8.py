@@ -42,6 +42,7 @@ def val_root(card, coco_root, tmp_path_factory):
 
 
 def test_fixture_is_an_official_layout_checkpoint(card):
+    import numpy as np
     import torch
     from converters.ultralytics_io import read_checkpoint
 
@@ -53,8 +54,12 @@ def test_fixture_is_an_official_layout_checkpoint(card):
     assert isinstance(obj, dict) and obj.get("ema") is None and obj.get("optimizer") is None
     assert type(obj["model"]).__name__ == "DetectionModel"
     assert all(p.dtype == torch.float16 for p in obj["model"].parameters())
-    checkpoint = read_checkpoint(WEIGHTS)
+    checkpoint = read_checkpoint(WEIGHTS)  # weights_only, with the allow-list
     assert checkpoint.imgsz == card["dataset"]["parameters"]["image_size"]
+    trusted = read_checkpoint(WEIGHTS, trust_pickle=True)  # unpickled as Ultralytics does: the same
+    assert (checkpoint.names, checkpoint.yaml, checkpoint.version) == (trusted.names, trusted.yaml, trusted.version)
+    assert checkpoint.state_dict.keys() == trusted.state_dict.keys()
+    assert all(np.array_equal(v, trusted.state_dict[k]) for k, v in checkpoint.state_dict.items())
 
 
 def test_fixture_reaches_its_card_ap(card, val_root, tmp_path):

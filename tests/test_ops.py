@@ -158,6 +158,63 @@ def test_nms_vmap_over_images():
         np.testing.assert_array_equal(np.asarray(keep_idx[image])[np.asarray(keep_valid[image])], index[expected])
 
 
+def adversarial_nms_cases(rng) -> dict:
+    """name -> (boxes, scores, class ids): the cases where a blockwise NMS could go wrong."""
+    cases = {"empty": (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32))}
+    # All overlapping: identical boxes with identical scores (index order decides), then nested boxes.
+    cases["identical"] = (np.tile(np.float32([[10, 10, 50, 40]]), (40, 1)), np.full(40, 0.5, np.float32),
+                          np.zeros(40, np.int32))
+    shrink = np.arange(30, dtype=np.float32)[:, None] * np.float32([0.2, 0.2, -0.2, -0.2])
+    cases["nested"] = (np.float32([[0, 0, 60, 60]]) + shrink, rng.choice(np.float32([0.3, 0.6]), 30),
+                       np.zeros(30, np.int32))
+    # A chain: each box suppresses the next (IoU 2/3) but not the one after (3/7), so every other box is
+    # kept, decided one after another across every tile.
+    x = 2 * np.arange(56, dtype=np.float32)[:, None]
+    cases["chain"] = (np.concatenate([x, 0 * x, x + 10, 0 * x + 10], 1), np.linspace(1, 0.1, 56, dtype=np.float32),
+                      np.zeros(56, np.int32))
+    # More survivors than the cap (disjoint boxes), scores tied in threes.
+    corners = np.stack(np.meshgrid(np.arange(8), np.arange(8)), -1).reshape(-1, 2)[:60].astype(np.float32) * 20
+    cases["over the cap"] = (np.concatenate([corners, corners + 10], 1), np.repeat(rng.random(20), 3).astype(np.float32),
+                             np.zeros(60, np.int32))
+    boxes = random_boxes(rng, 50, clusters=3)
+    boxes[10:14], boxes[20:22], boxes[22] = boxes[3], [5, 5, 5, 9], [7, 7, 7, 7]  # duplicates, zero area, a point
+    cases["ties, classes"] = (boxes, rng.choice(np.float32([0.25, 0.5, 0.75]), 50), rng.integers(0, 3, 50).astype(np.int32))
+    return cases
+
+
+@pytest.mark.parametrize("method, tile", [("tiled", 16), ("tiled", None), ("loop", None)],
+                         ids=["tiled_16", "tiled_platform", "loop"])
+def test_nms_methods_match_torchvision_on_adversarial_cases(method, tile):
+    """Every NMS algorithm against torchvision's batched_nms, all cases in one vmapped call. A tile of 16
+    splits the 64 padded boxes into four tiles (the platform's tile holds them all). torchvision takes
+    its coordinate-offset path at these sizes; its per-class path agrees on the boxes kept, but its last
+    sort is not stable, so it may reverse tied scores."""
+    cases = adversarial_nms_cases(np.random.default_rng(21))
+    padded = [pad_with_decoys(*case, seed=i) for i, case in enumerate(cases.values())]
+    boxes, scores, classes, valid = (np.stack([p[k] for p in padded]) for k in range(4))
+    nms = functools.partial(ops.batched_nms, iou_threshold=0.5, max_output=MAX_OUTPUT, method=method, tile=tile)
+    keep_idx, keep_valid = jax.jit(jax.vmap(nms))(boxes, scores, classes, valid)
+    for i, (name, (b, s, c)) in enumerate(cases.items()):
+        expected = torchvision.ops.batched_nms(torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(c), 0.5)
+        got = kept_original_indices(keep_idx[i], keep_valid[i], padded[i][4])
+        assert got == expected.tolist()[:MAX_OUTPUT], name
+    assert [len(torchvision.ops.batched_nms(*(torch.from_numpy(a) for a in case), 0.5)) for case in
+            list(cases.values())[:5]] == [0, 1, 1, 28, 60]  # the cases are the ones intended
+
+
+def test_top_k_pairs_is_lax_top_k_ties_included():
+    rng = np.random.default_rng(4)
+    # Many ties, and rows of -inf: tied pairs in rows of different maxima come out in flat-index order.
+    scores = rng.choice(np.float32([0.1, 0.5, 0.9, -np.inf]), (2, 40, 7), p=[0.5, 0.4, 0.02, 0.08])
+    scores[1, 30] = 0.95  # one row holding the best pair
+    flat = scores.reshape(2, -1)
+    for k in (1, 25, 45):  # fewer, and more, than the 40 rows
+        values, index = ops.top_k_pairs(scores, k)
+        expected_values, expected_index = jax.lax.top_k(flat, k)
+        np.testing.assert_array_equal(values, expected_values)
+        np.testing.assert_array_equal(index, expected_index)
+
+
 # ----------------------------------------------------------------------------------------- RoIAlign
 
 

@@ -2,37 +2,65 @@
 produced, and the report states exactly the numbers in results.json."""
 
 import json
+import re
 
+import ml_collections
 import pytest
 
 from tests.test_cli import xprune
 from xprune_jax.errors import UserError
-from xprune_jax.experiments.prune import Measurements, format_metric
+from xprune_jax.experiments.prune import Measurements, _report, format_metric, summarize
 
 
 def assert_report_holds_results(report: str, results: dict) -> None:
-    """Every run's row, every summary cell and every verdict of the report come from results.json."""
+    """Every run's row, every summary cell and every verdict of the report come from results.json:
+    a single seed shows no spread, and every criterion that ties the best as printed is bold."""
     metric = results["metric"]
+    fmt = lambda value: format_metric(metric, value)  # noqa: E731
     for r in results["rows"]:
         if "infeasible" in r:
             assert f"| {r['criterion']} | {r['mode']} | {r['budget']} | {r['seed']} | - | infeasible: " in report
             continue
         line = (f"| {r['criterion']} | {r['mode']} | {r['budget']} | {r['seed']} | {len(r['selected'])} | "
-                f"{format_metric(metric, r['metrics'][metric])} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
+                f"{fmt(r['metrics'][metric])} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
                 f"{r['latency_ratio']:.3f} [{r['latency_ratio_iqr'][0]:.3f}, {r['latency_ratio_iqr'][1]:.3f}] |")
         assert line in report, line
     for s in results["summary"]:
-        value = f"{format_metric(metric, s['metric_mean'])} ± {format_metric(metric, s['metric_std'])}"
-        line = (f"| {s['mode']} | {s['budget']} | {s['criterion']} | {s['n']} | {'**' + value + '**' if s['best'] else value} | "
+        same_cell = [t for t in results["summary"] if (t["mode"], t["budget"]) == (s["mode"], s["budget"])]
+        best = fmt(s["metric_mean"]) == fmt(max(t["metric_mean"] for t in same_cell))
+        value = fmt(s["metric_mean"])
+        if s["n"] > 1 and fmt(s["metric_std"]) != fmt(0.0):
+            value += f" ± {fmt(s['metric_std'])}"
+        line = (f"| {s['mode']} | {s['budget']} | {s['criterion']} | {s['n']} | {'**' + value + '**' if best else value} | "
                 f"{s['flops_ratio']:.3f} | {s['params_ratio']:.3f} | {s['latency_ratio']:.3f} |")
         assert line in report, line
+        assert s["best"] == best
         runs = [r for r in results["rows"] if "infeasible" not in r and (r["mode"], r["budget"], r["criterion"]) ==
                 (s["mode"], s["budget"], s["criterion"])]
         assert s["n"] == len(runs) and abs(s["metric_mean"] - sum(r["metrics"][metric] for r in runs) / len(runs)) < 1e-12
     for mode, budget in {(s["mode"], s["budget"]) for s in results["summary"]}:
-        best = max((s for s in results["summary"] if (s["mode"], s["budget"]) == (mode, budget)), key=lambda s: s["metric_mean"])
-        assert f"- `{mode}` at {budget}: best is `{best['criterion']}` ({format_metric(metric, best['metric_mean'])})." in report
-    assert f"{metric} {format_metric(metric, results['unpruned']['metrics'][metric])}, latency {results['unpruned']['latency_ms']:.2f} ms" in report
+        cell = sorted((s for s in results["summary"] if (s["mode"], s["budget"]) == (mode, budget)), key=lambda s: s["criterion"])
+        top = fmt(max(s["metric_mean"] for s in cell))
+        best = [s["criterion"] for s in cell if fmt(s["metric_mean"]) == top]
+        assert (f"- `{mode}` at {budget}: best is `{best[0]}` ({top})." if len(best) == 1 else
+                f"- `{mode}` at {budget}: best are {', '.join(f'`{c}`' for c in best)}, tied at {top}.") in report
+    assert f"{metric} {fmt(results['unpruned']['metrics'][metric])}, latency {results['unpruned']['latency_ms']:.2f} ms" in report
+
+
+def assert_progress_follows_the_work(stderr: str, total: int) -> None:
+    """``xprune run`` says what it does before each slow step, and its bar counts a pruned model only
+    once it is measured: a model being measured is shown with fewer than ``total`` done."""
+    assert "prune: evaluating the unpruned model on " in stderr, stderr[-2000:]
+    assert re.search(r"seed 0: scoring \d+ images with grad_x_act, l1", stderr), stderr[-2000:]
+    updates = [re.match(r"(.*?): +\d+%\|.*\| (\d+)/(\d+) ", line) for line in re.split(r"[\r\n]", stderr)]
+    updates = [(m.group(1), int(m.group(2))) for m in updates if m and int(m.group(3)) == total]
+    first_shown = {}
+    for description, done in updates:
+        first_shown.setdefault(description, done)
+    measuring = {d: done for d, done in first_shown.items() if ": measuring " in d}
+    assert measuring and all(done < total for done in measuring.values()), first_shown
+    assert updates[-1][1] == total
+    assert stderr.index("prune: writing the plots and the report") > stderr.rindex(f" {total}/{total} ")
 
 
 SMALL_RUN = ("run", "--config=configs/structural.py:shufflenet_v2_x0_5", "--config.criteria=('grad_x_act', 'l1')",
@@ -41,7 +69,9 @@ SMALL_RUN = ("run", "--config=configs/structural.py:shufflenet_v2_x0_5", "--conf
 
 def test_prune_pipeline_end_to_end_then_resume(tmp_path):
     out = tmp_path / "run"
-    xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%')", f"--config.out_dir={out}")
+    first = xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%')",
+                   f"--config.out_dir={out}")
+    assert_progress_follows_the_work(first.stderr, total=2 * 2 * 3)
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
     assert {(r["criterion"], r["mode"], r["seed"]) for r in rows} == \
@@ -54,6 +84,9 @@ def test_prune_pipeline_end_to_end_then_resume(tmp_path):
         assert r["flops_ratio"] == 1.0 if r["mode"] == "zero" else r["flops_ratio"] <= 0.9
     assert_report_holds_results((out / "report.md").read_text(), results)
     scores = json.loads((out / "scores" / "seed0.json").read_text())
+    layers = [l for l in scores["layers"] if l["kind"] != "block"]  # the plotted entries: blocks repeat their layers
+    assert len(layers) < len(scores["layers"]) and [c["layers"] for c in results["comparison"]] == [len(layers)]
+    assert f"Criteria agreement (first seed, over the {len(layers)} scored layers;" in (out / "report.md").read_text()
     assert scores["calibration"]["seed"] == 0 and len(scores["calibration"]["images"]) == 2
     assert json.loads((out / "scores" / "seed1.json").read_text())["calibration"]["images"] != scores["calibration"]["images"]
     for plot in ("layer_scores.png", "criteria_ranks.png", "tradeoff.png"):
@@ -123,3 +156,67 @@ def test_measurements_from_gathers_a_split_table(tmp_path):
         Measurements(path, {**context, "eval_images": 100}, resume=False, sources=(parts[1],))
     with pytest.raises(UserError, match=r"no such file"):
         Measurements(path, context, resume=False, sources=(str(tmp_path / "missing.json"),))
+
+
+def test_report_bolds_every_tie_as_printed_and_shows_no_spread_for_one_seed():
+    """0.2801 and 0.2799 both print as 0.280: both are the best, and the paper's criterion ties with
+    L1 there. A single seed prints its value alone; two seeds that differ print their spread."""
+    def row(criterion, seed, ap):
+        return {"criterion": criterion, "mode": "shrink", "budget": "flops=-20%", "seed": seed, "selected": ["a"],
+                "metrics": {"AP": ap}, "flops_ratio": 0.8, "params_ratio": 0.7, "latency_ratio": 0.9,
+                "latency_ratio_iqr": [0.85, 0.95]}
+    rows = [row("grad_x_act", 0, 0.2801), row("l1", 0, 0.2799), row("random", 0, 0.05), row("random", 1, 0.07)]
+    summary = summarize(rows, "AP")
+    assert {s["criterion"] for s in summary if s["best"]} == {"grad_x_act", "l1"}
+    results = {"arch": "yolov8n", "weights": "w.pt", "metric": "AP", "metric_description": "AP", "comparison": [],
+               "unpruned": {"metrics": {"AP": 0.3}, "latency_ms": 10.0}, "rows": rows, "summary": summary}
+    config = ml_collections.ConfigDict({"seeds": (0, 1), "calib_images": 4,
+                                        "bench": {"batch_size": 1, "repeats": 2, "warmup": 1}})
+    report = _report(results, config)
+    assert report.count("**0.280**") == 2 and "± 0.000" not in report and "0.060 ± 0.014" in report
+    assert "best are `grad_x_act`, `l1`, tied at 0.280." in report
+    assert "The paper's `grad_x_act` ties with `l1` (0.280 vs 0.280" in report
+    assert_report_holds_results(report, results)
+
+
+def test_recovery_stage_is_measured_and_reported(tmp_path):
+    """config.recovery: every pruned model is measured as cut, after BN recalibration on training images
+    and after a few fine-tuning steps from the unpruned model; the report puts them side by side and the
+    measurements' context records the settings (so a resume with other recovery settings is refused)."""
+    out = tmp_path / "run"
+    args = ("run", "--config=configs/structural.py:shufflenet_v2_x1_0",
+            "--config.weights=benchmarks/fixtures/shufflenet_v2_x1_0_shapes.pth",
+            "--config.image_folder=xprune_jax/data/demo_shapes/classification", "--config.criteria=('random',)",
+            "--config.prunings=('shrink:flops=-50%',)", "--config.calib_images=8", "--config.batch_size=8",
+            "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.recovery.recalibrate_bn=16",
+            "--config.recovery.finetune.steps=4", "--config.recovery.finetune.batch_size=8", f"--config.out_dir={out}")
+    xprune(*args)
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    assert results["metric"] == "top1"
+    for r in results["rows"]:
+        recovered = r["recovery"]
+        assert set(recovered) == {"recalibrated", "finetuned"} and recovered["finetuned"]["steps"] == 4
+        assert recovered["finetuned"]["metrics"]["top1"] != r["metrics"]["top1"] or \
+            recovered["recalibrated"]["metrics"]["top1"] != r["metrics"]["top1"]  # recovery changed the model
+    for s in results["summary"]:
+        fmt = lambda c: format_metric("top1", c["metric_mean"])  # noqa: E731
+        assert s["recalibrated"]["n"] == s["finetuned"]["n"] == 1
+        assert f"| shrink | flops=-50% | {s['criterion']} | 1 | " in report
+        assert fmt(s["finetuned"]) in report and fmt(s["recalibrated"]) in report
+    assert "## After recovery" in report and "16 training images" in report and "4 steps of batch 8" in report
+    assert "Does recovery change which criterion wins?" in report
+    context = json.loads((out / "measurements.json").read_text())["context"]
+    assert context["recovery"]["finetune"]["steps"] == 4 and context["recovery"]["recalibrate_bn"] == 16
+
+
+def test_tradeoff_plot_marks_every_mode(tmp_path):
+    """Rows of every pruning mode (remove+shrink included) plot, each mode with its own marker."""
+    from xprune_jax.experiments.prune import _plot_tradeoff
+    from xprune_jax.pruning.plan import MODES
+
+    rows = [{"mode": mode, "criterion": criterion, "latency_ratio": 0.5 + i / 10, "flops_ratio": 0.4 + i / 10,
+             "metrics": {"AP": 0.1 * i}} for i, mode in enumerate(MODES) for criterion in ("l1", "random")]
+    path = tmp_path / "tradeoff.png"
+    _plot_tradeoff(rows, "AP", str(path))
+    assert path.stat().st_size > 0

@@ -23,7 +23,7 @@ from tests.conftest import COCO_SUBSET
 from converters.reference import random_torchvision, relative_error
 from xprune_jax import analysis, models, tree_paths
 from xprune_jax.attribution.score import score_model
-from xprune_jax.checkpoint import Model, load_model, save_model
+from xprune_jax.checkpoint import Model, load_model, model_fingerprint, save_model
 from xprune_jax.errors import UserError
 from xprune_jax.models.yolov8 import fuse_batch_norms
 from xprune_jax.pruning.plan import Plan, apply_plan, count_params, make_plan
@@ -361,7 +361,7 @@ def score_model_like(model: Model, seed: int) -> dict:
 
     layers = analysis.describe_layers(model.arch, model.spec, 320)
     scores = get_criterion("random")(ScoringInputs(layers, {}, seed=seed))
-    return {"criterion": "random", "arch": model.arch, "layers": [
+    return {"criterion": "random", "arch": model.arch, "model_fingerprint": model_fingerprint(model), "layers": [
         {"name": l.name, "score": scores[l.name].score, "channel_scores": list(scores[l.name].channel_scores)} for l in layers]}
 
 
@@ -465,3 +465,31 @@ def test_global_allocation_removes_the_globally_least_important_channels(normali
         if len(keep) - 8 >= max(8, np.ceil(group.width / 8 / 8) * 8):  # another step was possible
             untaken.append(np.sort(importance[keep])[(len(keep) - 1) % 8])
     assert max(taken) <= min(untaken)
+
+
+def test_global_allocation_leaves_every_shuffled_branch_an_input():
+    """ShuffleNetV2's shuffle scatters each branch output over the later units, so a unit's branch reads
+    channels of several groups. Where those are each group's least important ones, the groups' floors
+    keep none for that branch: global allocation then narrows such a group no further, rather than leave
+    the branch's first conv without inputs (it raised ZeroDivisionError building that conv)."""
+    arch = "shufflenet_v2_x0_5"
+    spec = models.get_architecture(arch).default_spec()
+    model = Model(arch, spec, models.build(arch, spec).init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32)),
+                  {"preprocess": {"crop": 64}})
+    half = spec.units[0].branch1 // 2  # the second unit's branch reads the second halves of the first unit's outputs
+
+    def channels(layer):
+        values = np.ones(layer.shape[-1])
+        if layer.name in ("stage2.0.branch1.2", "stage2.0.branch2.5"):
+            values[half:] = 1e-3
+        return values.tolist()
+
+    scores = {"arch": arch, "criterion": "made up", "model_fingerprint": model_fingerprint(model), "layers": [
+        {"name": l.name, "score": 1.0, "channel_scores": channels(l), "input_channel_scores": None}
+        for l in analysis.describe_layers(arch, spec, 64)]}
+    plan = make_plan(model, scores, "shrink", "flops=-70%")
+    assert plan.flops_after <= 0.7 * plan.flops_before
+    pruned = apply_plan(model, plan)
+    for unit in pruned.spec.units:
+        if unit.stride == 1:
+            assert tree_paths.get(pruned.variables["params"], f"{unit.name}.branch2.0")["kernel"].shape[-2] > 0, unit.name

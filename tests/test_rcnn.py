@@ -236,6 +236,32 @@ def test_plan_batches_each_image_once_at_few_padded_shapes(coco_root):
                 assert all(r <= s < r + bucket and s % bucket == 0 for r, s in zip(resized, b.input_shape))
 
 
+def test_predict_pads_each_image_as_torchvision_pads_it_alone(coco_images):
+    """torchvision pads a batch to its largest image, so an image's detections depend on its neighbours;
+    ``predict`` (the evaluation pipeline, bucket 32) batches only images of one padded shape, which is
+    the shape torchvision gives the image alone, whatever the other images and the batch size."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    arch = "fasterrcnn_resnet50_fpn"
+    assert models.get_architecture(arch).predict_pipeline is None
+    spec = models.get_architecture(arch).default_spec()
+    pipeline = TorchvisionDetectionPipeline(models.build(arch, spec))
+    transform = GeneralizedRCNNTransform(spec.transform.min_size, spec.transform.max_size, spec.transform.mean,
+                                         spec.transform.std).eval()
+    images, sizes = [], set()
+    for path in coco_images:
+        with Image.open(path) as im:
+            if im.size not in sizes and len(images) < 5:
+                sizes.add(im.size)
+                images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255)
+    alone = [tuple(transform([image])[0].tensors.shape[2:]) for image in images]
+    assert len(set(alone)) > 1 and tuple(transform(images)[0].tensors.shape[2:]) not in alone[:1]
+    for batch_size in (1, 2, 5):
+        plans = pipeline.plan([tuple(image.shape[1:]) for image in images], batch_size)
+        assert sorted(i for p in plans for i in p.indices) == list(range(len(images)))
+        assert all(p.input_shape == alone[i] for p in plans for i in p.indices)
+
+
 def test_specs_match_torchvision_builders():
     """Every test-time hyper-parameter of the default specs equals the torchvision model's; specs round-trip."""
     faster = torchvision.models.get_model("fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None)
@@ -335,8 +361,8 @@ def test_score_model_calibrates_through_the_detector_pipeline(run, coco_root):
     model = dataclasses.replace(run["model"], spec=dataclasses.replace(
         spec, transform=dataclasses.replace(spec.transform, **SMALL)))
     assert calibration_loader(model)(sorted((coco_root / "val2017").glob("*.jpg"))[0]).shape == (512, 512, 3)
-    scores = score_model(model, ["grad_x_act"], coco_root=str(coco_root), calib_images=2, batch_size=2,
-                         progress=False)
+    scores = score_model(model, ["grad_x_act"], "confidence", coco_root=str(coco_root), calib_images=2, batch_size=2,
+                         progress=False, calib_split="val2017")
     assert scores["objective"] == "confidence" and len(scores["calibration"]["images"]) == 2
     by_name = {layer["name"]: layer for layer in scores["layers"]}
     assert by_name["backbone.body.layer1.0.conv1"]["score"] > 0

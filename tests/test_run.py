@@ -12,8 +12,9 @@ def test_demo_parity_run(tmp_path):
     xprune("run", "--config=configs/parity.py", "--config.archs=('shufflenet_v2_x0_5',)", f"--config.out_dir={out}")
     results = json.loads((out / "results.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    assert config["archs"] == ["shufflenet_v2_x0_5"] and config["seed"] == 0
-    assert "jax" in json.loads((out / "environment.json").read_text())
+    assert config["archs"] == ["shufflenet_v2_x0_5"] and config["seed"] == 0 and config["precision"] == "highest"
+    environment = json.loads((out / "environment.json").read_text())
+    assert "jax" in environment and environment["precision"] == "highest"
     r = results["shufflenet_v2_x0_5"]
     assert r["images"] == 4 and r["layers_compared"] > 50
     assert r["worst_layer_relative_error"] < 1e-4 and r["logits_relative_error"] < 1e-4

@@ -2,7 +2,7 @@
 weights and BN statistics -> a .pt file laid out like the official release (fp16 whole module) ->
 convert -> Orbax model dir -> load -> jitted apply, compared with the torch model read back from the
 same file in float32, on real COCO images. The validation pipeline (rect batches, letterbox, NMS,
-box scaling) is compared with Ultralytics' own code."""
+box scaling) is compared with Ultralytics' own code, and the predict pipeline with ``YOLO(file).predict``."""
 
 import copy
 import dataclasses
@@ -17,6 +17,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from ultralytics import YOLO
 from ultralytics.data.augment import LetterBox
 from ultralytics.data.base import BaseDataset
 from ultralytics.data.converter import coco80_to_coco91_class
@@ -30,15 +31,18 @@ from converters.mapping import state_dict_to_variables
 from converters.reference import gradient_x_activation, outputs_by_name, randomize_batch_norm, relative_error
 from converters.ultralytics_io import DFL_KEY, convert
 from tests.pseudo_ground_truth import pseudo_ground_truth
+from tests.test_errors import RunsCode
 from xprune_jax import models
 from xprune_jax.checkpoint import load_model, save_model
-from xprune_jax.evaluation.coco import coco_metrics, evaluate, load_ground_truth
+from xprune_jax.evaluation.coco import (coco_metrics, evaluate, evaluation_images, evaluation_record, load_ground_truth,
+                                         predict_folder)
 from xprune_jax.errors import UserError
-from xprune_jax.models.yolov8_pipeline import COCO80_TO_COCO91, YOLOv8Pipeline
+from xprune_jax.models.yolov8_pipeline import COCO80_TO_COCO91, YOLOv8Pipeline, YOLOv8PredictPipeline
 from xprune_jax.ops import box_iou
 
 IMGSZ = 320  # small inputs keep the CPU test fast; the code paths are those of 640
 CLASS_BIAS = -5.0  # mean class logit bias: random heads then score like trained ones (many boxes above conf 0.001)
+PREDICT_BIAS_SHIFT = 2.0  # added for predict's conf 0.25: hundreds of boxes per image pass it, few classes
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,6 +222,88 @@ def test_rect_batches_match_ultralytics(imgsz, batch_size, coco_images):
     assert len({plan.input_shape for plan in plans}) > 1
 
 
+@pytest.mark.parametrize("imgsz", [320, 640])
+def test_predict_letterbox_and_box_scaling_match_ultralytics_predictor(imgsz, coco_images):
+    """Each image alone through ``LetterBox(auto=True)`` (shrunk, enlarged, thin) and its boxes back
+    through ``scale_boxes`` without ``ratio_pad``: at 200x333 the latter's gain is not the letterbox's."""
+    pipeline = YOLOv8PredictPipeline(models.get_architecture("yolov8n").default_spec(), imgsz=imgsz)
+    real = [imread(str(p)) for p in coco_images[:3]]
+    images = real + [cv2.resize(real[0], (333, 200)), cv2.resize(real[1], (900, 5))]
+    rng = np.random.default_rng(0)
+    for bgr in images:
+        want = LetterBox(imgsz, auto=True, stride=32)(image=bgr)
+        (plan,) = pipeline.plan([bgr.shape[:2]], 1)
+        assert plan.input_shape == want.shape[:2]
+        got, meta = pipeline.preprocess(bgr[..., ::-1], plan.input_shape)
+        np.testing.assert_array_equal(got, want[..., ::-1].astype(np.float32) / 255.0)
+        corners = np.sort(rng.uniform(0, 1, (2, 50, 2)) * plan.input_shape[::-1], axis=0)
+        boxes = np.concatenate(corners, axis=1).astype(np.float32)
+        want_boxes = scale_boxes(plan.input_shape, torch.from_numpy(boxes.copy()), bgr.shape[:2]).numpy()
+        np.testing.assert_allclose(pipeline.to_original(boxes, meta), want_boxes, rtol=0, atol=1e-3)
+    sizes = [im.shape[:2] for im in images]
+    for batch_size in (1, 2, 5):  # each image at its own shape, whatever its neighbours
+        plans = pipeline.plan(sizes, batch_size)
+        assert sorted(i for p in plans for i in p.indices) == list(range(len(sizes)))
+        assert all(p.input_shape == pipeline.plan([sizes[i]], 1)[0].input_shape for p in plans for i in p.indices)
+
+
+@pytest.fixture(scope="module")
+def predict_checkpoint(checkpoint, tmp_path_factory):
+    """An official-layout yolov8n file whose class scores reach predict's conf 0.25."""
+    torch_model = copy.deepcopy(checkpoint("n")[1])
+    with torch.no_grad():
+        for branch in torch_model.model[22].cv3:
+            branch[2].bias += PREDICT_BIAS_SHIFT
+    path = tmp_path_factory.mktemp("yolov8n_predict") / "yolov8n.pt"
+    _save_like_official(torch_model, path)
+    return path
+
+
+def _detections_by_file(entries: list[dict]) -> dict[str, dict]:
+    by_file = {}
+    for e in entries:
+        by_file.setdefault(e["file_name"], []).append(e)
+    return {name: {"boxes": np.asarray([[x, y, x + w, y + h] for x, y, w, h in (e["bbox"] for e in es)]),
+                   "scores": np.asarray([e["score"] for e in es]), "labels": np.asarray([e["category_id"] for e in es])}
+            for name, es in by_file.items()}
+
+
+def test_predict_matches_ultralytics_predict_whatever_the_folder_and_batch_size(predict_checkpoint, coco_images,
+                                                                                tmp_path):
+    """``xprune predict`` gives each image what Ultralytics' ``YOLO(file).predict(image)`` gives (box for
+    box: IoU > 0.99, the same class, the score within 1e-3 relative), and the same detections alone,
+    in a folder of four and with batch sizes 1 and 4. The four share one predict input shape (two
+    compilations), while the validator's rectangular batch of them is not the first one's alone."""
+    model = convert("yolov8n", str(predict_checkpoint))
+    model = dataclasses.replace(model, meta={**model.meta, "preprocess": {"imgsz": IMGSZ}})
+    sizes = {p: Image.open(p).size[::-1] for p in coco_images}
+    pipeline = YOLOv8PredictPipeline(model.spec, IMGSZ)
+    same_shape = [p for p in coco_images if pipeline.input_shape(*sizes[p]) == pipeline.input_shape(*sizes[coco_images[0]])]
+    first = min(same_shape, key=lambda p: sizes[p][0] / sizes[p][1])
+    paths = [first] + [p for p in same_shape if p != first][:3]
+    validator = YOLOv8Pipeline(model.spec, IMGSZ)
+    assert validator.plan([sizes[first]], 1)[0].input_shape != validator.plan([sizes[p] for p in paths], 4)[0].input_shape
+    four, alone = tmp_path / "four", tmp_path / "alone"
+    for folder, chosen in ((four, paths), (alone, paths[:1])):
+        folder.mkdir()
+        for path in chosen:
+            (folder / path.name).write_bytes(path.read_bytes())
+    by_batch = {batch_size: predict_folder(model, str(four), batch_size, progress=False) for batch_size in (1, 4)}
+    assert by_batch[1] == by_batch[4]
+    alone_entries = predict_folder(model, str(alone), 1, progress=False)
+    assert alone_entries == [e for e in by_batch[4] if e["file_name"] == first.name]
+
+    ours, yolo, coco91 = _detections_by_file(by_batch[4]), YOLO(str(predict_checkpoint)), np.asarray(coco80_to_coco91_class())
+    for path in paths:
+        result = yolo.predict(str(path), imgsz=IMGSZ, verbose=False)[0].boxes
+        want = {"boxes": result.xyxy.numpy(), "scores": result.conf.numpy(), "labels": coco91[result.cls.numpy().astype(int)]}
+        got = ours[path.name]
+        assert 100 <= len(want["boxes"]) == len(got["boxes"]) and len(set(want["labels"])) >= 3, path.name
+        same = ((np.asarray(box_iou(want["boxes"], got["boxes"])) > 0.99) & (want["labels"][:, None] == got["labels"][None])
+                & (np.abs(want["scores"][:, None] - got["scores"][None]) <= 1e-3 * want["scores"][:, None]))
+        assert same.any(1).mean() >= 0.99 and same.any(0).mean() >= 0.99, path.name
+
+
 def test_class_ids_map_to_coco91_like_ultralytics():
     assert list(COCO80_TO_COCO91) == coco80_to_coco91_class()
 
@@ -236,14 +322,97 @@ def test_every_scale_fits_ultralytics_state_dict(scale):
         ("running_mean", "running_var", "num_batches_tracked")))
 
 
-@pytest.mark.parametrize("layout", ["state_dict", "training_checkpoint"])
+def _save_like_trainer(ema: torch.nn.Module, path, older: bool) -> None:
+    """The layout of ``BaseTrainer.save_model`` (Ultralytics 8.4.190): the fp16 EMA module (``ema``, changed
+    here) with the trainer's ``args``, the optimizer state, metrics and run records. ``older``: as trainers
+    before 8.4 left it, with the loss object on the EMA model, numpy scalars in ``best_fitness`` and the
+    metrics, and a path pickled on Windows in ``train_args``."""
+    import pathlib
+
+    from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
+    from ultralytics.utils.torch_utils import convert_optimizer_state_dict_to_fp16
+
+    ema.float()
+    ema.args = IterableSimpleNamespace(**DEFAULT_CFG_DICT)
+    params = list(ema.parameters())[:6]  # the optimizer state of a few is the same kind of data, and cheaper
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # a state per parameter, values unchanged
+    ema.criterion = ema.init_criterion() if older else None
+    train_args = {**DEFAULT_CFG_DICT, "imgsz": 640}
+    if older:
+        train_args["save_dir"] = pathlib.PureWindowsPath("C:/runs/detect/train")
+        train_args["save_dir"].__class__ = pathlib.WindowsPath  # pickled as on Windows: pathlib.WindowsPath
+    torch.save({"epoch": 3, "best_fitness": np.float64(0.25) if older else 0.25,
+                "stopper": {"best_fitness": 0.25, "best_epoch": 3}, "model": None, "ema": ema.half(), "updates": 12,
+                "modelopt": None, "optimizer": convert_optimizer_state_dict_to_fp16(optimizer.state_dict()),
+                "scaler": {}, "train_args": train_args,
+                "train_metrics": {"metrics/mAP50-95(B)": 0.25, "fitness": np.float32(0.25) if older else 0.25},
+                "train_results": {"epoch": [1, 2, 3], "train/box_loss": [1.5, 1.2, 1.1]},
+                "date": "2026-01-01T00:00:00+00:00", "version": "8.4.190",
+                "git": {"root": "/x", "branch": "main", "commit": "0" * 40, "message": None, "origin": None},
+                "license": "AGPL-3.0 (https://ultralytics.com/license)", "docs": "https://docs.ultralytics.com"}, path)
+
+
+def _save_with_pre_8_0_44_paths(model: torch.nn.Module, path) -> None:
+    """A release-layout file of ``model`` (changed here) whose classes are pickled under early 8.0's module
+    paths (``ultralytics.nn.modules.Conv``, ``ultralytics.yolo.utils.IterableSimpleNamespace``), as files
+    made before 8.0.44 name them."""
+    from ultralytics.nn import modules
+    from ultralytics.nn.tasks import temporary_modules
+    from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
+
+    from converters.ultralytics_io import _LEGACY_MODULES
+
+    moved = {cls: cls.__module__ for cls in (modules.Conv, modules.C2f, modules.Bottleneck, modules.SPPF,
+                                              modules.Concat, modules.Detect, modules.DFL)}
+    moved[IterableSimpleNamespace] = IterableSimpleNamespace.__module__
+    model.args = IterableSimpleNamespace(**DEFAULT_CFG_DICT)
+    try:
+        for cls in moved:
+            cls.__module__ = "ultralytics.yolo.utils" if cls is IterableSimpleNamespace else "ultralytics.nn.modules"
+        with temporary_modules(modules=_LEGACY_MODULES):  # pickle checks that the name finds the class
+            torch.save({"model": model, "train_args": {"imgsz": 640}, "version": "8.0.20"}, path)
+    finally:
+        for cls, module_name in moved.items():
+            cls.__module__ = module_name
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "training_checkpoint", "older_training_checkpoint",
+                                    "pre_8_0_44_paths"])
 def test_other_layouts_convert_like_the_release_file(layout, checkpoint, converted, tmp_path):
-    """A plain state_dict file, and a training checkpoint (``model`` None, the weights under ``ema``)."""
-    module = torch.load(checkpoint("n")[0], weights_only=False)["model"]
+    """A plain state_dict file, training checkpoints (``model`` None, the weights under ``ema``) and a
+    file with early 8.0's module paths: all read with weights_only and the allow-list."""
+    module = torch.load(checkpoint("n")[0], weights_only=False)["model"]  # the test's own file
     path = tmp_path / "weights.pt"
-    torch.save(module.state_dict() if layout == "state_dict" else {"epoch": 3, "model": None, "ema": module}, path)
+    if layout == "state_dict":
+        torch.save(module.state_dict(), path)
+    elif layout == "pre_8_0_44_paths":
+        _save_with_pre_8_0_44_paths(module, path)
+        assert {"ultralytics.nn.modules.C2f", "ultralytics.yolo.utils.IterableSimpleNamespace"} <= set(
+            torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    else:
+        _save_like_trainer(module, path, older=layout.startswith("older"))
     variables = convert(None, str(path)).variables
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, converted("n").variables)
+
+
+def test_a_file_that_would_run_code_is_refused_without_running_it(checkpoint, converted, tmp_path):
+    """A release-layout file with one crafted object: refused in one line naming the global, and nothing
+    of it ran; converted as before once trusted (and then the code does run)."""
+    module = torch.load(checkpoint("n")[0], weights_only=False)["model"]
+    path, marker = tmp_path / "yolov8n.pt", tmp_path / "ran"
+    torch.save({"date": RunsCode(marker), "version": "8.4.190", "model": module, "ema": None,
+                "train_args": {"imgsz": 640}}, path)
+    with pytest.raises(UserError, match=r"needs the Python global \w+\.open, which is not on the allow-list .*"
+                                        r"if you trust the file, pass --trust_pickle") as error:
+        convert(None, str(path))
+    assert "\n" not in str(error.value)
+    assert not marker.exists()
+    model = convert(None, str(path), trust_pickle=True)
+    assert marker.exists() and model.meta["provenance"]["trust_pickle"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, model.variables, converted("n").variables)
 
 
 def test_official_name_is_looked_up_where_ultralytics_looks(checkpoint, tmp_path, monkeypatch):
@@ -273,6 +442,18 @@ def _foreign_pickle(path, _):
     torch.save({"model": torch.nn.Linear(2, 2), "epoch": -1}, path)
 
 
+def _empty(path, _):
+    path.write_bytes(b"")
+
+
+def _json(path, _):
+    path.write_text(json.dumps({"model": "yolov8n", "epoch": 3}))
+
+
+def _pickled_list(path, _):
+    torch.save([torch.zeros(3)], path)
+
+
 def _yolo11(path, _):
     _save_like_official(DetectionModel("yolo11n.yaml", verbose=False), path)
 
@@ -281,19 +462,29 @@ def _yolo26_state_dict(path, _):
     torch.save(DetectionModel("yolo26n.yaml", verbose=False).state_dict(), path)
 
 
-@pytest.mark.parametrize("write,message", [
-    (_truncated, "cannot read weights file .*not a readable torch checkpoint"),
-    (_resnet_state_dict, "holds no YOLOv8 weights"),
-    (_foreign_pickle, "holds a Linear, not an Ultralytics DetectionModel"),
-    (_yolo11, "is a yolo11n model; supported are YOLOv8 n/s/m/l/x detection .*YOLO11/12"),
-    (_yolo26_state_dict, "end-to-end .*; supported are YOLOv8 n/s/m/l/x detection .*YOLO26"),
-], ids=["truncated", "resnet_state_dict", "foreign_pickle", "yolo11", "yolo26_state_dict"])
-def test_bad_checkpoints_fail_with_one_line_user_error(write, message, checkpoint, tmp_path):
+@pytest.mark.parametrize("write,message,trusted_message", [
+    (_truncated, "cannot read weights file .*not a readable torch checkpoint .*failed finding central directory\\)",
+     None),
+    (_empty, "weights file .* is empty; re-download it", None),
+    (_json, "not a readable torch checkpoint \\(neither a zip archive nor a pickle: it starts with b'{", None),
+    (_pickled_list, "holds neither an Ultralytics checkpoint .* nor a state_dict of tensors", None),
+    (_resnet_state_dict, "holds no YOLOv8 weights", None),
+    (_foreign_pickle, "needs the Python global torch.nn.modules.linear.Linear, .*pass --trust_pickle",
+     "holds a Linear, not an Ultralytics DetectionModel"),
+    (_yolo11, r"holds an Ultralytics C3k2 \(ultralytics.nn.modules.block.C3k2\), which no YOLOv8 detection checkpoint "
+              "has; supported are YOLOv8 n/s/m/l/x detection .*YOLO11/12",
+     "is a yolo11n model; supported are YOLOv8 n/s/m/l/x detection .*YOLO11/12"),
+    (_yolo26_state_dict, "end-to-end .*; supported are YOLOv8 n/s/m/l/x detection .*YOLO26", None),
+], ids=["truncated", "empty", "json", "pickled_list", "resnet_state_dict", "foreign_pickle", "yolo11",
+        "yolo26_state_dict"])
+def test_bad_checkpoints_fail_with_one_line_user_error(write, message, trusted_message, checkpoint, tmp_path):
+    """Each ends in one line, also when the file is trusted (unpickled as Ultralytics does)."""
     path = tmp_path / "weights.pt"
     write(path, checkpoint("n")[0])
-    with pytest.raises(UserError, match=message) as error:
-        convert(None, str(path))
-    assert "\n" not in str(error.value)
+    for trust_pickle, expected in ((False, message), (True, trusted_message or message)):
+        with pytest.raises(UserError, match=expected) as error:
+            convert(None, str(path), trust_pickle=trust_pickle)
+        assert "\n" not in str(error.value) and "\x1b" not in str(error.value)
 
 
 def test_arch_must_agree_with_the_checkpoint(checkpoint):
@@ -323,6 +514,8 @@ def test_coco_eval_resumes_and_gives_the_same_map_as_ultralytics(checkpoint, con
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     with open(resumed / "detections.partial.jsonl", "w") as f:
+        made_by = evaluation_record(model, evaluation_images(str(coco_root), 4)[2], 2, 4)
+        f.write(json.dumps({"made_by": made_by}) + "\n")  # what made the partial file: resumed only by the same
         for image_id in ids:
             f.write(json.dumps({"image_id": image_id, "detections": [d for d in detections if d["image_id"] == image_id]}) + "\n")
         f.write('{"image_id": 1, "detec')  # a line cut short by the crash
@@ -374,16 +567,21 @@ def test_harness_gives_ap_1_for_ground_truth(coco_root):
     assert coco_metrics(ground_truth, shifted, ids)["AP"] < 0.9  # the harness can tell a bad detector
 
 
-def test_cli_convert_eval_predict(checkpoint, coco_root, tmp_path):
-    """The command line on a detector: convert an official-layout file, evaluate two COCO images,
+def test_cli_convert_eval_predict(predict_checkpoint, coco_root, tmp_path):
+    """The command line on a detector: convert an official-layout file that also holds an object outside
+    the allow-list (``--trust_pickle``), evaluate two COCO images (in bfloat16, recorded as such),
     predict a folder (image ids from COCO-style file names)."""
     from tests.test_cli import xprune
 
-    xprune("convert", "--arch=yolov8n", f"--weights={checkpoint('n')[0]}", f"--out={tmp_path / 'model'}")
+    weights, marker = tmp_path / "yolov8n.pt", tmp_path / "ran"
+    torch.save({**torch.load(predict_checkpoint, weights_only=False), "date": RunsCode(marker)}, weights)
+    xprune("convert", "--arch=yolov8n", f"--weights={weights}", f"--out={tmp_path / 'model'}", "--trust_pickle")
+    assert marker.exists()  # unpickled as Ultralytics would
     xprune("eval", f"--model={tmp_path / 'model'}", f"--coco={coco_root}", f"--out={tmp_path / 'eval'}",
-           "--max_images=2", "--batch_size=2")
+           "--max_images=2", "--batch_size=2", "--precision=bfloat16")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["images"] == 2 and metrics["arch"] == "yolov8n"
+    assert metrics["images"] == 2 and metrics["arch"] == "yolov8n" and metrics["precision"] == "bfloat16"
+    assert json.loads((tmp_path / "eval" / "latency.json").read_text())["precision"] == "bfloat16"
     images = tmp_path / "images"
     images.mkdir()
     first = sorted((coco_root / "val2017").glob("*.jpg"))[0]
@@ -512,9 +710,12 @@ def test_score_then_prune_a_detector(converted, coco_root):
 
     model = converted("n")
     model = dataclasses.replace(model, meta={**model.meta, "preprocess": {"imgsz": IMGSZ}})
-    scores = score_model(model, ["grad_x_act", "l1"], coco_root=str(coco_root), calib_images=2, batch_size=2,
-                         seed=1, progress=False)
+    scores = score_model(model, ["grad_x_act", "l1"], "confidence", coco_root=str(coco_root), calib_images=2,
+                         batch_size=2, seed=1, progress=False, calib_split="val2017")
     assert scores["objective"] == "confidence" and len(scores["calibration"]["images"]) == 2
+    # by default a detector calibrates on its training loss where the split has annotations
+    assert score_model(model, ["l1"], coco_root=str(coco_root), calib_split="val2017")["objective"] == "loss"
+    assert score_model(model, ["l1"], coco_root=str(coco_root), calib_split="train2017")["objective"] == "confidence"
     by_name = {l["name"]: l for l in scores["layers"]}
     assert by_name["model.2.m.0.cv1.conv"]["score"] > 0 and by_name["model.0.conv"]["kind"] == "stem"
     plan = make_plan(model, scores, "remove", "layers=50%")

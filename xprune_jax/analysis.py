@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xprune_jax import models, tree_paths
+from xprune_jax.models.layers import BatchNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,7 @@ class LayerInfo:
 
 
 def traced_layers(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict, dict, list[str], dict[str, str]]:
-    """One abstract trace (no computation): variable shapes, captured output shapes by name, module
+    """One abstract trace of ``init`` (no computation): variable shapes, captured output shapes by name, module
     paths in the order their calls *finish* (a block after its layers), and the BatchNorm that each
     module's output goes through next (the norm called right after it, on its output)."""
     order, norms, last = [], {}, {}
@@ -37,20 +38,19 @@ def traced_layers(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__" and context.module.path:
             name = ".".join(context.module.path)
-            if isinstance(context.module, nn.BatchNorm) and args and last.get("output") is args[0]:
+            if isinstance(context.module, (BatchNorm, nn.BatchNorm)) and args and last.get("output") is args[0]:
                 norms[last["name"]] = name
             order.append(name)
             last.update(name=name, output=out)
         return out
 
-    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
-    variables = jax.eval_shape(module.init, jax.random.key(0), x)
-    def apply(variables, x):  # the interceptor sees tracers: it must run inside the trace
+    def init(key, x):  # the interceptor sees tracers: it must run inside the trace
         with nn.intercept_methods(record):
-            return models.apply_with_intermediates(module, variables, x)
+            return module.init(key, x, mutable=True)  # every collection, the captured outputs included
 
-    _, outputs = jax.eval_shape(apply, variables, x)
-    return variables, outputs, order, norms
+    collections = jax.eval_shape(init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32))
+    variables = {k: v for k, v in collections.items() if k in ("params", "batch_stats")}
+    return variables, models.flatten_names(collections[models.INTERMEDIATES]), order, norms
 
 
 def kernels(tree: dict) -> list:

@@ -37,9 +37,14 @@ class DetectionPipeline(Protocol):
     def preprocess(self, image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, Any]:
         """HWC uint8 RGB image -> (HWC float32 network input of ``input_shape``, meta for to_original)."""
 
-    def forward(self, variables: dict, images) -> dict:
+    def forward(self, variables: dict, images, candidates_from: dict | None = None, return_raw: bool = False) -> dict:
         """Jittable: [B, H, W, 3] -> {"boxes" [B, N, 4] xyxy in input pixels, "scores" [B, N],
-        "labels" [B, N] COCO category ids (1..90), "valid" [B, N] bool}, N = max_detections."""
+        "labels" [B, N] COCO category ids (1..90), "valid" [B, N] bool}, N = max_detections.
+
+        With ``return_raw``, also ``raw``: the network's outputs before post-processing (a dict of
+        arrays). Given another forward's ``raw`` on the same images as ``candidates_from``, the
+        post-processing reads it instead (and ``raw`` is returned, so the network still runs): the
+        network is timed with the post-processing's work held fixed."""
 
     def to_original(self, boxes: np.ndarray, meta: Any) -> np.ndarray:
         """Boxes [N, 4] in input pixels -> xyxy in the original image's pixels."""
@@ -50,3 +55,13 @@ class DetectionPipeline(Protocol):
 
     def to_input(self, boxes: np.ndarray, meta: Any) -> np.ndarray:
         """xyxy boxes [N, 4] in original pixels -> input pixels, as the training transform maps targets."""
+
+
+def batches_by_shape(shapes: list[tuple[int, int]], batch_size: int) -> list[BatchPlan]:
+    """Batches of images (given as their input shapes) that share an input shape, in order of first
+    appearance: each image's input does not depend on the other images or on the batch size."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(index)
+    return [BatchPlan(tuple(indices[i:i + batch_size]), shape)
+            for shape, indices in groups.items() for i in range(0, len(indices), batch_size)]

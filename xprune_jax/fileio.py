@@ -1,9 +1,14 @@
 """Atomic file writes: results are either complete or absent, never half-written."""
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
+import socket
 import tempfile
+
+from xprune_jax.errors import UserError
 
 
 @contextlib.contextmanager
@@ -17,6 +22,9 @@ def atomic_path(path: str):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: name the file the user asked for
+        e.filename = e.filename if e.filename and e.filename != tmp else path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -34,3 +42,41 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive(directory: str, name: str = ".xprune.lock"):
+    """Hold ``directory``'s lock file ``name`` for the block: a second process that wants it gets a
+    :class:`UserError` naming the holder, instead of both writing the same files."""
+    path = os.path.join(directory, name)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{directory} is being written by {holder}; wait for it to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"xprune pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
+def check_writable(path: str, flag: str = "--out") -> None:
+    """Fail now, not after the work, if ``path`` (a file or directory to be written) can't be
+    created: make its parent directory (or use the directory itself, if it exists) and a temporary
+    file there."""
+    path = os.path.abspath(path)
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".xprune-write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); give {flag} a writable place") from None

@@ -8,7 +8,7 @@ import sys
 
 import jax
 
-from xprune_jax import __version__
+from xprune_jax import __version__, precision
 from xprune_jax.checkpoint import write_json_atomic
 from xprune_jax.fileio import atomic_path
 
@@ -35,7 +35,7 @@ def environment() -> dict:
     return {
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "xprune_jax": __version__, "python": platform.python_version(), "jax": jax.__version__,
-        "flax": flax.__version__, "backend": jax.default_backend(),
+        "flax": flax.__version__, "backend": jax.default_backend(), "precision": precision.current(),
         "devices": [str(d) for d in jax.devices()], "machine": platform.machine(),
         "processor": platform.processor(), "cpu_count": os.cpu_count(), **cpu(), "platform": platform.platform(),
     }

@@ -2,11 +2,13 @@
 random order every round (so drift and noise hit all alike), and ratios taken per round."""
 
 import os
+import sys
 import time
 from typing import Callable
 
 import jax
 import numpy as np
+import tqdm
 
 DEMO_IMAGE = os.path.join(os.path.dirname(__file__), "data", "demo_coco", "val2017", "000000000139.jpg")
 
@@ -15,12 +17,13 @@ def model_call(model, batch_size: int = 1, image: str = DEMO_IMAGE) -> Callable[
     """A zero-argument call of ``model``'s jitted forward on one fixed batch, for timing: a classifier
     gets standard-normal input at its crop size; a detector gets ``image`` (a bundled COCO image by
     default) through its own pipeline, ``batch_size`` times, and returns padded detections (so NMS is
-    timed too). The batch is split over the local devices (rounded up to a multiple of their count)."""
-    from xprune_jax import models, parallel
+    timed too). The batch is split over the devices (a multiple of their count), at the current
+    :mod:`~xprune_jax.precision`."""
+    from xprune_jax import models, parallel, precision
     from xprune_jax.data.images import load_rgb
 
     mesh = parallel.data_mesh()
-    batch_size = parallel.round_up_batch(batch_size, mesh)
+    parallel.check_batch_size(batch_size, mesh)
 
     architecture = models.get_architecture(model.arch)
     if architecture.pipeline is None:
@@ -33,21 +36,24 @@ def model_call(model, batch_size: int = 1, image: str = DEMO_IMAGE) -> Callable[
         (plan,) = pipeline.plan([pixels.shape[:2]], 1)
         x = np.repeat(pipeline.preprocess(pixels, plan.input_shape)[0][None], batch_size, axis=0)
         forward = jax.jit(pipeline.forward)
-    variables = jax.device_put(model.variables, parallel.replicated(mesh))
-    x = jax.device_put(x, parallel.batch_sharding(mesh))
+    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
+    x = jax.device_put(precision.cast(x), parallel.batch_sharding(mesh))
     return lambda: forward(variables, x)
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
-                      seed: int = 0) -> dict[str, list[float]]:
-    """Seconds per call of each zero-argument function, ``repeats`` rounds each."""
-    for fn in fns.values():
+                      seed: int = 0, progress: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument function, ``repeats`` rounds each. ``progress``: say
+    which function warms up (its first call compiles), then a progress bar over the rounds."""
+    for k, (name, fn) in enumerate(fns.items(), 1):
+        if progress:
+            print(f"compiling and warming up model {k} of {len(fns)}: {name}", file=sys.stderr, flush=True)
         for _ in range(warmup):
             jax.block_until_ready(fn())
     rng = np.random.default_rng(seed)
     times = {name: [] for name in fns}
     names = list(fns)
-    for _ in range(repeats):
+    for _ in tqdm.trange(repeats, unit="round", desc="timing", disable=not progress):
         for i in rng.permutation(len(names)):
             start = time.perf_counter()
             jax.block_until_ready(fns[names[i]]())

@@ -7,21 +7,24 @@ import jax
 import numpy as np
 import tqdm
 
-from xprune_jax import analysis, models, parallel, runs
+from xprune_jax import analysis, models, parallel, precision, runs
 from xprune_jax.attribution.compare import compare
 from xprune_jax.attribution.criteria import CRITERIA, ScoringInputs, get_criterion
 from xprune_jax.attribution.objectives import LOSS_ARCHS, get_objective
 from xprune_jax.attribution.statistics import statistics_step
-from xprune_jax.checkpoint import Model
+from xprune_jax.checkpoint import Model, model_fingerprint
 from xprune_jax.data.images import classification_transform, list_images, load_rgb, prefetch
 from xprune_jax.errors import UserError
 
 
-def calibration_images(coco_root: str, n: int, seed: int, split: str = "val2017") -> list[str]:
+def calibration_images(coco_root: str, n: int, seed: int, split: str = "train2017") -> list[str]:
     """``n`` images of ``coco_root/<split>`` drawn with ``seed`` (a different seed, other images)."""
     folder = os.path.join(coco_root, split)
+    if not os.path.isdir(coco_root):
+        raise UserError(f"COCO root {coco_root} does not exist: point --coco at a folder laid out like the official download")
     if not os.path.isdir(folder):
-        raise UserError(f"COCO folder {coco_root} has no {split}/: point --coco at a folder laid out like the official download")
+        raise UserError(f"COCO root {coco_root} has no {split}/ to calibrate on: set --calib_split (config.calib_split) "
+                        "to a split it has (val2017 overlaps the images that evaluation measures)")
     return draw(list_images(folder), n, seed)
 
 
@@ -57,23 +60,34 @@ def gather_statistics(model: Model, paths: list[str], objective, batch_size: int
     ``ground_truth``: classifiers' class indices (else -1: the model's own top-1), or for detectors
     a COCO annotation file holding the images, whose boxes go to the objective (``loss``). A loss that
     samples (Faster R-CNN's) samples image ``i`` of ``paths`` with the raw key ``(seed, i)``.
+
+    Every process of a multi-process run passes the same ``paths`` (the global calibration draw) and
+    loads only its rows of each batch; the jitted step sums over every device of every process, so
+    each process gets the same totals, equal to one device's up to the order of float32 sums.
     """
     mesh = parallel.data_mesh()
-    batch_size = parallel.round_up_batch(batch_size, mesh)
-    step = statistics_step(model.module, objective, weight_gradients)
-    variables = jax.device_put(model.variables, parallel.replicated(mesh))
+    parallel.check_batch_size(batch_size, mesh)
+    rows = parallel.local_rows(batch_size, mesh)
+    step = statistics_step(model.module, objective, weight_gradients, mesh)
+    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
     load = _example_loader(model, paths, ground_truth)
     if getattr(objective, "model_targets", False):  # the model computes the loss: targets go with the images
         load = functools.partial(_with_targets, load, seed)
-    total = None
-    with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=not progress) as bar:
-        for _, examples in prefetch(list(range(len(paths))), load, batch_size):
-            batch = jax.tree_util.tree_map(lambda *x: parallel.pad_batch(np.stack(x), batch_size), *examples)
-            batch["weights"] = parallel.pad_batch(np.ones(len(examples), np.float32), batch_size)
-            batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-            stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), step(variables, batch))
+    shares = parallel.local_items(list(range(len(paths))), batch_size, mesh)  # this process's images of each batch
+    chunks = prefetch([i for share in shares for i in share], load, len(rows))
+    total, blank = None, None
+    with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=not (progress and parallel.is_main())) as bar:
+        for start, share in zip(range(0, len(paths), batch_size), shares):
+            examples = next(chunks)[1] if share else []
+            if blank is None:  # padding rows: zeros shaped like an example, weight 0
+                blank = jax.tree_util.tree_map(np.zeros_like, examples[0] if examples else load(0))
+            batch = jax.tree_util.tree_map(lambda *x: np.stack(x), *examples, *[blank] * (len(rows) - len(examples)))
+            batch["images"] = precision.cast(batch["images"])  # the ground truth stays float32
+            batch["weights"] = (np.arange(len(rows)) < len(examples)).astype(np.float32)
+            stats = step(variables, parallel.global_batch(batch, batch_size, mesh))
+            stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), stats)
             total = stats if total is None else jax.tree_util.tree_map(np.add, total, stats)
-            bar.update(len(examples))
+            bar.update(min(batch_size, len(paths) - start))
     return total
 
 
@@ -142,11 +156,14 @@ def _load_classification(path, preprocess):
 
 def score_model(model: Model, criteria: list[str], objective: str = "", coco_root: str = "", calib_images: int = 32,
                 batch_size: int = 8, seed: int = 0, progress: bool = True, all_channel_scores: bool = False,
-                calibration: tuple[list[str], object] | None = None) -> dict:
-    """Scores of every layer under each criterion, with layer metadata and a comparison.
+                calibration: tuple[list[str], object] | None = None, calib_split: str = "train2017") -> dict:
+    """Scores of every layer under each criterion, with layer metadata, a comparison, and the model's
+    fingerprint (:func:`~xprune_jax.checkpoint.model_fingerprint`: plans check it).
 
-    Calibration images are ``calib_images`` of ``coco_root/val2017`` drawn with ``seed``, or the
-    given ``calibration = (paths, ground truth or None)`` (see :func:`gather_statistics`).
+    Calibration images are ``calib_images`` of ``coco_root/<calib_split>`` drawn with ``seed`` (the
+    ``loss`` objective reads ``annotations/instances_<calib_split>.json``), or the given
+    ``calibration = (paths, ground truth or None)`` (see :func:`gather_statistics`). A detector whose
+    loss is ported calibrates on that loss by default where the images have ground truth.
 
     ``channel_scores`` are the primary (first) criterion's; ``all_channel_scores`` adds every
     criterion's under ``channel_scores_by``.
@@ -155,8 +172,11 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     chosen = [get_criterion(name) for name in criteria]
     if not chosen:
         raise UserError(f"no --criterion given; choose from {', '.join(sorted(CRITERIA))}")
-    if not objective and calibration and calibration[1] is not None and task == "detection" and model.arch.startswith(LOSS_ARCHS):
-        objective = "loss"  # annotated calibration images: the training loss picks better channels than confidence
+    if not objective and task == "detection" and model.arch.startswith(LOSS_ARCHS):
+        # annotated calibration images: the training loss picks better channels than the label-free confidence
+        annotations = os.path.join(coco_root, "annotations", f"instances_{calib_split}.json") if coco_root else ""
+        labelled = calibration[1] is not None if calibration else os.path.isfile(annotations)
+        objective = "loss" if labelled else ""
     objective_name, objective_fn = get_objective(objective, task, model.arch, model.spec)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     inputs = ScoringInputs(layers, model.variables["params"], seed=seed)
@@ -166,9 +186,9 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
         if paths is None:
             if not coco_root:
                 raise UserError("data-driven criteria need calibration images: pass --coco=ROOT")
-            paths = calibration_images(coco_root, calib_images, seed)
+            paths = calibration_images(coco_root, calib_images, seed, calib_split)
             if objective_name == "loss":
-                ground_truth = os.path.join(coco_root, "annotations", "instances_val2017.json")
+                ground_truth = os.path.join(coco_root, "annotations", f"instances_{calib_split}.json")
         if objective_name == "loss" and ground_truth is None:
             raise UserError("the loss objective needs the calibration images' ground truth; give a COCO root with annotations")
         weight_gradients = any(c.needs_weight_gradients for c in chosen)
@@ -179,7 +199,10 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     primary = chosen[0].full_name
     return {
         "criterion": primary, "criteria": list(results), "objective": objective_name, "arch": model.arch,
+        "model_fingerprint": model_fingerprint(model),
+        "precision": precision.current(),
         "calibration": {"images": [os.path.basename(p) for p in paths], "seed": seed, "batch_size": batch_size,
+                        "split": calib_split if paths and calibration is None else None,
                         "ground_truth": ground_truth if isinstance(ground_truth, str) else ground_truth is not None},
         "layers": [{
             "name": layer.name, "kind": layer.kind, "shape": list(layer.shape), "params": layer.params,

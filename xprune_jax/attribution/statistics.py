@@ -10,13 +10,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from xprune_jax import models
-from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS
+from xprune_jax import models, parallel
+from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, at_least_float32
 
 
 def _reduce(a, g) -> dict:
-    """Sums over the images of a batch; per-channel values keep the channel (last) axis."""
-    ag = (a * g).reshape(a.shape[0], -1, a.shape[-1])  # [images, positions, channels]
+    """Sums over the images of a batch (in float32 at least, also for a bfloat16 network); per-channel
+    values keep the channel (last) axis."""
+    ag = (at_least_float32(a) * at_least_float32(g)).reshape(a.shape[0], -1, a.shape[-1])  # [images, positions, channels]
     return {
         "abs": jnp.sum(jnp.abs(ag)),  # sum over images of sum_i |a_i g_i|
         "signed": jnp.sum(jnp.abs(jnp.sum(ag, axis=(1, 2)))),  # sum over images of |sum_i a_i g_i|
@@ -26,9 +27,11 @@ def _reduce(a, g) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def statistics_step(module, objective, weight_gradients: bool = False):
+def statistics_step(module, objective, weight_gradients: bool = False, mesh=None):
     """A jitted ``(variables, batch) -> {layer: {abs, signed, channel_abs, channel_signed}}``; with
     ``weight_gradients``, ``(that, dL/dparams)`` from the same backward pass (for Taylor criteria).
+    With a ``mesh`` (the batch sharded over it), the sums over the batch are all-reduced over its
+    devices inside the step, and the results come back replicated on every device of every process.
 
     ``batch`` holds ``images`` plus whatever the objective reads (``weights`` masks padded images), and
     ``model_targets`` where the model itself computes the loss (Faster R-CNN's training forward).
@@ -51,4 +54,6 @@ def statistics_step(module, objective, weight_gradients: bool = False):
         statistics = {name: _reduce(acts[name], grads[name]) for name in acts}
         return (statistics, params_grads) if weight_gradients else statistics
 
-    return jax.jit(step)
+    if mesh is None:
+        return jax.jit(step)
+    return jax.jit(step, out_shardings=parallel.replicated(mesh))

@@ -57,18 +57,18 @@ _INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest
 
 
 def classification_transform(img: Image.Image, resize: int, crop: int, mean: Sequence[float], std: Sequence[float],
-                             interpolation: str = "bilinear") -> np.ndarray:
+                             interpolation: str = "bilinear", position: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
     """torchvision's ``ImageClassification`` eval transform on a PIL image, as HWC float32.
 
     Resize the short side to ``resize`` (long side floored), center-crop ``crop``, scale to [0, 1],
-    normalise.
+    normalise. ``position`` (fractions of the margins, top and left) moves the crop (training jitter).
     """
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(resize * long / short)
     new_w, new_h = (resize, new_long) if w <= h else (new_long, resize)
     img = img.resize((new_w, new_h), _INTERPOLATION[interpolation])
-    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    top, left = int(round((new_h - crop) * position[0])), int(round((new_w - crop) * position[1]))
     img = img.crop((left, top, left + crop, top + crop))
     x = np.asarray(img, dtype=np.float32) / 255.0
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

@@ -1,16 +1,20 @@
 """Experiments run by ``xprune run --config=configs/EXP.py``: name -> function(config, run_dir) ->
-(results dict, Markdown report)."""
+(results dict, Markdown report), and a check of the config that runs before any work."""
 
 from typing import Callable
 
 from xprune_jax.errors import UserError
 
 EXPERIMENTS: dict[str, Callable] = {}
+VALIDATORS: dict[str, Callable] = {}
 
 
-def register(name: str):
+def register(name: str, validate: Callable | None = None):
+    """Register an experiment; ``validate(config)`` raises a :class:`UserError` for a config it can't run."""
     def decorator(fn):
         EXPERIMENTS[name] = fn
+        if validate is not None:
+            VALIDATORS[name] = validate
         return fn
 
     return decorator
@@ -20,6 +24,14 @@ def get_experiment(name: str) -> Callable:
     # Experiments import their (possibly heavy) dependencies on registration.
     from xprune_jax.experiments import parity, prune  # noqa: F401
 
-    if name not in EXPERIMENTS:
+    if not isinstance(name, str) or name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r} in the config; choose one of: {', '.join(sorted(EXPERIMENTS))}")
     return EXPERIMENTS[name]
+
+
+def validated_experiment(config) -> Callable:
+    """The config's experiment, once its config passed the experiment's checks."""
+    experiment = get_experiment(config.get("experiment"))
+    if config.experiment in VALIDATORS:
+        VALIDATORS[config.experiment](config)
+    return experiment

@@ -10,10 +10,12 @@ from xprune_jax.data.images import classification_transform, load_rgb
 from xprune_jax.errors import UserError
 
 
-def prepare_model(arch: str, weights: str, images: list[str], seed: int, run_dir: str) -> tuple[Model, object]:
+def prepare_model(arch: str, weights: str, images: list[str], seed: int, run_dir: str,
+                  trust_pickle: bool = False) -> tuple[Model, object]:
     """``(model, torch model or None)``. ``weights`` is a model dir, any ``xprune convert --weights``
     value, or ``"random"``: seeded random torch weights with BN statistics calibrated on ``images``
-    and then randomised (what can be checked without downloads)."""
+    and then randomised (what can be checked without downloads). ``trust_pickle`` is ``xprune
+    convert --trust_pickle`` (YOLOv8 files)."""
     if weights and os.path.isfile(os.path.join(weights, "model.json")):
         return load_model(weights), None
     try:
@@ -24,7 +26,7 @@ def prepare_model(arch: str, weights: str, images: list[str], seed: int, run_dir
         raise UserError(f"converting weights needs torch and torchvision ({e}); `pip install -e '.[torch]'`") from None
     torch_model = None
     if arch.startswith("yolov8") and weights != "random":
-        model = ultralytics_io.convert(arch, weights)
+        model = ultralytics_io.convert(arch, weights, trust_pickle=trust_pickle)
         save_model(model, os.path.join(run_dir, "models", arch), overwrite=True)
         return model, None
     if weights == "random":

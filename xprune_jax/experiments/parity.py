@@ -12,14 +12,28 @@ import os
 import jax
 import numpy as np
 
-from xprune_jax import models, runs
+from xprune_jax import models, precision, runs
 from xprune_jax.data.images import classification_transform, list_images, load_rgb
 from xprune_jax.errors import UserError
 from xprune_jax.experiments import register
 from xprune_jax.experiments.common import prepare_model
 
 
-@register("parity")
+def validate(config) -> None:
+    """The archs are classifiers this experiment can convert, and the image folder exists."""
+    archs = config.get("archs")
+    if not isinstance(archs, (tuple, list)) or not archs:
+        raise UserError(f"config.archs is {archs!r}; give a tuple of classifier names, e.g. ('resnet50',)")
+    for arch in archs:
+        if not isinstance(arch, str) or models.get_architecture(arch).task != "classification":
+            raise UserError(f"config.archs holds {arch!r}; the parity experiment compares torchvision classifiers")
+    if not isinstance(config.get("images"), str) or config.images and not os.path.isdir(config.images):
+        raise UserError(f"config.images {config.get('images')!r} is not a folder; point it at images ('' = the bundled ones)")
+    if not isinstance(config.get("seed"), int) or isinstance(config.seed, bool):
+        raise UserError(f"config.seed is {config.get('seed')!r}; it must be an integer")
+
+
+@register("parity", validate=validate)
 def parity(config, run_dir: str) -> tuple[dict, str]:
     try:
         import torch
@@ -27,7 +41,9 @@ def parity(config, run_dir: str) -> tuple[dict, str]:
         from converters import reference, torchvision_io
     except ImportError as e:
         raise UserError(f"the parity experiment needs torch and torchvision ({e}); `pip install -e '.[torch]'`") from None
-    jax.config.update("jax_default_matmul_precision", "highest")
+    if config.get("precision", "highest") != "highest":
+        raise UserError("the parity experiment compares with torch at full float32: run it with precision 'highest'")
+    precision.set_precision("highest")
     images = list_images(config.images or os.path.join(runs.DEMO_COCO, "val2017"))
     results = {}
     for arch in config.archs:

@@ -26,35 +26,150 @@ import functools
 import hashlib
 import json
 import os
+import sys
 
 import jax
 import numpy as np
 import tqdm
+from scipy import stats
 
-from xprune_jax import models, parallel, predict, runs, timing
+from xprune_jax import models, parallel, precision, predict, runs, timing
+from xprune_jax.attribution.compare import compare
 from xprune_jax.attribution.score import calibration_images, draw, score_model
 from xprune_jax.checkpoint import save_model, write_json_atomic
 from xprune_jax.data.images import image_folder, list_images, load_rgb
 from xprune_jax.errors import UserError
 from xprune_jax.experiments import register
 from xprune_jax.experiments.common import prepare_model
-from xprune_jax.pruning.plan import apply_plan, make_plan
+from xprune_jax.pruning.plan import MODES, apply_plan, make_plan
 from xprune_jax.spec import spec_to_dict
 
 
-@register("prune")
+def validate(config) -> None:
+    """Check every field the experiment reads before any work (a bad budget would otherwise make every
+    row "infeasible"): one :class:`UserError` naming the field and the fix."""
+    from xprune_jax.attribution.criteria import get_criterion
+    from xprune_jax.attribution.objectives import get_objective
+    from xprune_jax.pruning.plan import parse_budget
+
+    def field(name, kind, minimum=None):
+        value = config
+        for part in name.split("."):
+            value = value.get(part) if hasattr(value, "get") else None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool or (
+                minimum is not None and value < minimum):
+            want = {int: "an integer", str: "a string", bool: "True or False"}.get(kind, "a tuple")
+            want += f" >= {minimum}" if minimum is not None else ""
+            raise UserError(f"config.{name} is {value!r}; it must be {want}")
+        return value
+
+    if not isinstance(config.get("arch"), str):
+        raise UserError(f"config.arch is {config.get('arch')!r}; give an architecture name such as resnet50")
+    architecture = models.get_architecture(config.arch)
+    field("weights", str)
+    for name in ("coco", "image_folder", "out_dir"):
+        field(name, str)
+    for path in ("coco", "image_folder"):
+        if config[path] and not os.path.isdir(config[path]):
+            raise UserError(f"config.{path} {config[path]!r} is not a folder; point it at an existing one ('' = the default)")
+    if config.image_folder:
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(config.image_folder, split)):
+                raise UserError(f"config.image_folder {config.image_folder!r} has no {split}/; give an ImageFolder root "
+                                "with train/ (calibration) and val/ (evaluation)")
+    if architecture.task == "detection":
+        split = field("calib_split", str)
+        if not os.path.isdir(os.path.join(config.coco or runs.DEMO_COCO, split)):
+            raise UserError(f"config.calib_split {split!r} is not a folder of {config.coco or runs.DEMO_COCO}; "
+                            "choose a split it has (val2017 overlaps the images evaluation measures)")
+    criteria = field("criteria", (tuple, list))
+    if not criteria:
+        raise UserError("config.criteria is empty; give at least one, e.g. ('grad_x_act', 'l1')")
+    for criterion in criteria:
+        if not isinstance(criterion, str):
+            raise UserError(f"config.criteria holds {criterion!r}; criteria are names such as 'grad_x_act'")
+        get_criterion(criterion)
+    get_objective(field("objective", str), architecture.task, config.arch, architecture.default_spec())
+    prunings = field("prunings", (tuple, list))
+    if not prunings:
+        raise UserError("config.prunings is empty; give at least one, e.g. ('remove:flops=-10%',)")
+    for pruning in prunings:
+        mode, _, budget = pruning.partition(":") if isinstance(pruning, str) else ("", "", "")
+        if mode not in MODES or not budget:
+            raise UserError(f"config.prunings holds {pruning!r}; write mode:budget with a mode of {', '.join(MODES)}, "
+                            "e.g. 'shrink:flops=-30%'")
+        try:
+            kind, _ = parse_budget(budget)
+        except UserError as e:
+            raise UserError(f"config.prunings {pruning!r}: {e}") from None
+        if mode == "zero" and kind != "layers":
+            raise UserError(f"config.prunings {pruning!r}: zero mode keeps every FLOP; use zero:layers=N%")
+    seeds = field("seeds", (tuple, list))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"config.seeds is {seeds!r}; give a tuple of integer seeds, e.g. (0, 1, 2)")
+    field("seed", int)
+    for name, minimum in (("calib_images", 1), ("batch_size", 1), ("eval_images", 0), ("bench.batch_size", 1),
+                          ("bench.repeats", 1), ("bench.warmup", 0)):
+        field(name, int, minimum)
+    for name in ("save_models", "resume"):
+        field(name, bool)
+    if "pruning" in config:
+        from xprune_jax.pruning.plan import ALLOCATIONS, NORMALIZATIONS
+
+        for name, choices in (("allocation", ALLOCATIONS), ("normalize", NORMALIZATIONS)):
+            if config.pruning.get(name) not in choices:
+                raise UserError(f"config.pruning.{name} is {config.pruning.get(name)!r}; choose one of {', '.join(choices)}")
+        for name in ("floor", "shrink_ratio", "remove_share"):
+            value = config.pruning.get(name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+                raise UserError(f"config.pruning.{name} is {value!r}; it must be a fraction between 0 and 1")
+        field("pruning.round_to", int, 1)
+        if not all(isinstance(p, str) for p in field("pruning.protect", (tuple, list))):
+            raise UserError("config.pruning.protect must list layer or block names, e.g. ('model.22',)")
+    if _recovers(config):
+        from xprune_jax.training.loop import OPTIMIZERS
+        from xprune_jax.training.objectives import parse_objective
+
+        field("recovery.recalibrate_bn", int, 0)
+        field("recovery.finetune.steps", int, 0)
+        field("recovery.finetune.batch_size", int, 2)
+        parse_objective(field("recovery.finetune.objective", str))
+        if config.recovery.finetune.optimizer not in OPTIMIZERS:
+            raise UserError(f"config.recovery.finetune.optimizer is {config.recovery.finetune.optimizer!r}; choose one "
+                            f"of {', '.join(OPTIMIZERS)}")
+        for name in ("lr", "weight_decay"):
+            value = config.recovery.finetune.get(name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (name == "lr" and not value):
+                raise UserError(f"config.recovery.finetune.{name} is {value!r}; it must be a positive number")
+        if architecture.task == "classification" and not config.image_folder:
+            raise UserError("config.recovery trains a classifier on labelled images: set config.image_folder (its train/)")
+    for source in config.get("measurements_from", ()):
+        if not isinstance(source, str) or not os.path.isfile(source):
+            raise UserError(f"config.measurements_from names {source!r}, which is not a file; give the measurements.json "
+                            "of a run of the same model and config")
+
+
+@register("prune", validate=validate)
 def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     coco = config.coco or runs.DEMO_COCO
     task_eval = {"classification": _ClassifierEval, "detection": _DetectionEval}[models.get_architecture(config.arch).task]
-    model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir)
+    is_model_dir = os.path.isfile(os.path.join(config.weights or "", "model.json"))
+    _say(f"prune: {'loading' if is_model_dir else 'converting'} {config.arch} from "
+         f"{'seeded random weights' if config.weights == 'random' else config.weights}")
+    model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir,
+                             config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
+    recovery = _Recovery(config, model, evaluator) if _recovers(config) else None
+    _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
     evaluated = Measurements(os.path.join(run_dir, MEASUREMENTS), _measurement_context(config, model, unpruned),
                              resume=config.resume, sources=tuple(config.get("measurements_from", ())))
     rows, scores_by_seed = [], {}
+    # the bar counts pruned models done (measured, reused or infeasible); its label says what runs now
     bar = tqdm.tqdm(total=len(config.seeds) * len(config.criteria) * len(config.prunings), unit="model", desc="prune")
     for seed in config.seeds:
+        bar.set_description(f"seed {seed}: scoring {config.calib_images} images with {', '.join(config.criteria)}")
         scores = score_model(model, list(config.criteria), config.objective, calibration=evaluator.calibration(seed),
                              batch_size=config.batch_size, seed=seed, progress=False, all_channel_scores=True)
         write_json_atomic(os.path.join(run_dir, "scores", f"seed{seed}.json"), scores)
@@ -66,43 +181,59 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
             for pruning in config.prunings:
                 mode, budget = pruning.split(":", 1)
                 row = {"criterion": criterion, "mode": mode, "budget": budget, "seed": seed}
-                bar.update()
+                bar.set_description(f"seed {seed}: planning {criterion} {pruning}")
                 try:
                     plan = make_plan(model, single, mode, budget, **plan_options(config))
                 except UserError as e:  # e.g. a budget that the eligible units can't meet
                     rows.append({**row, "infeasible": str(e)})
+                    bar.update()
                     continue
                 key = plan_key(mode, plan)
                 measured = evaluated.get(key)
                 if measured is None:
+                    bar.set_description(f"seed {seed}: measuring {criterion} {pruning}")
                     pruned = apply_plan(model, plan)
                     metrics, latency = evaluator(pruned, timed_against=unpruned)
-                    measured = evaluated.put(key, {"metrics": metrics, "latency": latency})
+                    measurement = {"metrics": metrics, "latency": latency}
+                    if recovery:
+                        bar.set_description(f"seed {seed}: recovering {criterion} {pruning}")
+                        measurement["recovery"] = recovery(pruned)
+                    measured = evaluated.put(key, measurement)
                     if config.save_models:
                         name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
                         save_model(pruned, os.path.join(run_dir, "models", name), overwrite=True)
                 metrics, latency = measured["metrics"], measured["latency"]
                 rows.append({**row, "selected": plan.selected, "metrics": metrics,
+                             **({"recovery": measured["recovery"]} if "recovery" in measured else {}),
                              "flops_ratio": plan.flops_after / plan.flops_before,
                              "params_ratio": plan.params_after / plan.params_before,
                              "latency_ratio": latency["ratio_median"], "latency_ratio_iqr": latency["ratio_iqr"]})
+                bar.update()
+    bar.set_description("prune", refresh=False)
     bar.close()
     evaluated.save()  # a gathering run that measured nothing new still keeps every measurement it used
     if evaluated.resumed:
         print(f"resumed: {evaluated.resumed} of {len(evaluated.entries)} measurements came from earlier runs")
+    _say("prune: writing the plots and the report")
     first = scores_by_seed[config.seeds[0]]
+    comparison = layer_comparison(first)
     _plot_scores(first, os.path.join(run_dir, "plots", "layer_scores.png"))
-    _plot_ranks(first, os.path.join(run_dir, "plots", "criteria_ranks.png"))
+    _plot_ranks(first, comparison, os.path.join(run_dir, "plots", "criteria_ranks.png"))
     _plot_tradeoff(rows, evaluator.metric, os.path.join(run_dir, "plots", "tradeoff.png"))
     results = {"arch": model.arch, "weights": model.meta.get("provenance", {}).get("weights"),
                "metric": evaluator.metric, "metric_description": evaluator.description,
                "unpruned": {"metrics": unpruned.metrics,
                             "latency_ms": _median([t for m in evaluated.entries.values() for t in m["latency"]["unpruned_ms"]])},
-               "comparison": first["comparison"], "rows": rows, "summary": summarize(rows, evaluator.metric)}
+               "comparison": comparison, "rows": rows, "summary": summarize(rows, evaluator.metric)}
     return results, _report(results, config)
 
 
 MEASUREMENTS = "measurements.json"
+
+
+def _say(message: str) -> None:
+    """A progress line on stderr, beside the progress bar (which it does not break)."""
+    tqdm.tqdm.write(message, file=sys.stderr)
 
 
 def plan_options(config) -> dict:
@@ -124,7 +255,8 @@ def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
         "arch": model.arch, "weights_sha256": model.meta.get("provenance", {}).get("sha256"),
         "spec": spec_to_dict(model.spec), "eval_images": config.eval_images, "bench": config.bench.to_dict(),
         **({"pruning": config.pruning.to_dict()} if "pruning" in config else {}),
-        "seed": config.seed, "unpruned_metrics": unpruned.metrics}))
+        **({"recovery": config.recovery.to_dict()} if _recovers(config) else {}),
+        "seed": config.seed, "precision": precision.current(), "unpruned_metrics": unpruned.metrics}))
 
 
 class Measurements:
@@ -211,13 +343,25 @@ class _ClassifierEval:
         index = draw(list(range(len(self.calib_paths))), self.config.calib_images, seed)
         return [self.calib_paths[i] for i in index], None if self.calib_labels is None else self.calib_labels[index]
 
-    def __call__(self, model, timed_against: _Evaluated | None = None):
+    def training_set(self, model):
+        """What recovery trains on: the labelled ``train/`` folder (never the evaluation images)."""
+        from xprune_jax.training.data import labelled_folder
+
+        if not self.config.image_folder:
+            raise UserError("recovery of a classifier needs labelled training images: set config.image_folder")
+        return labelled_folder(model, os.path.join(self.config.image_folder, "train"))
+
+    def metrics(self, model) -> dict:
         predicted = predict.classify(model, self.paths, self.config.batch_size, progress=False).argmax(-1)
         if self.reference is None:
             self.reference = predicted
         metrics = {"top1_agreement": float(np.mean(predicted == self.reference))}
         if self.labels is not None:
             metrics["top1"] = float(np.mean(predicted == self.labels))
+        return metrics
+
+    def __call__(self, model, timed_against: _Evaluated | None = None):
+        metrics = self.metrics(model)
         size = model.meta["preprocess"]["crop"]
         x = np.random.default_rng(0).standard_normal((self.config.bench.batch_size, size, size, 3), np.float32)
         return _timed(model, jax.jit(model.module.apply), x, metrics, timed_against, self.config)
@@ -253,20 +397,77 @@ class _DetectionEval:
         labelled = self.config.objective == "loss" or (not self.config.objective and os.path.isfile(annotations))
         return paths, annotations if labelled else None
 
-    def __call__(self, model, timed_against: _Evaluated | None = None):
+    def training_set(self, model):
+        """What recovery trains on: ``config.calib_split`` with its ground truth where the objective has a task
+        term (never the evaluation images)."""
+        from xprune_jax.training.data import coco_split
+        from xprune_jax.training.objectives import parse_objective
+
+        labelled = bool(parse_objective(self.config.recovery.finetune.objective).task)
+        return coco_split(model, self.coco, self.config.calib_split, labelled=labelled)
+
+    def metrics(self, model, forward=None) -> dict:
         from xprune_jax.evaluation.coco import coco_metrics, detect, pipeline_for
 
-        forward = jax.jit(pipeline_for(model).forward)
+        forward = forward or jax.jit(pipeline_for(model).forward)
         ids = [e["id"] for e in self.entries]
         detections, _ = detect(model, self.paths, ids, self.sizes, self.config.batch_size, progress=False, forward=forward)
-        metrics = coco_metrics(self.ground_truth, detections, ids)
-        return _timed(model, forward, self.bench_batch, metrics, timed_against, self.config)
+        return coco_metrics(self.ground_truth, detections, ids)
+
+    def __call__(self, model, timed_against: _Evaluated | None = None):
+        from xprune_jax.evaluation.coco import pipeline_for
+
+        forward = jax.jit(pipeline_for(model).forward)
+        return _timed(model, forward, self.bench_batch, self.metrics(model, forward), timed_against, self.config)
+
+
+def _recovers(config) -> bool:
+    return "recovery" in config and bool(config.recovery.recalibrate_bn or config.recovery.finetune.steps)
+
+
+class _Recovery:
+    """What ``config.recovery`` asks of each pruned model, each stage evaluated as the pruned model is: BN
+    statistics re-estimated on ``recalibrate_bn`` training images (weights frozen), then ``finetune.steps``
+    of fine-tuning from the unpruned model (distillation and/or the task loss) on the training split. Both
+    are seeded by ``config.seed``, so a plan met again recovers the same way."""
+
+    def __init__(self, config, teacher, evaluator):
+        self.config, self.teacher, self.evaluator = config.recovery, teacher, evaluator
+        self.seed, self.batch_size = config.seed, config.batch_size
+        self.data = evaluator.training_set(teacher)
+
+    def finetune_config(self):
+        from xprune_jax.training.loop import FinetuneConfig
+        from xprune_jax.training.objectives import parse_objective
+
+        f = self.config.finetune
+        return FinetuneConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, optimizer=f.optimizer,
+                              weight_decay=f.weight_decay, objective=parse_objective(f.objective), seed=self.seed)
+
+    def __call__(self, pruned) -> dict:
+        import time
+
+        from xprune_jax.training.loop import finetune
+        from xprune_jax.training.recalibrate import recalibrate_bn
+
+        stages, model = {}, pruned
+        if self.config.recalibrate_bn:
+            start = time.perf_counter()
+            model = recalibrate_bn(model, draw(self.data.paths, self.config.recalibrate_bn, self.seed), self.batch_size,
+                                   progress=False)
+            stages["recalibrated"] = {"seconds": time.perf_counter() - start, "metrics": self.evaluator.metrics(model)}
+        if self.config.finetune.steps:
+            start = time.perf_counter()
+            model, record = finetune(model, self.teacher, self.data, self.finetune_config(), progress=False)
+            stages["finetuned"] = {"seconds": time.perf_counter() - start, "steps": record["steps"],
+                                   "final_loss": record["final"]["loss"], "metrics": self.evaluator.metrics(model)}
+        return stages
 
 
 def _timed(model, forward, x, metrics: dict, timed_against: _Evaluated | None, config):
     """The unpruned model's :class:`_Evaluated`, or a pruned model's ``(metrics, latency summary)``
     timed side by side with it."""
-    call = functools.partial(forward, jax.device_put(model.variables), jax.device_put(x))
+    call = functools.partial(forward, jax.device_put(precision.cast(model.variables)), jax.device_put(precision.cast(x)))
     if timed_against is None:
         return _Evaluated(metrics, call)
     times = timing.time_side_by_side({"unpruned": timed_against.call, "pruned": call}, config.bench.repeats,
@@ -280,7 +481,7 @@ def _median(values) -> float | None:
 
 def summarize(rows: list[dict], metric: str) -> list[dict]:
     """Per (mode, budget, criterion): the metric and ratios over seeds (mean, std, n), and per
-    (mode, budget) the criterion with the best mean metric."""
+    (mode, budget) which criteria are ``best``: every one whose mean, as printed, is the best printed."""
     cells = {}
     for r in rows:
         if "infeasible" not in r:
@@ -292,44 +493,103 @@ def summarize(rows: list[dict], metric: str) -> list[dict]:
                         "metric_mean": float(values.mean()), "metric_std": float(values.std(ddof=1)) if len(group) > 1 else 0.0,
                         "flops_ratio": float(np.mean([r["flops_ratio"] for r in group])),
                         "params_ratio": float(np.mean([r["params_ratio"] for r in group])),
-                        "latency_ratio": float(np.median([r["latency_ratio"] for r in group]))})
+                        "latency_ratio": float(np.median([r["latency_ratio"] for r in group])),
+                        **_recovered(group, metric)})
     for mode, budget in {(s["mode"], s["budget"]) for s in summary}:
         group = [s for s in summary if (s["mode"], s["budget"]) == (mode, budget)]
-        best = max(s["metric_mean"] for s in group)
+        best = best_criteria(group, metric)
         for s in group:
-            s["best"] = s["metric_mean"] == best
+            s["best"] = s["criterion"] in best
     return summary
+
+
+RECOVERY_STAGES = ("recalibrated", "finetuned")
+
+
+def _recovered(group: list[dict], metric: str) -> dict:
+    """Per recovery stage the rows reached: the metric's mean, std and n over seeds, and the mean seconds."""
+    out = {}
+    for stage in RECOVERY_STAGES:
+        done = [r["recovery"][stage] for r in group if stage in r.get("recovery", {})]
+        if done:
+            values = np.array([d["metrics"][metric] for d in done])
+            out[stage] = {"metric_mean": float(values.mean()), "n": len(done),
+                          "metric_std": float(values.std(ddof=1)) if len(done) > 1 else 0.0,
+                          "seconds": float(np.mean([d["seconds"] for d in done]))}
+    return out
+
+
+def best_criteria(cells: list[dict], metric: str) -> list[str]:
+    """The criteria of one mode and budget whose mean metric, as printed, equals the best printed
+    (what the tables show as tied is tied), in the order given."""
+    best = format_metric(metric, max(s["metric_mean"] for s in cells))
+    return [s["criterion"] for s in cells if format_metric(metric, s["metric_mean"]) == best]
+
+
+def format_metric(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric.startswith("top1") else f"{value:.3f}"
+
+
+def format_mean(metric: str, cell: dict) -> str:
+    """A summary cell's mean metric, with ± the standard deviation over seeds only where there are
+    several seeds and they differ as printed."""
+    mean, spread = format_metric(metric, cell["metric_mean"]), format_metric(metric, cell["metric_std"])
+    return mean if cell["n"] < 2 or spread == format_metric(metric, 0.0) else f"{mean} ± {spread}"
+
+
+def _layers(scores: dict) -> list[dict]:
+    """The scored layers, without the block entries (which overlap their layers)."""
+    return [l for l in scores["layers"] if l["kind"] != "block"]
+
+
+def layer_comparison(scores: dict) -> list[dict]:
+    """How far the criteria agree over the scored layers (block entries left out: they overlap their layers)."""
+    return compare({c: {l["name"]: l["scores"][c] for l in _layers(scores)} for c in scores["criteria"]})
+
+
+def _ranks(values) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank (the ranks Spearman's correlation compares)."""
+    return stats.rankdata(values)
 
 
 def _plot_scores(scores: dict, path: str) -> None:
     plt = runs.pyplot()
-    layers = [l for l in scores["layers"] if l["kind"] != "block"]
-    fig, ax = plt.subplots(figsize=(11, 3.6))
+    layers = _layers(scores)
+    fig, ax = plt.subplots(figsize=(11, 5))
     for criterion in scores["criteria"]:
-        values = np.array([l["scores"][criterion] for l in layers])
-        ranks = values.argsort().argsort() / max(1, len(values) - 1)
+        ranks = (_ranks([l["scores"][criterion] for l in layers]) - 1) / max(1, len(layers) - 1)
         ax.plot(ranks, ".-", ms=3, lw=0.6, label=criterion)
-    ax.set(title=f"{scores['arch']}: per-layer score as a rank percentile (0 = least important), depth order",
-           xlabel="layer (depth order)", ylabel="rank percentile")
-    ax.legend(fontsize=7, ncol=3)
+    step = -(-len(layers) // 100)  # at most 100 names, each readable
+    ax.set_xticks(range(0, len(layers), step))
+    ax.set_xticklabels([l["name"].removesuffix(".conv") for l in layers[::step]], rotation=90, fontsize=6)
+    ax.set_xlim(-1, len(layers))
+    ax.set_title(f"{scores['arch']}: each layer's score as a rank percentile (0 = least important; ties share a rank)",
+                 loc="left", fontsize=10)
+    ax.set_ylabel("rank percentile")
+    ax.grid(axis="x", lw=0.3, alpha=0.5)
+    ax.legend(fontsize=7, ncol=len(scores["criteria"]), loc="lower right", bbox_to_anchor=(1, 1), frameon=False,
+              borderaxespad=0.2)
     fig.tight_layout()
     runs.save_figure(fig, path)
 
 
-def _plot_ranks(scores: dict, path: str) -> None:
+def _plot_ranks(scores: dict, comparison: list[dict], path: str) -> None:
+    """The first criterion's layer ranks against the first L1 criterion's (else the last one's), with
+    the correlations of exactly the layers plotted."""
     plt = runs.pyplot()
     criteria = scores["criteria"]
     other = next((c for c in criteria[1:] if c.startswith("l1")), criteria[-1])
-    layers = [l for l in scores["layers"] if l["kind"] != "block"]
-    a = np.array([l["scores"][criteria[0]] for l in layers]).argsort().argsort()
-    b = np.array([l["scores"][other] for l in layers]).argsort().argsort()
-    row = next(r for r in scores["comparison"] if {r["a"], r["b"]} == {criteria[0], other}) if other != criteria[0] else None
+    layers = _layers(scores)
+    a = _ranks([l["scores"][criteria[0]] for l in layers])
+    b = _ranks([l["scores"][other] for l in layers])
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.scatter(a, b, s=8)
-    title = f"{criteria[0]} vs {other}"
+    title = f"{criteria[0]} vs {other}, {len(layers)} layers (blocks left out)"
+    row = next((r for r in comparison if {r["a"], r["b"]} == {criteria[0], other}), None)
     if row:
         title += f"\nSpearman {row['spearman']:+.2f}, Kendall {row['kendall']:+.2f}"
-    ax.set(title=title, xlabel=f"rank by {criteria[0]}", ylabel=f"rank by {other}")
+    ax.set(title=title, xlabel=f"rank by {criteria[0]} (ties share a rank)", ylabel=f"rank by {other}")
+    ax.title.set_fontsize(9)
     fig.tight_layout()
     runs.save_figure(fig, path)
 
@@ -338,7 +598,7 @@ def _plot_tradeoff(rows: list[dict], metric: str, path: str) -> None:
     plt = runs.pyplot()
     rows = [r for r in rows if "infeasible" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    markers = {"zero": "x", "remove": "o", "shrink": "s"}
+    markers = {mode: marker for mode, marker in zip(MODES, "xosD") if any(r["mode"] == mode for r in rows)}
     criteria = sorted({r["criterion"] for r in rows})
     colors = dict(zip(criteria, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for ax, key, label in ((axes[0], "latency_ratio", "measured latency / unpruned"), (axes[1], "flops_ratio", "FLOPs / unpruned")):
@@ -354,10 +614,6 @@ def _plot_tradeoff(rows: list[dict], metric: str, path: str) -> None:
     runs.save_figure(fig, path)
 
 
-def format_metric(metric: str, value: float) -> str:
-    return f"{value:.1%}" if metric.startswith("top1") else f"{value:.3f}"
-
-
 def _report(results: dict, config) -> str:
     metric = results["metric"]
     unpruned = results["unpruned"]
@@ -371,15 +627,17 @@ def _report(results: dict, config) -> str:
              f"{', '.join(str(s) for s in config.seeds)} ({config.calib_images} images each). Config, environment and "
              "seeds: `config.json`, `environment.json`; scores: `scores/`.", "",
              "## Summary over seeds", "",
-             f"Mean {metric} over calibration seeds (± standard deviation); **bold** = the best criterion at that mode "
-             "and budget.", "",
+             f"Mean {metric} over calibration seeds (± standard deviation, where the seeds differ as printed); "
+             "**bold** = the best criterion at that mode and budget (every one, where they tie as printed).", "",
              "| mode | budget | criterion | seeds | " + metric + " | FLOPs | params | latency |", "|---|---|---|---|---|---|---|---|"]
     for s in sorted(results["summary"], key=lambda s: (s["mode"], s["budget"], -s["metric_mean"])):
-        value = f"{fmt(s['metric_mean'])} ± {fmt(s['metric_std'])}"
+        value = format_mean(metric, s)
         lines.append(f"| {s['mode']} | {s['budget']} | {s['criterion']} | {s['n']} | "
                      f"{'**' + value + '**' if s['best'] else value} | {s['flops_ratio']:.3f} | {s['params_ratio']:.3f} | "
                      f"{s['latency_ratio']:.3f} |")
     lines += ["", "## Who wins", ""] + _verdicts(results["summary"], metric)
+    if any(stage in s for s in results["summary"] for stage in RECOVERY_STAGES):
+        lines += _recovery_report(results, config)
     lines += ["", "## Every run", "",
               f"| criterion | mode | budget | seed | units | {metric} | FLOPs | params | latency |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -390,7 +648,9 @@ def _report(results: dict, config) -> str:
         lines.append(f"| {r['criterion']} | {r['mode']} | {r['budget']} | {r['seed']} | {len(r['selected'])} | "
                      f"{fmt(r['metrics'][metric])} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
                      f"{r['latency_ratio']:.3f} [{r['latency_ratio_iqr'][0]:.3f}, {r['latency_ratio_iqr'][1]:.3f}] |")
-    lines += ["", "Criteria agreement (first seed):", "", "| a | b | Spearman | Kendall | bottom-k overlap |", "|---|---|---|---|---|"]
+    if results["comparison"]:
+        lines += ["", f"Criteria agreement (first seed, over the {results['comparison'][0]['layers']} scored layers; "
+                  "block aggregates left out):", "", "| a | b | Spearman | Kendall | bottom-k overlap |", "|---|---|---|---|---|"]
     for c in results["comparison"]:
         lines.append(f"| {c['a']} | {c['b']} | {c['spearman']:+.2f} | {c['kendall']:+.2f} | {c['bottom_k_overlap']:.0%} of {c['bottom_k']} |")
     lines += ["", "`zero` keeps the graph, so its latency ratio measures timing noise, not a speed-up.", "",
@@ -399,23 +659,76 @@ def _report(results: dict, config) -> str:
     return "\n".join(lines)
 
 
+def _recovery_report(results: dict, config) -> list[str]:
+    """The recovery table (each cell as cut, after BN recalibration and after fine-tuning, beside the
+    unpruned metric) and, per mode and budget, which criterion wins before and after fine-tuning."""
+    metric, summary = results["metric"], results["summary"]
+    unpruned = results["unpruned"]["metrics"][metric]
+    fmt = functools.partial(format_metric, metric)
+    r, f = config.recovery, config.recovery.finetune
+    lines = ["", "## After recovery", "",
+             f"Unpruned {metric}: {fmt(unpruned)}. BN recalibration: {r.recalibrate_bn} training images, weights "
+             f"frozen. Fine-tuning: {f.steps} steps of batch {f.batch_size}, {f.optimizer} at lr {f.lr:g}, objective "
+             f"`{f.objective}`, teacher the unpruned model. **Bold** = the best criterion at that stage, mode and budget; "
+             "the last columns are the fine-tuned metric as a fraction of the unpruned one and the mean wall time of "
+             "recovery per model.", "",
+             "| mode | budget | criterion | seeds | as cut | BN recalibrated | fine-tuned | of unpruned | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(s["mode"], s["budget"]) for s in summary})
+    best = {}
+    for key in keys:
+        group = [s for s in summary if (s["mode"], s["budget"]) == key]
+        best[key] = {stage: set(best_criteria([{"criterion": s["criterion"], **s[stage]} for s in group if stage in s],
+                                              metric)) if any(stage in s for s in group) else set()
+                     for stage in RECOVERY_STAGES}
+        best[key]["cut"] = {s["criterion"] for s in group if s["best"]}
+
+    def cell(s, stage, key):
+        part = s if stage == "cut" else s.get(stage)
+        if part is None:
+            return "-"
+        text = format_mean(metric, {"n": part["n"], "metric_mean": part["metric_mean"], "metric_std": part["metric_std"]})
+        return f"**{text}**" if s["criterion"] in best[key][stage] else text
+
+    for s in sorted(summary, key=lambda s: (s["mode"], s["budget"], -s.get("finetuned", s)["metric_mean"])):
+        key = (s["mode"], s["budget"])
+        last = s.get("finetuned") or s.get("recalibrated")
+        fraction = f"{last['metric_mean'] / unpruned:.1%}" if last and unpruned else "-"
+        seconds = sum(s[stage]["seconds"] for stage in RECOVERY_STAGES if stage in s)
+        lines.append(f"| {s['mode']} | {s['budget']} | {s['criterion']} | {s['n']} | {cell(s, 'cut', key)} | "
+                     f"{cell(s, 'recalibrated', key)} | {cell(s, 'finetuned', key)} | {fraction} | {seconds:.0f} |")
+    lines += ["", "Does recovery change which criterion wins?", ""]
+    for key in keys:
+        after = "finetuned" if best[key]["finetuned"] else "recalibrated"
+        before, now = sorted(best[key]["cut"]), sorted(best[key][after])
+        same = set(before) & set(now)
+        verdict = "the same" if set(before) == set(now) else "partly the same" if same else "a different one"
+        lines.append(f"- `{key[0]}` at {key[1]}: best as cut {', '.join(f'`{c}`' for c in before)}; "
+                     f"{'fine-tuned' if after == 'finetuned' else 'recalibrated'} {', '.join(f'`{c}`' for c in now)} "
+                     f"({verdict}).")
+    return lines
+
+
 def _verdicts(summary: list[dict], metric: str) -> list[str]:
-    """One plain sentence per mode and budget: the winner, and how the paper's attribution fared
-    against the L1 baseline and the random control (a gap within one standard deviation is a tie)."""
+    """One plain sentence per mode and budget: the winners, and how the paper's attribution fared
+    against the L1 baseline and the random control (equal as printed, or a gap within one standard
+    deviation, is a tie)."""
+    fmt = functools.partial(format_metric, metric)
     lines = []
     for mode, budget in sorted({(s["mode"], s["budget"]) for s in summary}):
         group = {s["criterion"]: s for s in summary if (s["mode"], s["budget"]) == (mode, budget)}
-        best = max(group.values(), key=lambda s: s["metric_mean"])
-        text = f"- `{mode}` at {budget}: best is `{best['criterion']}` ({format_metric(metric, best['metric_mean'])})."
+        best = best_criteria(sorted(group.values(), key=lambda s: s["criterion"]), metric)
+        value = fmt(group[best[0]]["metric_mean"])
+        text = (f"- `{mode}` at {budget}: best is `{best[0]}` ({value})." if len(best) == 1 else
+                f"- `{mode}` at {budget}: best are {', '.join(f'`{c}`' for c in best)}, tied at {value}.")
         paper = group.get("grad_x_act")
         for rival in ("l1", "random"):
             if paper and rival in group:
                 a, b = paper, group[rival]
                 spread = max(a["metric_std"], b["metric_std"])
-                verdict = ("ties with" if abs(a["metric_mean"] - b["metric_mean"]) <= spread
-                           else "beats" if a["metric_mean"] > b["metric_mean"] else "loses to")
+                tie = fmt(a["metric_mean"]) == fmt(b["metric_mean"]) or abs(a["metric_mean"] - b["metric_mean"]) <= spread
+                verdict = "ties with" if tie else "beats" if a["metric_mean"] > b["metric_mean"] else "loses to"
                 caveat = ", one seed: no spread to judge by" if min(a["n"], b["n"]) < 2 else ""
-                text += (f" The paper's `grad_x_act` {verdict} `{rival}` ({format_metric(metric, a['metric_mean'])} vs "
-                         f"{format_metric(metric, b['metric_mean'])}{caveat}).")
+                text += f" The paper's `grad_x_act` {verdict} `{rival}` ({fmt(a['metric_mean'])} vs {fmt(b['metric_mean'])}{caveat})."
         lines.append(text)
     return lines

@@ -15,7 +15,7 @@ from xprune_jax.models.rcnn import (FasterRCNN, RetinaNet, TorchvisionDetectionP
 from xprune_jax.models.resnet import ResNet, resnet_spec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2, shufflenet_v2_spec
 from xprune_jax.models.yolov8 import SCALES as YOLOV8_SCALES, YOLOv8, yolov8_spec
-from xprune_jax.models.yolov8_pipeline import YOLOv8Pipeline
+from xprune_jax.models.yolov8_pipeline import YOLOv8Pipeline, YOLOv8PredictPipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,8 @@ class Architecture:
     module: type[nn.Module]  # built as module(spec)
     default_spec: Callable[[], Any]
     input_size: int  # the size the reference weights were trained at (for init and examples)
-    pipeline: Callable | None = None  # detectors: Model -> its DetectionPipeline (evaluation, predict)
+    pipeline: Callable | None = None  # detectors: Model -> its DetectionPipeline (evaluation; predict too by default)
+    predict_pipeline: Callable | None = None  # detectors whose single-image predict differs: Model -> its pipeline
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -42,7 +43,8 @@ for _name in ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", 
     register(Architecture(_name, "classification", ShuffleNetV2, lambda n=_name: shufflenet_v2_spec(n), 224))
 for _scale in YOLOV8_SCALES:
     register(Architecture(f"yolov8{_scale}", "detection", YOLOv8, lambda s=_scale: yolov8_spec(s), 640,
-                          lambda m: YOLOv8Pipeline(m.spec, imgsz=m.meta["preprocess"]["imgsz"])))
+                          lambda m: YOLOv8Pipeline(m.spec, imgsz=m.meta["preprocess"]["imgsz"]),
+                          lambda m: YOLOv8PredictPipeline(m.spec, imgsz=m.meta["preprocess"]["imgsz"])))
 register(Architecture("fasterrcnn_resnet50_fpn", "detection", FasterRCNN, fasterrcnn_resnet50_fpn_spec, 800,
                       lambda m: TorchvisionDetectionPipeline(m.module)))
 register(Architecture("retinanet_resnet50_fpn", "detection", RetinaNet, retinanet_resnet50_fpn_spec, 800,

@@ -13,6 +13,7 @@ kernel exists takes its width from it.
 import contextlib
 import contextvars
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -129,6 +130,12 @@ def capture(module: nn.Module, x: jax.Array) -> jax.Array:
     return x
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """``x`` in float32 if its dtype is narrower (a bfloat16 network's outputs, before boxes are decoded),
+    else unchanged (float64 stays float64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class Conv2d(nn.Module):
     """``torch.nn.Conv2d``: explicit symmetric padding (never 'SAME'), groups, optional bias."""
 
@@ -206,9 +213,62 @@ class Linear(nn.Module):
         return capture(self, x @ kernel.astype(x.dtype) + bias.astype(x.dtype))
 
 
-def batch_norm(name: str, eps: float = 1e-5) -> nn.BatchNorm:
-    """Inference-mode ``BatchNorm2d`` (running statistics); eps 0 gives torchvision's FrozenBN."""
-    return nn.BatchNorm(use_running_average=True, epsilon=eps, name=name)
+BATCH_STATS = "batch_stats"
+BATCH_MOMENTS = "batch_moments"
+
+
+class BatchNorm(nn.Module):
+    """``torch.nn.BatchNorm2d`` (channels last) with torch's modes, chosen by what the caller makes mutable:
+
+    - inference (the default): the running statistics (``batch_stats``: ``mean``, ``var``), computed
+      exactly as ``flax.linen.BatchNorm(use_running_average=True)``;
+    - training, when ``batch_stats`` is mutable (``apply(..., mutable=["batch_stats"])``, not at init):
+      the batch's mean and biased variance normalise, and the running statistics move as torch's
+      ``momentum`` rule moves them (``(1 - m) * running + m * batch``, with the *unbiased* variance
+      ``n / (n - 1)``); when ``batch_moments`` is mutable too, the batch's mean and unbiased variance
+      are also sown there (what BN recalibration averages);
+    - ``frozen`` (torchvision's FrozenBatchNorm2d, whose weight and bias are buffers): always the
+      running statistics, with no gradient into ``scale`` and ``bias`` while training.
+    """
+
+    epsilon: float = 1e-5
+    momentum: float = 0.1  # torch's convention (flax's momentum is 1 - this)
+    frozen: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        ra_mean = self.variable(BATCH_STATS, "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable(BATCH_STATS, "var", lambda: jnp.ones((features,), jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        training = self.is_mutable_collection(BATCH_STATS) and not self.is_initializing()
+        if not training or self.frozen:
+            if training:
+                scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
+            # flax.linen.BatchNorm's inference arithmetic, op for op (outputs stay bit-identical)
+            y = x - ra_mean.value
+            mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+            return jnp.asarray((y * mul) + bias, jnp.result_type(x, scale, bias))
+        axes = tuple(range(x.ndim - 1))
+        count = math.prod(x.shape[:-1])
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=axes)
+        var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # biased: what normalises
+        unbiased = var * (count / max(count - 1, 1))
+        moments = jax.lax.stop_gradient((mean, unbiased))
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * moments[0]
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * moments[1]
+        self.sow(BATCH_MOMENTS, "mean", moments[0], init_fn=lambda: None, reduce_fn=lambda _, new: new)
+        self.sow(BATCH_MOMENTS, "var", moments[1], init_fn=lambda: None, reduce_fn=lambda _, new: new)
+        y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(jnp.result_type(x, scale, bias))
+
+
+def batch_norm(name: str, eps: float = 1e-5, momentum: float = 0.1) -> BatchNorm:
+    """``BatchNorm2d`` of torch's ``eps`` and ``momentum``; eps 0 marks torchvision's FrozenBN (frozen in
+    training too)."""
+    return BatchNorm(epsilon=eps, momentum=momentum, frozen=eps == 0.0, name=name)
 
 
 def max_pool(x, kernel: int, stride: int, padding: int):

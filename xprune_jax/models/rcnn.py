@@ -21,7 +21,14 @@ decreasing objectness, zero where invalid).
 
 Besides the padded detections, both models output ``confidence`` ``[B, CONFIDENCE_TOP_K]``: each
 image's top-k class scores before any thresholding or NMS, which the label-free ``confidence``
-objective sums (see :func:`xprune_jax.attribution.objectives.confidence`). Gradients follow
+objective sums (see :func:`xprune_jax.attribution.objectives.confidence`).
+
+With ``return_raw=True`` both also output ``raw``, the network's outputs before any post-processing
+(at least float32 whatever the parameters' dtype). Given another forward's ``raw`` on the same images as
+``candidates_from``, the post-processing reads it instead of this network's: the network runs as
+usual and its own ``raw`` is returned, but the candidates that reach top-k and NMS are the other
+model's. Latency ratios of pruned models use it to time their networks with the post-processing's
+work held fixed (a pruned network's scores change how many boxes pass the thresholds). Gradients follow
 torchvision's graph: the RPN's box deltas (and objectness) are detached where proposals are decoded
 and selected, so proposals carry no gradient into the RPN head.
 """
@@ -36,12 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from xprune_jax.detection import CONFIDENCE_TOP_K
-from xprune_jax.detection import BatchPlan
+from xprune_jax.detection import BatchPlan, batches_by_shape
 from xprune_jax.losses.rcnn import FasterRCNNLossConfig, fastrcnn_loss, roi_training_samples, rpn_loss
-from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, Conv2d, Edits, Linear, capture, edited
+from xprune_jax.models.layers import (INTERMEDIATES, PERTURBATIONS, Conv2d, Edits, Linear, at_least_float32, capture,
+                                      edited)
 from xprune_jax.models.resnet import ResNetBackbone, ResNetSpec, resnet_spec
 from xprune_jax.ops import (BoxCoder, batched_nms, clip_boxes_to_image, grid_anchors, multiscale_roi_align,
-                            small_box_mask)
+                            small_box_mask, top_k_pairs)
 from xprune_jax.spec import register_spec
 
 RPN_MIN_BOX_SIZE = 1e-3  # torchvision's RegionProposalNetwork.min_size
@@ -242,50 +250,68 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 class RegionProposalNetwork(nn.Module):
-    """``RPNHead`` and proposal selection: per level top-n objectness, decode, clip to the image, drop
-    small boxes, NMS per level (batched over level ids), post-NMS top-n (the spec's; torchvision's
-    training values for the training forward). Returns ``(proposals, valid, (objectness [B, A],
-    deltas [B, A, 4], anchors [A, 4]))``, the head outputs in torchvision's order for the loss."""
+    """``RPNHead`` and proposal selection (:func:`rpn_proposals`, on ``candidates_from``'s objectness and
+    deltas where given), with the spec's top-n (torchvision's training values for the training forward).
+    Returns ``(proposals, valid, (objectness [B, A], deltas [B, A, 4], anchors [A, 4]))``, the head
+    outputs in torchvision's order for the loss."""
 
     spec: FasterRCNNSpec
 
     @nn.compact
-    def __call__(self, levels, image_sizes, input_shape):
+    def __call__(self, levels, image_sizes, input_shape, candidates_from: dict | None = None):
         s = self.spec
         num_anchors = len(s.aspect_ratios) * len(s.anchor_sizes[0])
         batch = levels[0].shape[0]
         t = _relu(SharedConv2d(widths(s)["rpn_width"], 3, name="head.conv.0.0")(levels))
         head_logits = SharedConv2d(num_anchors, 1, name="head.cls_logits")(t)
         head_deltas = SharedConv2d(4 * num_anchors, 1, name="head.bbox_pred")(t)
-        # (y, x, anchor) order within each level, as torch's permute_and_flatten.
-        objectness = capture_as(self, "objectness", jnp.concatenate([x.reshape(batch, -1) for x in head_logits], axis=1))
-        split_at = np.cumsum([np.prod(x.shape[1:]) for x in head_logits])[:-1]
-        coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        # (y, x, anchor) order within each level, as torch's permute_and_flatten; at least float32 from here on.
+        objectness = capture_as(self, "objectness", at_least_float32(jnp.concatenate(
+            [x.reshape(batch, -1) for x in head_logits], axis=1)))
+        deltas = at_least_float32(jnp.concatenate([d.reshape(batch, -1, 4) for d in head_deltas], axis=1))
         level_anchors = _anchors(s, levels, input_shape)
-        top_logits, top_boxes, level_ids = [], [], []
+        source = candidates_from or {"objectness": objectness, "rpn_deltas": deltas}
         # torchvision detaches the objectness and the box deltas here: proposals carry no gradient.
-        for level, (logits, deltas, anchors) in enumerate(
-                zip(jnp.split(jax.lax.stop_gradient(objectness), split_at, axis=1),
-                    [jax.lax.stop_gradient(d) for d in head_deltas], level_anchors)):
-            logits_top, index = jax.lax.top_k(logits, min(s.rpn_pre_nms_top_n, logits.shape[1]))
-            top_logits.append(logits_top)
-            top_boxes.append(coder.decode(_gather(deltas.reshape(batch, -1, 4), index), jnp.asarray(anchors)[index]))
-            level_ids.append(np.full(index.shape[1], level, np.int32))
-        proposals, valid = jax.vmap(self._select, in_axes=(0, 0, None, 0))(
-            jnp.concatenate(top_boxes, axis=1), jnp.concatenate(top_logits, axis=1),
-            jnp.asarray(np.concatenate(level_ids)), image_sizes)
+        proposals, valid = rpn_proposals(s, jax.lax.stop_gradient(source["objectness"]),
+                                         jax.lax.stop_gradient(source["rpn_deltas"]), level_anchors, image_sizes)
         # As in torchvision (proposals from detached deltas; roi_align gives boxes no gradient), none flows here.
-        deltas = jnp.concatenate([d.reshape(batch, -1, 4) for d in head_deltas], axis=1)
         return (jax.lax.stop_gradient(capture_as(self, "proposals", proposals)), valid,
                 (objectness, deltas, np.concatenate(level_anchors)))
 
-    def _select(self, boxes, logits, level_ids, image_size):
-        s = self.spec
+
+def rpn_candidates(spec: FasterRCNNSpec, objectness, deltas, level_anchors: list[np.ndarray]):
+    """Per level the top-n objectness logits, their boxes decoded, and their level ids: ``(boxes [B, N, 4],
+    logits [B, N], level_ids [N])`` from ``objectness [B, A]`` and ``deltas [B, A, 4]``."""
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    split_at = np.cumsum([len(a) for a in level_anchors])[:-1]
+    top_logits, top_boxes, level_ids = [], [], []
+    for level, (logits, level_deltas, anchors) in enumerate(
+            zip(jnp.split(objectness, split_at, axis=1), jnp.split(deltas, split_at, axis=1), level_anchors)):
+        logits_top, index = jax.lax.top_k(logits, min(spec.rpn_pre_nms_top_n, logits.shape[1]))
+        top_logits.append(logits_top)
+        top_boxes.append(coder.decode(_gather(level_deltas, index), jnp.asarray(anchors)[index]))
+        level_ids.append(np.full(index.shape[1], level, np.int32))
+    return (jnp.concatenate(top_boxes, axis=1), jnp.concatenate(top_logits, axis=1),
+            jnp.asarray(np.concatenate(level_ids)))
+
+
+def rpn_select(spec: FasterRCNNSpec, boxes, logits, level_ids, image_sizes):
+    """Each image's proposals ``[B, post_nms_top_n, 4]`` (zero where not ``valid``) from its candidates:
+    clipped, small boxes dropped, NMS per level, by decreasing objectness."""
+
+    def select(boxes, logits, image_size):
         scores = jax.nn.sigmoid(logits)
         boxes = clip_boxes_to_image(boxes, image_size[0], image_size[1])
-        candidates = small_box_mask(boxes, RPN_MIN_BOX_SIZE) & (scores >= s.rpn_score_thresh)
-        keep, valid = batched_nms(boxes, scores, level_ids, candidates, s.rpn_nms_thresh, s.rpn_post_nms_top_n)
+        candidates = small_box_mask(boxes, RPN_MIN_BOX_SIZE) & (scores >= spec.rpn_score_thresh)
+        keep, valid = batched_nms(boxes, scores, level_ids, candidates, spec.rpn_nms_thresh, spec.rpn_post_nms_top_n)
         return jnp.where(valid[:, None], boxes[keep], 0.0), valid
+
+    return jax.vmap(select)(boxes, logits, image_sizes)
+
+
+def rpn_proposals(spec: FasterRCNNSpec, objectness, deltas, level_anchors: list[np.ndarray], image_sizes):
+    """torchvision's ``RegionProposalNetwork.filter_proposals``: :func:`rpn_candidates`, then :func:`rpn_select`."""
+    return rpn_select(spec, *rpn_candidates(spec, objectness, deltas, level_anchors), image_sizes)
 
 
 def _padded_detections(boxes, scores, labels, keep, valid) -> dict:
@@ -295,7 +321,7 @@ def _padded_detections(boxes, scores, labels, keep, valid) -> dict:
 
 class RoIHeads(nn.Module):
     """``MultiScaleRoIAlign`` + ``TwoMLPHead`` + ``FastRCNNPredictor``: RoIs ``[B, R, 4]`` -> class logits
-    ``[B, R, C]`` and per-class box deltas ``[B, R, C, 4]``."""
+    ``[B, R, C]`` and per-class box deltas ``[B, R, C, 4]`` (at least float32)."""
 
     spec: FasterRCNNSpec
 
@@ -303,17 +329,22 @@ class RoIHeads(nn.Module):
     def __call__(self, levels, rois, input_shape):
         s = self.spec
         batch, num_rois = rois.shape[:2]
-        pooled = multiscale_roi_align(levels, rois, input_shape, s.roi_size, s.roi_sampling_ratio)
+        pooled = multiscale_roi_align(levels, rois, input_shape, s.roi_size, s.roi_sampling_ratio).astype(levels[0].dtype)
         x = pooled.transpose(0, 1, 4, 2, 3).reshape(batch * num_rois, -1)  # torch's (C, H, W) flatten for fc6
         x = nn.relu(Linear(s.representation_size, name="box_head.fc6")(x))
         x = nn.relu(Linear(widths(s)["fc7_width"], name="box_head.fc7")(x))
         logits = Linear(s.num_classes, name="box_predictor.cls_score")(x).reshape(batch, num_rois, -1)
         deltas = Linear(4 * s.num_classes, name="box_predictor.bbox_pred")(x).reshape(batch, num_rois, -1, 4)
-        return logits, deltas
+        return at_least_float32(logits), at_least_float32(deltas)
+
+
+def roi_detections(spec: FasterRCNNSpec, logits, deltas, proposals, valid, image_sizes) -> dict:
+    """``RoIHeads.postprocess_detections`` (decode, softmax, per-class NMS) for each image, plus its
+    label-free confidence."""
+    return jax.vmap(functools.partial(_roi_detections, spec))(logits, deltas, proposals, valid, image_sizes)
 
 
 def _roi_detections(s: FasterRCNNSpec, logits, deltas, proposals, valid, image_size):
-    """``RoIHeads.postprocess_detections`` for one image, plus its label-free confidence."""
     boxes = BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas, proposals[:, None])
     boxes = clip_boxes_to_image(boxes, image_size[0], image_size[1])[:, 1:].reshape(-1, 4)  # drop background
     scores = jax.nn.softmax(logits, axis=-1)[:, 1:]
@@ -331,47 +362,71 @@ def _roi_detections(s: FasterRCNNSpec, logits, deltas, proposals, valid, image_s
 class FasterRCNN(nn.Module):
     """``[B, H, W, 3]`` normalised padded images -> padded detections in input pixels.
 
+    With ``return_raw``, the output also holds ``raw``: the RPN head's ``objectness [B, A]`` and
+    ``rpn_deltas [B, A, 4]``, the ``proposals [B, R, 4]`` and the RoI heads' ``class_logits [B, R, C]``
+    and ``box_deltas [B, R, C, 4]``. With ``candidates_from`` (such a ``raw``), proposals are selected
+    from its RPN outputs and detections made from its RoI head outputs, while this network's RoI heads
+    run on its proposals (see the module docstring).
+
     With ``targets`` (``gt_boxes``, ``gt_classes``, ``gt_mask`` as in :mod:`xprune_jax.losses.rcnn`, and
     ``keys`` ``[B, 2]`` uint32, each image's sampling key: ``jax.random.split(keys[i])`` gives its RPN's
     and its RoI heads' keys) it runs torchvision's training forward instead (``model.train()(images,
     targets)``; FrozenBN, so BatchNorm is unchanged): RPN proposals with the training top-n, its loss,
     the RoI heads on the sampled proposals and their loss. Returns torchvision's loss dict plus
     ``per_image`` (each image's losses as torchvision computes them for a batch of one).
+
+    With ``rois`` ``[B, R, 4]`` (e.g. a teacher's proposals, for distillation) the box head also runs on
+    them, and the outputs (the loss dict, or without ``targets`` an empty dict: the RPN still runs and
+    captures its head outputs) gain ``rois_logits`` ``[B, R, C]`` and ``rois_deltas`` ``[B, R, C, 4]``.
     """
 
     spec: FasterRCNNSpec
 
     @nn.compact
-    def __call__(self, images, targets: dict | None = None):
+    def __call__(self, images, targets: dict | None = None, rois=None, candidates_from: dict | None = None,
+                 return_raw: bool = False):
         with edited(self.spec.edits):
-            return self._forward(images, targets)
+            return self._forward(images, targets, rois, candidates_from, return_raw)
 
-    def _forward(self, images, targets):
+    def _forward(self, images, targets, rois, candidates_from, return_raw):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
         levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner_width"], "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
+        roi_heads = RoIHeads(s, name="roi_heads")
+        if targets is None and rois is None:
+            proposals, valid, (objectness, rpn_deltas, _) = RegionProposalNetwork(s, name="rpn")(
+                levels, image_sizes, input_shape, candidates_from)
+            rois = proposals if candidates_from is None else candidates_from["proposals"]
+            logits, deltas = roi_heads(levels[:-1], rois, input_shape)
+            raw = {"objectness": objectness, "rpn_deltas": rpn_deltas, "proposals": rois, "class_logits": logits,
+                   "box_deltas": deltas}
+            source = candidates_from or raw
+            detections = roi_detections(s, source["class_logits"], source["box_deltas"], proposals, valid, image_sizes)
+            return {**detections, "raw": raw} if return_raw or candidates_from is not None else detections
+        out = {}
         if targets is None:
-            proposals, valid, _ = RegionProposalNetwork(s, name="rpn")(levels, image_sizes, input_shape)
-            logits, deltas = RoIHeads(s, name="roi_heads")(levels[:-1], proposals, input_shape)
-            return jax.vmap(functools.partial(_roi_detections, s))(logits, deltas, proposals, valid, image_sizes)
-        config = FasterRCNNLossConfig()
-        train_spec = dataclasses.replace(s, rpn_pre_nms_top_n=config.rpn_pre_nms_top_n,
-                                         rpn_post_nms_top_n=config.rpn_post_nms_top_n)
-        proposals, valid, (objectness, deltas, anchors) = RegionProposalNetwork(train_spec, name="rpn")(
-            levels, image_sizes, input_shape)
-        keys = jax.vmap(jax.random.split)(targets["keys"])
-        rpn = rpn_loss(objectness, deltas, anchors, targets["gt_boxes"], targets["gt_mask"], keys[:, 0], config)
-        samples = roi_training_samples(proposals, valid, targets["gt_boxes"], targets["gt_classes"],
-                                       targets["gt_mask"], keys[:, 1], config)
-        roi = fastrcnn_loss(*RoIHeads(s, name="roi_heads")(levels[:-1], samples["rois"], input_shape), samples,
-                            config.beta)
-        return {**{k: v for k, v in {**rpn, **roi}.items() if k != "per_image"},
-                "per_image": {**rpn["per_image"], **roi["per_image"]}}
+            RegionProposalNetwork(s, name="rpn")(levels, image_sizes, input_shape)
+        else:
+            config = FasterRCNNLossConfig()
+            train_spec = dataclasses.replace(s, rpn_pre_nms_top_n=config.rpn_pre_nms_top_n,
+                                             rpn_post_nms_top_n=config.rpn_post_nms_top_n)
+            proposals, valid, (objectness, deltas, anchors) = RegionProposalNetwork(train_spec, name="rpn")(
+                levels, image_sizes, input_shape)
+            keys = jax.vmap(jax.random.split)(targets["keys"])
+            rpn = rpn_loss(objectness, deltas, anchors, targets["gt_boxes"], targets["gt_mask"], keys[:, 0], config)
+            samples = roi_training_samples(proposals, valid, targets["gt_boxes"], targets["gt_classes"],
+                                           targets["gt_mask"], keys[:, 1], config)
+            roi = fastrcnn_loss(*roi_heads(levels[:-1], samples["rois"], input_shape), samples, config.beta)
+            out = {**{k: v for k, v in {**rpn, **roi}.items() if k != "per_image"},
+                   "per_image": {**rpn["per_image"], **roi["per_image"]}}
+        if rois is not None:
+            out["rois_logits"], out["rois_deltas"] = roi_heads(levels[:-1], rois, input_shape)
+        return out
 
 
 class RetinaNetHead(nn.Module):
     """Classification and regression subnets, shared over levels: ``(logits [B, HWA, K],
-    deltas [B, HWA, 4])`` per level, in torch's (y, x, anchor) order."""
+    deltas [B, HWA, 4])`` per level, in torch's (y, x, anchor) order, at least float32."""
 
     spec: RetinaNetSpec
 
@@ -388,46 +443,72 @@ class RetinaNetHead(nn.Module):
 
         logits = subnet("classification_head", "cls_logits", num_anchors * s.num_classes)
         deltas = subnet("regression_head", "bbox_reg", 4 * num_anchors)
-        return [(c.reshape(c.shape[0], -1, s.num_classes), r.reshape(r.shape[0], -1, 4)) for c, r in zip(logits, deltas)]
+        return [(at_least_float32(c.reshape(c.shape[0], -1, s.num_classes)), at_least_float32(r.reshape(r.shape[0], -1, 4)))
+                for c, r in zip(logits, deltas)]
 
 
 class RetinaNet(nn.Module):
-    """``[B, H, W, 3]`` normalised padded images -> padded detections in input pixels."""
+    """``[B, H, W, 3]`` normalised padded images -> padded detections in input pixels.
+
+    With ``return_raw``, the output also holds ``raw``: the head's ``logits`` and ``deltas``, one array per
+    level. ``candidates_from`` (such a ``raw``) is post-processed instead of this network's own (see the
+    module docstring).
+    """
 
     spec: RetinaNetSpec
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, candidates_from: dict | None = None, return_raw: bool = False):
         with edited(self.spec.edits):
-            return self._forward(images)
+            return self._forward(images, candidates_from, return_raw)
 
-    def _forward(self, images):
+    def _forward(self, images, candidates_from, return_raw):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
         stages = ResNetBackbone(s.body, name="backbone.body")(images)
         levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner_width"], "p6p7", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
-        coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
-        scores, boxes, labels, confidence = [], [], [], []
-        for (logits, deltas), anchors in zip(RetinaNetHead(s, name="head")(levels), _anchors(s, levels, input_shape)):
-            # Per level: the top-k (anchor, class) scores above the threshold.
-            level_scores = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)
-            # The image's top-k over all levels lies within the per-level top-k (before thresholding).
-            confidence.append(jax.lax.top_k(level_scores, min(CONFIDENCE_TOP_K, level_scores.shape[1]))[0])
-            level_scores = jnp.where(level_scores > s.score_thresh, level_scores, -jnp.inf)
-            top_scores, index = jax.lax.top_k(level_scores, min(s.topk_candidates, level_scores.shape[1]))
-            anchor_index = index // s.num_classes
-            scores.append(top_scores)
-            labels.append(index % s.num_classes)
-            boxes.append(coder.decode(_gather(deltas, anchor_index), jnp.asarray(anchors)[anchor_index]))
-        detections = jax.vmap(self._detections)(jnp.concatenate(boxes, axis=1), jnp.concatenate(scores, axis=1),
-                                                jnp.concatenate(labels, axis=1), image_sizes)
-        confidence = jnp.concatenate(confidence, axis=1)
-        return {**detections, "confidence": jax.lax.top_k(confidence, min(CONFIDENCE_TOP_K, confidence.shape[1]))[0]}
+        head = RetinaNetHead(s, name="head")(levels)
+        raw = {"logits": [logits for logits, _ in head], "deltas": [deltas for _, deltas in head]}
+        source = candidates_from or raw
+        boxes, scores, labels, confidence = retinanet_candidates(s, source["logits"], source["deltas"],
+                                                                 _anchors(s, levels, input_shape))
+        detections = {**retinanet_nms(s, boxes, scores, labels, image_sizes), "confidence": confidence}
+        return {**detections, "raw": raw} if return_raw or candidates_from is not None else detections
 
-    def _detections(self, boxes, scores, labels, image_size):
-        s = self.spec
+
+def retinanet_candidates(spec: RetinaNetSpec, logits: list, deltas: list, level_anchors: list[np.ndarray]):
+    """Per level, the top-k (anchor, class) scores above the threshold, their boxes decoded: ``(boxes [B, N, 4],
+    scores [B, N], labels [B, N], confidence [B, CONFIDENCE_TOP_K])``; -inf scores mark no candidate."""
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    scores, boxes, labels, confidence = [], [], [], []
+    for level_logits, level_deltas, anchors in zip(logits, deltas, level_anchors):
+        level_scores = jax.nn.sigmoid(level_logits)  # [B, anchors, classes]
+        size = level_scores.shape[1] * level_scores.shape[2]
+        # lax.top_k over the flattened (anchor, class) scores, without sorting all of them; one pass
+        # over the scores finds each anchor's best, which both top-ks start from.
+        best = jnp.max(level_scores, axis=-1)
+        # The image's top-k over all levels lies within the per-level top-k (before thresholding).
+        confidence.append(top_k_pairs(level_scores, min(CONFIDENCE_TOP_K, size), best)[0])
+        above, best = (jnp.where(x > spec.score_thresh, x, -jnp.inf) for x in (level_scores, best))
+        top_scores, index = top_k_pairs(above, min(spec.topk_candidates, size), best)
+        anchor_index = index // spec.num_classes
+        scores.append(top_scores)
+        labels.append(index % spec.num_classes)
+        boxes.append(coder.decode(_gather(level_deltas, anchor_index), jnp.asarray(anchors)[anchor_index]))
+    confidence = jnp.concatenate(confidence, axis=1)
+    return (jnp.concatenate(boxes, axis=1), jnp.concatenate(scores, axis=1), jnp.concatenate(labels, axis=1),
+            jax.lax.top_k(confidence, min(CONFIDENCE_TOP_K, confidence.shape[1]))[0])
+
+
+def retinanet_nms(spec: RetinaNetSpec, boxes, scores, labels, image_sizes) -> dict:
+    """Each image's candidates clipped and put through class-aware NMS: padded detections."""
+
+    def detections(boxes, scores, labels, image_size):
         boxes = clip_boxes_to_image(boxes, image_size[0], image_size[1])
-        keep, kept = batched_nms(boxes, scores, labels, scores > s.score_thresh, s.nms_thresh, s.detections_per_img)
+        keep, kept = batched_nms(boxes, scores, labels, scores > spec.score_thresh, spec.nms_thresh,
+                                 spec.detections_per_img)
         return _padded_detections(boxes, scores, labels, keep, kept)
+
+    return jax.vmap(detections)(boxes, scores, labels, image_sizes)
 
 
 def _linear_taps(in_size: int, out_size: int):
@@ -456,8 +537,11 @@ class TorchvisionDetectionPipeline:
     ``GeneralizedRCNNTransform`` (normalise, resize, zero-pad bottom/right) around ``module``.
 
     ``bucket`` (a multiple of ``size_divisible``) rounds the padded shapes: 32 gives exactly
-    torchvision's padding (its eval uses one image per batch), so outputs match torchvision box
-    for box; a larger bucket means fewer compilations, at the cost of exactness near the padding.
+    torchvision's padding of each image alone (its eval uses one image per batch), so outputs match
+    torchvision box for box; a larger bucket means fewer compilations, at the cost of exactness near
+    the padding. Batches hold one padded shape, so an image's detections do not depend on the other
+    images or the batch size (torchvision pads a batch to its largest image): evaluation and
+    ``predict`` share this pipeline.
     """
 
     module: FasterRCNN | RetinaNet
@@ -485,12 +569,8 @@ class TorchvisionDetectionPipeline:
 
     def plan(self, sizes: list[tuple[int, int]], batch_size: int) -> list[BatchPlan]:
         """Batches of images with the same padded shape (in order of first appearance)."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, (height, width) in enumerate(sizes):
-            shape = tuple(-(-side // self.bucket) * self.bucket for side in self.resized_size(height, width))
-            groups.setdefault(shape, []).append(index)
-        return [BatchPlan(tuple(indices[i:i + batch_size]), shape)
-                for shape, indices in groups.items() for i in range(0, len(indices), batch_size)]
+        return batches_by_shape([tuple(-(-side // self.bucket) * self.bucket for side in self.resized_size(h, w))
+                                 for h, w in sizes], batch_size)
 
     def preprocess(self, image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, tuple]:
         """uint8 HWC RGB -> the normalised, resized image zero-padded to ``input_shape``; meta is
@@ -504,8 +584,8 @@ class TorchvisionDetectionPipeline:
         out[:resized[0], :resized[1]] = resize_bilinear(x, *resized)
         return out, (tuple(image.shape[:2]), resized)
 
-    def forward(self, variables: dict, images) -> dict:
-        return self.module.apply(variables, images)
+    def forward(self, variables: dict, images, candidates_from: dict | None = None, return_raw: bool = False) -> dict:
+        return self.module.apply(variables, images, candidates_from=candidates_from, return_raw=return_raw)
 
     @property
     def class_indices(self) -> dict[int, int]:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xprune_jax.models.layers import Conv2d, Edits, batch_norm, capture, edited, max_pool, select
+from xprune_jax.models.layers import Conv2d, Edits, at_least_float32, batch_norm, capture, edited, max_pool, select
 from xprune_jax.ops import dist2bbox, make_anchor_points
 from xprune_jax.spec import register_spec
 
@@ -28,6 +28,7 @@ SCALES = {"n": (0.33, 0.25, 1024), "s": (0.33, 0.50, 1024), "m": (0.67, 0.75, 76
           "l": (1.00, 1.00, 512), "x": (1.00, 1.25, 512)}  # yolov8.yaml: (depth, width, max_channels)
 REG_MAX = 16  # DFL bins per box side: the box branch outputs 4 * REG_MAX channels
 MAX_STRIDE = 32
+BN_MOMENTUM = 0.03  # Ultralytics' initialize_weights sets every BatchNorm2d's momentum (and eps 1e-3)
 
 
 @register_spec
@@ -182,7 +183,7 @@ class ConvBlock(nn.Module):
         s = self.spec
         y = Conv2d(s.out, s.kernel, s.stride, use_bias=self.fused, name="conv")(x)
         if not self.fused:
-            y = batch_norm("bn", self.bn_eps)(y)
+            y = batch_norm("bn", self.bn_eps, BN_MOMENTUM)(y)
         return capture(self, nn.silu(y))
 
 
@@ -264,9 +265,10 @@ class Detect(nn.Module):
                 y = Conv2d(outputs, 1, use_bias=True, name=f"{branch}.{i}.2")(y)
                 collected.append(y.reshape(y.shape[0], -1, outputs))
         points, strides = make_anchor_points([x.shape[1:3] for x in features], s.strides)
-        distances = dfl_decode(jnp.concatenate(boxes, axis=1), s.reg_max)
+        # Boxes are decoded in float32 even in a bfloat16 network (its pixel steps would be 4 px at 640).
+        distances = dfl_decode(at_least_float32(jnp.concatenate(boxes, axis=1)), s.reg_max)
         xywh = dist2bbox(distances, points) * strides
-        out = jnp.concatenate([xywh, jax.nn.sigmoid(jnp.concatenate(logits, axis=1))], axis=-1)
+        out = jnp.concatenate([xywh, jax.nn.sigmoid(at_least_float32(jnp.concatenate(logits, axis=1)))], axis=-1)
         return jnp.swapaxes(capture(self, out), 1, 2)
 
 

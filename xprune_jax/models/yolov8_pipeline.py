@@ -1,5 +1,9 @@
-"""YOLOv8 COCO validation as Ultralytics 8.4.190's ``DetectionValidator`` runs it (``model.val()``),
-as a :class:`xprune_jax.detection.DetectionPipeline`.
+"""YOLOv8 as Ultralytics 8.4.190 runs it, as two :class:`xprune_jax.detection.DetectionPipeline`
+implementations: COCO validation (``model.val()``, :class:`YOLOv8Pipeline`, for ``xprune eval``
+and the experiments) and prediction (``model.predict(image)``, :class:`YOLOv8PredictPipeline`, for
+``xprune predict``).
+
+Validation (``DetectionValidator``):
 
 - Batches are rectangular (``BaseDataset.set_rectangle``): images sorted by aspect ratio h/w
   (``np.argsort``, so give the images in Ultralytics' order, sorted file names, for identical
@@ -20,6 +24,22 @@ as a :class:`xprune_jax.detection.DetectionPipeline`.
   (per-axis gains in this version; older 8.x used ``ratio_pad[0][0]`` for both axes), clipped to
   the image. Labels map 80 -> 91 COCO ids (``coco80_to_coco91_class``), or to class + 1 for models
   with another number of classes.
+
+Prediction (``DetectionPredictor``, one image per call, as ``model.predict(image)`` runs it):
+
+- ``LetterBox(auto=True)`` straight from the original image: scaled by ``min(imgsz / h, imgsz / w)``
+  (up or down; sides ``round``-ed, at least 1) with cv2 INTER_LINEAR, padded with 114, centred, to
+  the next multiple of 32 on each side. Ultralytics letterboxes a batch of several images with
+  ``auto`` only when all have the same shape, and to ``imgsz`` squares otherwise; batches here group
+  images of the same input shape, so every image gets what it gets alone, whatever its neighbours
+  and the batch size, and a folder compiles once per distinct input shape.
+- NMS as ``DetectionPredictor.postprocess`` calls it: conf 0.25, IoU 0.7, single label (each box's
+  best class, if above conf), at most 30000 candidates by score, class-aware, 300 detections.
+- Boxes go back like ``scale_boxes`` without ``ratio_pad``: gains and padding recomputed from the
+  input and original shapes. Where the short side's padding is 0 and its size was rounded down,
+  that recomputed gain is not the letterbox's (a 200x333 image at 640 is resized to 384x640, its
+  boxes scaled back as if from 384x639): Ultralytics' boxes, reproduced as they are. Clipping,
+  labels and the untimed NMS as for validation.
 """
 
 import dataclasses
@@ -29,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xprune_jax.detection import BatchPlan
+from xprune_jax.detection import BatchPlan, batches_by_shape
 from xprune_jax.models.yolov8 import MAX_STRIDE, YOLOv8, YOLOv8Spec
 from xprune_jax.ops import nms
 
@@ -53,8 +73,8 @@ class LetterboxMeta:
 
 @dataclasses.dataclass(frozen=True)
 class YOLOv8Pipeline:
-    """Ultralytics' validation settings; for a converted model,
-    ``YOLOv8Pipeline(model.spec, imgsz=model.meta["preprocess"]["imgsz"])``."""
+    """Ultralytics' validation (rectangular batches, multi-label NMS at conf 0.001); for a converted
+    model, ``YOLOv8Pipeline(model.spec, imgsz=model.meta["preprocess"]["imgsz"])``."""
 
     spec: YOLOv8Spec
     imgsz: int = 640
@@ -63,6 +83,7 @@ class YOLOv8Pipeline:
     max_detections: int = 300
     max_candidates: int = 30000  # Ultralytics' max_nms
     class_offset: float = 7680.0  # Ultralytics' max_wh
+    multi_label: bool = True
     batch_pad: float = 0.5
     pad_value: int = 114
 
@@ -89,29 +110,47 @@ class YOLOv8Pipeline:
             image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
         h1, w1 = image.shape[:2]
         ratio = min(input_shape[0] / h1, input_shape[1] / w1, 1.0)
-        new_w, new_h = max(round(w1 * ratio), 1), max(round(h1 * ratio), 1)
-        if (new_w, new_h) != (w1, h1):
-            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        dw, dh = (input_shape[1] - new_w) / 2, (input_shape[0] - new_h) / 2
+        new_h, new_w = max(round(h1 * ratio), 1), max(round(w1 * ratio), 1)
+        image, pad = self._letterbox(image, (new_h, new_w), input_shape)
+        return image, LetterboxMeta((h0, w0), (h1 / h0 * ratio, w1 / w0 * ratio), pad)
+
+    def _letterbox(self, image: np.ndarray, size: tuple[int, int], input_shape: tuple[int, int]):
+        """``image`` resized to ``size`` (h, w) with INTER_LINEAR, centred in ``input_shape`` padded
+        with ``pad_value``, scaled to [0, 1]; and its (left, top) padding."""
+        import cv2
+
+        if size != image.shape[:2]:
+            image = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
+        dh, dw = (input_shape[0] - size[0]) / 2, (input_shape[1] - size[1]) / 2
+        if dh < 0 or dw < 0:
+            raise ValueError(f"input shape {input_shape} is smaller than the resized image {size}")
         top, bottom, left, right = round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
         image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(self.pad_value,) * 3)
-        meta = LetterboxMeta((h0, w0), (h1 / h0 * ratio, w1 / w0 * ratio), (left, top))
-        return image.astype(np.float32) / 255.0, meta
+        return image.astype(np.float32) / 255.0, (left, top)
 
-    def forward(self, variables: dict, images) -> dict:
-        predictions = jnp.swapaxes(YOLOv8(self.spec).apply(variables, images), 1, 2)
-        return jax.vmap(self._select)(predictions)
+    def forward(self, variables: dict, images, candidates_from: dict | None = None, return_raw: bool = False) -> dict:
+        """Padded detections; ``raw`` is the network's ``predictions [B, 4 + nc, A]`` (see
+        :meth:`xprune_jax.detection.DetectionPipeline.forward`)."""
+        raw = {"predictions": YOLOv8(self.spec).apply(variables, images)}
+        detections = jax.vmap(self._select)(jnp.swapaxes((candidates_from or raw)["predictions"], 1, 2))
+        return {**detections, "raw": raw} if return_raw or candidates_from is not None else detections
 
     def _select(self, predictions):
-        """One image's ``[A, 4 + nc]`` predictions -> padded detections after multi-label NMS."""
+        """One image's ``[A, 4 + nc]`` predictions -> padded detections after NMS."""
         centers, half_sizes = predictions[:, :2], predictions[:, 2:4] / 2
         boxes = jnp.concatenate([centers - half_sizes, centers + half_sizes], axis=-1)
-        scores = predictions[:, 4:].reshape(-1)  # box-major: the order of torch.where(scores > conf)
-        num_classes = predictions.shape[1] - 4
-        candidate_scores, pairs = jax.lax.top_k(
+        class_scores = predictions[:, 4:]
+        num_classes = class_scores.shape[1]
+        # Multi-label: a candidate per box and class, box-major (the order of torch.where(scores > conf));
+        # single label: a candidate per box, its best class.
+        scores = class_scores.reshape(-1) if self.multi_label else class_scores.max(axis=1)
+        candidate_scores, index = jax.lax.top_k(
             jnp.where(scores > self.conf_threshold, scores, -jnp.inf), min(self.max_candidates, scores.size))
         candidates = candidate_scores > self.conf_threshold
-        box_index, classes = pairs // num_classes, pairs % num_classes
+        if self.multi_label:
+            box_index, classes = index // num_classes, index % num_classes
+        else:
+            box_index, classes = index, jnp.argmax(class_scores, axis=1)[index]
         candidate_boxes = boxes[box_index]
         offset_boxes = candidate_boxes + (classes.astype(boxes.dtype) * self.class_offset)[:, None]
         keep, valid = nms(offset_boxes, candidate_scores, candidates, self.iou_threshold, self.max_detections)
@@ -134,3 +173,32 @@ class YOLOv8Pipeline:
         (gain_y, gain_x), (pad_x, pad_y), (height, width) = meta.gain, meta.pad, meta.original_shape
         boxes = (np.asarray(boxes, np.float64) - (pad_x, pad_y, pad_x, pad_y)) / (gain_x, gain_y, gain_x, gain_y)
         return np.clip(boxes, 0, (width, height, width, height)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class YOLOv8PredictPipeline(YOLOv8Pipeline):
+    """Ultralytics' ``model.predict(image)``: each image letterboxed alone to its own minimal
+    rectangle, single-label NMS at conf 0.25."""
+
+    conf_threshold: float = 0.25
+    multi_label: bool = False
+
+    def _resized_size(self, height: int, width: int) -> tuple[int, int]:
+        ratio = min(self.imgsz / height, self.imgsz / width)
+        return max(round(height * ratio), 1), max(round(width * ratio), 1)
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """``LetterBox(auto=True)``'s output shape: the resized image padded to multiples of 32."""
+        return tuple(side + (self.imgsz - side) % MAX_STRIDE for side in self._resized_size(height, width))
+
+    def plan(self, sizes: list[tuple[int, int]], batch_size: int) -> list[BatchPlan]:
+        return batches_by_shape([self.input_shape(h, w) for h, w in sizes], batch_size)
+
+    def preprocess(self, image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, LetterboxMeta]:
+        h0, w0 = image.shape[:2]
+        image, _ = self._letterbox(image, self._resized_size(h0, w0), input_shape)
+        # scale_boxes without ratio_pad: the gain and padding recomputed from the two shapes.
+        gain = min(input_shape[0] / h0, input_shape[1] / w0)
+        h1, w1 = max(round(h0 * gain), 1), max(round(w0 * gain), 1)
+        pad = round((input_shape[1] - w1) / 2 - 0.1), round((input_shape[0] - h1) / 2 - 0.1)
+        return image, LetterboxMeta((h0, w0), (h1 / h0, w1 / w0), pad)

@@ -1,4 +1,4 @@
-"""Detection ops shared by every detector: boxes, anchors, NMS and RoIAlign (pure JAX, static shapes)."""
+"""Detection ops shared by every detector: boxes, anchors, NMS, RoIAlign and top-k (pure JAX, static shapes)."""
 
 from xprune_jax.ops.anchors import grid_anchors
 from xprune_jax.ops.boxes import (
@@ -12,6 +12,7 @@ from xprune_jax.ops.boxes import (
 )
 from xprune_jax.ops.nms import batched_nms, nms
 from xprune_jax.ops.roi_align import multiscale_roi_align, roi_align
+from xprune_jax.ops.topk import top_k_pairs
 
 __all__ = [
     "BoxCoder",
@@ -26,4 +27,5 @@ __all__ = [
     "nms",
     "roi_align",
     "small_box_mask",
+    "top_k_pairs",
 ]

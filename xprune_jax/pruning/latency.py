@@ -19,12 +19,15 @@ from xprune_jax.pruning.plan import Plan, apply_plan, make_plan
 
 def parse_latency_budget(budget: str) -> float | None:
     """``latency=-30%`` -> 0.3; None for the other budget kinds."""
-    match = re.fullmatch(r"latency=-?(\d+(?:\.\d+)?)%", budget.replace(" ", ""))
-    if not budget.replace(" ", "").startswith("latency="):
+    compact = budget.replace(" ", "")
+    if not compact.startswith("latency="):
         return None
-    if not match or not 0 < float(match.group(1)) < 100:
+    match = re.fullmatch(r"latency=(-?)(\d+(?:\.\d+)?)%", compact)
+    if match and not match.group(1):
+        raise UserError(f"bad --budget {budget!r}: a latency reduction takes a minus: latency=-{match.group(2)}%")
+    if not match or not 0 < float(match.group(2)) < 100:
         raise UserError(f"bad --budget {budget!r}: use latency=-30% (a latency cut between 0 and 100%)")
-    return float(match.group(1)) / 100
+    return float(match.group(2)) / 100
 
 
 def plan_for_latency(model, scores: dict, mode: str, target: float, measure: Callable[[object], float],

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from xprune_jax import analysis, models, tree_paths
-from xprune_jax.checkpoint import Model
+from xprune_jax.checkpoint import Model, model_fingerprint
 from xprune_jax.errors import UserError
 from xprune_jax.pruning import surgery
 from xprune_jax.pruning.surgery import graph_of
@@ -46,11 +46,20 @@ class Plan:
 
 
 def parse_budget(text: str) -> tuple[str, float]:
-    match = re.fullmatch(r"(layers|flops|params)=-?(\d+(?:\.\d+)?)%", text.replace(" ", ""))
-    if not match or not 0 < float(match.group(2)) < 100:
+    """``layers=5%`` -> ("layers", 0.05); ``flops=-30%``/``params=-30%`` -> ("flops"/"params", 0.3). A
+    reduction takes its minus (``flops=30%`` would read as growth); a fraction of layers takes none."""
+    compact = text.replace(" ", "") if isinstance(text, str) else ""
+    match = re.fullmatch(r"(layers|flops|params)=(-?)(\d+(?:\.\d+)?)%", compact)
+    if match and match.group(1) != "layers" and not match.group(2):
+        raise UserError(f"bad --budget {text!r}: a {match.group(1)} reduction takes a minus: "
+                        f"{match.group(1)}=-{match.group(3)}%")
+    if match and match.group(1) == "layers" and match.group(2):
+        raise UserError(f"bad --budget {text!r}: layers=N% is the fraction of units pruned, without a minus: "
+                        f"layers={match.group(3)}%")
+    if not match or not 0 < float(match.group(3)) < 100:
         raise UserError(f"bad --budget {text!r}: use layers=5%, flops=-30%, params=-30% or latency=-30% "
                         "(between 0 and 100%)")
-    return match.group(1), float(match.group(2)) / 100
+    return match.group(1), float(match.group(3)) / 100
 
 
 @functools.lru_cache(maxsize=256)
@@ -77,7 +86,7 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
         raise UserError(f"unknown --normalize {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
     kind, target = parse_budget(budget)
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
-    score = _scores_by_layer(scores, layers, model.arch)
+    score = _scores_by_layer(scores, layers, model)
     heads = set(graph_of(model.arch, model.spec).heads)
     protected = sorted({l.name for l in layers if l.kind == "stem"} | heads | set(protect))
     flops_before, params_before = analysis.total_flops(layers), count_params(model.arch, model.spec)
@@ -137,12 +146,12 @@ def _plan_remove(c: _Context, kind: str, target: float, partial: bool = False) -
     units = [u.name for u in graph.units if not _touches(u.name, c.protected)]
     members = {u: [c.score[l.name] for l in c.layers if l.kind != "block" and l.name.startswith(u + ".")] for u in units}
     units = [u for u in units if any(s is not None for s in members[u])]
-    costs = {u: _unit_costs(c, graph, u) for u in units}
     unit_score = {u: sum(s for s in members[u] if s is not None) for u in units}
     ranked = sorted(units, key=lambda u: (unit_score[u], u))
+    costs = functools.cache(lambda u: _unit_costs(c, graph, u))  # traced only for the units the plan reaches
 
     def savings(chosen):  # removals don't interact: their savings add up
-        return tuple(sum(costs[u][i] for u in chosen) for i in (0, 1))
+        return tuple(sum(costs(u)[i] for u in chosen) for i in (0, 1))
 
     chosen = _take(ranked, kind, target, savings, c.flops_before, c.params_before, "remove", c.model.arch, partial)
     return chosen, surgery.without_units(c.model.spec, graph, chosen)
@@ -230,8 +239,11 @@ def allocate(groups: dict, importance: dict, by_layer: dict, params: dict, kind:
     index = 0 if kind == "flops" else 1
     while already + savings.totals()[index] < target * total and heap:
         _, name, smaller = heapq.heappop(heap)
-        kept[name] = smaller
         savings.set(groups[name], order[name][: groups[name].width - smaller])
+        if savings.starves(groups[name]):  # a reader of scattered channels (a ShuffleNetV2 branch) would read none
+            savings.set(groups[name], order[name][: groups[name].width - kept[name]])
+            continue  # the group shrinks no further: other groups' steps only take more of that reader's inputs
+        kept[name] = smaller
         step = next_step(name)
         if step is not None:
             heapq.heappush(heap, step)
@@ -334,6 +346,14 @@ class ShrinkSavings:
             self.lost[name] = (math.prod(self.by_layer[name].shape[:-1]) * lost,
                                lost + (d_out if "bias" in layer else 0))
 
+    def starves(self, group) -> bool:
+        """Whether a layer that reads ``group``'s channels now reads no input channel at all."""
+        for slot in group.consumers:
+            *_, per_group_in, _ = np.shape(tree_paths.get(self.params, slot.layer)["kernel"])
+            if self.dropped_in[slot.layer] >= per_group_in:
+                return True
+        return False
+
     def totals(self) -> tuple[int, int]:
         return (sum(f for f, _ in self.lost.values()),
                 sum(p for _, p in self.lost.values()) + self.bn_params)
@@ -384,9 +404,25 @@ def group_importance(scores: dict, group, by_layer) -> np.ndarray | None:
     return total
 
 
-def _scores_by_layer(scores: dict, layers, arch: str) -> dict[str, float | None]:
-    if scores.get("arch") not in (None, arch):
-        raise UserError(f"the scores were computed for {scores['arch']}, not {arch}; run `xprune score` on this model")
+def check_scores(scores, model: Model) -> None:
+    """A :class:`UserError` unless ``scores`` is a scores file made for this very model (``xprune score``
+    records the model's fingerprint; a pruned model, or another file of the same architecture, differs)."""
+    if not (isinstance(scores, dict) and isinstance(scores.get("layers"), list) and isinstance(scores.get("criterion"), str)
+            and all(isinstance(e, dict) and isinstance(e.get("name"), str) and "score" in e
+                    and (e["score"] is None or isinstance(e["score"], (int, float))) for e in scores["layers"])):
+        raise UserError("the scores file is not one `xprune score` writes (it needs a criterion and a list of layers "
+                        "with name and score); run `xprune score` on this model")
+    if scores.get("arch") not in (None, model.arch):
+        raise UserError(f"the scores were computed for {scores['arch']}, not {model.arch}; run `xprune score` on this model")
+    recorded = scores.get("model_fingerprint")
+    if recorded != model_fingerprint(model):
+        why = "records no model fingerprint" if recorded is None else "was made for another model (its fingerprint differs)"
+        raise UserError(f"the scores file {why}: scores must come from this very model (a pruned model needs new "
+                        "scores); run `xprune score` on this model")
+
+
+def _scores_by_layer(scores: dict, layers, model: Model) -> dict[str, float | None]:
+    check_scores(scores, model)
     by_name = {entry["name"]: entry["score"] for entry in scores["layers"]}
     missing = [l.name for l in layers if l.name not in by_name]
     extra = sorted(set(by_name) - {l.name for l in layers})
@@ -394,6 +430,17 @@ def _scores_by_layer(scores: dict, layers, arch: str) -> dict[str, float | None]
         example = ", ".join((missing or extra)[:3])
         raise UserError(f"the scores file was made for another model ({len(missing)} layers lack a score, {len(extra)} "
                         f"scored layers are not in this model, e.g. {example}); run `xprune score` on this very model")
+    entries = {entry["name"]: entry for entry in scores["layers"]}
+    for layer in layers:
+        if layer.kind == "block":
+            continue
+        kernel = np.shape(tree_paths.get(model.variables["params"], layer.name)["kernel"])
+        for key, width in (("channel_scores", layer.shape[-1]), ("input_channel_scores", kernel[-2])):
+            values = entries[layer.name].get(key)
+            if values is not None and not (isinstance(values, list) and len(values) == width and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                raise UserError(f"the scores file's {key} of {layer.name} are not {width} numbers; run `xprune score` "
+                                "on this very model")
     return by_name
 
 

@@ -1,0 +1,908 @@
+"""Our default ``xprune prune`` against Torch-Pruning (DepGraph, the ``torch-pruning`` package, pinned
+1.6.1) on the trained fixtures, at equal FLOPs and without fine-tuning.
+
+    pip install -e ".[dev,peers]"
+    xprune synth --coco=../shared/coco_val2017_subset --out=$HOME/.cache/xprune_jax/shapes --seed=0
+    python benchmarks/bench_peers.py run --arch=mobilenet_v2     # or shufflenet_v2_x1_0, yolov8n, resnet50
+    python benchmarks/bench_peers.py table                       # benchmarks/results/peers/table.md
+
+Both sides prune the same torch weights (the fixture file; ours through the converter) with the same
+calibration images (64 training crops for classifiers, 32 training images for YOLOv8n, drawn with
+seeds 0, 1, 2 as ``configs/fixtures.py`` draws them), and are measured by one evaluator: every pruned
+model, Torch-Pruning's included, runs as a JAX model in ``xprune_jax.experiments.prune``'s evaluator
+(classifier top-1 on all validation crops; YOLOv8n pycocotools AP on the 200 validation images) and is
+timed side by side with the unpruned model by the same runtime (latency ratio, warm-up excluded,
+rounds in random order). A Torch-Pruning model comes back as our spec (per-layer widths read off the
+pruned torch modules) and its state_dict through the converters' key mapping; its outputs are checked
+against the torch module on validation images, and its FLOPs against the torch-side count.
+
+- **Ours**: ``make_plan(model, scores, mode, "flops=-N%")`` with the library's defaults (global channel
+  allocation, floor 1/8, round_to 8), for the criteria grad_x_act, grad_x_act:mean, taylor_weight, l1,
+  l2, bn_scale and random, the normalisations mean (the default), max and lamp, and remove+shrink.
+  Objectives as ``xprune prune`` chooses them: cross-entropy against the labels for classifiers, YOLOv8's
+  training ``loss`` against the ground truth for YOLOv8n (``confidence`` reported beside it).
+- **Torch-Pruning**: ``MetaPruner`` with ``GroupTaylorImportance`` (the gradient of the same objective
+  on the same images, accumulated on the torch model), ``GroupMagnitudeImportance(p=1)`` (L1 magnitude)
+  and ``GroupMagnitudeImportance(p=2)`` (group L2), local and global; the pruning ratio is found by
+  bisection until the FLOPs ratio is within 1% of the budget. The same structural constraints as ours:
+  the same layers are left alone (the stem conv, the classifier, YOLOv8's last Detect convs and DFL),
+  ``round_to=8`` and ``max_pruning_ratio=0.875`` (our floor). YOLOv8's C2f is swapped for a split-free
+  one (two 1x1 convs instead of one and a chunk, exact), as Torch-Pruning's YOLOv8 example does, since
+  DepGraph can't trace Ultralytics 8.4's split.
+- **FLOPs** are multiply-accumulates of convs and linear layers, ``xprune_jax.analysis``'s convention,
+  counted on the torch side by forward hooks (:func:`torch_macs`), checked equal to ours on the
+  unpruned model.
+
+Work is cached under ``~/.cache/xprune_jax/peers/`` keyed by content (converted models, scores,
+Torch-Pruning's pruned models, every measurement), so a stopped run goes on where it stopped.
+"""
+
+import argparse
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+CACHE = os.path.expanduser("~/.cache/xprune_jax/peers")
+RESULTS = os.path.join(HERE, "results", "peers")
+DATA = os.path.expanduser("~/.cache/xprune_jax/shapes")
+FIXTURES = {
+    "mobilenet_v2": os.path.join(HERE, "fixtures", "mobilenet_v2_shapes.pth"),
+    "shufflenet_v2_x1_0": os.path.join(HERE, "fixtures", "shufflenet_v2_x1_0_shapes.pth"),
+    "resnet50": os.path.expanduser("~/.cache/xprune_jax/fixtures/resnet50_shapes.pth"),
+    "yolov8n": os.path.join(HERE, "fixtures", "yolov8n_shapes.pt"),
+}
+LABELS = {"mobilenet_v2": "MobileNetV2", "shufflenet_v2_x1_0": "ShuffleNetV2 x1.0", "resnet50": "ResNet-50",
+          "yolov8n": "YOLOv8n"}
+TP_VERSION = "1.6.1"
+TP_IMPORTANCES = ("taylor", "l1", "group_l2")
+TP_SCOPES = ("local", "global")
+TP_SETTINGS = {"round_to": 8, "max_pruning_ratio": 0.875, "flops_tolerance": 0.01, "max_bisection_steps": 24}
+CRITERIA = ("grad_x_act", "grad_x_act:mean", "taylor_weight", "l1", "l2", "bn_scale", "random")
+NORMALIZATIONS = ("mean", "max", "lamp")
+DEFAULT = {"criterion": "grad_x_act", "mode": "shrink", "normalize": "mean"}  # what `xprune prune` does unasked
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs on the torch side
+
+
+def torch_macs(module, example, skip: tuple[str, ...] = ("dfl",)) -> int:
+    """Multiply-accumulates of every Conv2d and Linear for one image, as ``xprune_jax.analysis`` counts
+    them (output positions x kernel size x input channels per group; no biases, norms or activations).
+    Modules whose path has a part in ``skip`` are left out (Ultralytics' DFL: a constant of our model)."""
+    import torch
+
+    total = 0
+
+    def hook(m, inputs, out):
+        nonlocal total
+        per_output = m.in_features if isinstance(m, torch.nn.Linear) else \
+            m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        total += out[0].numel() * per_output
+
+    handles = [m.register_forward_hook(hook) for name, m in module.named_modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not set(name.split(".")) & set(skip)]
+    try:
+        with torch.no_grad():
+            module(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def torch_params(module, skip: tuple[str, ...] = ("dfl",)) -> int:
+    """Trainable-layer parameters (buffers excluded), as ``plan.count_params`` counts ours."""
+    return sum(p.numel() for name, p in module.named_parameters() if not set(name.split(".")) & set(skip))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torch models: the fixtures, YOLOv8's split-free C2f, and pruned widths back into our spec
+
+
+def split_free_c2f(module):
+    """Ultralytics' ``C2f`` as Torch-Pruning's YOLOv8 example rewrites it: ``cv1`` (one conv whose output
+    is chunked in two) becomes ``cv0`` and ``cv1``, one conv each half, with the same weights: exact."""
+    import torch
+    from ultralytics.nn.modules import C2f, Conv
+
+    class SplitFreeC2f(torch.nn.Module):
+        def __init__(self, old):
+            super().__init__()
+            self.c, c1 = old.c, old.cv1.conv.in_channels
+            self.cv0, self.cv1 = Conv(c1, self.c, 1, 1), Conv(c1, self.c, 1, 1)
+            for half, part in ((self.cv0, slice(0, self.c)), (self.cv1, slice(self.c, 2 * self.c))):
+                half.conv.weight.data = old.cv1.conv.weight.data[part].clone()
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(half.bn, key).data = getattr(old.cv1.bn, key).data[part].clone()
+                half.bn.eps, half.bn.momentum = old.cv1.bn.eps, old.cv1.bn.momentum
+            self.cv2, self.m = old.cv2, old.m
+            for attribute in ("i", "f", "type", "np"):  # what Ultralytics' forward and printing read
+                if hasattr(old, attribute):
+                    setattr(self, attribute, getattr(old, attribute))
+
+        def forward(self, x):
+            y = [self.cv0(x), self.cv1(x)]
+            y.extend(m(y[-1]) for m in self.m)
+            return self.cv2(torch.cat(y, 1))
+
+    for i, layer in enumerate(module.model):
+        if isinstance(layer, C2f):
+            module.model[i] = SplitFreeC2f(layer)
+    return module.eval()
+
+
+def torch_fixture(arch: str, path: str, num_classes: int):
+    """The fixture as a torch module in eval mode (YOLOv8 with the split-free C2f)."""
+    import torch
+    import torchvision
+
+    if arch.startswith("yolov8"):
+        # the committed fixture: a whole pickled DetectionModel as Ultralytics saves it (the converter reads it alike)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        return split_free_c2f((checkpoint.get("ema") or checkpoint["model"]).float())
+    module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return module.eval()
+
+
+def spec_from_torch(spec, module):
+    """Our spec with the layer widths of ``module`` (a pruned copy of the model ``spec`` describes), as
+    edits. YOLOv8: a neck bottleneck's output may come out narrower or wider than its C2f's chain width
+    (the peer prunes it apart; our spec ties them), so the chain takes the widest and
+    :func:`yolo_state_dict` pads the others with channels that are exactly zero."""
+    import torch
+
+    from xprune_jax.models.layers import Edits
+    from xprune_jax.models.yolov8 import YOLOv8Spec
+
+    widths = {name: m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+              for name, m in module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    channels = {}
+    if isinstance(spec, YOLOv8Spec):
+        widths.pop(f"{spec.detect.name}.dfl.conv")
+        for c in spec.c2fs:
+            first = widths.pop(f"{c.name}.cv0.conv")
+            hidden = max([widths[f"{c.name}.cv1.conv"]] + [widths[f"{c.name}.{b.name}.cv2.conv"] for b in c.bottlenecks])
+            widths[f"{c.name}.cv1.conv"] = first + hidden
+            widths.update({f"{c.name}.{b.name}.cv2.conv": hidden for b in c.bottlenecks})
+            channels[f"{c.name}.first"], channels[f"{c.name}.second"] = range(first), range(first, first + hidden)
+    return dataclasses.replace(spec, edits=Edits(tuple(sorted(widths.items())),
+                                                 tuple(sorted((k, tuple(v)) for k, v in channels.items()))))
+
+
+def _padded(array, width: int, axis: int, fill: float = 0.0):
+    extra = width - array.shape[axis]
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (0, extra)
+    return np.pad(array, pad, constant_values=fill) if extra else array
+
+
+def yolo_state_dict(state_dict: dict, spec) -> tuple[dict, int]:
+    """A split-free YOLOv8's state_dict in Ultralytics' own layout for ``spec`` (from
+    :func:`spec_from_torch`): each C2f's ``cv0`` and ``cv1`` joined into ``cv1``, and a chain narrower
+    than the spec's padded with exactly-zero channels (zero kernel rows, BN scale and shift 0: SiLU(0) =
+    0; zero kernel columns where they are read). Also returns how many channels were padded."""
+    sd, padded = dict(state_dict), 0
+    bn = ("weight", "bias", "running_mean", "running_var")
+    channels = dict(spec.edits.channels)
+    for c in spec.c2fs:
+        p, width, first = c.name, len(channels[f"{c.name}.second"]), len(channels[f"{c.name}.first"])
+        chain = [sd[f"{p}.cv1.conv.weight"].shape[0]] + [sd[f"{p}.{b.name}.cv2.conv.weight"].shape[0] for b in c.bottlenecks]
+        padded += sum(width - w for w in chain)
+        sd[f"{p}.cv1.conv.weight"] = np.concatenate([sd.pop(f"{p}.cv0.conv.weight"), _padded(sd[f"{p}.cv1.conv.weight"], width, 0)])
+        for k in bn:
+            sd[f"{p}.cv1.bn.{k}"] = np.concatenate([sd.pop(f"{p}.cv0.bn.{k}"), _padded(
+                sd[f"{p}.cv1.bn.{k}"], width, 0, 1.0 if k == "running_var" else 0.0)])
+        sd.pop(f"{p}.cv0.bn.num_batches_tracked", None)
+        for b in c.bottlenecks:
+            sd[f"{p}.{b.name}.cv1.conv.weight"] = _padded(sd[f"{p}.{b.name}.cv1.conv.weight"], width, 1)
+            sd[f"{p}.{b.name}.cv2.conv.weight"] = _padded(sd[f"{p}.{b.name}.cv2.conv.weight"], width, 0)
+            for k in bn:
+                sd[f"{p}.{b.name}.cv2.bn.{k}"] = _padded(sd[f"{p}.{b.name}.cv2.bn.{k}"], width, 0,
+                                                         1.0 if k == "running_var" else 0.0)
+        kernel = sd[f"{p}.cv2.conv.weight"]  # reads [cv0 | cv1 | m.0 | m.1 ...]
+        bounds = np.cumsum([first] + chain)[:-1]
+        pieces = np.split(kernel, bounds, axis=1)
+        sd[f"{p}.cv2.conv.weight"] = np.concatenate([pieces[0]] + [_padded(x, width, 1) for x in pieces[1:]], axis=1)
+    return sd, padded
+
+
+def model_from_torch(base, module, what: str):
+    """The pruned torch ``module`` as our :class:`Model` (spec from its widths, variables from its
+    state_dict) and the number of zero channels padded in (YOLOv8 only)."""
+    from converters.mapping import state_dict_to_variables
+    from converters.ultralytics_io import DFL_KEY
+    from xprune_jax import models
+    from xprune_jax.checkpoint import Model
+
+    spec = spec_from_torch(base.spec, module)
+    state_dict, padded = {k: v.detach().numpy() for k, v in module.state_dict().items()}, 0
+    if base.arch.startswith("yolov8"):
+        state_dict.pop(DFL_KEY)
+        state_dict, padded = yolo_state_dict(state_dict, spec)
+    variables = state_dict_to_variables(state_dict, models.variable_shapes(base.arch, spec), what=what)
+    return Model(base.arch, spec, variables, {**base.meta, "pruned_by": what}), padded
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs both sides share
+
+
+def _sha(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class Fixture:
+    """One fixture: the torch module, our converted model, the evaluator, and the data both sides use."""
+
+    def __init__(self, arch: str, bench_repeats: int):
+        import ml_collections
+        import torch
+
+        from xprune_jax.experiments import prune as experiment
+        from xprune_jax.fileio import file_sha256
+
+        path = FIXTURES[arch]
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: no fixture {path}; make it first (benchmarks/fixtures/README.md)")
+        if not os.path.isdir(os.path.join(DATA, "train2017")):
+            raise SystemExit(f"error: no dataset in {DATA}; run `xprune synth --coco=../shared/coco_val2017_subset "
+                             f"--out={DATA} --seed=0`")
+        self.arch, self.detector = arch, arch.startswith("yolov8")
+        self.sha256 = file_sha256(path)
+        self.model = self._converted(arch, path)
+        self.torch = torch_fixture(arch, path, len(self.model.meta["categories"]))
+        size = self.size = int(self.model.meta["preprocess"].get("crop") or self.model.meta["preprocess"]["imgsz"])
+        self.example = torch.zeros(1, 3, size, size)
+        config = ml_collections.ConfigDict({
+            "coco": DATA, "image_folder": "" if self.detector else os.path.join(DATA, "classification"),
+            "calib_split": "train2017", "calib_images": 32 if self.detector else 64, "eval_images": 0,
+            "objective": "", "batch_size": 16, "seed": 0,
+            "bench": {"batch_size": 1, "repeats": bench_repeats, "warmup": 2}})
+        self.config = config
+        self.evaluator = (experiment._DetectionEval if self.detector else experiment._ClassifierEval)(config, DATA, self.model)
+
+    @staticmethod
+    def _converted(arch: str, path: str):
+        from xprune_jax.checkpoint import load_model, save_model
+        from xprune_jax.fileio import file_sha256
+
+        folder = os.path.join(CACHE, "models", f"{arch}-{file_sha256(path)[:16]}")
+        if os.path.isfile(os.path.join(folder, "model.json")):
+            return load_model(folder)
+        if arch.startswith("yolov8"):
+            from converters import ultralytics_io
+            model = ultralytics_io.convert(arch, path)
+        else:
+            from converters import torchvision_io
+            model = torchvision_io.convert(arch, path)
+        save_model(model, folder, overwrite=True)
+        return model
+
+    def calibration(self, seed: int):
+        return self.evaluator.calibration(seed)
+
+    def val_inputs(self, n: int | None = None) -> np.ndarray:
+        """Validation images as the evaluator feeds them (NHWC): classifier crops, or YOLOv8's letterbox."""
+        from xprune_jax.attribution.score import calibration_loader
+
+        paths = self.evaluator.paths[:n]
+        return np.stack([calibration_loader(self.model)(p) for p in paths])
+
+
+def torch_top1(module, fixture: Fixture) -> float:
+    """Top-1 of a torch classifier on the evaluator's validation crops, transformed exactly as ours."""
+    import torch
+
+    x = fixture.__dict__.setdefault("_val_nhwc", fixture.val_inputs())
+    predicted = []
+    with torch.no_grad():
+        for i in range(0, len(x), 64):
+            predicted.append(module(torch.from_numpy(x[i:i + 64].transpose(0, 3, 1, 2).copy())).argmax(1).numpy())
+    return float(np.mean(np.concatenate(predicted) == fixture.evaluator.labels))
+
+
+def output_error(module, model, fixture: Fixture, n: int = 4) -> float:
+    """max |JAX - torch| / max |torch| of the network outputs (logits; YOLOv8's decoded boxes and scores)
+    on ``n`` validation images."""
+    import torch
+
+    x = fixture.val_inputs(n)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    want = (want[0] if isinstance(want, tuple) else want).numpy()
+    got = np.asarray(model.module.apply(model.variables, x))
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Torch-Pruning
+
+
+def tp_importance(name: str):
+    import torch_pruning as tp
+
+    return {"taylor": lambda: tp.importance.GroupTaylorImportance(),
+            "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+            "group_l2": lambda: tp.importance.GroupMagnitudeImportance(p=2)}[name]()
+
+
+def objective_gradients(fixture: Fixture, seed: int) -> dict:
+    """dL/dparams of the torch model, summed over the calibration images of ``seed``, for the same
+    objective our scores explain: cross-entropy against the labels (summed), or YOLOv8's
+    ``v8DetectionLoss`` against the ground truth, each image as a batch of one (summed)."""
+    import torch
+
+    module = copy.deepcopy(fixture.torch)
+    for p in module.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    paths, truth = fixture.calibration(seed)
+    if not fixture.detector:
+        from xprune_jax.attribution.score import calibration_loader
+
+        x = np.stack([calibration_loader(fixture.model)(p) for p in paths])
+        labels = torch.from_numpy(np.asarray(truth, np.int64))
+        for i in range(0, len(x), fixture.config.batch_size):
+            logits = module(torch.from_numpy(x[i:i + fixture.config.batch_size].transpose(0, 3, 1, 2).copy()))
+            torch.nn.functional.cross_entropy(logits, labels[i:i + fixture.config.batch_size], reduction="sum").backward()
+    else:
+        from ultralytics.cfg import get_cfg
+        from ultralytics.utils.loss import v8DetectionLoss
+
+        from xprune_jax.attribution.score import _example_loader
+
+        module.args = get_cfg()  # default.yaml's gains: box 7.5, cls 0.5, dfl 1.5, as our port uses
+        criterion = v8DetectionLoss(module)
+        load = _example_loader(fixture.model, paths, truth)
+        for i in range(len(paths)):
+            example = load(i)
+            image = example["images"]
+            height, width = image.shape[:2]
+            boxes = example["gt_boxes"][example["gt_mask"]].astype(np.float64)
+            centre_size = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
+            batch = {"batch_idx": torch.zeros(len(boxes)),
+                     "cls": torch.from_numpy(example["gt_classes"][example["gt_mask"]].astype(np.float32)).view(-1, 1),
+                     "bboxes": torch.from_numpy((centre_size / [width, height, width, height]).astype(np.float32))}
+            _, raw = module(torch.from_numpy(image.transpose(2, 0, 1)[None].copy()))
+            criterion(raw, batch)[0].sum().backward()
+    return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def tp_prune(fixture: Fixture, importance: str, scope: str, target: float, ignored: list[str], gradients=None):
+    """Torch-Pruning's one-shot pruning of a copy of the fixture, its pruning ratio bisected until the
+    FLOPs ratio (torch-side count) is within ``flops_tolerance`` of ``target``: ``(module, record)``.
+    With ``round_to=8`` local pruning moves every group of a width at the same ratio, so its FLOPs jump
+    (YOLOv8n: from 0.72 to 0.59 at ratio 1/8); where no ratio lands within the tolerance, the bisection
+    is redone with Torch-Pruning's default ``round_to=None`` (one channel at a time)."""
+    import torch_pruning as tp
+
+    base = torch_macs(fixture.torch, fixture.example)
+
+    def trial(ratio, round_to):
+        module = copy.deepcopy(fixture.torch)
+        for name, p in module.named_parameters():
+            p.requires_grad_(True)
+            p.grad = gradients[name].clone() if gradients and name in gradients else None
+        pruner = tp.pruner.MetaPruner(
+            module, fixture.example, importance=tp_importance(importance), pruning_ratio=ratio,
+            global_pruning=scope == "global", ignored_layers=[module.get_submodule(n) for n in ignored],
+            round_to=round_to, max_pruning_ratio=TP_SETTINGS["max_pruning_ratio"])
+        pruner.step()
+        for p in module.parameters():
+            p.grad = None
+        return module.eval(), torch_macs(module, fixture.example) / base
+
+    steps, best = [], None
+    for round_to in (TP_SETTINGS["round_to"], None):
+        low, high = 0.0, TP_SETTINGS["max_pruning_ratio"]
+        for _ in range(TP_SETTINGS["max_bisection_steps"]):
+            ratio = (low + high) / 2
+            module, flops = trial(ratio, round_to)
+            steps.append([ratio, flops, round_to])
+            if best is None or abs(flops - target) < abs(best[2] - target):
+                best = (module, ratio, flops, round_to)
+            if abs(flops / target - 1) <= TP_SETTINGS["flops_tolerance"] or high - low < 1e-4:
+                break
+            low, high = (ratio, high) if flops > target else (low, ratio)
+        if abs(best[2] / target - 1) <= TP_SETTINGS["flops_tolerance"]:
+            break
+    module, ratio, flops, round_to = best
+    return module, {"pruning_ratio": ratio, "round_to": round_to, "flops_ratio": flops, "bisection": steps,
+                    "within_tolerance": abs(flops / target - 1) <= TP_SETTINGS["flops_tolerance"],
+                    "params_ratio": torch_params(module) / torch_params(fixture.torch)}
+
+
+def tp_failure(fixture: Fixture, ignored: list[str]) -> dict | None:
+    """What Torch-Pruning does with the fixture: None when DepGraph builds, else the exception it raises
+    (ShuffleNetV2's channel shuffle)."""
+    import torch_pruning as tp
+
+    module = copy.deepcopy(fixture.torch)
+    try:
+        tp.pruner.MetaPruner(module, fixture.example, importance=tp_importance("l1"), pruning_ratio=0.3,
+                             ignored_layers=[module.get_submodule(n) for n in ignored], round_to=8)
+    except Exception as e:  # whatever DepGraph raises is the finding
+        frames = traceback.extract_tb(e.__traceback__)
+        return {"exception": type(e).__name__, "message": str(e),
+                "where": f"{os.path.relpath(frames[-1].filename, os.path.dirname(os.path.dirname(tp.__file__)))}"
+                         f":{frames[-1].lineno} ({frames[-1].name})",
+                "during": "tp.pruner.MetaPruner(...) building the DependencyGraph"}
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+def _scores(fixture: Fixture, criteria: list[str], objective: str, seed: int) -> dict:
+    """Every criterion's scores on the calibration images of ``seed`` (cached by content)."""
+    from xprune_jax.attribution.score import score_model
+    from xprune_jax.checkpoint import write_json_atomic
+
+    paths, truth = fixture.calibration(seed)
+    key = _sha([fixture.sha256, criteria, objective, [os.path.basename(p) for p in paths],
+                truth if isinstance(truth, str) else np.asarray(truth).tolist(), fixture.config.batch_size, seed])
+    path = os.path.join(CACHE, "scores", f"{fixture.arch}-{key}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    scores = score_model(fixture.model, criteria, objective, calibration=(paths, truth),
+                         batch_size=fixture.config.batch_size, seed=seed, progress=False, all_channel_scores=True)
+    write_json_atomic(path, scores)
+    return scores
+
+
+def _single(scores: dict, criterion: str) -> dict:
+    """The scores of one criterion, as ``make_plan`` reads them (what the prune experiment does)."""
+    return {**scores, "criterion": criterion, "layers": [
+        {**l, "score": l["scores"][criterion], "channel_scores": l["channel_scores_by"][criterion],
+         "input_channel_scores": l["input_channel_scores_by"][criterion]} for l in scores["layers"]]}
+
+
+def our_grid(arch: str, norm_criteria: tuple[str, ...]) -> list[dict]:
+    """Our cells (each at every budget and seed): every criterion with the default normalisation; the
+    other normalisations for ``norm_criteria``; remove+shrink for the two grad_x_act forms; YOLOv8n's
+    ``confidence`` objective for grad_x_act."""
+    cells = [{"criterion": c, "mode": "shrink", "normalize": "mean", "objective": ""} for c in CRITERIA]
+    cells += [{"criterion": c, "mode": "shrink", "normalize": n, "objective": ""}
+              for n in NORMALIZATIONS[1:] for c in norm_criteria]
+    cells += [{"criterion": c, "mode": "remove+shrink", "normalize": "mean", "objective": ""}
+              for c in ("grad_x_act", "grad_x_act:mean")]
+    if arch.startswith("yolov8"):
+        cells += [{"criterion": "grad_x_act", "mode": "shrink", "normalize": "mean", "objective": "confidence"}]
+    return cells
+
+
+def run(args) -> None:
+    import torch
+
+    from xprune_jax import runs
+    from xprune_jax.checkpoint import load_model, save_model, write_json_atomic
+    from xprune_jax.errors import UserError
+    from xprune_jax.experiments.prune import Measurements, plan_key
+    from xprune_jax.pruning.plan import apply_plan, make_plan
+    from xprune_jax.spec import spec_to_dict
+
+    torch.set_num_threads(1)
+    start = time.time()
+    fixture = Fixture(args.arch, args.repeats)
+    model, evaluator, metric = fixture.model, fixture.evaluator, fixture.evaluator.metric
+    budgets = [float(b) for b in args.budgets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    log = functools.partial(print, f"[{args.arch}]", flush=True)
+
+    # the unpruned model, measured both ways
+    unpruned = evaluator(model)
+    ours_flops = sum(l.flops for l in _layers(model) if l.kind != "block")
+    from xprune_jax.pruning.plan import count_params
+    checks = {"flops": {"torch_hooks": torch_macs(fixture.torch, fixture.example), "xprune_jax_analysis": ours_flops},
+              "params": {"torch": torch_params(fixture.torch), "xprune_jax": count_params(model.arch, model.spec)},
+              "output_relative_error": output_error(fixture.torch, model, fixture),
+              "metric": {"xprune_jax": unpruned.metrics[metric]}}
+    if not fixture.detector:
+        checks["metric"]["torch"] = torch_top1(fixture.torch, fixture)
+    log("unpruned:", json.dumps(checks))
+    if checks["flops"]["torch_hooks"] != ours_flops:
+        raise SystemExit(f"error: the torch FLOPs count {checks['flops']['torch_hooks']} differs from ours {ours_flops}")
+
+    context = {"arch": args.arch, "weights_sha256": fixture.sha256, "spec": json.loads(json.dumps(spec_to_dict(model.spec))),
+               "bench": fixture.config.bench.to_dict(), "unpruned_metrics": unpruned.metrics, "eval_images": 0}
+    measurements = Measurements(os.path.join(CACHE, "measurements", f"{args.arch}-{fixture.sha256[:16]}.json"),
+                                context, resume=True)
+
+    def measure(key, pruned):  # pruned: () -> the pruned model, made only when not measured yet
+        measured = measurements.get(key)
+        if measured is None:
+            metrics, latency = evaluator(pruned(), timed_against=unpruned)
+            measured = measurements.put(key, {"metrics": metrics, "latency": latency})
+        return measured
+
+    rows, default_plans = [], {}
+    # ours
+    cells = our_grid(args.arch, tuple(args.norm_criteria.split(",")) if args.norm_criteria else CRITERIA[:-1])
+    for seed in seeds:
+        by_objective = {}
+        for objective in sorted({c["objective"] for c in cells}):
+            wanted = sorted({c["criterion"] for c in cells if c["objective"] == objective}, key=CRITERIA.index)
+            t = time.time()
+            by_objective[objective] = _scores(fixture, wanted, objective, seed)
+            log(f"scores seed {seed} objective {by_objective[objective]['objective']}: {time.time() - t:.0f} s")
+        for cell in cells:
+            scores = by_objective[cell["objective"]]
+            for budget in budgets:
+                row = {"side": "ours", **cell, "objective": scores["objective"], "budget": budget, "seed": seed}
+                try:
+                    plan = make_plan(model, _single(scores, cell["criterion"]), cell["mode"], f"flops=-{budget:g}%",
+                                     normalize=cell["normalize"])
+                except UserError as e:
+                    rows.append({**row, "infeasible": str(e)})
+                    continue
+                if seed == seeds[0] and cell["objective"] == "" and all(cell[k] == v for k, v in DEFAULT.items()):
+                    default_plans[budget] = plan
+                t = time.time()
+                measured = measure(plan_key(cell["mode"], plan), lambda: apply_plan(model, plan))
+                rows.append({**row, "metric": measured["metrics"][metric], "flops_ratio": plan.flops_after / plan.flops_before,
+                             "params_ratio": plan.params_after / plan.params_before,
+                             "latency_ratio": measured["latency"]["ratio_median"],
+                             "latency_ratio_iqr": measured["latency"]["ratio_iqr"]})
+                log(f"ours {cell['criterion']} {cell['mode']} {cell['normalize']} {row['objective']} -{budget:g}% seed {seed}: "
+                    f"{metric} {rows[-1]['metric']:.4f} FLOPs {rows[-1]['flops_ratio']:.3f} latency "
+                    f"{rows[-1]['latency_ratio']:.3f} ({time.time() - t:.0f} s)")
+
+    # Torch-Pruning
+    probe = make_plan(model, _single(_scores(fixture, ["l1"], "", seeds[0]), "l1"), "shrink", "flops=-10%")
+    ignored = sorted({n.removesuffix(".conv") if fixture.detector else n for n in probe.protected})
+    ignored += [f"{model.spec.detect.name}.dfl"] if fixture.detector else []
+    failure = tp_failure(fixture, ignored)
+    tp_record = {"version": _tp_version(), "settings": TP_SETTINGS, "ignored_layers": ignored, "failure": failure}
+    if failure:
+        log("Torch-Pruning fails:", json.dumps(failure))
+    gradients = {}
+    for importance in TP_IMPORTANCES if not failure else ():
+        for scope in TP_SCOPES:
+            for budget in budgets:
+                for seed in seeds if importance == "taylor" else seeds[:1]:
+                    calibration = [os.path.basename(p) for p in fixture.calibration(seed)[0]] if importance == "taylor" else None
+                    key = "tp-" + _sha([fixture.sha256, TP_VERSION, TP_SETTINGS, ignored, importance, scope, budget, calibration])
+                    folder = os.path.join(CACHE, "tp", f"{args.arch}-{key}")
+                    t = time.time()
+                    if os.path.isfile(os.path.join(folder, "record.json")):
+                        with open(os.path.join(folder, "record.json")) as f:
+                            record = json.load(f)
+                        pruned = load_model(os.path.join(folder, "model"))
+                    else:
+                        if importance == "taylor" and seed not in gradients:
+                            gradients[seed] = objective_gradients(fixture, seed)
+                        module, record = tp_prune(fixture, importance, scope, 1 - budget / 100, ignored,
+                                                  gradients.get(seed) if importance == "taylor" else None)
+                        pruned, padded = model_from_torch(model, module, f"torch-pruning {importance} {scope}")
+                        record.update({
+                            "padded_channels": padded,
+                            "xprune_jax_flops_ratio": sum(l.flops for l in _layers(pruned) if l.kind != "block") / ours_flops,
+                            "output_relative_error": output_error(module, pruned, fixture),
+                            **({} if fixture.detector else {"torch_metric": torch_top1(module, fixture)}),
+                            "spec": json.loads(json.dumps(spec_to_dict(pruned.spec)))})
+                        save_model(pruned, os.path.join(folder, "model"), overwrite=True)
+                        write_json_atomic(os.path.join(folder, "record.json"), record)
+                    measured = measure(key, lambda: pruned)
+                    for s in seeds if importance != "taylor" else (seed,):  # magnitudes use no calibration images
+                        rows.append({"side": "torch-pruning", "importance": importance, "scope": scope, "budget": budget,
+                                     "seed": s, "metric": measured["metrics"][metric], "flops_ratio": record["flops_ratio"],
+                                     "params_ratio": record["params_ratio"], "latency_ratio": measured["latency"]["ratio_median"],
+                                     "latency_ratio_iqr": measured["latency"]["ratio_iqr"],
+                                     "pruning_ratio": record["pruning_ratio"], "round_to": record["round_to"], "bisection_steps": len(record["bisection"]),
+                                     "record": os.path.basename(folder)})
+                    log(f"tp {importance} {scope} -{budget:g}% seed {seed}: {metric} {rows[-1]['metric']:.4f} FLOPs "
+                        f"{record['flops_ratio']:.3f} (ratio {record['pruning_ratio']:.4f}, {len(record['bisection'])} steps) "
+                        f"latency {rows[-1]['latency_ratio']:.3f} err {record['output_relative_error']:.1e} "
+                        f"pad {record['padded_channels']} ({time.time() - t:.0f} s)")
+                    tp_record.setdefault("models", {})[os.path.basename(folder)] = {
+                        k: record[k] for k in ("pruning_ratio", "round_to", "flops_ratio", "xprune_jax_flops_ratio", "params_ratio",
+                                               "within_tolerance", "bisection", "padded_channels", "output_relative_error",
+                                               "torch_metric") if k in record}
+
+    results = {
+        "arch": args.arch, "label": LABELS[args.arch], "weights": os.path.relpath(FIXTURES[args.arch], ROOT)
+        if FIXTURES[args.arch].startswith(ROOT) else FIXTURES[args.arch].replace(os.path.expanduser("~"), "~"),
+        "weights_sha256": fixture.sha256, "metric": metric, "metric_description": evaluator.description,
+        "unpruned": {"metrics": unpruned.metrics}, "checks": checks,
+        "protocol": {"seeds": seeds, "budgets": budgets, "calib_images": fixture.config.calib_images,
+                     "calib_split": "train", "evaluation": "all validation images", "bench": fixture.config.bench.to_dict(),
+                     "ours": {"defaults": "make_plan library defaults (allocation global, floor 0.125, round_to 8)",
+                              "default_cell": DEFAULT},
+                     "evaluated_by": "xprune_jax.experiments.prune's evaluator, both sides (TP models converted to our spec)"},
+        "torch_pruning": tp_record, "rows": rows,
+        "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]),
+        "wall_seconds": time.time() - start, "environment": runs.environment(),
+    }
+    results["summary"] = summarize(rows)
+    results["latency_duel"] = {}
+    for h in head_to_head(results) if not failure else ():
+        peer_row = next(r for r in rows if r["side"] == "torch-pruning" and r["budget"] == h["budget"] and r["seed"] == seeds[0]
+                        and (r["importance"], r["scope"]) == (h["peer"]["importance"], h["peer"]["scope"]))
+        peer = load_model(os.path.join(CACHE, "tp", peer_row["record"], "model"))
+        duel = latency_duel(fixture, model, apply_plan(model, default_plans[h["budget"]]), peer, args.duel_repeats)
+        results["latency_duel"][str(h["budget"])] = {"peer": cell_name(peer_row), "seed": seeds[0], **duel}
+        log(f"latency at -{h['budget']:g}%: ours / {cell_name(peer_row)} = {duel['ours']['ratio_median']:.3f} "
+            f"[{duel['ours']['ratio_iqr'][0]:.3f}, {duel['ours']['ratio_iqr'][1]:.3f}]")
+    os.makedirs(RESULTS, exist_ok=True)
+    write_json_atomic(args.out or os.path.join(RESULTS, f"{args.arch}.json"), results)
+    log(f"done in {time.time() - start:.0f} s")
+
+
+def _timed_call(fixture: Fixture, model):
+    """A zero-argument call of the model as the evaluator times it: a classifier at its crop size, a
+    detector end to end on the evaluator's preprocessed batch of real images."""
+    import jax
+
+    if fixture.detector:
+        from xprune_jax.evaluation.coco import pipeline_for
+
+        forward, x = jax.jit(pipeline_for(model).forward), fixture.evaluator.bench_batch
+    else:
+        forward = jax.jit(model.module.apply)
+        x = np.random.default_rng(0).standard_normal((1, fixture.size, fixture.size, 3), np.float32)
+    variables, x = jax.device_put(model.variables), jax.device_put(x)
+    return lambda: forward(variables, x)
+
+
+def latency_duel(fixture: Fixture, unpruned, ours, peer, repeats: int) -> dict:
+    """Our default and the peer's best pruned model (and the unpruned one) timed side by side in one run:
+    each one's median ms and its per-round ratio to the peer's (median, IQR)."""
+    from xprune_jax import timing
+
+    calls = {"unpruned": _timed_call(fixture, unpruned), "ours": _timed_call(fixture, ours),
+             "torch-pruning": _timed_call(fixture, peer)}
+    summary = timing.summarize(timing.time_side_by_side(calls, repeats, 3, 0), "torch-pruning")
+    return {name: {k: summary[name][k] for k in ("median_ms", "ratio_median", "ratio_iqr", "n")} for name in calls}
+
+
+def _layers(model):
+    from xprune_jax import analysis
+
+    return analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
+
+
+def _tp_version() -> str:
+    from importlib.metadata import version
+
+    found = version("torch-pruning")
+    if found != TP_VERSION:
+        raise SystemExit(f"error: torch-pruning {found} is installed; this benchmark pins {TP_VERSION}: "
+                         f"pip install torch-pruning=={TP_VERSION}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summaries and tables
+
+
+def cell_name(row: dict) -> str:
+    if row["side"] == "torch-pruning":
+        return f"TP {row['importance']} {row['scope']}"
+    name = f"{row['criterion']} {row['mode']} {row['normalize']}"
+    return name + (" (confidence)" if row.get("objective") == "confidence" else "")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per cell and budget: the metric over seeds (mean, sample std, n), FLOPs and params ratios
+    (mean), latency ratio (median over seeds)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((cell_name(r), r["budget"]), []).append(r)
+    out = []
+    for (name, budget), group in sorted(groups.items()):
+        done = [r for r in group if "infeasible" not in r]
+        entry = {"cell": name, "budget": budget, "side": group[0]["side"], "n": len(done),
+                 **{k: group[0][k] for k in ("criterion", "mode", "normalize", "objective", "importance", "scope") if k in group[0]}}
+        if not done:
+            out.append({**entry, "infeasible": group[0]["infeasible"]})
+            continue
+        values = np.array([r["metric"] for r in done])
+        entry.update({"metric_mean": float(values.mean()), "metric_std": float(values.std(ddof=1)) if len(done) > 1 else 0.0,
+                      "flops_ratio": float(np.mean([r["flops_ratio"] for r in done])),
+                      "params_ratio": float(np.mean([r["params_ratio"] for r in done])),
+                      "latency_ratio": float(np.median([r["latency_ratio"] for r in done]))})
+        if "pruning_ratio" in done[0]:
+            entry["pruning_ratio"] = float(np.mean([r["pruning_ratio"] for r in done]))
+        out.append(entry)
+    return out
+
+
+def _fmt(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric.startswith("top1") else f"{value:.3f}"
+
+
+def _value(metric, s) -> str:
+    text = _fmt(metric, s["metric_mean"])
+    return text + (f" ± {_fmt(metric, s['metric_std'])}" if _fmt(metric, s["metric_std"]) != _fmt(metric, 0.0) else "")
+
+
+def verdict(ours: dict, peer: dict) -> str:
+    """``wins`` / ``loses`` when the gap exceeds the larger of the two seeds' standard deviations, else ``ties``."""
+    gap = ours["metric_mean"] - peer["metric_mean"]
+    spread = max(ours["metric_std"], peer["metric_std"])
+    return "ties" if abs(gap) <= spread else "wins" if gap > 0 else "loses"
+
+
+def head_to_head(results: dict) -> list[dict]:
+    """Per budget: our default against Torch-Pruning's best importance and scope (by mean)."""
+    summary = [s for s in results["summary"] if "infeasible" not in s]
+    out = []
+    for budget in results["protocol"]["budgets"]:
+        here = [s for s in summary if s["budget"] == budget]
+        ours = next((s for s in here if s["side"] == "ours" and s.get("criterion") == DEFAULT["criterion"]
+                     and s.get("mode") == DEFAULT["mode"] and s.get("normalize") == DEFAULT["normalize"]
+                     and s.get("objective") != "confidence"), None)
+        best_ours = max((s for s in here if s["side"] == "ours"), key=lambda s: s["metric_mean"], default=None)
+        peers = [s for s in here if s["side"] == "torch-pruning"]
+        peer = max(peers, key=lambda s: s["metric_mean"], default=None)
+        out.append({"budget": budget, "ours": ours, "best_ours": best_ours, "peer": peer,
+                    "verdict": verdict(ours, peer) if ours and peer else None})
+    return out
+
+
+def load_results(folder: str = RESULTS) -> list[dict]:
+    found = []
+    for arch in FIXTURES:
+        path = os.path.join(folder, f"{arch}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found.append(json.load(f))
+    return found
+
+
+def readme_table(all_results: list[dict]) -> list[str]:
+    """The short table for README.md: who wins at each budget, and the two models' latency timed side by side."""
+    lines = ["| fixture (unpruned) | FLOPs | ours: default `xprune prune` | Torch-Pruning's best | who wins | "
+             "latency, ours / TP's (side by side) |", "|---|---|---|---|---|---|"]
+    for results in all_results:
+        metric = results["metric"]
+        name = f"{results['label']} ({'top-1' if metric == 'top1' else metric} {_fmt(metric, results['unpruned']['metrics'][metric])})"
+        for h in head_to_head(results):
+            ours, peer = h["ours"], h["peer"]
+            if peer is None:
+                failure = results["torch_pruning"].get("failure")
+                lines.append(f"| {name} | -{h['budget']:g}% | {_value(metric, ours)} | "
+                             f"{'fails (channel shuffle: ' + failure['exception'] + ')' if failure else 'not run'} | "
+                             f"ours (TP can't prune it) | - |")
+            else:
+                who = {"wins": "**ours**", "loses": "**Torch-Pruning**", "ties": "tie (within the seeds' spread)"}[h["verdict"]]
+                duel = results.get("latency_duel", {}).get(str(h["budget"]))
+                latency = f"{duel['ours']['ratio_median']:.2f} [{duel['ours']['ratio_iqr'][0]:.2f}, {duel['ours']['ratio_iqr'][1]:.2f}]" \
+                    if duel else "-"
+                lines.append(f"| {name} | -{h['budget']:g}% | {_value(metric, ours)} | {_value(metric, peer)} "
+                             f"({peer['importance'].replace('_', '-')}, {peer['scope']}) | {who} | {latency} |")
+            name = ""
+    return lines
+
+
+def full_tables(all_results: list[dict]) -> list[str]:
+    lines = []
+    for results in all_results:
+        metric, label = results["metric"], results["label"]
+        summary = [s for s in results["summary"]]
+        budgets = results["protocol"]["budgets"]
+        checks = results["checks"]
+        lines += [f"### {label}", "",
+                  f"Unpruned {metric} {_fmt(metric, results['unpruned']['metrics'][metric])}"
+                  + (f" (torch, same crops and transform: {_fmt(metric, checks['metric']['torch'])})" if "torch" in checks["metric"] else "")
+                  + f"; FLOPs {checks['flops']['xprune_jax_analysis']:,} (torch hooks: {checks['flops']['torch_hooks']:,}); "
+                  f"params {checks['params']['xprune_jax']:,} (torch: {checks['params']['torch']:,}); output relative error "
+                  f"JAX vs torch {checks['output_relative_error']:.1e}. Run: {results['wall_seconds'] / 60:.0f} min.", ""]
+        failure = results["torch_pruning"].get("failure")
+        if failure:
+            lines += [f"Torch-Pruning {results['torch_pruning']['version']} cannot prune it: `{failure['during']}` raises "
+                      f"`{failure['exception']}: {failure['message']}` at `{failure['where']}`.", ""]
+        lines += ["| side | cell | " + " | ".join(f"-{b:g}%: {metric}" for b in budgets) + " | FLOPs | params | latency |",
+                  "|---|---|" + "---|" * len(budgets) + "---|---|---|"]
+        cells = [(s["side"], s["cell"]) for s in sorted(summary, key=_cell_order)]
+        cells = list(dict.fromkeys(cells))
+        best = {b: max(s["metric_mean"] for s in summary if s["budget"] == b and "infeasible" not in s) for b in budgets}
+        for side, cell in cells:
+            row = {s["budget"]: s for s in summary if s["cell"] == cell}
+            values, ratios = [], []
+            for b in budgets:
+                s = row.get(b)
+                if s is None:
+                    values.append("not run")
+                elif "infeasible" in s:
+                    values.append("infeasible")
+                else:
+                    text = _value(metric, s)
+                    values.append(f"**{text}**" if s["metric_mean"] == best[b] else text)
+                    ratios.append(s)
+            fmt = lambda key: " / ".join(f"{s[key]:.3f}" for s in ratios)  # noqa: E731
+            lines.append(f"| {'TP' if side == 'torch-pruning' else 'ours'} | {cell.removeprefix('TP ')} | {' | '.join(values)} | "
+                         f"{fmt('flops_ratio')} | {fmt('params_ratio')} | {fmt('latency_ratio')} |")
+        lines.append("")
+    return lines
+
+
+def _cell_order(s: dict) -> tuple:
+    """Our default first, then our criteria (as CRITERIA lists them) by normalisation, remove+shrink and
+    the confidence objective; then Torch-Pruning by importance and scope."""
+    if s["side"] == "torch-pruning":
+        return (1, TP_IMPORTANCES.index(s["importance"]), TP_SCOPES.index(s["scope"]), 0, 0)
+    default = all(s.get(k) == v for k, v in DEFAULT.items()) and s.get("objective") != "confidence"
+    return (0, not default, s.get("objective") == "confidence", s["mode"] != "shrink",
+            NORMALIZATIONS.index(s["normalize"]), CRITERIA.index(s["criterion"]))
+
+
+def normalisation_table(all_results: list[dict]) -> list[str]:
+    """Which normalisation wins: per fixture, budget and criterion, the best of mean/max/lamp."""
+    lines = ["| fixture | budget | " + " | ".join(NORMALIZATIONS) + " | criteria compared |", "|---|---|---|---|---|---|"]
+    total = dict.fromkeys(NORMALIZATIONS, 0)
+    for results in all_results:
+        summary = [s for s in results["summary"] if s["side"] == "ours" and s.get("mode") == "shrink"
+                   and s.get("objective") != "confidence" and "infeasible" not in s]
+        for budget in results["protocol"]["budgets"]:
+            wins, compared = dict.fromkeys(NORMALIZATIONS, 0), 0
+            for criterion in CRITERIA:
+                group = {s["normalize"]: s for s in summary if s["criterion"] == criterion and s["budget"] == budget}
+                if set(group) != set(NORMALIZATIONS):
+                    continue
+                compared += 1
+                top = max(s["metric_mean"] for s in group.values())
+                for n, s in group.items():
+                    wins[n] += s["metric_mean"] == top
+            for n in NORMALIZATIONS:
+                total[n] += wins[n]
+            lines.append(f"| {results['label']} | -{budget:g}% | " + " | ".join(str(wins[n]) for n in NORMALIZATIONS) + f" | {compared} |")
+    lines.append("| all | | " + " | ".join(f"**{total[n]}**" for n in NORMALIZATIONS) + " | |")
+    return lines
+
+
+def table(args) -> None:
+    from xprune_jax.fileio import atomic_path
+
+    all_results = load_results(args.results)
+    if not all_results:
+        raise SystemExit(f"error: no results in {args.results}; run `python benchmarks/bench_peers.py run --arch=...` first")
+    lines = ["# Against Torch-Pruning: every cell", "",
+             "Made by `python benchmarks/bench_peers.py table` from the JSON files beside it. Mean over calibration "
+             "seeds ± standard deviation (no ± where the seeds agreed); FLOPs and params ratios per budget "
+             "(`-30% / -50%`), latency the median per-round ratio to the unpruned model (median over seeds). "
+             "Best per budget in bold.", "", "## Who wins", ""] + readme_table(all_results)
+    lines += ["", "## Which normalisation wins (number of criteria for which it is best, shrink)", ""]
+    lines += normalisation_table(all_results) + ["", "## Every cell", ""] + full_tables(all_results)
+    text = "\n".join(lines) + "\n"
+    with atomic_path(os.path.join(args.results, "table.md")) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("run", help="prune one fixture both ways and measure every cell")
+    p.add_argument("--arch", required=True, choices=sorted(FIXTURES))
+    p.add_argument("--budgets", default="30,50", help="FLOPs reductions in percent, comma-separated")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--norm_criteria", default="", help="criteria also run with the max and lamp normalisations "
+                   "(default: all but random)")
+    p.add_argument("--repeats", type=int, default=20, help="timed rounds per pruned model, side by side with the unpruned")
+    p.add_argument("--duel_repeats", type=int, default=60, help="rounds timing our default against the peer's best")
+    p.add_argument("--out", default="", help="results JSON (default benchmarks/results/peers/<arch>.json)")
+    t = commands.add_parser("table", help="the Markdown tables from the results JSONs")
+    t.add_argument("--results", default=RESULTS)
+    args = parser.parse_args()
+    (run if args.command == "run" else table)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""What the peer benchmark (benchmarks/bench_peers.py) rests on, without Torch-Pruning installed: its
+torch-side FLOPs count equals ours, YOLOv8's split-free C2f is exact, a torch model pruned apart from
+our spec's ties comes back as our model with the same outputs, and the README's table is the one the
+committed results make."""
+
+import copy
+import dataclasses
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from tests.conftest import REPO
+from xprune_jax import analysis, models
+from xprune_jax.checkpoint import Model
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+try:
+    import bench_peers
+finally:
+    sys.path.remove(str(REPO / "benchmarks"))
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "shufflenet_v2_x1_0", "resnet50"])
+def test_torch_flops_count_equals_the_analysis(arch):
+    """Forward hooks on every Conv2d and Linear count what xprune_jax.analysis counts (at 224 px, the
+    size the other FLOPs tests trace), and the widths read off the torch modules give our spec."""
+    module = torchvision.models.get_model(arch, weights=None).eval()
+    spec = models.get_architecture(arch).default_spec()
+    assert bench_peers.torch_macs(module, torch.zeros(1, 3, 224, 224)) == \
+        analysis.total_flops(analysis.describe_layers(arch, spec))
+    if arch != "shufflenet_v2_x1_0":  # the benchmark reads widths back only where the peer can prune
+        read = bench_peers.spec_from_torch(spec, module)
+        assert read.edits.widths and dataclasses.replace(read, edits=spec.edits) == spec
+        assert models.variable_shapes(arch, read) == models.variable_shapes(arch, spec)
+
+
+def _narrowed(conv, keep_out=None, keep_in=None):
+    """An Ultralytics ``Conv`` (conv + BN) or a plain Conv2d keeping some output and input channels."""
+    plain = isinstance(conv, torch.nn.Conv2d)
+    inner = conv if plain else conv.conv
+    weight = inner.weight.data
+    weight = weight if keep_out is None else weight[keep_out]
+    weight = weight if keep_in is None else weight[:, keep_in]
+    new = torch.nn.Conv2d(weight.shape[1], weight.shape[0], inner.kernel_size, inner.stride, inner.padding,
+                          bias=inner.bias is not None)
+    new.weight.data = weight.clone()
+    if plain:
+        return new
+    conv.conv = new
+    if keep_out is not None:
+        bn = torch.nn.BatchNorm2d(len(keep_out), eps=conv.bn.eps)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, key).data = getattr(conv.bn, key).data[keep_out].clone()
+        conv.bn = bn
+    return conv
+
+
+def test_yolov8_split_free_c2f_and_a_chain_pruned_apart_come_back_exactly():
+    """The split-free C2f gives the same outputs. A neck C2f whose bottleneck output is narrower than its
+    chain (model.12) and one whose chain is narrower than its bottleneck output (model.15), as the peer
+    prunes them, come back as our spec with exactly-zero padding: the JAX model equals the torch one."""
+    from converters.reference import randomize_batch_norm
+    from ultralytics.nn.tasks import DetectionModel
+
+    from xprune_jax.models.yolov8 import yolov8_spec
+
+    x = torch.rand(2, 3, 64, 96)
+    module = randomize_batch_norm(DetectionModel("yolov8n.yaml", nc=6, verbose=False), x, seed=3).eval()
+    with torch.no_grad():
+        want = module(x)[0]
+        split_free = bench_peers.split_free_c2f(copy.deepcopy(module))
+        assert torch.equal(split_free(x)[0], want)
+
+    c12, c15 = split_free.model[12], split_free.model[15]  # yolov8n: chains of 64 and 32 channels
+    keep = torch.arange(48)  # model.12: m.0 outputs 48 of 64
+    c12.m[0].cv2 = _narrowed(c12.m[0].cv2, keep_out=keep)
+    c12.cv2.conv = _narrowed(c12.cv2.conv, keep_in=torch.cat([torch.arange(128), 128 + keep]))
+    keep = torch.arange(0, 32, 2)  # model.15: cv1's half for the chain keeps 16 of 32
+    c15.cv1 = _narrowed(c15.cv1, keep_out=keep)
+    c15.m[0].cv1 = _narrowed(c15.m[0].cv1, keep_in=keep)
+    c15.cv2.conv = _narrowed(c15.cv2.conv, keep_in=torch.cat([torch.arange(32), 32 + keep, torch.arange(64, 96)]))
+    with torch.no_grad():
+        want = split_free.eval()(x)[0].numpy()
+
+    base = Model("yolov8n", yolov8_spec("n", 6), {}, {})
+    model, padded = bench_peers.model_from_torch(base, split_free, "test")
+    channels = dict(model.spec.edits.channels)
+    assert padded == 16 + 16 and (len(channels["model.12.second"]), len(channels["model.15.second"])) == (64, 32)
+    assert dataclasses.replace(model.spec, edits=base.spec.edits) == base.spec  # the edits say what changed
+    got = np.asarray(jax.jit(model.module.apply)(model.variables, x.permute(0, 2, 3, 1).numpy()))
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
+
+
+def test_readme_holds_the_table_the_results_make():
+    results = bench_peers.load_results()
+    table = "\n".join(bench_peers.readme_table(results))
+    assert len(results) >= 3 and table.count("\n") >= 2 * len(results)
+    assert table in (REPO / "README.md").read_text(), \
+        "README's Torch-Pruning table is stale: paste `python benchmarks/bench_peers.py table`'s 'Who wins'"
