@@ -23,7 +23,8 @@ from torchvision.models import mobilenetv2, resnet, shufflenetv2
 from torchvision.models.detection import FasterRCNN, RetinaNet, anchor_utils, backbone_utils, faster_rcnn, retinanet
 from torchvision.ops import misc, feature_pyramid_network
 
-ARCH_PREFIXES = ("resnet", "mobilenet_v2", "shufflenet_v2", "fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn")
+ARCH_PREFIXES = ("resnet", "mobilenet_v2", "shufflenet_v2", "fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+                 "retinanet_resnet50_fpn")
 
 
 def load_pruned(path: str) -> nn.Module:
@@ -41,7 +42,8 @@ def build(arch: str, spec: dict, shapes: dict[str, tuple]) -> nn.Module:
     """The torch module (random weights) of ``arch`` built from ``spec``, its removed units the identity,
     narrowed to ``shapes`` (state_dict key -> shape)."""
     builders = {"ResNetSpec": resnet_classifier, "MobileNetV2Spec": mobilenet_v2, "ShuffleNetV2Spec": shufflenet_v2,
-                "FasterRCNNSpec": faster_rcnn_resnet_fpn, "RetinaNetSpec": retinanet_resnet_fpn}
+                "FasterRCNNSpec": faster_rcnn_resnet_fpn, "FasterRCNNMobileNetSpec": faster_rcnn_mobilenet_v3_fpn,
+                "RetinaNetSpec": retinanet_resnet_fpn}
     if spec.get("type") not in builders or not arch.startswith(ARCH_PREFIXES):
         raise ValueError(f"no torch module for {arch} with a {spec.get('type')}; torch files hold "
                          f"{', '.join(ARCH_PREFIXES)} models")
@@ -301,10 +303,26 @@ def faster_rcnn_resnet_fpn(spec: dict) -> FasterRCNN:
     return FasterRCNN(
         backbone, num_classes=None, rpn_anchor_generator=anchors, rpn_head=rpn_head, box_roi_pool=roi_pool,
         box_head=box_head, box_predictor=faster_rcnn.FastRCNNPredictor(fc7, spec["num_classes"]),
-        rpn_pre_nms_top_n_test=spec["rpn_pre_nms_top_n"], rpn_post_nms_top_n_test=spec["rpn_post_nms_top_n"],
-        rpn_nms_thresh=spec["rpn_nms_thresh"], rpn_score_thresh=spec["rpn_score_thresh"],
-        box_score_thresh=spec["score_thresh"], box_nms_thresh=spec["nms_thresh"],
-        box_detections_per_img=spec["detections_per_img"], **_transform_kwargs(spec))
+        **_faster_rcnn_settings(spec))
+
+
+def _faster_rcnn_settings(spec: dict) -> dict:
+    return {"rpn_pre_nms_top_n_test": spec["rpn_pre_nms_top_n"], "rpn_post_nms_top_n_test": spec["rpn_post_nms_top_n"],
+            "rpn_nms_thresh": spec["rpn_nms_thresh"], "rpn_score_thresh": spec["rpn_score_thresh"],
+            "box_score_thresh": spec["score_thresh"], "box_nms_thresh": spec["nms_thresh"],
+            "box_detections_per_img": spec["detections_per_img"], **_transform_kwargs(spec)}
+
+
+def faster_rcnn_mobilenet_v3_fpn(spec: dict) -> FasterRCNN:
+    """torchvision's own ``fasterrcnn_mobilenet_v3_large_fpn`` (its anchors are the spec's defaults), its
+    backbone's BatchNorms frozen as the COCO_V1 builder leaves them."""
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=spec["num_classes"], **_faster_rcnn_settings(spec))
+    eps = spec["body"].get("bn_eps", 1e-5)
+    for name, m in list(model.backbone.body.named_modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            replace(model.backbone.body, name, misc.FrozenBatchNorm2d(m.num_features, eps))
+    return model
 
 
 def _subnet(in_ch: int, widths: list[int]) -> nn.Sequential:

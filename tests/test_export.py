@@ -43,7 +43,9 @@ SIZE = 64  # classifier inputs
 RCNN_TRANSFORM = {"min_size": 128, "max_size": 192}
 # Random R-CNN heads made to behave like trained ones: small box deltas (boxes stay boxes), spread scores.
 RCNN_HEAD_GAINS = {"retinanet_resnet50_fpn": {"head.regression_head.bbox_reg": 0.01},
-                   "fasterrcnn_resnet50_fpn": {"rpn.head.bbox_pred": 0.01, "roi_heads.box_predictor.bbox_pred": 0.01}}
+                   "fasterrcnn_resnet50_fpn": {"rpn.head.bbox_pred": 0.01, "roi_heads.box_predictor.bbox_pred": 0.01},
+                   "fasterrcnn_mobilenet_v3_large_fpn": {"rpn.head.bbox_pred": 0.01, "roi_heads.box_predictor.bbox_pred": 0.01,
+                                                         "roi_heads.box_predictor.cls_score": 10.0}}
 
 
 def _random_variables(arch: str, spec, size: int, seed: int) -> dict:

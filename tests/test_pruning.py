@@ -368,12 +368,18 @@ def score_model_like(model: Model, seed: int) -> dict:
 DETECTOR_HEAD_OUTPUTS = {  # continuous in the weights (no top-k or NMS selection in between)
     "fasterrcnn_resnet50_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred"],
     "retinanet_resnet50_fpn": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg", "confidence"],
+    "fasterrcnn_mobilenet_v3_large_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred"],
 }
 NECK_AND_HEAD_GROUPS = {  # the FPN's lateral and output widths are named by their first producer
     "fasterrcnn_resnet50_fpn": {"backbone.fpn.inner_blocks.0.0", "backbone.fpn.layer_blocks.3.0", "rpn.head.conv.0.0",
                                 "roi_heads.box_head.fc6", "roi_heads.box_head.fc7"},
     "retinanet_resnet50_fpn": {"backbone.fpn.inner_blocks.0.0", "backbone.fpn.layer_blocks.2.0",
                                *(f"head.{s}_head.conv.{i}.0" for s in ("classification", "regression") for i in range(4))},
+    # ported with no pruning code: squeeze-excitation gates couple with the widths they scale, and have their own
+    "fasterrcnn_mobilenet_v3_large_fpn": {"backbone.fpn.inner_blocks.0.0", "backbone.fpn.layer_blocks.1.0",
+                                          "rpn.head.conv.0.0", "roi_heads.box_head.fc6", "roi_heads.box_head.fc7",
+                                          "backbone.body.4.block.0.0", "backbone.body.4.block.2.fc1",
+                                          "backbone.body.13.block.3.0", "backbone.body.16.0"},
 }
 
 
@@ -390,7 +396,9 @@ def _detector(arch: str) -> Model:
 
 @pytest.mark.parametrize("arch, mode, budget", [("fasterrcnn_resnet50_fpn", "remove", "layers=40%"),
                                                 ("fasterrcnn_resnet50_fpn", "shrink", "layers=99.9%"),
-                                                ("retinanet_resnet50_fpn", "shrink", "layers=99.9%")])
+                                                ("retinanet_resnet50_fpn", "shrink", "layers=99.9%"),
+                                                ("fasterrcnn_mobilenet_v3_large_fpn", "remove", "layers=99.9%"),
+                                                ("fasterrcnn_mobilenet_v3_large_fpn", "shrink", "layers=99.9%")])
 def test_detector_surgery_equals_masking(arch, mode, budget, coco_images):
     """Whole detectors: the body's blocks, or every channel group at once (the body's, the FPN's, the
     RPN's conv, the box head's fc6 and fc7, RetinaNet's subnets). The predictors' outputs of the
@@ -405,7 +413,7 @@ def test_detector_surgery_equals_masking(arch, mode, budget, coco_images):
     plan = make_plan(model, score_model_like(model, seed=6), mode, budget, allocation="layer")
     pruned = apply_plan(model, plan)
     if mode == "remove":
-        assert plan.selected and all(s.startswith("backbone.body.layer") for s in plan.selected)
+        assert plan.selected and all(s.startswith("backbone.body.") for s in plan.selected)
         masked = _mask_removed(model, plan.selected)
     else:
         assert NECK_AND_HEAD_GROUPS[arch] <= set(plan.selected)
@@ -428,8 +436,8 @@ def test_detector_surgery_equals_masking(arch, mode, budget, coco_images):
     want, got = outputs(model, masked), outputs(pruned, pruned.variables)
     for key in want:
         assert relative_error(got[key], want[key]) < 1e-5, key
-    last = DETECTOR_HEAD_OUTPUTS[arch][0]
-    assert relative_error(want[last], outputs(model, model.variables)[last]) > 1e-3
+    original = outputs(model, model.variables)
+    assert max(relative_error(want[key], original[key]) for key in want) > 1e-3  # the cut changed the outputs
 
 
 def test_normalisations():

@@ -38,7 +38,10 @@ INPUT_SHAPE = (320, 448)
 DETECTORS = {
     "fasterrcnn_resnet50_fpn": ("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", "roi_heads.box_predictor.cls_score", 4.0),
     "retinanet_resnet50_fpn": ("RetinaNet_ResNet50_FPN_Weights.COCO_V1", "head.classification_head.cls_logits", 60.0),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1",
+                                          "roi_heads.box_predictor.cls_score", 11.0),
 }
+STEMS = {"fasterrcnn_mobilenet_v3_large_fpn": "backbone.body.0.0"}  # else backbone.body.conv1
 
 
 def _small_pipeline(arch: str, spec) -> TorchvisionDetectionPipeline:
@@ -63,15 +66,15 @@ def images(coco_images) -> list[tuple[int, np.ndarray]]:
     pytest.fail(f"fewer than three COCO subset images pad to {INPUT_SHAPE}")
 
 
-def _freeze_batch_norm(module: torch.nn.Module) -> None:
-    """BatchNorm2d -> FrozenBatchNorm2d with eps 0, as the COCO_V1 builders leave the backbone."""
+def _freeze_batch_norm(module: torch.nn.Module, eps: float) -> None:
+    """BatchNorm2d -> FrozenBatchNorm2d, as the COCO_V1 builders leave the backbone (the ResNet-50 ones with eps 0)."""
     for name, child in module.named_children():
         if isinstance(child, torch.nn.BatchNorm2d):
-            frozen = torchvision.ops.misc.FrozenBatchNorm2d(child.num_features, eps=0.0)
+            frozen = torchvision.ops.misc.FrozenBatchNorm2d(child.num_features, eps=eps)
             frozen.load_state_dict(child.state_dict())  # FrozenBN drops num_batches_tracked
             setattr(module, name, frozen)
         else:
-            _freeze_batch_norm(child)
+            _freeze_batch_norm(child, eps)
 
 
 def _legacy_layout(state_dict: dict) -> dict:
@@ -118,7 +121,7 @@ def run(request, images, tmp_path_factory, monkeypatch_module) -> dict:
     batch = [torch.from_numpy(image).permute(2, 0, 1).float() / 255 for _, image in images]
     torch_model = random_torchvision(arch, seed=1, weights_backbone=None, **SMALL)
     randomize_batch_norm(torch_model.backbone.body, torch_model.transform(batch)[0].tensors, seed=1)
-    _freeze_batch_norm(torch_model.backbone.body)
+    _freeze_batch_norm(torch_model.backbone.body, models.get_architecture(arch).default_spec().body.bn_eps)
     with torch.no_grad():
         torch_model.get_submodule(classifier).weight.mul_(sharpen)
     torch_model.eval()
@@ -265,21 +268,28 @@ def test_predict_pads_each_image_as_torchvision_pads_it_alone(coco_images):
 def test_specs_match_torchvision_builders():
     """Every test-time hyper-parameter of the default specs equals the torchvision model's; specs round-trip."""
     faster = torchvision.models.get_model("fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None)
+    mobile = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_fpn", weights=None, weights_backbone=None)
     retina = torchvision.models.get_model("retinanet_resnet50_fpn", weights=None, weights_backbone=None)
-    f, r = (models.get_architecture(a).default_spec() for a in ("fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"))
-    for spec, torch_model, anchors in ((f, faster, faster.rpn.anchor_generator), (r, retina, retina.anchor_generator)):
+    f, m, r = (models.get_architecture(a).default_spec()
+               for a in ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn"))
+    # the COCO_V1 builders freeze the backbone's BatchNorms: eps 0 in the ResNet-50 ones, FrozenBatchNorm2d's own in MobileNet's
+    for spec, torch_model, anchors, eps in ((f, faster, faster.rpn.anchor_generator, 0.0),
+                                            (m, mobile, mobile.rpn.anchor_generator, torchvision.ops.misc.FrozenBatchNorm2d(1).eps),
+                                            (r, retina, retina.anchor_generator, 0.0)):
         t = torch_model.transform
         assert (t.min_size, t.max_size, t.size_divisible) == ((spec.transform.min_size,), spec.transform.max_size, 32)
         assert (list(t.image_mean), list(t.image_std)) == (list(spec.transform.mean), list(spec.transform.std))
-        assert anchors.sizes == spec.anchor_sizes and anchors.aspect_ratios == (spec.aspect_ratios,) * 5
-        assert spec.body.bn_eps == 0.0 and spec.num_classes == 91
+        assert anchors.sizes == spec.anchor_sizes and anchors.aspect_ratios == (spec.aspect_ratios,) * len(spec.anchor_sizes)
+        assert spec.body.bn_eps == eps and spec.num_classes == 91
         assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec  # stored in model dirs
-    rpn, heads = faster.rpn, faster.roi_heads
-    assert (rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"], rpn.nms_thresh, rpn.score_thresh) == (
-        f.rpn_pre_nms_top_n, f.rpn_post_nms_top_n, f.rpn_nms_thresh, f.rpn_score_thresh)
-    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (f.score_thresh, f.nms_thresh,
-                                                                               f.detections_per_img)
-    assert heads.box_roi_pool.output_size == (f.roi_size, f.roi_size) and heads.box_roi_pool.sampling_ratio == 2
+    for spec, torch_model in ((f, faster), (m, mobile)):
+        rpn, heads = torch_model.rpn, torch_model.roi_heads
+        assert (rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"], rpn.nms_thresh, rpn.score_thresh) == (
+            spec.rpn_pre_nms_top_n, spec.rpn_post_nms_top_n, spec.rpn_nms_thresh, spec.rpn_score_thresh)
+        assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (spec.score_thresh, spec.nms_thresh,
+                                                                                   spec.detections_per_img)
+        assert heads.box_roi_pool.output_size == (spec.roi_size, spec.roi_size) and heads.box_roi_pool.sampling_ratio == 2
+        assert heads.box_roi_pool.featmap_names == [str(i) for i in range(len(spec.fpn_stages))]
     assert (retina.score_thresh, retina.nms_thresh, retina.detections_per_img, retina.topk_candidates) == (
         r.score_thresh, r.nms_thresh, r.detections_per_img, r.topk_candidates)
     state_dict = faster.state_dict()
@@ -324,13 +334,13 @@ def test_confidence_grad_x_act_matches_torch_autograd(run):
                                    atol=1e-8 * np.abs(ag).max() + 1e-15, err_msg=name)
     # Besides these, FPN convs of levels that pool no RoI (Faster R-CNN) or hold none of the top-100
     # scores (RetinaNet) at this small size get no gradient.
-    if run["arch"] == "fasterrcnn_resnet50_fpn":
+    if run["arch"].startswith("fasterrcnn"):
         expected = {"roi_heads.box_predictor.bbox_pred", "rpn.head.bbox_pred", "rpn.head.cls_logits", "rpn.head.conv.0.0"}
     else:
         expected = {n for n in names if n.startswith("head.regression_head.")}
     assert expected <= set(gradient_free), gradient_free
     assert all(n.startswith("backbone.fpn.") for n in set(gradient_free) - expected), gradient_free
-    assert stats["backbone.body.conv1"]["abs"] > 0
+    assert stats[STEMS.get(run["arch"], "backbone.body.conv1")]["abs"] > 0
 
 
 def test_confidence_outputs_are_the_top_100_pre_nms_scores(run):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from xprune_jax.errors import UserError
 from xprune_jax.models.layers import INTERMEDIATES
 from xprune_jax.models.mobilenet_v2 import MobileNetV2, mobilenet_v2_spec
-from xprune_jax.models.rcnn import (FasterRCNN, RetinaNet, TorchvisionDetectionPipeline, fasterrcnn_resnet50_fpn_spec,
-                                    retinanet_resnet50_fpn_spec)
+from xprune_jax.models.rcnn import (FasterRCNN, RetinaNet, TorchvisionDetectionPipeline, fasterrcnn_mobilenet_v3_large_fpn_spec,
+                                    fasterrcnn_resnet50_fpn_spec, retinanet_resnet50_fpn_spec)
 from xprune_jax.models.resnet import ResNet, resnet_spec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2, shufflenet_v2_spec
 from xprune_jax.models.yolov8 import SCALES as YOLOV8_SCALES, YOLOv8, yolov8_spec
@@ -47,6 +47,8 @@ for _scale in YOLOV8_SCALES:
                           lambda m: YOLOv8PredictPipeline(m.spec, imgsz=m.meta["preprocess"]["imgsz"])))
 register(Architecture("fasterrcnn_resnet50_fpn", "detection", FasterRCNN, fasterrcnn_resnet50_fpn_spec, 800,
                       lambda m: TorchvisionDetectionPipeline(m.module)))
+register(Architecture("fasterrcnn_mobilenet_v3_large_fpn", "detection", FasterRCNN, fasterrcnn_mobilenet_v3_large_fpn_spec,
+                      800, lambda m: TorchvisionDetectionPipeline(m.module)))
 register(Architecture("retinanet_resnet50_fpn", "detection", RetinaNet, retinanet_resnet50_fpn_spec, 800,
                       lambda m: TorchvisionDetectionPipeline(m.module)))
 

@@ -47,6 +47,7 @@ from xprune_jax.detection import BatchPlan, batches_by_shape
 from xprune_jax.losses.rcnn import FasterRCNNLossConfig, fastrcnn_loss, roi_training_samples, rpn_loss
 from xprune_jax.models.layers import (INTERMEDIATES, PERTURBATIONS, Conv2d, Edits, Linear, at_least_float32, capture,
                                       edited)
+from xprune_jax.models.mobilenet_v3 import MobileNetV3Backbone, MobileNetV3Spec, mobilenet_v3_large_spec
 from xprune_jax.models.resnet import ResNetBackbone, ResNetSpec, resnet_spec
 from xprune_jax.ops import (BoxCoder, batched_nms, clip_boxes_to_image, grid_anchors, multiscale_roi_align,
                             small_box_mask, top_k_pairs)
@@ -99,6 +100,18 @@ class FasterRCNNSpec:
 
 @register_spec
 @dataclasses.dataclass(frozen=True)
+class FasterRCNNMobileNetSpec(FasterRCNNSpec):
+    """``fasterrcnn_mobilenet_v3_large_fpn``: the same detector over MobileNetV3-Large's features 13 and 16 (both
+    at stride 32), with five anchor sizes on each of the three levels."""
+
+    body: MobileNetV3Spec
+    fpn_stages: tuple[str, ...] = ("13", "16")
+    anchor_sizes: tuple[tuple[int, ...], ...] = ((32, 64, 128, 256, 512),) * 3
+    rpn_score_thresh: float = 0.05
+
+
+@register_spec
+@dataclasses.dataclass(frozen=True)
 class RetinaNetSpec:
     """Widths left None are ``fpn_width``: torchvision's; width pruning sets them."""
 
@@ -137,6 +150,10 @@ def _frozen_bn_resnet50() -> ResNetSpec:
 
 def fasterrcnn_resnet50_fpn_spec() -> FasterRCNNSpec:
     return FasterRCNNSpec(_frozen_bn_resnet50())
+
+
+def fasterrcnn_mobilenet_v3_large_fpn_spec() -> FasterRCNNMobileNetSpec:
+    return FasterRCNNMobileNetSpec(mobilenet_v3_large_spec())
 
 
 def retinanet_resnet50_fpn_spec() -> RetinaNetSpec:
@@ -390,7 +407,8 @@ class FasterRCNN(nn.Module):
 
     def _forward(self, images, targets, rois, candidates_from, return_raw):
         s, input_shape, image_sizes = self.spec, images.shape[1:3], unpadded_sizes(images)
-        stages = ResNetBackbone(s.body, name="backbone.body")(images)
+        backbone = MobileNetV3Backbone if isinstance(s.body, MobileNetV3Spec) else ResNetBackbone
+        stages = backbone(s.body, name="backbone.body")(images)
         levels = FeaturePyramidNetwork(s.fpn_width, widths(s)["fpn_inner_width"], "pool", name="backbone.fpn")([stages[k] for k in s.fpn_stages])
         roi_heads = RoIHeads(s, name="roi_heads")
         if targets is None and rois is None:
