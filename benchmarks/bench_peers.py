@@ -449,12 +449,13 @@ def tp_failure(fixture: Fixture, ignored: list[str]) -> dict | None:
 
 
 def _scores(fixture: Fixture, criteria: list[str], objective: str, seed: int) -> dict:
-    """Every criterion's scores on the calibration images of ``seed`` (cached by content)."""
+    """Every criterion's scores on the calibration images of ``seed`` (cached by content: the model's
+    fingerprint, which ``make_plan`` checks, the criteria and the images)."""
     from xprune_jax.attribution.score import score_model
-    from xprune_jax.checkpoint import write_json_atomic
+    from xprune_jax.checkpoint import model_fingerprint, write_json_atomic
 
     paths, truth = fixture.calibration(seed)
-    key = _sha([fixture.sha256, criteria, objective, [os.path.basename(p) for p in paths],
+    key = _sha([model_fingerprint(fixture.model), criteria, objective, [os.path.basename(p) for p in paths],
                 truth if isinstance(truth, str) else np.asarray(truth).tolist(), fixture.config.batch_size, seed])
     path = os.path.join(CACHE, "scores", f"{fixture.arch}-{key}.json")
     if os.path.isfile(path):

@@ -24,13 +24,15 @@ from PIL import Image
 
 from converters.mapping import state_dict_to_variables
 from tests.conftest import REPO
-from xprune_jax import models
+from xprune_jax import models, predict
 from xprune_jax.checkpoint import Model, load_model, save_model
+from xprune_jax.data.images import image_folder
 from xprune_jax.errors import UserError
 from xprune_jax.models.layers import BatchNorm
 from xprune_jax.models.resnet import ResidualBlockSpec, ResNetSpec
 from xprune_jax.training import data as training_data
 from xprune_jax.training import objectives
+from xprune_jax.training.command import validation_data
 from xprune_jax.training.loop import FinetuneConfig, finetune, make_optimizer, make_train_step
 from xprune_jax.training.recalibrate import recalibrate_bn
 
@@ -330,11 +332,17 @@ def test_resume_after_kill_gives_the_uninterrupted_parameters(workdir):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL and not out.exists()
-    result = subprocess.run(_finetune_command(workdir, out), capture_output=True, text=True, cwd=REPO, env=_env())
+    result = subprocess.run(_finetune_command(workdir, out, f"--validation={workdir / 'folder'}"), capture_output=True,
+                            text=True, cwd=REPO, env=_env())
     assert result.returncode == 0, result.stderr[-2000:]
     resumed = load_model(str(out))
     record = resumed.meta["finetune"][-1]
     assert record["resumed_from"] and record["resumed_from"] % 2 == 0
+    paths, labels, _ = image_folder(str(workdir / "folder"), list(CLASSES))  # the final metric is the model's top-1
+    top1 = float(np.mean(predict.classify(resumed, paths, 4, progress=False).argmax(-1) == labels))
+    assert record["final"]["metric"] == {"name": "top1", "value": top1, "data": str(workdir / "folder"),
+                                         "images": len(paths)}
+    assert f"top1 {top1:.4f} on {workdir / 'folder'}" in result.stdout
     assert record["teacher"]["model"] == str(workdir / "model") and record["steps"] == 16
     assert not checkpoints.exists()  # removed once the model is written
 
@@ -365,6 +373,11 @@ def test_bad_inputs_get_one_line_errors(workdir, tmp_path):
     unlabelled = training_data.TrainingSet("coco", str(workdir), "folder", data.paths)
     _raises("the task loss needs labels", finetune, student, student, unlabelled,
             dataclasses.replace(config, objective=objectives.Objective(distill=0.0, task=1.0)))
+    _raises("labelled image folder /nonexistent does not exist", validation_data, student, None, "", "/nonexistent")
+    detector = Model("yolov8n", models.get_architecture("yolov8n").default_spec(), {}, {})
+    _raises("the validation data .* has no val2017", validation_data, detector, None, "train2017", str(workdir))
+    assert validation_data(detector, str(workdir), "train2017", None) is None  # no val2017 annotations: none by default
+    assert validation_data(student, None, "", None) is None and validation_data(detector, "x", "", "none") is None
 
 
 def test_default_teacher_is_the_recorded_source(workdir, tmp_path):

@@ -82,6 +82,9 @@ flags.DEFINE_integer("steps", None, "Optimiser steps.")
 flags.DEFINE_float("lr", 1e-3, "Peak learning rate (linear warm-up over 5% of the steps, then cosine).")
 flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd"], "AdamW, or SGD with momentum 0.9.")
 flags.DEFINE_integer("recalibrate_bn", 0, "First re-estimate the BatchNorm statistics on this many training images.")
+flags.DEFINE_string("validation", None, "Where finetune measures the final metric: for a detector a COCO root "
+                    "whose val2017 gives AP (default: --coco's, unless --split is val2017), for a classifier a "
+                    "labelled ImageFolder (top-1); none to skip.")
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints (in <out>.checkpoints; a rerun resumes).")
 config_flags.DEFINE_config_file("config", None, "An experiment config, e.g. configs/demo.py; override fields with "
                                 "--config.FIELD=VALUE.", lock_config=True)
@@ -474,12 +477,14 @@ def finetune_command() -> None:
                             objective=parse_objective(FLAGS.objective), seed=FLAGS.seed,
                             checkpoint_every=FLAGS.checkpoint_every)
     record = run_finetune(_one_model(), FLAGS.out, config, FLAGS.teacher, FLAGS.coco, FLAGS.split, FLAGS.image_folder,
-                          FLAGS.recalibrate_bn, FLAGS.overwrite)
+                          FLAGS.recalibrate_bn, FLAGS.overwrite, validation=FLAGS.validation)
     from xprune_jax import parallel
 
     if not parallel.is_main():
         return
-    print(f"wrote {FLAGS.out}: {record['steps']} steps, final loss {record['final']['loss']:.4g}")
+    metric = record["final"].get("metric")
+    measured = f", {metric['name']} {metric['value']:.4f} on {metric['data']}" if metric else ""
+    print(f"wrote {FLAGS.out}: {record['steps']} steps, final loss {record['final']['loss']:.4g}{measured}")
 
 
 def synth_command() -> None:
@@ -565,10 +570,11 @@ COMMANDS = {
     "finetune": Command(
         finetune_command, "recover a pruned model's accuracy: distillation from its unpruned teacher and/or the task loss",
         ("model", "out", "steps"), ("teacher", "coco", "split", "image_folder", "objective", "batch_size", "lr",
-                                    "optimizer", "recalibrate_bn", "checkpoint_every", "seed", "overwrite"),
+                                    "optimizer", "recalibrate_bn", "validation", "checkpoint_every", "seed", "overwrite"),
         "xprune finetune --model=models/r50_shrink --coco=/data/coco --steps=2000 --out=models/r50_shrink_ft",
         "a model directory DIR whose provenance names the teacher, the plan, the objective, the optimiser, the steps, "
-        "the data and the final loss; checkpoints in DIR.checkpoints while it runs (a rerun resumes)",
+        "the data, the final loss and the metric on the --validation data; checkpoints in DIR.checkpoints while it "
+        "runs (a rerun resumes)",
         out="DIR", helps={"out": "The recovered model directory to write.",
                           "objective": "Weighted terms, e.g. distill=1,task=0.5,feature=0.1,temperature=4 (default: "
                                        "distill=1).",
