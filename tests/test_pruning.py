@@ -394,6 +394,19 @@ def _detector(arch: str) -> Model:
     return Model(arch, spec, variables, {"preprocess": {"crop": 256}})
 
 
+@functools.lru_cache(maxsize=None)
+def _detector_apply(arch: str, spec):
+    """One compiled forward per spec: the original and its masked variables share it."""
+    return jax.jit(functools.partial(models.apply_with_intermediates, models.build(arch, spec)))
+
+
+@functools.lru_cache(maxsize=None)
+def _roi_heads_apply(spec):
+    from xprune_jax.models.rcnn import RoIHeads
+
+    return jax.jit(RoIHeads(spec).apply, static_argnums=3)
+
+
 @pytest.mark.parametrize("arch, mode, budget", [("fasterrcnn_resnet50_fpn", "remove", "layers=40%"),
                                                 ("fasterrcnn_resnet50_fpn", "shrink", "layers=99.9%"),
                                                 ("retinanet_resnet50_fpn", "shrink", "layers=99.9%"),
@@ -405,8 +418,6 @@ def test_detector_surgery_equals_masking(arch, mode, budget, coco_images):
     pruned detector equal those of the original with the same units masked; Faster R-CNN's RoI heads
     are compared on the same proposals. (Which of two near-tied proposals or detections survive top-k
     and NMS is not a property of the surgery: rounding at 1e-7 may flip them.)"""
-    from xprune_jax.models.rcnn import RoIHeads
-
     model = _detector(arch)
     x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((256, 256)), np.float32) / 255 - 0.45
                   for p in coco_images[:2]])
@@ -422,15 +433,15 @@ def test_detector_surgery_equals_masking(arch, mode, budget, coco_images):
 
     def outputs(m, v):
         nonlocal rois
-        detections, acts = jax.jit(functools.partial(models.apply_with_intermediates, m.module))(v, x)
+        detections, acts = _detector_apply(m.arch, m.spec)(v, x)
         acts = {**acts, "confidence": detections["confidence"]}
         got = {k: np.asarray(acts[k]) for k in DETECTOR_HEAD_OUTPUTS[arch]}
         if arch.startswith("faster"):
             rois = acts["rpn.proposals"] if rois is None else rois
             levels = [acts[f"backbone.fpn.{k}"] for k in range(len(m.spec.fpn_stages))]
             roi_heads = {"params": tree_paths.get(v["params"], "roi_heads")}
-            got["roi_heads"] = np.concatenate([np.asarray(y).reshape(-1) for y in jax.jit(
-                RoIHeads(m.spec).apply, static_argnums=3)(roi_heads, levels, rois, x.shape[1:3])])
+            got["roi_heads"] = np.concatenate([np.asarray(y).reshape(-1) for y in _roi_heads_apply(m.spec)(
+                roi_heads, levels, rois, x.shape[1:3])])
         return got
 
     want, got = outputs(model, masked), outputs(pruned, pruned.variables)
