@@ -34,10 +34,15 @@ PRUNED_SCALE = ("pruned by xprune_jax: a yaml cannot hold its widths, fine-tune 
                 "model.train(trainer=converters.pruned_yolo.PrunedDetectionTrainer, ...)")
 
 
-def _halves(c2f: dict, edits: dict) -> tuple[int, int]:
+def _edits(spec: dict) -> tuple[dict, dict]:
+    """The spec's removed units and edited channel selections, each by module path."""
+    edits = spec.get("edits") or {}
+    return dict(map(tuple, edits.get("removed", ()))), dict(map(tuple, edits.get("channels", ())))
+
+
+def _halves(c2f: dict, channels: dict) -> tuple[int, int]:
     """The widths of a C2f's two halves of cv1's output: its selections ``first`` and ``second`` where pruning
     edited them (they stay a prefix and the rest), else the spec's."""
-    channels = dict(map(tuple, edits.get("channels", ())))
     first = channels.get(f"{c2f['name']}.first")
     second = channels.get(f"{c2f['name']}.second")
     return (c2f.get("first") or c2f["hidden"] if first is None else len(first),
@@ -58,14 +63,13 @@ def build_detection_model(spec: dict, shapes: dict[str, tuple], names: list[str]
     num_classes = spec["detect"]["num_classes"]
     model = DetectionModel(yaml_model_load(f"yolov8{spec['scale']}.yaml"), nc=num_classes, verbose=False)
     yaml_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    edits = spec.get("edits") or {}
-    removed = dict(map(tuple, edits.get("removed", ())))
+    removed, channels = _edits(spec)
     for c2f in spec["c2fs"]:
         i = int(c2f["name"].split(".")[1])
         layer = model.model[i]
         layer.m = nn.ModuleList(nn.Identity() if removed.get(f"{c2f['name']}.{b['name']}") == "identity"
                                 else layer.m[int(b["name"].split(".")[1])] for b in _kept_bottlenecks(c2f, removed))
-        first, second = _halves(c2f, edits)
+        first, second = _halves(c2f, channels)
         if first == second:
             layer.c = second
             continue
@@ -96,9 +100,8 @@ def ultralytics_state_dict(spec: dict, state_dict: dict[str, torch.Tensor]) -> d
     """A state_dict in the spec's module paths (those of the Flax model: ``model.2.m.2`` stays ``m.2``
     when ``m.1`` was dropped) -> the keys of :func:`build_detection_model`'s module: bottlenecks
     renumbered, a C3f's cv1 split into cv2 (first half) and cv1 (second), its cv2 renamed cv3."""
-    edits = spec.get("edits") or {}
-    removed = dict(map(tuple, edits.get("removed", ())))
-    c2fs = {c["name"]: c for c in spec["c2fs"]}
+    removed, channels = _edits(spec)
+    halves = {c["name"]: _halves(c, channels) for c in spec["c2fs"]}
     positions = {(c["name"], b["name"].split(".")[1]): str(i) for c in spec["c2fs"]
                  for i, b in enumerate(_kept_bottlenecks(c, removed))}
     out = {}
@@ -107,9 +110,8 @@ def ultralytics_state_dict(spec: dict, state_dict: dict[str, torch.Tensor]) -> d
         if match:
             key = f"{match[1]}.m.{positions[match[1], match[2]]}.{match[3]}"
         block, _, rest = key.partition(".")[2].partition(".")
-        c2f = c2fs.get(f"model.{block}")
-        first, second = _halves(c2f, edits) if c2f else (0, 0)
-        if c2f is None or first == second or not rest.startswith(("cv1.", "cv2.")):
+        first, second = halves.get(f"model.{block}", (0, 0))
+        if first == second or not rest.startswith(("cv1.", "cv2.")):
             out[key] = value
         elif rest.startswith("cv2."):
             out[f"model.{block}.cv3.{rest[4:]}"] = value
@@ -131,6 +133,9 @@ class PrunedDetectionTrainer(DetectionTrainer):
             raise ValueError(f"the pruned model detects {spec['detect']['num_classes']} classes and the dataset has "
                              f"{self.data['nc']}; fine-tune it on data with the same classes")
         source = None if weights is None else (weights.get("ema") or weights["model"]) if isinstance(weights, dict) else weights
+        if not cfg.get(SHAPES_KEY) and source is None:
+            raise ValueError(f"the pruned model's yaml holds no {SHAPES_KEY} and no weights were given: its widths "
+                             "are unknown; fine-tune the exported checkpoint itself")
         shapes = cfg.get(SHAPES_KEY) or {k: v.shape for k, v in source.state_dict().items()}  # files before the shapes
         model = build_detection_model(spec, {k: tuple(v) for k, v in shapes.items()}, list(self.data["names"].values()))
         if source is not None:

@@ -112,12 +112,13 @@ def load_model(model_dir: str) -> Model:
         raise UserError(f"cannot read the variables of {model_dir} ({e.__class__.__name__}): the checkpoint is "
                         "damaged; re-create the model with `xprune convert`") from None
     recorded = meta.pop("variables_sha256", None)
-    if recorded is not None and recorded != variables_sha256(Model(arch, spec, variables, meta)):
+    model = Model(arch, spec, variables, meta)
+    if recorded is not None and recorded != variables_sha256(model):  # of the variables as stored
         raise UserError(f"the variables of {model_dir} differ from the checksum in its model.json: the checkpoint is "
                         "damaged; re-create the model with `xprune convert`")
-    variables = _nested_as(variables, expected)
-    _check_shapes(variables, expected, model_dir)
-    return Model(arch, spec, variables, meta)
+    nested = _nested_as(variables, expected)
+    _check_shapes(nested, expected, model_dir)
+    return model if nested is variables else Model(arch, spec, nested, meta)
 
 
 def preprocess_problem(arch: str, preprocess: dict, complete: bool = False) -> str | None:
@@ -210,6 +211,8 @@ def _nested_as(variables: dict, expected: dict) -> dict:
         return {jax.tree_util.keystr(p[:1]) + ".".join(str(k.key) for k in p[1:]): x
                 for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
+    if jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected):
+        return variables
     saved = by_name(variables)
     if set(saved) != set(by_name(expected)):
         return variables
