@@ -1,9 +1,10 @@
 """Our default ``xprune prune`` against Torch-Pruning (DepGraph, the ``torch-pruning`` package, pinned
-1.6.1) on the trained fixtures, at equal FLOPs and without fine-tuning.
+1.6.1) on the trained fixtures at equal FLOPs: as cut, and (``recover``) after the same recovery.
 
     pip install -e ".[dev,peers]"
     xprune synth --coco=../shared/coco_val2017_subset --out=$HOME/.cache/xprune_jax/shapes --seed=0
     python benchmarks/bench_peers.py run --arch=mobilenet_v2     # or shufflenet_v2_x1_0, yolov8n, resnet50
+    python benchmarks/bench_peers.py recover --arch=mobilenet_v2 # then: both sides' best, recovered alike
     python benchmarks/bench_peers.py table                       # benchmarks/results/peers/table.md
 
 Both sides prune the same torch weights (the fixture file; ours through the converter) with the same
@@ -33,6 +34,10 @@ against the torch module on validation images, and its FLOPs against the torch-s
   counted on the torch side by forward hooks (:func:`torch_macs`), checked equal to ours on the
   unpruned model.
 
+``recover`` takes our default and Torch-Pruning's best model at each budget (seed by seed) and recovers
+both as ``configs/recovery.py`` does (BN recalibration, then about one epoch of distillation from the
+unpruned model), measuring each as cut, recalibrated and fine-tuned (``<arch>.recovery.json``).
+
 Work is cached under ``~/.cache/xprune_jax/peers/`` keyed by content (converted models, scores,
 Torch-Pruning's pruned models, every measurement), so a stopped run goes on where it stopped.
 """
@@ -42,6 +47,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -645,6 +651,79 @@ def run(args) -> None:
     log(f"done in {time.time() - start:.0f} s")
 
 
+# ---------------------------------------------------------------------------------------------------
+# After recovery
+
+
+def recovery_recipe(arch: str):
+    """``configs/recovery.py``'s recovery (BN recalibration, fine-tuning) for ``arch``: the recovery tables' own."""
+    spec = importlib.util.spec_from_file_location("recovery_config", os.path.join(ROOT, "configs", "recovery.py"))
+    config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config)
+    return config.get_config(arch).recovery
+
+
+def recover(args) -> None:
+    """Our default and Torch-Pruning's best model at each budget of ``run``'s results, seed by seed,
+    recovered alike (``recovery_recipe``) and evaluated as cut, after BN recalibration and after
+    fine-tuning. A model met twice (a magnitude importance prunes alike for every seed) recovers once."""
+    from xprune_jax.checkpoint import load_model, write_json_atomic
+    from xprune_jax.experiments.prune import Measurements, _Recovery, plan_key
+    from xprune_jax.pruning.plan import apply_plan, make_plan
+
+    path = os.path.join(RESULTS, f"{args.arch}.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no {path}; run `python benchmarks/bench_peers.py run --arch={args.arch}` first")
+    with open(path) as f:
+        results = json.load(f)
+    fixture = Fixture(args.arch, bench_repeats=2)
+    if results["weights_sha256"] != fixture.sha256:
+        raise SystemExit(f"error: {path} was made from another {FIXTURES[args.arch]} (sha256 {results['weights_sha256'][:12]}, "
+                         f"the file now {fixture.sha256[:12]}); re-run `python benchmarks/bench_peers.py run --arch={args.arch}`")
+    heads = [h for h in head_to_head(results) if h["peer"]]
+    if not heads:
+        raise SystemExit(f"error: {path} has no Torch-Pruning model to recover (Torch-Pruning can't prune {args.arch})")
+    start, metric, model = time.time(), results["metric"], fixture.model
+    unpruned = fixture.evaluator.metrics(model)  # first: the classifier's agreement is measured against it
+    if abs(unpruned[metric] - results["unpruned"]["metrics"][metric]) > 1e-6:
+        raise SystemExit(f"error: the unpruned {metric} is {unpruned[metric]:.4f} here but {results['unpruned']['metrics'][metric]:.4f} "
+                         f"in {path}; re-run `python benchmarks/bench_peers.py run --arch={args.arch}` with this code")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else results["protocol"]["seeds"]
+    fixture.config.recovery = recovery_recipe(args.arch)
+    recovery = _Recovery(fixture.config, model, fixture.evaluator)
+    context = {"arch": args.arch, "weights_sha256": fixture.sha256, "recovery": fixture.config.recovery.to_dict(),
+               "seed": fixture.config.seed, "unpruned_metrics": results["unpruned"]["metrics"]}
+    done = Measurements(os.path.join(CACHE, "recovery", f"{args.arch}-{fixture.sha256[:16]}.json"), context, resume=True)
+    log = functools.partial(print, f"[{args.arch}]", flush=True)
+    rows = []
+    for h in heads:
+        budget, peer = h["budget"], h["peer"]
+        for seed in seeds:
+            plan = make_plan(model, _single(_scores(fixture, list(CRITERIA), "", seed), DEFAULT["criterion"]),
+                             DEFAULT["mode"], f"flops=-{budget:g}%", normalize=DEFAULT["normalize"])
+            record = next(r["record"] for r in results["rows"] if r["side"] == "torch-pruning" and r["budget"] == budget
+                          and r["seed"] == seed and (r["importance"], r["scope"]) == (peer["importance"], peer["scope"]))
+            sides = {"ours": (plan_key(DEFAULT["mode"], plan), lambda: apply_plan(model, plan)),
+                     "torch-pruning": (record, lambda: load_model(os.path.join(CACHE, "tp", record, "model")))}
+            for side, (key, pruned) in sides.items():
+                t = time.time()
+                measured = done.get(key)
+                if measured is None:
+                    cut = pruned()
+                    measured = done.put(key, {"as_cut": fixture.evaluator.metrics(cut), **recovery(cut)})
+                stages = {"as_cut": measured["as_cut"][metric],
+                          **{stage: measured[stage]["metrics"][metric] for stage in ("recalibrated", "finetuned")}}
+                rows.append({"side": side, "cell": h["ours" if side == "ours" else "peer"]["cell"], "budget": budget,
+                             "seed": seed, "model": key, **stages, "seconds": sum(measured[s]["seconds"] for s in ("recalibrated", "finetuned"))})
+                log(f"{rows[-1]['cell']} -{budget:g}% seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in stages.items())
+                    + f" ({time.time() - t:.0f} s)")
+    out = {"arch": args.arch, "label": results["label"], "metric": metric, "weights_sha256": fixture.sha256,
+           "unpruned": results["unpruned"], "recovery": context["recovery"], "recovery_seed": context["seed"], "rows": rows,
+           "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]), "wall_seconds": time.time() - start}
+    write_json_atomic(os.path.join(RESULTS, f"{args.arch}.recovery.json"), out)
+    log(f"done in {time.time() - start:.0f} s")
+
+
 def _timed_call(fixture: Fixture, model):
     """A zero-argument call of the model as the evaluator times it: a classifier at its crop size, a
     detector end to end on the evaluator's preprocessed batch of real images."""
@@ -868,6 +947,43 @@ def normalisation_table(all_results: list[dict]) -> list[str]:
     return lines
 
 
+RECOVERY_STAGES = {"as_cut": "as cut", "recalibrated": "BN recalibrated", "finetuned": "fine-tuned"}
+
+
+def recovery_table(folder: str = RESULTS) -> list[str]:
+    """Our default against Torch-Pruning's best, both recovered alike (``recover``'s JSON files): each
+    stage's metric over seeds, and who wins after fine-tuning (the gap against the seeds' spread)."""
+    lines = ["| fixture (unpruned) | FLOPs | side, cell | " + " | ".join(RECOVERY_STAGES.values())
+             + " | of unpruned | who wins, fine-tuned |", "|---|---|---|---|---|---|---|---|"]
+    for arch in FIXTURES:
+        path = os.path.join(folder, f"{arch}.recovery.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            results = json.load(f)
+        metric, unpruned = results["metric"], results["unpruned"]["metrics"][results["metric"]]
+        name = f"{results['label']} ({'top-1' if metric == 'top1' else metric} {_fmt(metric, unpruned)})"
+        for budget in sorted({r["budget"] for r in results["rows"]}):
+            cells = {}
+            for side in ("ours", "torch-pruning"):
+                group = [r for r in results["rows"] if r["budget"] == budget and r["side"] == side]
+                models = len({r["model"] for r in group})  # a magnitude importance prunes alike for every seed
+                cells[side] = {"cell": group[0]["cell"], "n": f"{len(group)} seeds" if models == len(group)
+                               else f"{models} model{'s' if models > 1 else ''}, {len(group)} seeds", **{stage: {
+                    "metric_mean": float(np.mean([r[stage] for r in group])),
+                    "metric_std": float(np.std([r[stage] for r in group], ddof=1)) if len(group) > 1 else 0.0}
+                    for stage in RECOVERY_STAGES}}
+            who = {"wins": "**ours**", "loses": "**Torch-Pruning**", "ties": "tie (within the seeds' spread)"}[
+                verdict(cells["ours"]["finetuned"], cells["torch-pruning"]["finetuned"])]
+            for side, c in cells.items():
+                lines.append(f"| {name} | {f'-{budget:g}%' if side == 'ours' else ''} | {'ours' if side == 'ours' else 'TP'}, "
+                             f"{c['cell'].removeprefix('TP ')} ({c['n']}) | "
+                             + " | ".join(_value(metric, c[stage]) for stage in RECOVERY_STAGES)
+                             + f" | {c['finetuned']['metric_mean'] / unpruned:.1%} | {who if side == 'ours' else ''} |")
+                name = ""
+    return lines if len(lines) > 2 else []
+
+
 def table(args) -> None:
     from xprune_jax.fileio import atomic_path
 
@@ -880,7 +996,15 @@ def table(args) -> None:
              "(`-30% / -50%`), latency the median per-round ratio to the unpruned model (median over seeds). "
              "Best per budget in bold.", "", "## Who wins", ""] + readme_table(all_results)
     lines += ["", "## Which normalisation wins (number of criteria for which it is best, shrink)", ""]
-    lines += normalisation_table(all_results) + ["", "## Every cell", ""] + full_tables(all_results)
+    lines += normalisation_table(all_results)
+    recovered = recovery_table(args.results)
+    if recovered:
+        lines += ["", "## After recovery", "",
+                  "Our default and Torch-Pruning's best model per budget (seed by seed), each recovered as "
+                  "`configs/recovery.py` recovers (BN recalibration, then distillation from the unpruned model for about one "
+                  "epoch): `python benchmarks/bench_peers.py recover --arch=ARCH`. Mean over calibration seeds ± standard "
+                  "deviation.", ""] + recovered
+    lines += ["", "## Every cell", ""] + full_tables(all_results)
     text = "\n".join(lines) + "\n"
     with atomic_path(os.path.join(args.results, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(text)
@@ -899,10 +1023,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed rounds per pruned model, side by side with the unpruned")
     p.add_argument("--duel_repeats", type=int, default=60, help="rounds timing our default against the peer's best")
     p.add_argument("--out", default="", help="results JSON (default benchmarks/results/peers/<arch>.json)")
+    r = commands.add_parser("recover", help="our default and Torch-Pruning's best model recovered alike (after `run`)")
+    r.add_argument("--arch", required=True, choices=sorted(FIXTURES))
+    r.add_argument("--seeds", default="", help="calibration seeds (default: those of the run)")
     t = commands.add_parser("table", help="the Markdown tables from the results JSONs")
     t.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
-    (run if args.command == "run" else table)(args)
+    {"run": run, "recover": recover, "table": table}[args.command](args)
 
 
 if __name__ == "__main__":

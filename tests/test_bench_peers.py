@@ -4,6 +4,7 @@ our spec's ties comes back as our model with the same outputs, and the README's 
 committed results make."""
 
 import copy
+import json
 import dataclasses
 import sys
 
@@ -101,3 +102,21 @@ def test_readme_holds_the_table_the_results_make():
     assert len(results) >= 3 and table.count("\n") >= 2 * len(results)
     assert table in (REPO / "README.md").read_text(), \
         "README's Torch-Pruning table is stale: paste `python benchmarks/bench_peers.py table`'s 'Who wins'"
+
+
+def test_recovery_table_compares_both_fine_tuned_models_over_seeds(tmp_path):
+    def write(ours, peer):
+        rows = [{"side": side, "cell": cell, "budget": 30.0, "seed": seed, "model": f"{side}{seed}" if side == "ours" else "tp",
+                 "as_cut": 0.5, "recalibrated": 0.6, "finetuned": value}
+                for seed, pair in enumerate(zip(ours, peer))
+                for side, cell, value in zip(("ours", "torch-pruning"), ("grad_x_act shrink mean", "TP taylor global"), pair)]
+        (tmp_path / "mobilenet_v2.recovery.json").write_text(json.dumps(
+            {"label": "MobileNetV2", "metric": "top1", "unpruned": {"metrics": {"top1": 0.95}}, "rows": rows}))
+        return bench_peers.recovery_table(str(tmp_path))
+
+    lines = write(ours=(0.90, 0.92, 0.91), peer=(0.80, 0.81, 0.82))
+    assert lines[2:] == [
+        "| MobileNetV2 (top-1 95.0%) | -30% | ours, grad_x_act shrink mean (3 seeds) | 50.0% | 60.0% | 91.0% ± 1.0% | 95.8% | **ours** |",
+        "|  |  | TP, taylor global (1 model, 3 seeds) | 50.0% | 60.0% | 81.0% ± 1.0% | 85.3% |  |"]
+    assert write(ours=(0.80, 0.84, 0.82), peer=(0.80, 0.81, 0.82))[2].endswith("| tie (within the seeds' spread) |")
+    assert write(ours=(0.70, 0.71, 0.72), peer=(0.80, 0.81, 0.82))[2].endswith("| **Torch-Pruning** |")
