@@ -102,6 +102,9 @@ def test_readme_holds_the_table_the_results_make():
     assert len(results) >= 3 and table.count("\n") >= 2 * len(results)
     assert table in (REPO / "README.md").read_text(), \
         "README's Torch-Pruning table is stale: paste `python benchmarks/bench_peers.py table`'s 'Who wins'"
+    recovered = "\n".join(bench_peers.recovery_table())
+    assert recovered.count("\n") >= 3 and recovered in (REPO / "README.md").read_text(), \
+        "README's table of both tools after recovery is stale: paste `python benchmarks/bench_peers.py table`'s 'After recovery'"
 
 
 def test_recovery_table_compares_both_fine_tuned_models_over_seeds(tmp_path):
