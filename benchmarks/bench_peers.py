@@ -670,30 +670,36 @@ def recover(args) -> None:
     from xprune_jax.checkpoint import load_model, write_json_atomic
     from xprune_jax.experiments.prune import Measurements, _Recovery, plan_key
     from xprune_jax.pruning.plan import apply_plan, make_plan
+    from xprune_jax.spec import spec_to_dict
 
     path = os.path.join(RESULTS, f"{args.arch}.json")
     if not os.path.isfile(path):
         raise SystemExit(f"error: no {path}; run `python benchmarks/bench_peers.py run --arch={args.arch}` first")
     with open(path) as f:
         results = json.load(f)
+    heads = [h for h in head_to_head(results) if h["peer"]]
+    if not heads:
+        raise SystemExit(f"error: {path} has no Torch-Pruning model to recover (Torch-Pruning can't prune {args.arch})")
+    seeds = args.seeds.split(",") if args.seeds else results["protocol"]["seeds"]
+    if not set(map(str, seeds)) <= set(map(str, results["protocol"]["seeds"])):
+        raise SystemExit(f"error: --seeds={args.seeds} is not among the seeds of {path} "
+                         f"({','.join(map(str, results['protocol']['seeds']))}); choose from those")
+    seeds = [int(s) for s in seeds]
     fixture = Fixture(args.arch, bench_repeats=2)
     if results["weights_sha256"] != fixture.sha256:
         raise SystemExit(f"error: {path} was made from another {FIXTURES[args.arch]} (sha256 {results['weights_sha256'][:12]}, "
                          f"the file now {fixture.sha256[:12]}); re-run `python benchmarks/bench_peers.py run --arch={args.arch}`")
-    heads = [h for h in head_to_head(results) if h["peer"]]
-    if not heads:
-        raise SystemExit(f"error: {path} has no Torch-Pruning model to recover (Torch-Pruning can't prune {args.arch})")
     start, metric, model = time.time(), results["metric"], fixture.model
     unpruned = fixture.evaluator.metrics(model)  # first: the classifier's agreement is measured against it
     if abs(unpruned[metric] - results["unpruned"]["metrics"][metric]) > 1e-6:
         raise SystemExit(f"error: the unpruned {metric} is {unpruned[metric]:.4f} here but {results['unpruned']['metrics'][metric]:.4f} "
                          f"in {path}; re-run `python benchmarks/bench_peers.py run --arch={args.arch}` with this code")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else results["protocol"]["seeds"]
     fixture.config.recovery = recovery_recipe(args.arch)
     recovery = _Recovery(fixture.config, model, fixture.evaluator)
-    context = {"arch": args.arch, "weights_sha256": fixture.sha256, "recovery": fixture.config.recovery.to_dict(),
-               "seed": fixture.config.seed, "unpruned_metrics": results["unpruned"]["metrics"]}
-    done = Measurements(os.path.join(CACHE, "recovery", f"{args.arch}-{fixture.sha256[:16]}.json"), context, resume=True)
+    context = {"arch": args.arch, "weights_sha256": fixture.sha256, "spec": json.loads(json.dumps(spec_to_dict(model.spec))),
+               "recovery": fixture.config.recovery.to_dict(), "seed": fixture.config.seed,
+               "unpruned_metrics": results["unpruned"]["metrics"]}
+    done = Measurements(os.path.join(CACHE, "recovery", f"{args.arch}-{_sha(context)}.json"), context, resume=True)
     log = functools.partial(print, f"[{args.arch}]", flush=True)
     rows = []
     for h in heads:

@@ -4,8 +4,8 @@ our spec's ties comes back as our model with the same outputs, and the README's 
 committed results make."""
 
 import copy
-import json
 import dataclasses
+import json
 import sys
 
 import jax
