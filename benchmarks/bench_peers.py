@@ -47,7 +47,6 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -657,10 +656,9 @@ def run(args) -> None:
 
 def recovery_recipe(arch: str):
     """``configs/recovery.py``'s recovery (BN recalibration, fine-tuning) for ``arch``: the recovery tables' own."""
-    spec = importlib.util.spec_from_file_location("recovery_config", os.path.join(ROOT, "configs", "recovery.py"))
-    config = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(config)
-    return config.get_config(arch).recovery
+    from xprune_jax.runs import config_module
+
+    return config_module(os.path.join(ROOT, "configs", "recovery.py")).get_config(arch).recovery
 
 
 def recover(args) -> None:

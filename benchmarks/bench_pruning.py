@@ -78,18 +78,9 @@ from xprune_jax.evaluation.coco import pipeline_for  # noqa: E402
 from xprune_jax.experiments.common import prepare_model  # noqa: E402
 from xprune_jax.fileio import atomic_path  # noqa: E402
 from xprune_jax.pruning.plan import apply_plan, make_plan  # noqa: E402
+from xprune_jax.runs import config_module  # noqa: E402
 
 FALLBACK_BUDGETS = (25.0, 20.0, 15.0, 10.0)
-
-
-def _fixtures() -> dict:
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "fixtures.py")
-    spec = importlib.util.spec_from_file_location("fixtures_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.FIXTURES
 
 
 def _model(arch: str, images: list[np.ndarray], image_paths: list[str], workdir: str, args):
@@ -97,7 +88,7 @@ def _model(arch: str, images: list[np.ndarray], image_paths: list[str], workdir:
     if arch in ("retinanet_resnet50_fpn", "fasterrcnn_resnet50_fpn"):
         return random_rcnn(arch, images[:2], min_size=args.min_size, max_size=args.max_size).model, \
             "random (bench_detectors recipe)"
-    fixture = _fixtures().get(arch)
+    fixture = config_module(os.path.join(os.path.dirname(__file__), "..", "configs", "fixtures.py")).FIXTURES.get(arch)
     weights = fixture if fixture and os.path.isfile(fixture) else "random"
     model, _ = prepare_model(arch, weights, image_paths[:2], 0, workdir)
     return model, os.path.basename(weights) if weights != "random" else "random (BN calibrated, randomised)"

@@ -11,18 +11,16 @@ About 2 minutes on 2 CPU cores.
 The full table: configs/fixtures.py.
 """
 
-import importlib.util
 import os
+
+from xprune_jax.runs import config_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_SHAPES = os.path.join(os.path.dirname(HERE), "xprune_jax", "data", "demo_shapes")
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("fixtures_config", os.path.join(HERE, "fixtures.py"))
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
-    config = fixtures.get_config("yolov8n")
+    config = config_module(os.path.join(HERE, "fixtures.py")).get_config("yolov8n")
     config.coco, config.calib_split, config.calib_images = DEMO_SHAPES, "train2017", 16
     config.criteria = ("grad_x_act", "grad_x_act:mean", "l1", "random")
     config.prunings = ("zero:layers=5%", "remove:flops=-10%", "shrink:flops=-20%", "shrink:flops=-30%")

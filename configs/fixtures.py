@@ -12,8 +12,9 @@ channel allocation is compared with the peers in configs/peers.py.
 Detectors report pycocotools AP on val2017; classifiers report top-1 accuracy on the object crops.
 """
 
-import importlib.util
 import os
+
+from xprune_jax.runs import config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = {
@@ -28,18 +29,10 @@ FIXTURES = {
 BUDGETS = ("-10%", "-20%", "-30%", "-50%")
 
 
-def structural_config(arch: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "structural.py")
-    spec = importlib.util.spec_from_file_location("structural_config", path)
-    structural = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(structural)
-    return structural.get_config(arch)
-
-
 def get_config(arch: str = "yolov8n"):
     if arch not in FIXTURES:
         raise ValueError(f"no trained fixture for {arch}; choose one of {', '.join(FIXTURES)}")
-    config = structural_config(arch)
+    config = config_module(os.path.join(ROOT, "configs", "structural.py")).get_config(arch)
     config.weights = FIXTURES[arch]
     data = os.path.expanduser("~/.cache/xprune_jax/shapes")
     if arch.startswith(("yolov8", "retinanet", "fasterrcnn")):

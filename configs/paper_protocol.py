@@ -5,16 +5,13 @@ measured latency ratio shows timing noise, not a speed-up.
     xprune run --config=configs/paper_protocol.py:resnet50      (or mobilenet_v2, shufflenet_v2_x1_0)
 """
 
-import importlib.util
 import os
+
+from xprune_jax.runs import config_module
 
 
 def get_config(arch: str = "resnet50"):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "structural.py")
-    spec = importlib.util.spec_from_file_location("structural_config", path)
-    structural = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(structural)
-    config = structural.get_config(arch)
+    config = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "structural.py")).get_config(arch)
     config.prunings = ("zero:layers=5%",)
     config.seeds = (0, 1, 2)
     return config

@@ -10,8 +10,9 @@ The fine-tuning budget is fixed per fixture (FINETUNE_STEPS: about one epoch of 
 the batch size given) and stated in the report.
 """
 
-import importlib.util
 import os
+
+from xprune_jax.runs import config_module
 
 # one epoch: classifiers 5,688 training crops at batch 32; detectors 2,000 training images at batch 16
 FINETUNE_STEPS = {"mobilenet_v2": 178, "shufflenet_v2_x1_0": 178, "resnet50": 178, "yolov8n": 125,
@@ -19,11 +20,7 @@ FINETUNE_STEPS = {"mobilenet_v2": 178, "shufflenet_v2_x1_0": 178, "resnet50": 17
 
 
 def get_config(arch: str = "mobilenet_v2"):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures.py")
-    spec = importlib.util.spec_from_file_location("fixtures_config", path)
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
-    config = fixtures.get_config(arch)
+    config = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures.py")).get_config(arch)
     detector = arch.startswith(("yolov8", "retinanet", "fasterrcnn"))
     config.pruning.allocation, config.pruning.protect, config.objective = "global", (), ""  # the tool's defaults
     config.criteria = ("grad_x_act", "taylor_weight", "l1", "random")

@@ -45,3 +45,29 @@ def test_demo_prunes_the_trained_yolov8n_fixture(tmp_path):
         assert r["flops_ratio"] == 1.0 if r["mode"] == "zero" else r["flops_ratio"] <= 0.8
     assert_report_holds_results((out / "report.md").read_text(), results)
     assert (out / "plots" / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_configs_build_on_each_other():
+    """Every config file loads for every fixture it names, and one built on another (demo and recovery on
+    fixtures, fixtures and the paper's protocol on structural) keeps its base's fields and changes only its own,
+    without touching the base's later configs."""
+    import os
+
+    from xprune_jax.runs import config_module
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    fixtures, recovery = (config_module(os.path.join(configs, f"{n}.py")) for n in ("fixtures", "recovery"))
+    assert set(recovery.FINETUNE_STEPS) == set(fixtures.FIXTURES)
+    for arch, weights in fixtures.FIXTURES.items():
+        base, recovered = fixtures.get_config(arch), recovery.get_config(arch)
+        assert base.weights == recovered.weights == weights and base.experiment == "prune"
+        assert (base.pruning.allocation, recovered.pruning.allocation) == ("layer", "global")
+        assert recovered.recovery.finetune.steps == recovery.FINETUNE_STEPS[arch] and base.recovery.finetune.steps != \
+            recovered.recovery.finetune.steps
+        assert base.criteria != recovered.criteria and base.seeds == recovered.seeds == (0, 1, 2)
+    demo = config_module(os.path.join(configs, "demo.py")).get_config()
+    assert demo.arch == "yolov8n" and demo.weights == fixtures.FIXTURES["yolov8n"] and demo.seeds == (0,)
+    paper = config_module(os.path.join(configs, "paper_protocol.py")).get_config("mobilenet_v2")
+    structural = config_module(os.path.join(configs, "structural.py")).get_config("mobilenet_v2")
+    assert paper.prunings == ("zero:layers=5%",) and structural.prunings != paper.prunings
+    assert (paper.arch, paper.weights, paper.criteria) == (structural.arch, structural.weights, structural.criteria)

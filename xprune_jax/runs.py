@@ -2,6 +2,7 @@
 recorded beside it."""
 
 import datetime
+import importlib.util
 import os
 import platform
 import sys
@@ -13,6 +14,16 @@ from xprune_jax.checkpoint import write_json_atomic
 from xprune_jax.fileio import atomic_path
 
 DEMO_COCO = os.path.join(os.path.dirname(__file__), "data", "demo_coco")
+
+
+def config_module(path: str):
+    """The experiment config file at ``path`` as a module (its ``get_config`` and constants), so that one
+    config can build on another, and a benchmark can reuse a config's recipe."""
+    name = "xprune_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpu() -> dict:
