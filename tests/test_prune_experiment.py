@@ -158,6 +158,34 @@ def test_measurements_from_gathers_a_split_table(tmp_path):
         Measurements(path, context, resume=False, sources=(str(tmp_path / "missing.json"),))
 
 
+def _put_many(path, context, prefix, n, barrier):
+    measurements = Measurements(path, context, resume=True)
+    barrier.wait(30)  # both have read the file before either writes
+    for i in range(n):
+        measurements.put(f"{prefix}{i}", {"metrics": {"AP": i / n}})
+
+
+def test_resuming_processes_share_one_measurements_file(tmp_path):
+    """Two processes resuming from one file (bench_peers' cache, a table split by budget) each write
+    after every measurement; neither loses the other's, and a fresh run (no resume) still starts over."""
+    import multiprocessing
+
+    path, context = str(tmp_path / "measurements.json"), {"weights_sha256": "ab", "unpruned_metrics": {"AP": 0.5}}
+    fork = multiprocessing.get_context("fork")
+    barrier = fork.Barrier(2)
+    processes = [fork.Process(target=_put_many, args=(path, context, p, 40, barrier)) for p in "ab"]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert set(json.loads((tmp_path / "measurements.json").read_text())["entries"]) == \
+        {f"{p}{i}" for p in "ab" for i in range(40)}
+    Measurements(path, context, resume=False).put("c", {"metrics": {"AP": 0.1}})
+    assert set(json.loads((tmp_path / "measurements.json").read_text())["entries"]) == {"c"}
+    assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob("*.tmp*"))
+
+
 def test_report_bolds_every_tie_as_printed_and_shows_no_spread_for_one_seed():
     """0.2801 and 0.2799 both print as 0.280: both are the best, and the paper's criterion ties with
     L1 there. A single seed prints its value alone; two seeds that differ print their spread."""

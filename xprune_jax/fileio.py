@@ -68,6 +68,19 @@ def exclusive(directory: str, name: str = ".xprune.lock"):
             f.truncate(0)
 
 
+@contextlib.contextmanager
+def locked_directory(directory: str):
+    """Hold an exclusive lock on ``directory`` itself for the block, waiting for it: processes that
+    read, merge and rewrite one file there take turns. No lock file is left behind."""
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def check_writable(path: str, flag: str = "--out") -> None:
     """Fail now, not after the work, if ``path`` (a file or directory to be written) can't be
     created: make its parent directory (or use the directory itself, if it exists) and a temporary

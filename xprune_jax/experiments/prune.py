@@ -41,6 +41,7 @@ from xprune_jax.data.images import image_folder, list_images, load_rgb
 from xprune_jax.errors import UserError
 from xprune_jax.experiments import register
 from xprune_jax.experiments.common import prepare_model
+from xprune_jax.fileio import locked_directory
 from xprune_jax.pruning.plan import MODES, apply_plan, make_plan
 from xprune_jax.spec import spec_to_dict
 
@@ -264,10 +265,12 @@ class Measurements:
     every new one, together with every reused one. With ``resume``, the measurements already at
     ``path`` are reused, and so are those of the ``sources`` files (other runs of the same table,
     e.g. one split over processes or machines), provided they were made in the same ``context``;
-    otherwise that is a :class:`UserError`."""
+    otherwise that is a :class:`UserError`. Resuming processes may share ``path`` (a benchmark's
+    cache): each write keeps what the others wrote there meanwhile in the same context."""
 
     def __init__(self, path: str, context: dict, resume: bool, sources: tuple[str, ...] = ()):
         self.path, self.context, self.entries, self.saved, self.resumed = path, context, {}, {}, 0
+        self.resume = resume
         if resume and not os.path.exists(path):
             print(f"resume: no {path} yet, so every plan is measured")
         elif resume:
@@ -306,7 +309,16 @@ class Measurements:
         return self.entries[key]
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"context": self.context, "entries": {**self.saved, **self.entries}})
+        with locked_directory(os.path.dirname(os.path.abspath(self.path))):
+            meanwhile = {}
+            if self.resume:
+                try:
+                    with open(self.path) as f:
+                        saved = json.load(f)
+                    meanwhile = saved["entries"] if saved["context"] == self.context else {}
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+            write_json_atomic(self.path, {"context": self.context, "entries": {**meanwhile, **self.saved, **self.entries}})
 
 
 class _Evaluated:
