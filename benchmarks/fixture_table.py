@@ -1,13 +1,14 @@
 """The README's tables of pruning runs, made from their run folders: the trained fixtures' table,
-and the demo's table with the notes under it.
+the demo's table with the notes under it, and the recovery table.
 
     python benchmarks/fixture_table.py                      # every benchmarks/results/tables/<arch>/
     python benchmarks/fixture_table.py --tables=DIR --archs=yolov8n,mobilenet_v2
     python benchmarks/fixture_table.py --demo               # benchmarks/results/demo/ (or --demo=RUN_DIR)
+    python benchmarks/fixture_table.py --recovery           # every benchmarks/results/recovery/<arch>/
     python benchmarks/fixture_table.py --demo --readme=README.md   # put it in the README in place
 
 With ``--readme`` the table replaces the README's text between the two comment lines that mark it
-(``<!-- fixture_table.py --demo -->`` and ``<!-- end -->``; without ``--demo``, ``<!-- fixture_table.py -->``).
+(``<!-- fixture_table.py --demo -->`` and ``<!-- end -->``; ``--recovery`` and neither have their own).
 
 Each row is one mode and budget, each column one criterion: the mean metric over calibration
 seeds (± standard deviation where the seeds differ as printed), the best in bold (every one that
@@ -16,6 +17,10 @@ run had no such criterion (the demo's table has only its run's criteria). A budg
 could meet has no row. FLOPs and latency are the pruned model's over the unpruned one's, averaged
 over the criteria. Every number comes from the runs' ``results.json`` (and the demo's
 ``config.json``).
+
+The recovery table has a row per mode and budget of the default criterion (``grad_x_act``): the
+mean over seeds as cut, after BN recalibration and after fine-tuning, and the fine-tuned mean as a
+share of the unpruned metric.
 """
 
 import argparse
@@ -28,10 +33,12 @@ from xprune_jax.fileio import atomic_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "results", "demo")
+RECOVERY = os.path.join(HERE, "results", "recovery")
 LABELS = {"yolov8n": "YOLOv8n", "mobilenet_v2": "MobileNetV2", "shufflenet_v2_x1_0": "ShuffleNetV2",
           "retinanet_resnet50_fpn": "RetinaNet", "fasterrcnn_resnet50_fpn": "Faster R-CNN", "resnet50": "ResNet-50"}
 CRITERIA = ("grad_x_act", "grad_x_act:mean", "grad_x_act:signed", "l1", "random")
 MODES = ("zero", "remove", "shrink")
+RECOVERY_MODES = ("shrink", "remove", "remove+shrink")
 
 
 def _budget_label(mode: str, budget: str) -> str:
@@ -102,6 +109,31 @@ def demo_table(run_dir: str = DEMO) -> str:
     return "\n".join(lines) + "\n\n" + textwrap.fill("(" + " ".join(notes) + ")", width=100)
 
 
+def recovery_rows(results: dict, label: str, criterion: str = "grad_x_act") -> list[str]:
+    """One row per mode and budget of ``criterion`` in a recovery run: as cut, recalibrated, fine-tuned."""
+    metric, unpruned = results["metric"], results["unpruned"]["metrics"][results["metric"]]
+    cells = sorted((s for s in results["summary"] if s["criterion"] == criterion),
+                   key=lambda s: (RECOVERY_MODES.index(s["mode"]), _budget_order(s["budget"])))
+    lines = []
+    for s in cells:
+        stages = [format_mean(metric, s)] + [format_mean(metric, s[k]) if k in s else "-" for k in ("recalibrated", "finetuned")]
+        share = f"{s['finetuned']['metric_mean'] / unpruned:.1%}" if "finetuned" in s else "-"
+        first = f"{label} ({'top-1' if metric == 'top1' else metric} {format_metric(metric, unpruned)})" if not lines else ""
+        lines.append(f"| {first} | {_budget_label(s['mode'], s['budget'])} | {' | '.join(stages)} | {share} |")
+    return lines
+
+
+def recovery_table(folder: str = RECOVERY, archs: tuple[str, ...] = tuple(LABELS)) -> str:
+    lines = ["| fixture (unpruned) | mode, budget | as cut | BN recalibrated | fine-tuned | of unpruned |",
+             "|---|---|---|---|---|---|"]
+    for arch in archs:
+        path = os.path.join(folder, arch, "results.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                lines += recovery_rows(json.load(f), LABELS.get(arch, arch))
+    return "\n".join(lines)
+
+
 def put_in_readme(path: str, marker: str, text: str) -> None:
     """Replace what lies between the ``marker`` comment line and the next ``<!-- end -->`` in ``path``."""
     with open(path) as f:
@@ -122,10 +154,14 @@ def main(argv=None) -> None:
     p.add_argument("--archs", default=",".join(LABELS), help="comma-separated, in table order")
     p.add_argument("--demo", nargs="?", const=DEMO, default=None, metavar="RUN_DIR",
                    help="the demo's table and notes from its run folder instead")
+    p.add_argument("--recovery", nargs="?", const=RECOVERY, default=None, metavar="FOLDER",
+                   help="the recovery table from the recovery runs (one folder per arch) instead")
     p.add_argument("--readme", help="put the table into this README (between its marker comments) instead of printing it")
     args = p.parse_args(argv)
     if args.demo:
         text, marker = demo_table(args.demo), "fixture_table.py --demo"
+    elif args.recovery:
+        text, marker = recovery_table(args.recovery, tuple(args.archs.split(","))), "fixture_table.py --recovery"
     else:
         lines = header(CRITERIA)
         for arch in args.archs.split(","):

@@ -1,6 +1,7 @@
-"""The README's fixture table, and its demo table with the notes under it, are exactly what
-benchmarks/fixture_table.py makes from the committed run folders (benchmarks/results/tables/<arch>/
-and benchmarks/results/demo/): no number in them is typed by hand."""
+"""The README's fixture table, its demo table with the notes under it, and its recovery table are
+exactly what benchmarks/fixture_table.py makes from the committed run folders
+(benchmarks/results/tables/<arch>/, benchmarks/results/demo/ and benchmarks/results/recovery/<arch>/):
+no number in them is typed by hand."""
 
 import contextlib
 import io
@@ -36,13 +37,29 @@ def test_readme_demo_table_comes_from_the_demo_run():
         "README's demo table is stale: paste `python benchmarks/fixture_table.py --demo`"
 
 
+def test_readme_recovery_table_comes_from_the_recovery_runs():
+    """A row per mode and budget of the default criterion in each recovery run, every stage's mean
+    over the seeds as the run's own summary has it, and the fine-tuned share of the unpruned metric."""
+    table = made_by_fixture_table("--recovery")
+    assert table in (REPO / "README.md").read_text(), \
+        "README's recovery table is stale: paste `python benchmarks/fixture_table.py --recovery`"
+    for folder in sorted((REPO / "benchmarks" / "results" / "recovery").iterdir()):
+        results = json.loads((folder / "results.json").read_text())
+        cells = [s for s in results["summary"] if s["criterion"] == "grad_x_act"]
+        assert cells and all(s["n"] == 3 and "finetuned" in s for s in cells), folder.name
+        for s in cells:
+            share = s["finetuned"]["metric_mean"] / results["unpruned"]["metrics"][results["metric"]]
+            assert f"| {share:.1%} |" in table
+
+
 def test_readme_tables_are_put_in_place_by_one_command(tmp_path):
     """`--readme` rewrites exactly the marked blocks: a stale README comes back to the committed one."""
     readme = (REPO / "README.md").read_text()
-    demo, fixtures = made_by_fixture_table("--demo"), made_by_fixture_table()
+    demo, fixtures, recovery = made_by_fixture_table("--demo"), made_by_fixture_table(), made_by_fixture_table("--recovery")
     stale = tmp_path / "README.md"
-    stale.write_text(readme.replace(demo, "| stale |").replace(fixtures, "| stale |\n| too |"))
-    assert stale.read_text().count("| stale |") == 2
+    stale.write_text(readme.replace(demo, "| stale |").replace(fixtures, "| stale |\n| too |").replace(recovery, "| old |"))
+    assert stale.read_text().count("| stale |") == 2 and stale.read_text().count("| old |") == 1
     made_by_fixture_table("--demo", f"--readme={stale}")
     made_by_fixture_table(f"--readme={stale}")
+    made_by_fixture_table("--recovery", f"--readme={stale}")
     assert stale.read_text() == readme
