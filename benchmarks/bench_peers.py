@@ -666,7 +666,7 @@ def recover(args) -> None:
     recovered alike (``recovery_recipe``) and evaluated as cut, after BN recalibration and after
     fine-tuning. A model met twice (a magnitude importance prunes alike for every seed) recovers once."""
     from xprune_jax.checkpoint import load_model, write_json_atomic
-    from xprune_jax.experiments.prune import Measurements, _Recovery, plan_key
+    from xprune_jax.experiments.prune import Measurements, Recovery, plan_key
     from xprune_jax.pruning.plan import apply_plan, make_plan
     from xprune_jax.spec import spec_to_dict
 
@@ -693,7 +693,7 @@ def recover(args) -> None:
         raise SystemExit(f"error: the unpruned {metric} is {unpruned[metric]:.4f} here but {results['unpruned']['metrics'][metric]:.4f} "
                          f"in {path}; re-run `python benchmarks/bench_peers.py run --arch={args.arch}` with this code")
     fixture.config.recovery = recovery_recipe(args.arch)
-    recovery = _Recovery(fixture.config, model, fixture.evaluator)
+    recovery = Recovery(fixture.config, model, fixture.evaluator)
     context = {"arch": args.arch, "weights_sha256": fixture.sha256, "spec": json.loads(json.dumps(spec_to_dict(model.spec))),
                "recovery": fixture.config.recovery.to_dict(), "seed": fixture.config.seed,
                "unpruned_metrics": results["unpruned"]["metrics"]}

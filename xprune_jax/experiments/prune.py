@@ -160,7 +160,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir,
                              config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
-    recovery = _Recovery(config, model, evaluator) if _recovers(config) else None
+    recovery = Recovery(config, model, evaluator) if _recovers(config) else None
     _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
@@ -437,7 +437,7 @@ def _recovers(config) -> bool:
     return "recovery" in config and bool(config.recovery.recalibrate_bn or config.recovery.finetune.steps)
 
 
-class _Recovery:
+class Recovery:
     """What ``config.recovery`` asks of each pruned model, each stage evaluated as the pruned model is: BN
     statistics re-estimated on ``recalibrate_bn`` training images (weights frozen), then ``finetune.steps``
     of fine-tuning from the unpruned model (distillation and/or the task loss) on the training split. Both
