@@ -699,7 +699,7 @@ def recover(args) -> None:
                "unpruned_metrics": results["unpruned"]["metrics"]}
     done = Measurements(os.path.join(CACHE, "recovery", f"{args.arch}-{_sha(context)}.json"), context, resume=True)
     log = functools.partial(print, f"[{args.arch}]", flush=True)
-    rows = []
+    work = []  # (head, seed, side, model key, the pruned model when it must be made)
     for h in heads:
         budget, peer = h["budget"], h["peer"]
         for seed in seeds:
@@ -707,20 +707,27 @@ def recover(args) -> None:
                              DEFAULT["mode"], f"flops=-{budget:g}%", normalize=DEFAULT["normalize"])
             record = next(r["record"] for r in results["rows"] if r["side"] == "torch-pruning" and r["budget"] == budget
                           and r["seed"] == seed and (r["importance"], r["scope"]) == (peer["importance"], peer["scope"]))
-            sides = {"ours": (plan_key(DEFAULT["mode"], plan), lambda: apply_plan(model, plan)),
-                     "torch-pruning": (record, lambda: load_model(os.path.join(CACHE, "tp", record, "model")))}
-            for side, (key, pruned) in sides.items():
-                t = time.time()
-                measured = done.get(key)
-                if measured is None:
-                    cut = pruned()
-                    measured = done.put(key, {"as_cut": fixture.evaluator.metrics(cut), **recovery(cut)})
-                stages = {"as_cut": measured["as_cut"][metric],
-                          **{stage: measured[stage]["metrics"][metric] for stage in ("recalibrated", "finetuned")}}
-                rows.append({"side": side, "cell": h["ours" if side == "ours" else "peer"]["cell"], "budget": budget,
-                             "seed": seed, "model": key, **stages, "seconds": sum(measured[s]["seconds"] for s in ("recalibrated", "finetuned"))})
-                log(f"{rows[-1]['cell']} -{budget:g}% seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in stages.items())
-                    + f" ({time.time() - t:.0f} s)")
+            work.append((h, seed, "ours", plan_key(DEFAULT["mode"], plan), functools.partial(apply_plan, model, plan)))
+            work.append((h, seed, "torch-pruning", record, functools.partial(load_model, os.path.join(CACHE, "tp", record, "model"))))
+    todo = len({key for *_, key, _ in work if key not in done})
+    log(f"{len(work)} models ({len({key for *_, key, _ in work})} distinct), {todo} to recover, the rest cached")
+    rows, recovered, began = [], 0, time.time()
+    for h, seed, side, key, pruned in work:
+        cell, budget = h["ours" if side == "ours" else "peer"]["cell"], h["budget"]
+        t = time.time()
+        measured = done.get(key)
+        if measured is None:
+            eta = f", about {(time.time() - began) / recovered * (todo - recovered) / 60:.0f} min left" if recovered else ""
+            log(f"recovering {recovered + 1}/{todo}: {cell} -{budget:g}% seed {seed}{eta}")
+            cut = pruned()
+            measured = done.put(key, {"as_cut": fixture.evaluator.metrics(cut), **recovery(cut)})
+            recovered += 1
+        stages = {"as_cut": measured["as_cut"][metric],
+                  **{stage: measured[stage]["metrics"][metric] for stage in ("recalibrated", "finetuned")}}
+        rows.append({"side": side, "cell": cell, "budget": budget, "seed": seed, "model": key, **stages,
+                     "seconds": sum(measured[s]["seconds"] for s in ("recalibrated", "finetuned"))})
+        log(f"{cell} -{budget:g}% seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in stages.items())
+            + f" ({time.time() - t:.0f} s)")
     out = {"arch": args.arch, "label": results["label"], "metric": metric, "weights_sha256": fixture.sha256,
            "unpruned": results["unpruned"], "recovery": context["recovery"], "recovery_seed": context["seed"], "rows": rows,
            "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]), "wall_seconds": time.time() - start}

@@ -181,6 +181,8 @@ def test_resuming_processes_share_one_measurements_file(tmp_path):
     assert [p.exitcode for p in processes] == [0, 0]
     assert set(json.loads((tmp_path / "measurements.json").read_text())["entries"]) == \
         {f"{p}{i}" for p in "ab" for i in range(40)}
+    resumed = Measurements(path, context, resume=True)
+    assert "a0" in resumed and "b39" in resumed and "c" not in resumed and resumed.resumed == 0  # asking reuses nothing
     Measurements(path, context, resume=False).put("c", {"metrics": {"AP": 0.1}})
     assert set(json.loads((tmp_path / "measurements.json").read_text())["entries"]) == {"c"}
     assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob("*.tmp*"))

@@ -297,6 +297,9 @@ class Measurements:
                             "reuse only runs of the same model and config, or give another out_dir")
         return entries
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries or key in self.saved
+
     def get(self, key: str) -> dict | None:
         if key not in self.entries and key in self.saved:
             self.entries[key] = self.saved[key]
