@@ -21,8 +21,8 @@ from converters.reference import randomize_batch_norm, random_torchvision
 from converters.torchvision_io import convert
 from tests.test_rcnn import SMALL, _freeze_batch_norm, images  # noqa: F401 (pytest fixture)
 from xprune_jax import models
-from xprune_jax.losses.rcnn import balanced_sample, retinanet_intermediates_loss, retinanet_loss
-from xprune_jax.models.rcnn import TorchvisionDetectionPipeline
+from xprune_jax.losses.rcnn import balanced_sample, retinanet_loss
+from xprune_jax.models.rcnn import TorchvisionDetectionPipeline, retinanet_intermediates_loss
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

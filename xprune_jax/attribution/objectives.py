@@ -112,7 +112,7 @@ class TorchvisionLoss:
 
     def __call__(self, outputs, batch: dict, intermediates):
         from xprune_jax import models
-        from xprune_jax.losses.rcnn import retinanet_intermediates_loss
+        from xprune_jax.models.rcnn import retinanet_intermediates_loss
 
         if self.model_targets:
             per_image = outputs["per_image"]

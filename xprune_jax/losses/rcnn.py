@@ -227,14 +227,3 @@ def fastrcnn_loss(class_logits, box_regression, samples: dict, beta: float = 1 /
     sampled = jnp.maximum(jnp.sum(valid, axis=1), 1).astype(class_logits.dtype)  # 0 only in padded images
     return {"loss_classifier": jnp.sum(ce) / jnp.sum(sampled), "loss_box_reg": jnp.sum(box) / jnp.sum(sampled),
             "per_image": {"loss_classifier": ce / sampled, "loss_box_reg": box / sampled}}
-
-
-def retinanet_intermediates_loss(spec, intermediates: dict, input_shape: tuple[int, int], gt_boxes, gt_classes,
-                                 gt_mask, config: RetinaNetLossConfig = RetinaNetLossConfig()) -> dict:
-    """:func:`retinanet_loss` of one forward of the Flax RetinaNet of ``spec``, from its captured
-    (flattened) intermediates: the head outputs and the anchors of its FPN levels."""
-    from xprune_jax.models.rcnn import anchors_from_intermediates  # models.rcnn imports this module
-
-    cls_logits, bbox_regression = retinanet_head_outputs(intermediates, spec.num_classes)
-    anchors = anchors_from_intermediates(spec, intermediates, input_shape)
-    return retinanet_loss(cls_logits, bbox_regression, anchors, gt_boxes, gt_classes, gt_mask, config)

@@ -17,7 +17,7 @@ torch's (level, y, x, anchor) order) and ``rpn.proposals`` (``[B, post_nms_top_n
 decreasing objectness, zero where invalid).
 
 ``FasterRCNN(spec)(images, targets)`` runs torchvision's training forward and returns its losses
-(:mod:`xprune_jax.losses.rcnn`); RetinaNet's loss reads the head outputs and FPN levels it captures.
+(:mod:`xprune_jax.losses.rcnn`); RetinaNet's loss (:func:`retinanet_intermediates_loss`) reads the head outputs and FPN levels it captures.
 
 Besides the padded detections, both models output ``confidence`` ``[B, CONFIDENCE_TOP_K]``: each
 image's top-k class scores before any thresholding or NMS, which the label-free ``confidence``
@@ -44,7 +44,8 @@ import numpy as np
 
 from xprune_jax.detection import CONFIDENCE_TOP_K
 from xprune_jax.detection import BatchPlan, batches_by_shape
-from xprune_jax.losses.rcnn import FasterRCNNLossConfig, fastrcnn_loss, roi_training_samples, rpn_loss
+from xprune_jax.losses.rcnn import (FasterRCNNLossConfig, RetinaNetLossConfig, fastrcnn_loss, retinanet_head_outputs,
+                                     retinanet_loss, roi_training_samples, rpn_loss)
 from xprune_jax.models.layers import (INTERMEDIATES, PERTURBATIONS, Conv2d, Edits, Linear, at_least_float32, capture,
                                       edited)
 from xprune_jax.models.mobilenet_v3 import MobileNetV3Backbone, MobileNetV3Spec, mobilenet_v3_large_spec
@@ -259,6 +260,15 @@ def anchors_from_intermediates(spec: "FasterRCNNSpec | RetinaNetSpec", intermedi
     extra = "pool" if isinstance(spec, FasterRCNNSpec) else "p6p7"
     levels = [intermediates[f"backbone.fpn.{name}"] for name in fpn_level_names(len(spec.fpn_stages), extra)]
     return np.concatenate(_anchors(spec, levels, input_shape))
+
+
+def retinanet_intermediates_loss(spec, intermediates: dict, input_shape: tuple[int, int], gt_boxes, gt_classes,
+                                 gt_mask, config: RetinaNetLossConfig = RetinaNetLossConfig()) -> dict:
+    """:func:`retinanet_loss` of one forward of the Flax RetinaNet of ``spec``, from its captured
+    (flattened) intermediates: the head outputs and the anchors of its FPN levels."""
+    cls_logits, bbox_regression = retinanet_head_outputs(intermediates, spec.num_classes)
+    anchors = anchors_from_intermediates(spec, intermediates, input_shape)
+    return retinanet_loss(cls_logits, bbox_regression, anchors, gt_boxes, gt_classes, gt_mask, config)
 
 
 def _gather(x: jax.Array, index: jax.Array) -> jax.Array:

@@ -190,7 +190,8 @@ def _fpn_features(spec, inter: dict, extra: str) -> dict:
 
 class RetinaNetFamily(Family):
     def run(self, variables, batch, train, teacher, objective):
-        from xprune_jax.losses.rcnn import retinanet_head_outputs, retinanet_intermediates_loss
+        from xprune_jax.losses.rcnn import retinanet_head_outputs
+        from xprune_jax.models.rcnn import retinanet_intermediates_loss
 
         _, inter, stats = _apply(self.module, variables, batch["images"], train=train)
         logits, deltas = retinanet_head_outputs(inter, self.spec.num_classes)
