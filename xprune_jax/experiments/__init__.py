@@ -1,23 +1,10 @@
-"""Experiments run by ``xprune run --config=configs/EXP.py``: name -> function(config, run_dir) ->
-(results dict, Markdown report), and a check of the config that runs before any work."""
+"""Experiments run by ``xprune run --config=configs/EXP.py`` (:mod:`.registry` holds them by name), and a
+check of the config that runs before any work."""
 
 from typing import Callable
 
 from xprune_jax.errors import UserError
-
-EXPERIMENTS: dict[str, Callable] = {}
-VALIDATORS: dict[str, Callable] = {}
-
-
-def register(name: str, validate: Callable | None = None):
-    """Register an experiment; ``validate(config)`` raises a :class:`UserError` for a config it can't run."""
-    def decorator(fn):
-        EXPERIMENTS[name] = fn
-        if validate is not None:
-            VALIDATORS[name] = validate
-        return fn
-
-    return decorator
+from xprune_jax.experiments.registry import EXPERIMENTS, VALIDATORS
 
 
 def get_experiment(name: str) -> Callable:

@@ -15,8 +15,8 @@ import numpy as np
 from xprune_jax import models, precision, runs
 from xprune_jax.data.images import classification_transform, list_images, load_rgb
 from xprune_jax.errors import UserError
-from xprune_jax.experiments import register
 from xprune_jax.experiments.common import prepare_model
+from xprune_jax.experiments.registry import register
 
 
 def validate(config) -> None:

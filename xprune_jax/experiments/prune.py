@@ -39,8 +39,8 @@ from xprune_jax.attribution.score import calibration_images, draw, score_model
 from xprune_jax.checkpoint import save_model, write_json_atomic
 from xprune_jax.data.images import image_folder, list_images, load_rgb
 from xprune_jax.errors import UserError
-from xprune_jax.experiments import register
 from xprune_jax.experiments.common import prepare_model
+from xprune_jax.experiments.registry import register
 from xprune_jax.fileio import locked_directory
 from xprune_jax.pruning.plan import MODES, apply_plan, make_plan
 from xprune_jax.spec import spec_to_dict
