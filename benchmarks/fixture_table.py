@@ -26,6 +26,7 @@ share of the unpruned metric.
 import argparse
 import json
 import os
+import sys
 import textwrap
 
 from xprune_jax.experiments.prune import best_criteria, format_mean, format_metric
@@ -131,6 +132,10 @@ def recovery_table(folder: str = RECOVERY, archs: tuple[str, ...] = tuple(LABELS
         if os.path.exists(path):
             with open(path) as f:
                 lines += recovery_rows(json.load(f), LABELS.get(arch, arch))
+    if len(lines) == 2:
+        print(f"error: no <arch>/results.json of a recovery run under {folder} for {', '.join(archs)}; "
+              "give --recovery the folder that holds the run folders (benchmarks/results/recovery)", file=sys.stderr)
+        raise SystemExit(2)
     return "\n".join(lines)
 
 

@@ -8,6 +8,8 @@ import io
 import json
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -37,7 +39,7 @@ def test_readme_demo_table_comes_from_the_demo_run():
         "README's demo table is stale: paste `python benchmarks/fixture_table.py --demo`"
 
 
-def test_readme_recovery_table_comes_from_the_recovery_runs():
+def test_readme_recovery_table_comes_from_the_recovery_runs(capsys):
     """A row per mode and budget of the default criterion in each recovery run, every stage's mean
     over the seeds as the run's own summary has it, and the fine-tuned share of the unpruned metric."""
     table = made_by_fixture_table("--recovery")
@@ -50,6 +52,9 @@ def test_readme_recovery_table_comes_from_the_recovery_runs():
         for s in cells:
             share = s["finetuned"]["metric_mean"] / results["unpruned"]["metrics"][results["metric"]]
             assert f"| {share:.1%} |" in table
+    with pytest.raises(SystemExit) as stopped:
+        made_by_fixture_table("--recovery=/nonexistent")
+    assert stopped.value.code == 2 and "no <arch>/results.json of a recovery run under /nonexistent" in capsys.readouterr().err
 
 
 def test_readme_tables_are_put_in_place_by_one_command(tmp_path):
