@@ -5,6 +5,7 @@
     xprune synth --coco=../shared/coco_val2017_subset --out=$HOME/.cache/xprune_jax/shapes --seed=0
     python benchmarks/bench_peers.py run --arch=mobilenet_v2     # or shufflenet_v2_x1_0, yolov8n, resnet50
     python benchmarks/bench_peers.py recover --arch=mobilenet_v2 # then: both sides' best, recovered alike
+    python benchmarks/bench_peers.py duel --arch=mobilenet_v2    # optional: re-time the latency duel (quiet machine)
     python benchmarks/bench_peers.py table                       # benchmarks/results/peers/table.md
 
 Both sides prune the same torch weights (the fixture file; ours through the converter) with the same
@@ -34,6 +35,10 @@ against the torch module on validation images, and its FLOPs against the torch-s
   counted on the torch side by forward hooks (:func:`torch_macs`), checked equal to ours on the
   unpruned model.
 
+The latency duel (in ``run``, or again with ``duel``) times our default model and the peer's best of
+each seed, all of them and the unpruned model side by side in one run; it reports our time over the
+peer's per round and seed, pooled over the seeds.
+
 ``recover`` takes our default and Torch-Pruning's best model at each budget (seed by seed) and recovers
 both as ``configs/recovery.py`` does (BN recalibration, then about one epoch of distillation from the
 unpruned model), measuring each as cut, recalibrated and fine-tuned (``<arch>.recovery.json``).
@@ -58,6 +63,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+
+from xprune_jax.errors import UserError  # noqa: E402  (after the path: the repository's own package)
 
 CACHE = os.path.expanduser("~/.cache/xprune_jax/peers")
 RESULTS = os.path.join(HERE, "results", "peers")
@@ -253,7 +260,7 @@ def _sha(value) -> str:
 class Fixture:
     """One fixture: the torch module, our converted model, the evaluator, and the data both sides use."""
 
-    def __init__(self, arch: str, bench_repeats: int):
+    def __init__(self, arch: str, bench_repeats: int, results: dict | None = None):
         import ml_collections
         import torch
 
@@ -262,12 +269,15 @@ class Fixture:
 
         path = FIXTURES[arch]
         if not os.path.isfile(path):
-            raise SystemExit(f"error: no fixture {path}; make it first (benchmarks/fixtures/README.md)")
+            raise UserError(f"no fixture {path}; make it first (benchmarks/fixtures/README.md)")
         if not os.path.isdir(os.path.join(DATA, "train2017")):
-            raise SystemExit(f"error: no dataset in {DATA}; run `xprune synth --coco=../shared/coco_val2017_subset "
-                             f"--out={DATA} --seed=0`")
+            raise UserError(f"no dataset in {DATA}; run `xprune synth --coco=../shared/coco_val2017_subset "
+                            f"--out={DATA} --seed=0`")
         self.arch, self.detector = arch, arch.startswith("yolov8")
         self.sha256 = file_sha256(path)
+        if results is not None and results["weights_sha256"] != self.sha256:
+            raise UserError(f"the results for {arch} were made from another {path} (sha256 {results['weights_sha256'][:12]}, "
+                            f"the file now {self.sha256[:12]}); re-run `python benchmarks/bench_peers.py run --arch={arch}`")
         self.model = self._converted(arch, path)
         self.torch = torch_fixture(arch, path, len(self.model.meta["categories"]))
         size = self.size = int(self.model.meta["preprocess"].get("crop") or self.model.meta["preprocess"]["imgsz"])
@@ -449,6 +459,50 @@ def tp_failure(fixture: Fixture, ignored: list[str]) -> dict | None:
     return None
 
 
+def tp_ignored(fixture: Fixture, seed: int) -> list[str]:
+    """The torch modules Torch-Pruning leaves alone: those our plans protect (the stem, the classifier,
+    YOLOv8's Detect convs), and YOLOv8's DFL."""
+    from xprune_jax.pruning.plan import make_plan
+
+    probe = make_plan(fixture.model, _single(_scores(fixture, ["l1"], "", seed), "l1"), "shrink", "flops=-10%")
+    ignored = sorted({n.removesuffix(".conv") if fixture.detector else n for n in probe.protected})
+    return ignored + ([f"{fixture.model.spec.detect.name}.dfl"] if fixture.detector else [])
+
+
+def tp_key(fixture: Fixture, ignored: list[str], importance: str, scope: str, budget: float, seed: int) -> str:
+    """The content key of Torch-Pruning's model for one cell; it is cached under ``tp/<arch>-<key>`` (a row's ``record``)."""
+    calibration = [os.path.basename(p) for p in fixture.calibration(seed)[0]] if importance == "taylor" else None
+    return "tp-" + _sha([fixture.sha256, TP_VERSION, TP_SETTINGS, ignored, importance, scope, budget, calibration])
+
+
+def tp_model(fixture: Fixture, ignored: list[str], importance: str, scope: str, budget: float, seed: int,
+             gradients: dict) -> tuple[str, dict, object]:
+    """Torch-Pruning's model for one cell, as our model, made or taken from the cache: ``(key, record, model)``.
+    ``gradients`` caches the objective's gradients per seed (Taylor's only)."""
+    from xprune_jax.checkpoint import load_model, save_model, write_json_atomic
+    from xprune_jax.spec import spec_to_dict
+
+    key = tp_key(fixture, ignored, importance, scope, budget, seed)
+    folder = os.path.join(CACHE, "tp", f"{fixture.arch}-{key}")
+    if os.path.isfile(os.path.join(folder, "record.json")):
+        with open(os.path.join(folder, "record.json")) as f:
+            return key, json.load(f), load_model(os.path.join(folder, "model"))
+    if importance == "taylor" and seed not in gradients:
+        gradients[seed] = objective_gradients(fixture, seed)
+    module, record = tp_prune(fixture, importance, scope, 1 - budget / 100, ignored,
+                              gradients.get(seed) if importance == "taylor" else None)
+    pruned, padded = model_from_torch(fixture.model, module, f"torch-pruning {importance} {scope}")
+    record.update({
+        "padded_channels": padded,
+        "xprune_jax_flops_ratio": _flops(pruned) / _flops(fixture.model),
+        "output_relative_error": output_error(module, pruned, fixture),
+        **({} if fixture.detector else {"torch_metric": torch_top1(module, fixture)}),
+        "spec": json.loads(json.dumps(spec_to_dict(pruned.spec)))})
+    save_model(pruned, os.path.join(folder, "model"), overwrite=True)
+    write_json_atomic(os.path.join(folder, "record.json"), record)
+    return key, record, pruned
+
+
 # ---------------------------------------------------------------------------------------------------
 # The run
 
@@ -497,8 +551,7 @@ def run(args) -> None:
     import torch
 
     from xprune_jax import runs
-    from xprune_jax.checkpoint import load_model, save_model, write_json_atomic
-    from xprune_jax.errors import UserError
+    from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.experiments.prune import Measurements, plan_key
     from xprune_jax.pruning.plan import apply_plan, make_plan
     from xprune_jax.spec import spec_to_dict
@@ -513,7 +566,7 @@ def run(args) -> None:
 
     # the unpruned model, measured both ways
     unpruned = evaluator(model)
-    ours_flops = sum(l.flops for l in _layers(model) if l.kind != "block")
+    ours_flops = _flops(model)
     from xprune_jax.pruning.plan import count_params
     checks = {"flops": {"torch_hooks": torch_macs(fixture.torch, fixture.example), "xprune_jax_analysis": ours_flops},
               "params": {"torch": torch_params(fixture.torch), "xprune_jax": count_params(model.arch, model.spec)},
@@ -523,7 +576,7 @@ def run(args) -> None:
         checks["metric"]["torch"] = torch_top1(fixture.torch, fixture)
     log("unpruned:", json.dumps(checks))
     if checks["flops"]["torch_hooks"] != ours_flops:
-        raise SystemExit(f"error: the torch FLOPs count {checks['flops']['torch_hooks']} differs from ours {ours_flops}")
+        raise UserError(f"the torch FLOPs count {checks['flops']['torch_hooks']} differs from ours {ours_flops}")
 
     context = {"arch": args.arch, "weights_sha256": fixture.sha256, "spec": json.loads(json.dumps(spec_to_dict(model.spec))),
                "bench": fixture.config.bench.to_dict(), "unpruned_metrics": unpruned.metrics, "eval_images": 0}
@@ -537,7 +590,7 @@ def run(args) -> None:
             measured = measurements.put(key, {"metrics": metrics, "latency": latency})
         return measured
 
-    rows, default_plans = [], {}
+    rows = []
     # ours
     cells = our_grid(args.arch, tuple(args.norm_criteria.split(",")) if args.norm_criteria else CRITERIA[:-1])
     for seed in seeds:
@@ -557,8 +610,6 @@ def run(args) -> None:
                 except UserError as e:
                     rows.append({**row, "infeasible": str(e)})
                     continue
-                if seed == seeds[0] and cell["objective"] == "" and all(cell[k] == v for k, v in DEFAULT.items()):
-                    default_plans[budget] = plan
                 t = time.time()
                 measured = measure(plan_key(cell["mode"], plan), lambda: apply_plan(model, plan))
                 rows.append({**row, "metric": measured["metrics"][metric], "flops_ratio": plan.flops_after / plan.flops_before,
@@ -570,9 +621,7 @@ def run(args) -> None:
                     f"{rows[-1]['latency_ratio']:.3f} ({time.time() - t:.0f} s)")
 
     # Torch-Pruning
-    probe = make_plan(model, _single(_scores(fixture, ["l1"], "", seeds[0]), "l1"), "shrink", "flops=-10%")
-    ignored = sorted({n.removesuffix(".conv") if fixture.detector else n for n in probe.protected})
-    ignored += [f"{model.spec.detect.name}.dfl"] if fixture.detector else []
+    ignored = tp_ignored(fixture, seeds[0])
     failure = tp_failure(fixture, ignored)
     tp_record = {"version": _tp_version(), "settings": TP_SETTINGS, "ignored_layers": ignored, "failure": failure}
     if failure:
@@ -582,28 +631,8 @@ def run(args) -> None:
         for scope in TP_SCOPES:
             for budget in budgets:
                 for seed in seeds if importance == "taylor" else seeds[:1]:
-                    calibration = [os.path.basename(p) for p in fixture.calibration(seed)[0]] if importance == "taylor" else None
-                    key = "tp-" + _sha([fixture.sha256, TP_VERSION, TP_SETTINGS, ignored, importance, scope, budget, calibration])
-                    folder = os.path.join(CACHE, "tp", f"{args.arch}-{key}")
                     t = time.time()
-                    if os.path.isfile(os.path.join(folder, "record.json")):
-                        with open(os.path.join(folder, "record.json")) as f:
-                            record = json.load(f)
-                        pruned = load_model(os.path.join(folder, "model"))
-                    else:
-                        if importance == "taylor" and seed not in gradients:
-                            gradients[seed] = objective_gradients(fixture, seed)
-                        module, record = tp_prune(fixture, importance, scope, 1 - budget / 100, ignored,
-                                                  gradients.get(seed) if importance == "taylor" else None)
-                        pruned, padded = model_from_torch(model, module, f"torch-pruning {importance} {scope}")
-                        record.update({
-                            "padded_channels": padded,
-                            "xprune_jax_flops_ratio": sum(l.flops for l in _layers(pruned) if l.kind != "block") / ours_flops,
-                            "output_relative_error": output_error(module, pruned, fixture),
-                            **({} if fixture.detector else {"torch_metric": torch_top1(module, fixture)}),
-                            "spec": json.loads(json.dumps(spec_to_dict(pruned.spec)))})
-                        save_model(pruned, os.path.join(folder, "model"), overwrite=True)
-                        write_json_atomic(os.path.join(folder, "record.json"), record)
+                    key, record, pruned = tp_model(fixture, ignored, importance, scope, budget, seed, gradients)
                     measured = measure(key, lambda: pruned)
                     for s in seeds if importance != "taylor" else (seed,):  # magnitudes use no calibration images
                         rows.append({"side": "torch-pruning", "importance": importance, "scope": scope, "budget": budget,
@@ -611,12 +640,12 @@ def run(args) -> None:
                                      "params_ratio": record["params_ratio"], "latency_ratio": measured["latency"]["ratio_median"],
                                      "latency_ratio_iqr": measured["latency"]["ratio_iqr"],
                                      "pruning_ratio": record["pruning_ratio"], "round_to": record["round_to"], "bisection_steps": len(record["bisection"]),
-                                     "record": os.path.basename(folder)})
+                                     "record": f"{args.arch}-{key}"})
                     log(f"tp {importance} {scope} -{budget:g}% seed {seed}: {metric} {rows[-1]['metric']:.4f} FLOPs "
                         f"{record['flops_ratio']:.3f} (ratio {record['pruning_ratio']:.4f}, {len(record['bisection'])} steps) "
                         f"latency {rows[-1]['latency_ratio']:.3f} err {record['output_relative_error']:.1e} "
                         f"pad {record['padded_channels']} ({time.time() - t:.0f} s)")
-                    tp_record.setdefault("models", {})[os.path.basename(folder)] = {
+                    tp_record.setdefault("models", {})[f"{args.arch}-{key}"] = {
                         k: record[k] for k in ("pruning_ratio", "round_to", "flops_ratio", "xprune_jax_flops_ratio", "params_ratio",
                                                "within_tolerance", "bisection", "padded_channels", "output_relative_error",
                                                "torch_metric") if k in record}
@@ -636,15 +665,7 @@ def run(args) -> None:
         "wall_seconds": time.time() - start, "environment": runs.environment(),
     }
     results["summary"] = summarize(rows)
-    results["latency_duel"] = {}
-    for h in head_to_head(results) if not failure else ():
-        peer_row = next(r for r in rows if r["side"] == "torch-pruning" and r["budget"] == h["budget"] and r["seed"] == seeds[0]
-                        and (r["importance"], r["scope"]) == (h["peer"]["importance"], h["peer"]["scope"]))
-        peer = load_model(os.path.join(CACHE, "tp", peer_row["record"], "model"))
-        duel = latency_duel(fixture, model, apply_plan(model, default_plans[h["budget"]]), peer, args.duel_repeats)
-        results["latency_duel"][str(h["budget"])] = {"peer": cell_name(peer_row), "seed": seeds[0], **duel}
-        log(f"latency at -{h['budget']:g}%: ours / {cell_name(peer_row)} = {duel['ours']['ratio_median']:.3f} "
-            f"[{duel['ours']['ratio_iqr'][0]:.3f}, {duel['ours']['ratio_iqr'][1]:.3f}]")
+    results["latency_duel"] = latency_duels(fixture, results, args.duel_repeats, log) if not failure else {}
     os.makedirs(RESULTS, exist_ok=True)
     write_json_atomic(args.out or os.path.join(RESULTS, f"{args.arch}.json"), results)
     log(f"done in {time.time() - start:.0f} s")
@@ -661,37 +682,71 @@ def recovery_recipe(arch: str):
     return config_module(os.path.join(ROOT, "configs", "recovery.py")).get_config(arch).recovery
 
 
+def run_results(arch: str) -> tuple[str, dict]:
+    """``run``'s results for ``arch`` (its path and content), which must have a Torch-Pruning model."""
+    path = os.path.join(RESULTS, f"{arch}.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no {path}; run `python benchmarks/bench_peers.py run --arch={arch}` first")
+    with open(path) as f:
+        results = json.load(f)
+    if not any(h["peer"] for h in head_to_head(results)):
+        raise UserError(f"{path} has no Torch-Pruning model (Torch-Pruning can't prune {arch}); there is nothing to compare")
+    return path, results
+
+
+def default_and_peer(fixture: Fixture, results: dict, head: dict, seed: int):
+    """Our default plan and the name of the peer's model (its ``record``) for one head-to-head budget and
+    seed of ``results``, checked to be what its rows measured: ``(plan, peer row)``."""
+    from xprune_jax.pruning.plan import make_plan
+
+    budget, peer_cell = head["budget"], (head["peer"]["importance"], head["peer"]["scope"])
+    plan = make_plan(fixture.model, _single(_scores(fixture, list(CRITERIA), "", seed), DEFAULT["criterion"]),
+                     DEFAULT["mode"], f"flops=-{budget:g}%", normalize=DEFAULT["normalize"])
+    row = next(r for r in results["rows"] if r["side"] == "ours" and r["budget"] == budget and r["seed"] == seed
+               and all(r[k] == v for k, v in DEFAULT.items()) and r["objective"] != "confidence")
+    peer_row = next(r for r in results["rows"] if r["side"] == "torch-pruning" and r["budget"] == budget and r["seed"] == seed
+                    and (r["importance"], r["scope"]) == peer_cell)
+    key = tp_key(fixture, results["torch_pruning"]["ignored_layers"], *peer_cell, budget, seed)
+    if (plan.params_after / plan.params_before, plan.flops_after / plan.flops_before) != (row["params_ratio"], row["flops_ratio"]) \
+            or f"{fixture.arch}-{key}" != peer_row["record"]:
+        raise UserError(f"the -{budget:g}% seed {seed} models made now differ from those the results measured; "
+                        f"re-run `python benchmarks/bench_peers.py run --arch={fixture.arch}` with this code")
+    return plan, peer_row
+
+
+def peer_model(fixture: Fixture, results: dict, peer_row: dict, gradients: dict):
+    """The model ``peer_row`` measured (from the cache, or pruned again and checked to be the same)."""
+    _, record, model = tp_model(fixture, results["torch_pruning"]["ignored_layers"], peer_row["importance"],
+                                peer_row["scope"], peer_row["budget"], peer_row["seed"], gradients)
+    if record["pruning_ratio"] != peer_row["pruning_ratio"]:
+        raise UserError(f"Torch-Pruning's {cell_name(peer_row)} -{peer_row['budget']:g}% model made now (pruning ratio "
+                        f"{record['pruning_ratio']}) differs from the one the results measured ({peer_row['pruning_ratio']}); "
+                        f"re-run `python benchmarks/bench_peers.py run --arch={fixture.arch}`")
+    return model
+
+
 def recover(args) -> None:
     """Our default and Torch-Pruning's best model at each budget of ``run``'s results, seed by seed,
     recovered alike (``recovery_recipe``) and evaluated as cut, after BN recalibration and after
     fine-tuning. A model met twice (a magnitude importance prunes alike for every seed) recovers once."""
-    from xprune_jax.checkpoint import load_model, write_json_atomic
+    from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.experiments.prune import Measurements, Recovery, plan_key
-    from xprune_jax.pruning.plan import apply_plan, make_plan
+    from xprune_jax.pruning.plan import apply_plan
     from xprune_jax.spec import spec_to_dict
 
-    path = os.path.join(RESULTS, f"{args.arch}.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no {path}; run `python benchmarks/bench_peers.py run --arch={args.arch}` first")
-    with open(path) as f:
-        results = json.load(f)
+    path, results = run_results(args.arch)
     heads = [h for h in head_to_head(results) if h["peer"]]
-    if not heads:
-        raise SystemExit(f"error: {path} has no Torch-Pruning model to recover (Torch-Pruning can't prune {args.arch})")
     seeds = args.seeds.split(",") if args.seeds else results["protocol"]["seeds"]
     if not set(map(str, seeds)) <= set(map(str, results["protocol"]["seeds"])):
-        raise SystemExit(f"error: --seeds={args.seeds} is not among the seeds of {path} "
-                         f"({','.join(map(str, results['protocol']['seeds']))}); choose from those")
+        raise UserError(f"--seeds={args.seeds} is not among the seeds of {path} "
+                        f"({','.join(map(str, results['protocol']['seeds']))}); choose from those")
     seeds = [int(s) for s in seeds]
-    fixture = Fixture(args.arch, bench_repeats=2)
-    if results["weights_sha256"] != fixture.sha256:
-        raise SystemExit(f"error: {path} was made from another {FIXTURES[args.arch]} (sha256 {results['weights_sha256'][:12]}, "
-                         f"the file now {fixture.sha256[:12]}); re-run `python benchmarks/bench_peers.py run --arch={args.arch}`")
+    fixture = Fixture(args.arch, bench_repeats=2, results=results)
     start, metric, model = time.time(), results["metric"], fixture.model
     unpruned = fixture.evaluator.metrics(model)  # first: the classifier's agreement is measured against it
     if abs(unpruned[metric] - results["unpruned"]["metrics"][metric]) > 1e-6:
-        raise SystemExit(f"error: the unpruned {metric} is {unpruned[metric]:.4f} here but {results['unpruned']['metrics'][metric]:.4f} "
-                         f"in {path}; re-run `python benchmarks/bench_peers.py run --arch={args.arch}` with this code")
+        raise UserError(f"the unpruned {metric} is {unpruned[metric]:.4f} here but {results['unpruned']['metrics'][metric]:.4f} "
+                        f"in {path}; re-run `python benchmarks/bench_peers.py run --arch={args.arch}` with this code")
     fixture.config.recovery = recovery_recipe(args.arch)
     recovery = Recovery(fixture.config, model, fixture.evaluator)
     context = {"arch": args.arch, "weights_sha256": fixture.sha256, "spec": json.loads(json.dumps(spec_to_dict(model.spec))),
@@ -700,15 +755,13 @@ def recover(args) -> None:
     done = Measurements(os.path.join(CACHE, "recovery", f"{args.arch}-{_sha(context)}.json"), context, resume=True)
     log = functools.partial(print, f"[{args.arch}]", flush=True)
     work = []  # (head, seed, side, model key, the pruned model when it must be made)
+    gradients = {}
     for h in heads:
-        budget, peer = h["budget"], h["peer"]
         for seed in seeds:
-            plan = make_plan(model, _single(_scores(fixture, list(CRITERIA), "", seed), DEFAULT["criterion"]),
-                             DEFAULT["mode"], f"flops=-{budget:g}%", normalize=DEFAULT["normalize"])
-            record = next(r["record"] for r in results["rows"] if r["side"] == "torch-pruning" and r["budget"] == budget
-                          and r["seed"] == seed and (r["importance"], r["scope"]) == (peer["importance"], peer["scope"]))
+            plan, peer_row = default_and_peer(fixture, results, h, seed)
             work.append((h, seed, "ours", plan_key(DEFAULT["mode"], plan), functools.partial(apply_plan, model, plan)))
-            work.append((h, seed, "torch-pruning", record, functools.partial(load_model, os.path.join(CACHE, "tp", record, "model"))))
+            work.append((h, seed, "torch-pruning", peer_row["record"],
+                         functools.partial(peer_model, fixture, results, peer_row, gradients)))
     todo = len({key for *_, key, _ in work if key not in done})
     log(f"{len(work)} models ({len({key for *_, key, _ in work})} distinct), {todo} to recover, the rest cached")
     rows, recovered, began = [], 0, time.time()
@@ -751,15 +804,66 @@ def _timed_call(fixture: Fixture, model):
     return lambda: forward(variables, x)
 
 
-def latency_duel(fixture: Fixture, unpruned, ours, peer, repeats: int) -> dict:
-    """Our default and the peer's best pruned model (and the unpruned one) timed side by side in one run:
-    each one's median ms and its per-round ratio to the peer's (median, IQR)."""
+def latency_duels(fixture: Fixture, results: dict, repeats: int, log) -> dict:
+    """Per budget with a peer: our default against the peer's best cell, every seed's pair of models
+    timed side by side in one run (:func:`latency_duel`). The models are made again (from cached scores
+    and Torch-Pruning models, or anew) and checked to be those ``results``' rows measured."""
+    from xprune_jax.pruning.plan import apply_plan
+
+    gradients, duels = {}, {}
+    for h in head_to_head(results):
+        if not h["peer"]:
+            continue
+        pairs = {}
+        for seed in results["protocol"]["seeds"]:
+            plan, peer_row = default_and_peer(fixture, results, h, seed)
+            pairs[seed] = (apply_plan(fixture.model, plan), peer_model(fixture, results, peer_row, gradients))
+        duel = latency_duel(fixture, fixture.model, pairs, repeats)
+        duels[str(h["budget"])] = {"peer": cell_name(peer_row), **duel}
+        log(f"latency at -{h['budget']:g}%: ours / {cell_name(peer_row)} = {duel['ours']['ratio_median']:.3f} "
+            f"[{duel['ours']['ratio_iqr'][0]:.3f}, {duel['ours']['ratio_iqr'][1]:.3f}] over seeds "
+            + ", ".join(f"{s}: {d['ratio_median']:.3f}" for s, d in duel["seeds"].items()))
+    return duels
+
+
+def latency_duel(fixture: Fixture, unpruned, pairs: dict, repeats: int) -> dict:
+    """``pairs``: per seed, our model and the peer's. All of them and the unpruned model timed side by
+    side in one run (rounds in random order); per round and seed, our time over the peer's. ``ours``:
+    those ratios pooled over the seeds (median, IQR); ``seeds``: each seed's, with both models' median ms."""
     from xprune_jax import timing
 
-    calls = {"unpruned": _timed_call(fixture, unpruned), "ours": _timed_call(fixture, ours),
-             "torch-pruning": _timed_call(fixture, peer)}
-    summary = timing.summarize(timing.time_side_by_side(calls, repeats, 3, 0), "torch-pruning")
-    return {name: {k: summary[name][k] for k in ("median_ms", "ratio_median", "ratio_iqr", "n")} for name in calls}
+    calls = {"unpruned": _timed_call(fixture, unpruned)}
+    for seed, (ours, peer) in pairs.items():
+        calls[f"ours {seed}"], calls[f"peer {seed}"] = _timed_call(fixture, ours), _timed_call(fixture, peer)
+    times = {name: np.asarray(t) for name, t in timing.time_side_by_side(calls, repeats, 3, 0).items()}
+    ratios = {seed: times[f"ours {seed}"] / times[f"peer {seed}"] for seed in pairs}
+    return {"ours": _ratio_stats(np.concatenate(list(ratios.values()))), "unpruned_ms": float(np.median(times["unpruned"]) * 1e3),
+            "seeds": {str(seed): {**_ratio_stats(ratios[seed]), "ours_ms": float(np.median(times[f"ours {seed}"]) * 1e3),
+                                  "peer_ms": float(np.median(times[f"peer {seed}"]) * 1e3)} for seed in pairs}}
+
+
+def _ratio_stats(ratios: np.ndarray) -> dict:
+    return {"ratio_median": float(np.median(ratios)),
+            "ratio_iqr": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))], "n": int(len(ratios))}
+
+
+def duel(args) -> None:
+    """``run``'s latency duels timed again on its results' own models (a quieter machine, more rounds),
+    written into those results."""
+    from xprune_jax import runs
+    from xprune_jax.checkpoint import write_json_atomic
+
+    path, results = run_results(args.arch)
+    fixture = Fixture(args.arch, bench_repeats=2, results=results)
+    start = time.time()
+    results["latency_duel"] = latency_duels(fixture, results, args.duel_repeats, functools.partial(print, f"[{args.arch}]", flush=True))
+    results["latency_duel_made_by"] = {"command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]),
+                                       "wall_seconds": time.time() - start, "environment": runs.environment()}
+    write_json_atomic(path, results)
+
+
+def _flops(model) -> int:
+    return sum(l.flops for l in _layers(model) if l.kind != "block")
 
 
 def _layers(model):
@@ -773,8 +877,8 @@ def _tp_version() -> str:
 
     found = version("torch-pruning")
     if found != TP_VERSION:
-        raise SystemExit(f"error: torch-pruning {found} is installed; this benchmark pins {TP_VERSION}: "
-                         f"pip install torch-pruning=={TP_VERSION}")
+        raise UserError(f"torch-pruning {found} is installed; this benchmark pins {TP_VERSION}: "
+                        f"pip install torch-pruning=={TP_VERSION}")
     return found
 
 
@@ -1000,7 +1104,7 @@ def table(args) -> None:
 
     all_results = load_results(args.results)
     if not all_results:
-        raise SystemExit(f"error: no results in {args.results}; run `python benchmarks/bench_peers.py run --arch=...` first")
+        raise UserError(f"no results in {args.results}; run `python benchmarks/bench_peers.py run --arch=...` first")
     lines = ["# Against Torch-Pruning: every cell", "",
              "Made by `python benchmarks/bench_peers.py table` from the JSON files beside it. Mean over calibration "
              "seeds ± standard deviation (no ± where the seeds agreed); FLOPs and params ratios per budget "
@@ -1037,10 +1141,17 @@ def main() -> None:
     r = commands.add_parser("recover", help="our default and Torch-Pruning's best model recovered alike (after `run`)")
     r.add_argument("--arch", required=True, choices=sorted(FIXTURES))
     r.add_argument("--seeds", default="", help="calibration seeds (default: those of the run)")
+    d = commands.add_parser("duel", help="time our default against the peer's best again, every seed (after `run`)")
+    d.add_argument("--arch", required=True, choices=sorted(FIXTURES))
+    d.add_argument("--duel_repeats", type=int, default=60, help="rounds; each times every seed's pair and the unpruned model")
     t = commands.add_parser("table", help="the Markdown tables from the results JSONs")
     t.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
-    {"run": run, "recover": recover, "table": table}[args.command](args)
+    try:
+        {"run": run, "recover": recover, "duel": duel, "table": table}[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -123,3 +123,22 @@ def test_recovery_table_compares_both_fine_tuned_models_over_seeds(tmp_path):
         "|  |  | TP, taylor global (1 model, 3 seeds) | 50.0% | 60.0% | 81.0% ± 1.0% | 85.3% |  |"]
     assert write(ours=(0.80, 0.84, 0.82), peer=(0.80, 0.81, 0.82))[2].endswith("| tie (within the seeds' spread) |")
     assert write(ours=(0.70, 0.71, 0.72), peer=(0.80, 0.81, 0.82))[2].endswith("| **Torch-Pruning** |")
+
+
+def test_latency_duel_pairs_each_seeds_models_and_pools_the_ratios(monkeypatch):
+    times = {"unpruned": [4.0, 4.0], "ours 0": [1.0, 3.0], "peer 0": [2.0, 2.0], "ours 1": [5.0, 5.0], "peer 1": [4.0, 5.0]}
+    monkeypatch.setattr(bench_peers, "_timed_call", lambda fixture, model: model)
+    monkeypatch.setattr("xprune_jax.timing.time_side_by_side", lambda calls, *_: {name: times[name] for name in calls})
+    duel = bench_peers.latency_duel(None, "unpruned", {0: ("ours 0", "peer 0"), 1: ("ours 1", "peer 1")}, repeats=2)
+    assert duel["seeds"]["0"]["ratio_median"] == 1.0 and duel["seeds"]["1"]["ratio_median"] == 1.125
+    assert duel["ours"]["n"] == 4 and duel["ours"]["ratio_median"] == np.median([0.5, 1.5, 1.25, 1.0])
+    assert (duel["seeds"]["1"]["ours_ms"], duel["seeds"]["1"]["peer_ms"], duel["unpruned_ms"]) == (5000.0, 4500.0, 4000.0)
+
+
+def test_a_fixture_the_peer_cannot_prune_has_no_duel_one_line_and_status_2():
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_peers.py"), "duel", "--arch=shufflenet_v2_x1_0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: ") and "can't prune shufflenet_v2_x1_0" in done.stderr
