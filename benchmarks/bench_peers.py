@@ -986,6 +986,20 @@ def readme_table(all_results: list[dict]) -> list[str]:
     return lines
 
 
+def duel_table(all_results: list[dict]) -> list[str]:
+    """Each latency duel: the peer's cell, the pooled ratio and each seed's."""
+    lines = ["| fixture | FLOPs | peer | ours / peer, pooled | per seed |", "|---|---|---|---|---|"]
+    for results in all_results:
+        name = results["label"]
+        for budget, duel in results.get("latency_duel", {}).items():
+            ours, seeds = duel["ours"], duel.get("seeds", {})
+            lines.append(f"| {name} | -{float(budget):g}% | {duel['peer']} | {ours['ratio_median']:.2f} "
+                         f"[{ours['ratio_iqr'][0]:.2f}, {ours['ratio_iqr'][1]:.2f}] | "
+                         + ", ".join(f"{s}: {d['ratio_median']:.2f}" for s, d in seeds.items()) + " |")
+            name = ""
+    return lines
+
+
 def full_tables(all_results: list[dict]) -> list[str]:
     lines = []
     for results in all_results:
@@ -1110,6 +1124,10 @@ def table(args) -> None:
              "seeds ± standard deviation (no ± where the seeds agreed); FLOPs and params ratios per budget "
              "(`-30% / -50%`), latency the median per-round ratio to the unpruned model (median over seeds). "
              "Best per budget in bold.", "", "## Who wins", ""] + readme_table(all_results)
+    lines += ["", "## Latency duels", "",
+              "Our default model and the peer's best of every seed, all timed side by side in one run with the unpruned "
+              "model (`run`, or again `python benchmarks/bench_peers.py duel --arch=ARCH`): our time over the peer's per "
+              "round and seed, pooled over the seeds (median [IQR]), and each seed's median.", ""] + duel_table(all_results)
     lines += ["", "## Which normalisation wins (number of criteria for which it is best, shrink)", ""]
     lines += normalisation_table(all_results)
     recovered = recovery_table(args.results)

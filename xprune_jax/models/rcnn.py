@@ -17,7 +17,8 @@ torch's (level, y, x, anchor) order) and ``rpn.proposals`` (``[B, post_nms_top_n
 decreasing objectness, zero where invalid).
 
 ``FasterRCNN(spec)(images, targets)`` runs torchvision's training forward and returns its losses
-(:mod:`xprune_jax.losses.rcnn`); RetinaNet's loss (:func:`retinanet_intermediates_loss`) reads the head outputs and FPN levels it captures.
+(:mod:`xprune_jax.losses.rcnn`); RetinaNet's loss (:func:`retinanet_intermediates_loss`) reads the head
+outputs and FPN levels it captures.
 
 Besides the padded detections, both models output ``confidence`` ``[B, CONFIDENCE_TOP_K]``: each
 image's top-k class scores before any thresholding or NMS, which the label-free ``confidence``
