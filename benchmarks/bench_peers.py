@@ -41,7 +41,8 @@ peer's per round and seed, pooled over the seeds.
 
 ``recover`` takes our default and Torch-Pruning's best model at each budget (seed by seed) and recovers
 both as ``configs/recovery.py`` does (BN recalibration, then about one epoch of distillation from the
-unpruned model), measuring each as cut, recalibrated and fine-tuned (``<arch>.recovery.json``).
+unpruned model, with a detector's task loss), measuring each as cut, recalibrated and fine-tuned
+(``<arch>.recovery.json``; where the task loss trains, with the unpruned model recovered alike).
 
 Work is cached under ``~/.cache/xprune_jax/peers/`` keyed by content (converted models, scores,
 Torch-Pruning's pruned models, every measurement), so a stopped run goes on where it stopped.
@@ -730,7 +731,7 @@ def recover(args) -> None:
     recovered alike (``recovery_recipe``) and evaluated as cut, after BN recalibration and after
     fine-tuning. A model met twice (a magnitude importance prunes alike for every seed) recovers once."""
     from xprune_jax.checkpoint import write_json_atomic
-    from xprune_jax.experiments.prune import Measurements, Recovery, plan_key
+    from xprune_jax.experiments.prune import Measurements, Recovery, plan_key, reference_recovery
     from xprune_jax.pruning.plan import apply_plan
     from xprune_jax.spec import spec_to_dict
 
@@ -754,6 +755,9 @@ def recover(args) -> None:
                "unpruned_metrics": results["unpruned"]["metrics"]}
     done = Measurements(os.path.join(CACHE, "recovery", f"{args.arch}-{_sha(context)}.json"), context, resume=True)
     log = functools.partial(print, f"[{args.arch}]", flush=True)
+    reference = reference_recovery(recovery, model, done, say=lambda _: log("recovering the unpruned model alike"))
+    if reference:  # the task loss trains the unpruned model too
+        log(f"the unpruned model recovered alike: {metric} {reference['finetuned']['metrics'][metric]:.4f}")
     work = []  # (head, seed, side, model key, the pruned model when it must be made)
     gradients = {}
     for h in heads:
@@ -782,7 +786,8 @@ def recover(args) -> None:
         log(f"{cell} -{budget:g}% seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in stages.items())
             + f" ({time.time() - t:.0f} s)")
     out = {"arch": args.arch, "label": results["label"], "metric": metric, "weights_sha256": fixture.sha256,
-           "unpruned": results["unpruned"], "recovery": context["recovery"], "recovery_seed": context["seed"], "rows": rows,
+           "unpruned": {**results["unpruned"], **({"recovery": reference} if reference else {})},
+           "recovery": context["recovery"], "recovery_seed": context["seed"], "rows": rows,
            "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]), "wall_seconds": time.time() - start}
     write_json_atomic(os.path.join(RESULTS, f"{args.arch}.recovery.json"), out)
     log(f"done in {time.time() - start:.0f} s")
@@ -1091,7 +1096,9 @@ def recovery_table(folder: str = RESULTS) -> list[str]:
         with open(path) as f:
             results = json.load(f)
         metric, unpruned = results["metric"], results["unpruned"]["metrics"][results["metric"]]
-        name = f"{results['label']} ({'top-1' if metric == 'top1' else metric} {_fmt(metric, unpruned)})"
+        alike = results["unpruned"].get("recovery", {}).get("finetuned", {}).get("metrics", {}).get(metric)
+        name = (f"{results['label']} ({'top-1' if metric == 'top1' else metric} {_fmt(metric, unpruned)}"
+                + (f"; fine-tuned alike {_fmt(metric, alike)}" if alike is not None else "") + ")")
         for budget in sorted({r["budget"] for r in results["rows"]}):
             cells = {}
             for side in ("ours", "torch-pruning"):
@@ -1135,8 +1142,9 @@ def table(args) -> None:
         lines += ["", "## After recovery", "",
                   "Our default and Torch-Pruning's best model per budget (seed by seed), each recovered as "
                   "`configs/recovery.py` recovers (BN recalibration, then distillation from the unpruned model for about one "
-                  "epoch): `python benchmarks/bench_peers.py recover --arch=ARCH`. Mean over calibration seeds ± standard "
-                  "deviation.", ""] + recovered
+                  "epoch, a detector's task loss beside it): `python benchmarks/bench_peers.py recover --arch=ARCH`. Mean "
+                  "over calibration seeds ± standard deviation. Where the task loss trains, the unpruned model recovered "
+                  "alike is given beside the unpruned one.", ""] + recovered
     lines += ["", "## Every cell", ""] + full_tables(all_results)
     text = "\n".join(lines) + "\n"
     with atomic_path(os.path.join(args.results, "table.md")) as tmp, open(tmp, "w") as f:

@@ -20,7 +20,8 @@ over the criteria. Every number comes from the runs' ``results.json`` (and the d
 
 The recovery table has a row per mode and budget of the default criterion (``grad_x_act``): the
 mean over seeds as cut, after BN recalibration and after fine-tuning, and the fine-tuned mean as a
-share of the unpruned metric.
+share of the unpruned metric (beside which the unpruned model recovered alike is named, where the task
+loss trained it too).
 """
 
 import argparse
@@ -119,7 +120,9 @@ def recovery_rows(results: dict, label: str, criterion: str = "grad_x_act") -> l
     for s in cells:
         stages = [format_mean(metric, s)] + [format_mean(metric, s[k]) if k in s else "-" for k in ("recalibrated", "finetuned")]
         share = f"{s['finetuned']['metric_mean'] / unpruned:.1%}" if "finetuned" in s else "-"
-        first = f"{label} ({'top-1' if metric == 'top1' else metric} {format_metric(metric, unpruned)})" if not lines else ""
+        alike = results["unpruned"].get("recovery", {}).get("finetuned", {}).get("metrics", {}).get(metric)
+        first = (f"{label} ({'top-1' if metric == 'top1' else metric} {format_metric(metric, unpruned)}"
+                 + (f"; fine-tuned alike {format_metric(metric, alike)}" if alike is not None else "") + ")") if not lines else ""
         lines.append(f"| {first} | {_budget_label(s['mode'], s['budget'])} | {' | '.join(stages)} | {share} |")
     return lines
 

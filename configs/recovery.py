@@ -1,5 +1,6 @@
 """Recovery after pruning, on a trained fixture: every pruned model measured as cut, after BN
-recalibration and after fine-tuning (distillation from the unpruned model), with `xprune prune`'s
+recalibration and after fine-tuning (distillation from the unpruned model; detectors add their task loss
+on the training split's boxes), with `xprune prune`'s
 defaults (global channel allocation; a detector's training loss as the calibration objective), so
 that the criteria are compared where it matters: after recovery.
 
@@ -29,4 +30,7 @@ def get_config(arch: str = "mobilenet_v2"):
     config.recovery.finetune.steps = FINETUNE_STEPS[arch]
     config.recovery.finetune.batch_size = 16 if detector else 32
     config.recovery.finetune.lr = 1e-3
+    # detectors: distillation plus the task loss on the training split's boxes (YOLOv8n, `remove` -30%:
+    # AP 0.397 with distillation alone, 0.535 with both; benchmarks/README.md, "Recovery objectives")
+    config.recovery.finetune.objective = "distill=1,task=1" if detector else "distill=1"
     return config

@@ -105,16 +105,21 @@ def test_readme_holds_the_table_the_results_make():
     recovered = "\n".join(bench_peers.recovery_table())
     assert recovered.count("\n") >= 3 and recovered in (REPO / "README.md").read_text(), \
         "README's table of both tools after recovery is stale: paste `python benchmarks/bench_peers.py table`'s 'After recovery'"
+    for path in sorted((REPO / "benchmarks" / "results" / "peers").glob("*.recovery.json")):
+        made = json.loads(path.read_text())
+        assert made["recovery"] == bench_peers.recovery_recipe(made["arch"]).to_dict(), \
+            f"{path.name} was recovered with another recipe than configs/recovery.py's: run `recover` again"
 
 
 def test_recovery_table_compares_both_fine_tuned_models_over_seeds(tmp_path):
-    def write(ours, peer):
+    def write(ours, peer, unpruned=None):
         rows = [{"side": side, "cell": cell, "budget": 30.0, "seed": seed, "model": f"{side}{seed}" if side == "ours" else "tp",
                  "as_cut": 0.5, "recalibrated": 0.6, "finetuned": value}
                 for seed, pair in enumerate(zip(ours, peer))
                 for side, cell, value in zip(("ours", "torch-pruning"), ("grad_x_act shrink mean", "TP taylor global"), pair)]
         (tmp_path / "mobilenet_v2.recovery.json").write_text(json.dumps(
-            {"label": "MobileNetV2", "metric": "top1", "unpruned": {"metrics": {"top1": 0.95}}, "rows": rows}))
+            {"label": "MobileNetV2", "metric": "top1", "unpruned": {"metrics": {"top1": 0.95}, **(unpruned or {})},
+             "rows": rows}))
         return bench_peers.recovery_table(str(tmp_path))
 
     lines = write(ours=(0.90, 0.92, 0.91), peer=(0.80, 0.81, 0.82))
@@ -123,6 +128,9 @@ def test_recovery_table_compares_both_fine_tuned_models_over_seeds(tmp_path):
         "|  |  | TP, taylor global (1 model, 3 seeds) | 50.0% | 60.0% | 81.0% ± 1.0% | 85.3% |  |"]
     assert write(ours=(0.80, 0.84, 0.82), peer=(0.80, 0.81, 0.82))[2].endswith("| tie (within the seeds' spread) |")
     assert write(ours=(0.70, 0.71, 0.72), peer=(0.80, 0.81, 0.82))[2].endswith("| **Torch-Pruning** |")
+    alike = {"recovery": {"finetuned": {"metrics": {"top1": 0.97}}}}  # the task loss trained the unpruned model too
+    assert write(ours=(0.90, 0.92, 0.91), peer=(0.80, 0.81, 0.82), unpruned=alike)[2].startswith(
+        "| MobileNetV2 (top-1 95.0%; fine-tuned alike 97.0%) | -30% |")
 
 
 def test_latency_duel_pairs_each_seeds_models_and_pools_the_ratios(monkeypatch):

@@ -212,14 +212,16 @@ def test_report_bolds_every_tie_as_printed_and_shows_no_spread_for_one_seed():
 def test_recovery_stage_is_measured_and_reported(tmp_path):
     """config.recovery: every pruned model is measured as cut, after BN recalibration on training images
     and after a few fine-tuning steps from the unpruned model; the report puts them side by side and the
-    measurements' context records the settings (so a resume with other recovery settings is refused)."""
+    measurements' context records the settings (so a resume with other recovery settings is refused).
+    With the task loss in the objective the unpruned model is recovered alike, once, as the reference."""
     out = tmp_path / "run"
     args = ("run", "--config=configs/structural.py:shufflenet_v2_x1_0",
             "--config.weights=benchmarks/fixtures/shufflenet_v2_x1_0_shapes.pth",
             "--config.image_folder=xprune_jax/data/demo_shapes/classification", "--config.criteria=('random',)",
             "--config.prunings=('shrink:flops=-50%',)", "--config.calib_images=8", "--config.batch_size=8",
             "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.recovery.recalibrate_bn=16",
-            "--config.recovery.finetune.steps=4", "--config.recovery.finetune.batch_size=8", f"--config.out_dir={out}")
+            "--config.recovery.finetune.steps=4", "--config.recovery.finetune.batch_size=8",
+            "--config.recovery.finetune.objective=distill=1,task=1", f"--config.out_dir={out}")
     xprune(*args)
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
@@ -236,8 +238,17 @@ def test_recovery_stage_is_measured_and_reported(tmp_path):
         assert fmt(s["finetuned"]) in report and fmt(s["recalibrated"]) in report
     assert "## After recovery" in report and "16 training images" in report and "4 steps of batch 8" in report
     assert "Does recovery change which criterion wins?" in report
-    context = json.loads((out / "measurements.json").read_text())["context"]
+    measurements = json.loads((out / "measurements.json").read_text())
+    context = measurements["context"]
     assert context["recovery"]["finetune"]["steps"] == 4 and context["recovery"]["recalibrate_bn"] == 16
+    reference = results["unpruned"]["recovery"]
+    assert reference == measurements["entries"]["unpruned"]["recovery"] and reference["finetuned"]["steps"] == 4
+    assert results["unpruned"]["latency_ms"] > 0  # the reference entry has no latency and is left out of it
+    alike = format_metric("top1", reference["finetuned"]["metrics"]["top1"])
+    assert f"The unpruned model recovered alike reaches {alike}" in report and "| of unpruned fine-tuned alike |" in report
+    for s in results["summary"]:
+        share = s["finetuned"]["metric_mean"] / reference["finetuned"]["metrics"]["top1"]
+        assert f" | {share:.1%} | " in report
 
 
 def test_tradeoff_plot_marks_every_mode(tmp_path):

@@ -41,7 +41,13 @@ def test_readme_demo_table_comes_from_the_demo_run():
 
 def test_readme_recovery_table_comes_from_the_recovery_runs(capsys):
     """A row per mode and budget of the default criterion in each recovery run, every stage's mean
-    over the seeds as the run's own summary has it, and the fine-tuned share of the unpruned metric."""
+    over the seeds as the run's own summary has it, and the fine-tuned share of the unpruned metric;
+    each run made with configs/recovery.py's recipe as it is now, and the unpruned model recovered
+    alike named where that recipe trains on labels."""
+    from xprune_jax.experiments.prune import format_metric
+    from xprune_jax.runs import config_module
+
+    recipe = config_module(str(REPO / "configs" / "recovery.py"))
     table = made_by_fixture_table("--recovery")
     assert table in (REPO / "README.md").read_text(), \
         "README's recovery table is stale: paste `python benchmarks/fixture_table.py --recovery`"
@@ -52,6 +58,13 @@ def test_readme_recovery_table_comes_from_the_recovery_runs(capsys):
         for s in cells:
             share = s["finetuned"]["metric_mean"] / results["unpruned"]["metrics"][results["metric"]]
             assert f"| {share:.1%} |" in table
+        made_with = json.loads((folder / "config.json").read_text())["recovery"]
+        assert made_with == recipe.get_config(results["arch"]).recovery.to_dict(), \
+            f"{folder.name} was recovered with another recipe than configs/recovery.py's: run it again"
+        alike = results["unpruned"].get("recovery", {}).get("finetuned")
+        assert bool(alike) == ("task" in made_with["finetune"]["objective"]), folder.name
+        if alike:
+            assert f"; fine-tuned alike {format_metric(results['metric'], alike['metrics'][results['metric']])})" in table
     with pytest.raises(SystemExit) as stopped:
         made_by_fixture_table("--recovery=/nonexistent")
     assert stopped.value.code == 2 and "no <arch>/results.json of a recovery run under /nonexistent" in capsys.readouterr().err

@@ -166,6 +166,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
     evaluated = Measurements(os.path.join(run_dir, MEASUREMENTS), _measurement_context(config, model, unpruned),
                              resume=config.resume, sources=tuple(config.get("measurements_from", ())))
+    reference = reference_recovery(recovery, model, evaluated)
     rows, scores_by_seed = [], {}
     # the bar counts pruned models done (measured, reused or infeasible); its label says what runs now
     bar = tqdm.tqdm(total=len(config.seeds) * len(config.criteria) * len(config.prunings), unit="model", desc="prune")
@@ -224,12 +225,29 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     results = {"arch": model.arch, "weights": model.meta.get("provenance", {}).get("weights"),
                "metric": evaluator.metric, "metric_description": evaluator.description,
                "unpruned": {"metrics": unpruned.metrics,
-                            "latency_ms": _median([t for m in evaluated.entries.values() for t in m["latency"]["unpruned_ms"]])},
+                            "latency_ms": _median([t for m in evaluated.entries.values() if "latency" in m
+                                                   for t in m["latency"]["unpruned_ms"]]),
+                            **({"recovery": reference} if reference else {})},
                "comparison": comparison, "rows": rows, "summary": summarize(rows, evaluator.metric)}
     return results, _report(results, config)
 
 
 MEASUREMENTS = "measurements.json"
+REFERENCE = "unpruned"  # the measurements' key of the unpruned model recovered alike (plan keys are sha256 hex)
+
+
+def reference_recovery(recovery: "Recovery | None", model, evaluated: "Measurements", say=None) -> dict | None:
+    """The unpruned model put through the same recovery, where fine-tuning trains on labels: the task
+    loss can lift an unpruned model too, so a pruned model's fine-tuned metric is judged beside it.
+    (Distillation alone has nothing to teach the unpruned model: it is its own teacher.) ``say`` announces
+    the work (default: a progress line on stderr)."""
+    if not (recovery and recovery.config.finetune.steps and recovery.finetune_config().objective.task):
+        return None
+    measured = evaluated.get(REFERENCE)
+    if measured is None:
+        (say or _say)("prune: recovering the unpruned model alike (the reference for fine-tuning on labels)")
+        measured = evaluated.put(REFERENCE, {"recovery": recovery(model)})
+    return measured["recovery"]
 
 
 def _say(message: str) -> None:
@@ -681,14 +699,19 @@ def _recovery_report(results: dict, config) -> list[str]:
     unpruned = results["unpruned"]["metrics"][metric]
     fmt = functools.partial(format_metric, metric)
     r, f = config.recovery, config.recovery.finetune
+    reference = results["unpruned"].get("recovery", {}).get("finetuned", {}).get("metrics", {}).get(metric)
+    alike = ("" if reference is None else
+             f" The unpruned model recovered alike reaches {fmt(reference)} (the task loss trains it too); the column "
+             "after the fraction compares with that.")
     lines = ["", "## After recovery", "",
              f"Unpruned {metric}: {fmt(unpruned)}. BN recalibration: {r.recalibrate_bn} training images, weights "
              f"frozen. Fine-tuning: {f.steps} steps of batch {f.batch_size}, {f.optimizer} at lr {f.lr:g}, objective "
-             f"`{f.objective}`, teacher the unpruned model. **Bold** = the best criterion at that stage, mode and budget; "
-             "the last columns are the fine-tuned metric as a fraction of the unpruned one and the mean wall time of "
-             "recovery per model.", "",
-             "| mode | budget | criterion | seeds | as cut | BN recalibrated | fine-tuned | of unpruned | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"`{f.objective}`, teacher the unpruned model.{alike} **Bold** = the best criterion at that stage, mode and "
+             "budget; the last columns are the fine-tuned metric as a fraction of the unpruned one and the mean wall "
+             "time of recovery per model.", "",
+             "| mode | budget | criterion | seeds | as cut | BN recalibrated | fine-tuned | of unpruned | "
+             + ("of unpruned fine-tuned alike | " if reference is not None else "") + "seconds |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if reference is not None else "")]
     keys = sorted({(s["mode"], s["budget"]) for s in summary})
     best = {}
     for key in keys:
@@ -709,6 +732,8 @@ def _recovery_report(results: dict, config) -> list[str]:
         key = (s["mode"], s["budget"])
         last = s.get("finetuned") or s.get("recalibrated")
         fraction = f"{last['metric_mean'] / unpruned:.1%}" if last and unpruned else "-"
+        if reference is not None:
+            fraction += f" | {last['metric_mean'] / reference:.1%}" if last and reference else " | -"
         seconds = sum(s[stage]["seconds"] for stage in RECOVERY_STAGES if stage in s)
         lines.append(f"| {s['mode']} | {s['budget']} | {s['criterion']} | {s['n']} | {cell(s, 'cut', key)} | "
                      f"{cell(s, 'recalibrated', key)} | {cell(s, 'finetuned', key)} | {fraction} | {seconds:.0f} |")
