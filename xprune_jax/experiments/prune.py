@@ -250,6 +250,12 @@ def reference_recovery(recovery: "Recovery | None", model, evaluated: "Measureme
     return measured["recovery"]
 
 
+def reference_metric(unpruned: dict, metric: str) -> float | None:
+    """The metric a results file's ``unpruned`` entry records for the unpruned model fine-tuned alike
+    (None where recovery had no task loss)."""
+    return unpruned.get("recovery", {}).get("finetuned", {}).get("metrics", {}).get(metric)
+
+
 def _say(message: str) -> None:
     """A progress line on stderr, beside the progress bar (which it does not break)."""
     tqdm.tqdm.write(message, file=sys.stderr)
@@ -699,7 +705,7 @@ def _recovery_report(results: dict, config) -> list[str]:
     unpruned = results["unpruned"]["metrics"][metric]
     fmt = functools.partial(format_metric, metric)
     r, f = config.recovery, config.recovery.finetune
-    reference = results["unpruned"].get("recovery", {}).get("finetuned", {}).get("metrics", {}).get(metric)
+    reference = reference_metric(results["unpruned"], metric)
     alike = ("" if reference is None else
              f" The unpruned model recovered alike reaches {fmt(reference)} (the task loss trains it too); the column "
              "after the fraction compares with that.")
