@@ -213,7 +213,8 @@ def test_recovery_stage_is_measured_and_reported(tmp_path):
     """config.recovery: every pruned model is measured as cut, after BN recalibration on training images
     and after a few fine-tuning steps from the unpruned model; the report puts them side by side and the
     measurements' context records the settings (so a resume with other recovery settings is refused).
-    With the task loss in the objective the unpruned model is recovered alike, once, as the reference."""
+    With the task loss in the objective the unpruned model is recovered alike, once, as the reference.
+    Fine-tuning shows its steps under the run's bar, the reference's and each pruned model's."""
     out = tmp_path / "run"
     args = ("run", "--config=configs/structural.py:shufflenet_v2_x1_0",
             "--config.weights=benchmarks/fixtures/shufflenet_v2_x1_0_shapes.pth",
@@ -222,7 +223,8 @@ def test_recovery_stage_is_measured_and_reported(tmp_path):
             "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.recovery.recalibrate_bn=16",
             "--config.recovery.finetune.steps=4", "--config.recovery.finetune.batch_size=8",
             "--config.recovery.finetune.objective=distill=1,task=1", f"--config.out_dir={out}")
-    xprune(*args)
+    stderr = xprune(*args).stderr
+    assert len(re.findall(r"finetune: 100%\S* 4/4 \[", stderr)) == 2, stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     assert results["metric"] == "top1"

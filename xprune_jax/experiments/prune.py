@@ -497,7 +497,7 @@ class Recovery:
             stages["recalibrated"] = {"seconds": time.perf_counter() - start, "metrics": self.evaluator.metrics(model)}
         if self.config.finetune.steps:
             start = time.perf_counter()
-            model, record = finetune(model, self.teacher, self.data, self.finetune_config(), progress=False)
+            model, record = finetune(model, self.teacher, self.data, self.finetune_config(), nested=True)
             stages["finetuned"] = {"seconds": time.perf_counter() - start, "steps": record["steps"],
                                    "final_loss": record["final"]["loss"], "metrics": self.evaluator.metrics(model)}
         return stages

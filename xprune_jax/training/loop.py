@@ -164,10 +164,10 @@ def _check_features(student_family, teacher_family, student: Model, teacher: Mod
 
 def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: FinetuneConfig,
              checkpoint_dir: str | None = None, teacher_record: dict | None = None, mesh=None,
-             progress: bool = True) -> tuple[Model, dict]:
+             progress: bool = True, nested: bool = False) -> tuple[Model, dict]:
     """Fine-tune ``student`` on ``data`` under ``config`` (distilling from ``teacher`` where the objective
     says so). With ``checkpoint_dir``, checkpoints go there and a run with the same identity resumes from
-    them. Returns the fine-tuned model (its ``meta["finetune"]`` lists this run's record after any earlier
+    them. ``nested``: the progress bar sits under an outer one (``xprune run``'s) and clears itself when done. Returns the fine-tuned model (its ``meta["finetune"]`` lists this run's record after any earlier
     ones) and the record: the teacher, the plan, the objective, the optimiser, the steps, the data, the
     loss history and the final loss."""
     config.validate()
@@ -221,7 +221,7 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
     log_every = max(1, config.steps // 100)
     last_terms, start_time = {}, time.perf_counter()
     bar = tqdm.tqdm(total=config.steps, initial=start_step, unit="step", desc="finetune",
-                    disable=not (progress and parallel.is_main()))
+                    position=1 if nested else None, leave=not nested, disable=not (progress and parallel.is_main()))
     try:
         for step, batch in batches(load, start_step, config.steps, config.workers, slots=rows):
             new_state, metrics = step_fn(state, teacher_variables, parallel.global_batch(batch, batch_size, mesh))
