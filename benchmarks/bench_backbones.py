@@ -274,7 +274,6 @@ def build_jax_call(tokens, module, variables, variables_np, pairs, x_nhwc, x_nch
     if "nchw" in tokens:  # take the torch-layout input and transpose inside the jit
         inner, x = apply, (x_nchw.astype(x.dtype))
         apply = lambda v, x: inner(v, jnp.transpose(x, (0, 2, 3, 1)))  # noqa: E731
-    prepare = None
     if "const" in tokens:  # variables baked into the executable as constants
         f = jax.jit(lambda x, v=v: apply(v, x))
         if "aot" in tokens:
@@ -299,7 +298,7 @@ def build_jax_call(tokens, module, variables, variables_np, pairs, x_nhwc, x_nch
         if "aot" in tokens:
             f = f.lower(v, x).compile()
         call = lambda f=f, v=v, x=x: f(v, x)  # noqa: E731
-    return call, prepare, call()
+    return call, None, call()
 
 
 # ----------------------------------------------------------------------------------------------
