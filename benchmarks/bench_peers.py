@@ -1087,7 +1087,7 @@ RECOVERY_STAGES = {"as_cut": "as cut", "recalibrated": "BN recalibrated", "finet
 def recovery_table(folder: str = RESULTS) -> list[str]:
     """Our default against Torch-Pruning's best, both recovered alike (``recover``'s JSON files): each
     stage's metric over seeds, and who wins after fine-tuning (the gap against the seeds' spread)."""
-    from xprune_jax.experiments.prune import reference_metric
+    from xprune_jax.experiments.prune import unpruned_label
 
     lines = ["| fixture (unpruned) | FLOPs | side, cell | " + " | ".join(RECOVERY_STAGES.values())
              + " | of unpruned | who wins, fine-tuned |", "|---|---|---|---|---|---|---|---|"]
@@ -1098,9 +1098,7 @@ def recovery_table(folder: str = RESULTS) -> list[str]:
         with open(path) as f:
             results = json.load(f)
         metric, unpruned = results["metric"], results["unpruned"]["metrics"][results["metric"]]
-        alike = reference_metric(results["unpruned"], metric)
-        name = (f"{results['label']} ({'top-1' if metric == 'top1' else metric} {_fmt(metric, unpruned)}"
-                + (f"; fine-tuned alike {_fmt(metric, alike)}" if alike is not None else "") + ")")
+        name = unpruned_label(results["label"], metric, results["unpruned"])
         for budget in sorted({r["budget"] for r in results["rows"]}):
             cells = {}
             for side in ("ours", "torch-pruning"):

@@ -30,7 +30,7 @@ import os
 import sys
 import textwrap
 
-from xprune_jax.experiments.prune import best_criteria, format_mean, format_metric, reference_metric
+from xprune_jax.experiments.prune import best_criteria, format_mean, format_metric, unpruned_label
 from xprune_jax.fileio import atomic_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,9 +120,7 @@ def recovery_rows(results: dict, label: str, criterion: str = "grad_x_act") -> l
     for s in cells:
         stages = [format_mean(metric, s)] + [format_mean(metric, s[k]) if k in s else "-" for k in ("recalibrated", "finetuned")]
         share = f"{s['finetuned']['metric_mean'] / unpruned:.1%}" if "finetuned" in s else "-"
-        alike = reference_metric(results["unpruned"], metric)
-        first = (f"{label} ({'top-1' if metric == 'top1' else metric} {format_metric(metric, unpruned)}"
-                 + (f"; fine-tuned alike {format_metric(metric, alike)}" if alike is not None else "") + ")") if not lines else ""
+        first = unpruned_label(label, metric, results["unpruned"]) if not lines else ""
         lines.append(f"| {first} | {_budget_label(s['mode'], s['budget'])} | {' | '.join(stages)} | {share} |")
     return lines
 

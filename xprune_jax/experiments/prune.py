@@ -256,6 +256,14 @@ def reference_metric(unpruned: dict, metric: str) -> float | None:
     return unpruned.get("recovery", {}).get("finetuned", {}).get("metrics", {}).get(metric)
 
 
+def unpruned_label(name: str, metric: str, unpruned: dict) -> str:
+    """``name (top-1 97.2%)`` for a results file's ``unpruned`` entry, naming the unpruned model fine-tuned
+    alike (``; fine-tuned alike ...``) where there is one."""
+    alike = reference_metric(unpruned, metric)
+    return (f"{name} ({'top-1' if metric == 'top1' else metric} {format_metric(metric, unpruned['metrics'][metric])}"
+            + (f"; fine-tuned alike {format_metric(metric, alike)}" if alike is not None else "") + ")")
+
+
 def _say(message: str) -> None:
     """A progress line on stderr, beside the progress bar (which it does not break)."""
     tqdm.tqdm.write(message, file=sys.stderr)

@@ -167,7 +167,8 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
              progress: bool = True, nested: bool = False) -> tuple[Model, dict]:
     """Fine-tune ``student`` on ``data`` under ``config`` (distilling from ``teacher`` where the objective
     says so). With ``checkpoint_dir``, checkpoints go there and a run with the same identity resumes from
-    them. ``nested``: the progress bar sits under an outer one (``xprune run``'s) and clears itself when done. Returns the fine-tuned model (its ``meta["finetune"]`` lists this run's record after any earlier
+    them. ``nested``: the progress bar sits under an outer one (``xprune run``'s) and clears itself when
+    done. Returns the fine-tuned model (its ``meta["finetune"]`` lists this run's record after any earlier
     ones) and the record: the teacher, the plan, the objective, the optimiser, the steps, the data, the
     loss history and the final loss."""
     config.validate()
