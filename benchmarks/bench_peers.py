@@ -6,6 +6,7 @@
     python benchmarks/bench_peers.py run --arch=mobilenet_v2     # or shufflenet_v2_x1_0, yolov8n, resnet50
     python benchmarks/bench_peers.py recover --arch=mobilenet_v2 # then: both sides' best, recovered alike
     python benchmarks/bench_peers.py duel --arch=mobilenet_v2    # optional: re-time the latency duel (quiet machine)
+    python benchmarks/bench_peers.py price --arch=resnet50       # optional: our default priced by layer latency
     python benchmarks/bench_peers.py table                       # benchmarks/results/peers/table.md
 
 Both sides prune the same torch weights (the fixture file; ours through the converter) with the same
@@ -38,6 +39,10 @@ against the torch module on validation images, and its FLOPs against the torch-s
 The latency duel (in ``run``, or again with ``duel``) times our default model and the peer's best of
 each seed, all of them and the unpruned model side by side in one run; it reports our time over the
 peer's per round and seed, pooled over the seeds.
+
+``price`` prunes as our default does, with the global allocation priced by each layer's measured latency
+(``xprune prune --latency_price=N``), and times those models beside the default's and the peer's best
+(``<arch>.latency_price.json``, with the layer latency table it used).
 
 ``recover`` takes our default and Torch-Pruning's best model at each budget (seed by seed) and recovers
 both as ``configs/recovery.py`` does (BN recalibration, then about one epoch of distillation from the
@@ -867,6 +872,80 @@ def duel(args) -> None:
     write_json_atomic(path, results)
 
 
+def price(args) -> None:
+    """At each budget of ``run``'s results with a peer, every seed: our default plan priced by the measured
+    layer latency at each exponent (0: the default itself, as ``run`` measured it), its metric, and all of
+    those models, the peer's best and the unpruned one timed side by side; ratios over the peer's per round."""
+    from xprune_jax import runs, timing
+    from xprune_jax.checkpoint import write_json_atomic
+    from xprune_jax.pruning.latency import layer_latency
+    from xprune_jax.pruning.plan import apply_plan, make_plan
+
+    path, results = run_results(args.arch)
+    exponents = sorted({0.0, *(float(x) for x in args.prices.split(","))})
+    fixture = Fixture(args.arch, bench_repeats=2, results=results)
+    log, start = functools.partial(print, f"[{args.arch}]", flush=True), time.time()
+    table = layer_latency(fixture.model, 1, args.layer_repeats)
+    log(f"layer latency measured ({len(table['layers'])} layers, {time.time() - start:.0f} s)")
+    rows, duels, gradients = [], {}, {}
+    for h in head_to_head(results):
+        if not h["peer"]:
+            continue
+        budget, calls = h["budget"], {"unpruned": _timed_call(fixture, fixture.model)}
+        for seed in results["protocol"]["seeds"]:
+            default, peer_row = default_and_peer(fixture, results, h, seed)
+            calls[f"peer {seed}"] = _timed_call(fixture, peer_model(fixture, results, peer_row, gradients))
+            scores = _single(_scores(fixture, list(CRITERIA), "", seed), DEFAULT["criterion"])
+            for exponent in exponents:
+                plan = default if not exponent else make_plan(
+                    fixture.model, scores, DEFAULT["mode"], f"flops=-{budget:g}%", normalize=DEFAULT["normalize"],
+                    latency_price=exponent, layer_latency=table)
+                model = apply_plan(fixture.model, plan)
+                metric = fixture.evaluator.metrics(model)[results["metric"]] if exponent else next(
+                    r["metric"] for r in results["rows"] if r["side"] == "ours" and r["budget"] == budget and r["seed"] == seed
+                    and all(r[k] == v for k, v in DEFAULT.items()) and r["objective"] != "confidence")
+                rows.append({"budget": budget, "seed": seed, "latency_price": exponent, "metric": metric,
+                             "flops_ratio": plan.flops_after / plan.flops_before, "params_ratio": plan.params_after / plan.params_before})
+                calls[f"{exponent} {seed}"] = _timed_call(fixture, model)
+                log(f"-{budget:g}% seed {seed} latency_price {exponent:g}: {results['metric']} {metric:.4f}, "
+                    f"params {rows[-1]['params_ratio']:.3f}")
+        times = {name: np.asarray(t) for name, t in timing.time_side_by_side(calls, args.duel_repeats, 3, 0).items()}
+        seeds = results["protocol"]["seeds"]
+        duels[str(budget)] = {"peer": cell_name(peer_row), "unpruned_ms": float(np.median(times["unpruned"]) * 1e3), **{
+            f"{exponent:g}": {**_ratio_stats(np.concatenate([times[f"{exponent} {s}"] / times[f"peer {s}"] for s in seeds])),
+                              "seeds": {str(s): float(np.median(times[f"{exponent} {s}"] / times[f"peer {s}"])) for s in seeds}}
+            for exponent in exponents}}
+        log(f"-{budget:g}%: ours / {cell_name(peer_row)} " + ", ".join(
+            f"latency_price {e}: {duels[str(budget)][f'{e:g}']['ratio_median']:.3f}" for e in exponents))
+    write_json_atomic(os.path.join(RESULTS, f"{args.arch}.latency_price.json"), {
+        "arch": args.arch, "weights_sha256": fixture.sha256, "metric": results["metric"], "exponents": exponents,
+        "rows": rows, "latency_duel": duels, "layer_latency": table, "duel_repeats": args.duel_repeats,
+        "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]), "wall_seconds": time.time() - start,
+        "environment": runs.environment()})
+
+
+def price_table(folder: str = RESULTS) -> list[str]:
+    """Each ``price`` result: per budget and exponent, the metric over the seeds, params, and latency over the peer's best."""
+    lines = ["| fixture | FLOPs | `--latency_price` | metric (mean ± sample sd over seeds) | params | latency / TP's best (side by side) |",
+             "|---|---|---|---|---|---|"]
+    for arch in FIXTURES:
+        path = os.path.join(folder, f"{arch}.latency_price.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            results = json.load(f)
+        for budget, duel in results["latency_duel"].items():
+            for exponent in results["exponents"]:
+                here = [r for r in results["rows"] if str(r["budget"]) == budget and r["latency_price"] == exponent]
+                values = np.asarray([r["metric"] for r in here])
+                d = duel[f"{exponent:g}"]
+                lines.append(f"| {LABELS[arch]} | -{float(budget):g}% | {exponent:g}{' (default)' if not exponent else ''} | "
+                             f"{_fmt(results['metric'], values.mean())} ± {_fmt(results['metric'], values.std(ddof=1))} | "
+                             f"{np.mean([r['params_ratio'] for r in here]):.2f} | {d['ratio_median']:.2f} "
+                             f"[{d['ratio_iqr'][0]:.2f}, {d['ratio_iqr'][1]:.2f}] ({duel['peer']}) |")
+    return lines if len(lines) > 2 else []
+
+
 def _flops(model) -> int:
     return sum(l.flops for l in _layers(model) if l.kind != "block")
 
@@ -1135,6 +1214,13 @@ def table(args) -> None:
               "Our default model and the peer's best of every seed, all timed side by side in one run with the unpruned "
               "model (`run`, or again `python benchmarks/bench_peers.py duel --arch=ARCH`): our time over the peer's per "
               "round and seed, pooled over the seeds (median [IQR]), and each seed's median.", ""] + duel_table(all_results)
+    priced = price_table(args.results)
+    if priced:
+        lines += ["", "## Priced by layer latency", "",
+                  "Our default with the global allocation priced by each layer's measured latency per channel "
+                  "(`xprune prune --latency_price=N`; `python benchmarks/bench_peers.py price --arch=ARCH`): the metric as "
+                  "cut, and every seed's model timed side by side with the unpruned model and the peer's best, our time "
+                  "over the peer's per round and seed, pooled (median [IQR]).", ""] + priced
     lines += ["", "## Which normalisation wins (number of criteria for which it is best, shrink)", ""]
     lines += normalisation_table(all_results)
     recovered = recovery_table(args.results)
@@ -1170,11 +1256,16 @@ def main() -> None:
     d = commands.add_parser("duel", help="time our default against the peer's best again, every seed (after `run`)")
     d.add_argument("--arch", required=True, choices=sorted(FIXTURES))
     d.add_argument("--duel_repeats", type=int, default=60, help="rounds; each times every seed's pair and the unpruned model")
+    c = commands.add_parser("price", help="our default priced by measured layer latency, timed beside the peer's best (after `run`)")
+    c.add_argument("--arch", required=True, choices=sorted(FIXTURES))
+    c.add_argument("--prices", default="0.25,0.5", help="latency_price exponents (0, the default, is always added)")
+    c.add_argument("--layer_repeats", type=int, default=15, help="timed rounds per layer for the layer latency table")
+    c.add_argument("--duel_repeats", type=int, default=60, help="rounds; each times every model of a budget")
     t = commands.add_parser("table", help="the Markdown tables from the results JSONs")
     t.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
     try:
-        {"run": run, "recover": recover, "duel": duel, "table": table}[args.command](args)
+        {"run": run, "recover": recover, "duel": duel, "price": price, "table": table}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -8,7 +8,7 @@ import pytest
 from tests.test_cli import ARCH, workdir, xprune  # noqa: F401 (workdir: a pytest fixture)
 from xprune_jax import analysis, models
 from xprune_jax.attribution.score import score_model
-from xprune_jax.checkpoint import Model
+from xprune_jax.checkpoint import Model, load_model
 from xprune_jax.errors import UserError
 from xprune_jax.pruning.latency import parse_latency_budget, plan_for_latency
 
@@ -79,3 +79,66 @@ def test_cli_prunes_to_a_measured_latency_budget(workdir):
         closest = min(measured, key=lambda s: s["latency_ratio"])
         assert result.returncode == 2 and not (tmp / "fast").exists() and not any(s["met"] for s in measured)
         assert f"the best measured was {1 - closest['latency_ratio']:.1%} faster" in result.stderr
+
+
+def test_latency_price_takes_the_costlier_channels_first(model_and_scores):
+    """A table in which one group's channels alone cost time: priced, the allocation cuts that group to
+    its floor first; unpriced, it keeps more. Exponent 0 is the default plan; bad uses are refused."""
+    from xprune_jax.pruning.plan import make_plan
+    from xprune_jax.pruning.surgery import graph_of
+
+    model, scores = model_and_scores
+    default = make_plan(model, scores, "shrink", "flops=-20%")
+    assert make_plan(model, scores, "shrink", "flops=-20%", latency_price=0.0).keep_channels == default.keep_channels
+    groups = {g.name: g for g in graph_of(model.arch, model.spec).groups}
+    floor = {n: max(8, -(-groups[n].width // 64) * 8) for n in groups}  # floor 1/8 of the width, a multiple of 8
+    name = max((n for n in groups if len(default.keep_channels.get(n, range(groups[n].width))) > floor[n] + 8),
+               key=lambda n: groups[n].width)
+    table = {"layers": {l.name: {"seconds": 1.0, "out": 0.0, "in": 0.0} for l in analysis.describe_layers(model.arch, model.spec, 224)}}
+    for slot in groups[name].producers:
+        table["layers"][slot.layer]["out"] = 1.0
+    priced = make_plan(model, scores, "shrink", "flops=-20%", latency_price=1.0, layer_latency=table)
+    assert len(priced.keep_channels[name]) == floor[name] < len(default.keep_channels.get(name, range(groups[name].width)))
+    assert priced.latency_price == 1.0 and default.latency_price == 0.0
+    assert priced.flops_after <= 0.8 * priced.flops_before
+    with pytest.raises(UserError, match="latency_price=-1.0 is invalid"):
+        make_plan(model, scores, "shrink", "flops=-20%", latency_price=-1.0, layer_latency=table)
+    with pytest.raises(UserError, match="prices channels in the global allocation"):
+        make_plan(model, scores, "remove", "flops=-20%", latency_price=1.0, layer_latency=table)
+    with pytest.raises(UserError, match="needs the layer latency table"):
+        make_plan(model, scores, "shrink", "flops=-20%", latency_price=1.0)
+    with pytest.raises(UserError, match="has no layer"):
+        make_plan(model, scores, "shrink", "flops=-20%", latency_price=1.0, layer_latency={"layers": {"conv": {}}})
+
+
+def test_cli_prices_channels_by_measured_layer_latency(workdir, capfd):
+    """`xprune prune --latency_price` measures every conv and linear layer's latency per channel, writes the
+    table beside the model and records the price in the plan; the same table reused gives the same plan;
+    a table measured for something else, or one given without the price, gets a one-line error."""
+    tmp, _ = workdir
+    if not (tmp / "model").exists():
+        xprune("convert", f"--arch={ARCH}", f"--weights={tmp / 'w.pth'}", f"--out={tmp / 'model'}")
+    if not (tmp / "l1_latency.json").exists():
+        xprune("score", f"--model={tmp / 'model'}", "--criterion=l1", f"--out={tmp / 'l1_latency.json'}")
+    common = (f"--model={tmp / 'model'}", f"--scores={tmp / 'l1_latency.json'}", "--mode=shrink", "--budget=flops=-30%",
+              "--batch_size=1")
+    result = xprune("prune", *common, "--latency_price=0.5", "--repeats=2", f"--out={tmp / 'priced'}")
+    assert "measuring each layer's latency per channel" in result.stdout
+    table = json.loads((tmp / "priced.layer_latency.json").read_text())
+    convs = [l.name for l in analysis.describe_layers(ARCH, load_model(str(tmp / "model")).spec, 224) if l.kind != "block"]
+    assert sorted(table["layers"]) == sorted(convs) and table["arch"] == ARCH and table["batch_size"] == 1
+    assert all(v["seconds"] > 0 and v["out"] >= 0 and v["in"] >= 0 for v in table["layers"].values())
+    assert any(v["out"] > 0 for v in table["layers"].values())
+    plan = json.loads((tmp / "priced.plan.json").read_text())
+    assert plan["latency_price"] == 0.5
+    xprune("prune", *common, "--latency_price=0.5", f"--layer_latency={tmp / 'priced.layer_latency.json'}",
+           f"--out={tmp / 'again'}")
+    assert json.loads((tmp / "again.plan.json").read_text())["keep_channels"] == plan["keep_channels"]
+    (tmp / "other.json").write_text(json.dumps({**table, "batch_size": 4}))
+    for flags, message in (((f"--layer_latency={tmp / 'other.json'}",), "is the table --latency_price reads"),
+                           (("--latency_price=0.5", f"--layer_latency={tmp / 'other.json'}"), "was measured for batch_size 4, not 1"),
+                           (("--latency_price=-1",), "--latency_price=-1.0 is invalid")):
+        result = xprune("prune", *common, *flags, f"--out={tmp / 'bad'}", check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert message in lines[0], lines

@@ -55,6 +55,11 @@ flags.DEFINE_float("remove_share", 0.5, "remove+shrink: the share of the budget 
 flags.DEFINE_float("shrink_ratio", 0.5, "Layer allocation: the fraction of a selected group's channels that shrink "
                    "removes, in (0, 1).")
 flags.DEFINE_integer("round_to", 8, "Shrink keeps a multiple of this many channels.")
+flags.DEFINE_float("latency_price", 0.0, "Global allocation: divide each group's channel importances by (the latency "
+                   "one of its channels costs on this backend, measured per layer, over the groups' mean)^N, so that "
+                   "costlier channels go first; 0 ranks by importance alone (ResNet-50 -50% on CPU: see benchmarks/README).")
+flags.DEFINE_string("layer_latency", None, "--latency_price: reuse this layer latency table (DIR.layer_latency.json of "
+                    "an earlier prune of the same architecture on this backend) instead of measuring one.")
 flags.DEFINE_string("export_torch", None, "Also write the pruned model as `xprune export --format=torch` does.")
 flags.DEFINE_enum("format", None, ["ultralytics", "torch", "onnx", "jax"], "An Ultralytics .pt (YOLOv8), a torch file "
                   "for converters.load_pruned (torchvision models), ONNX, or a jax.export function (.npz).")
@@ -292,16 +297,24 @@ def prune_command() -> None:
         scores = _read_json(FLAGS.scores, "scores file", "`xprune score`")
     if FLAGS.export_torch:
         check_writable(FLAGS.export_torch, "--export_torch")
+    if FLAGS.latency_price < 0:
+        raise UserError(f"--latency_price={FLAGS.latency_price} is invalid: use 0 (importance alone) or a positive "
+                        "exponent, e.g. 0.25")
+    if FLAGS.layer_latency and not FLAGS.latency_price:
+        raise UserError("--layer_latency is the table --latency_price reads; give --latency_price=N too, or drop it")
+    if FLAGS.plan and FLAGS.latency_price:
+        raise UserError("--plan gives the whole plan; drop --latency_price")
     _new_out(FLAGS.out)
     model = load_model(_one_model())
     if FLAGS.plan:
         validate_plan(model, plan)
     else:
         check_scores(scores, model)
+        options = {**_plan_options(), **_layer_latency(model)}
         if latency_target is None:
-            plan = make_plan(model, scores, FLAGS.mode, FLAGS.budget, FLAGS.protect, **_plan_options())
+            plan = make_plan(model, scores, FLAGS.mode, FLAGS.budget, FLAGS.protect, **options)
         else:
-            plan = _plan_for_latency(model, scores, latency_target)
+            plan = _plan_for_latency(model, scores, latency_target, options)
     pruned = apply_plan(model, plan)
     if latency_target is not None:  # the plan came from measurements at this precision
         from xprune_jax import precision
@@ -350,6 +363,7 @@ def _read_plan(path: str):
                      for k in ("flops_before", "flops_after", "params_before", "params_after")},
                   "allocation": isinstance(data.get("allocation", ""), str),
                   "normalize": data.get("normalize") is None or isinstance(data["normalize"], str),
+                  "latency_price": isinstance(data.get("latency_price", 0.0), (int, float)) and data.get("latency_price", 0.0) >= 0,
                   "removed": names(data.get("removed", []))}
         wrong = [k for k, ok in checks.items() if not ok]
         if wrong:
@@ -375,7 +389,25 @@ def _plan_options() -> dict:
             "normalize": FLAGS.normalize, "floor": FLAGS.floor, "remove_share": FLAGS.remove_share}
 
 
-def _plan_for_latency(model, scores: dict, target: float):
+def _layer_latency(model) -> dict:
+    """With --latency_price: the plan options that price channels by latency, the table read from
+    --layer_latency (checked) or measured now, and written beside the output as DIR.layer_latency.json."""
+    if not FLAGS.latency_price:
+        return {}
+    from xprune_jax.checkpoint import write_json_atomic
+    from xprune_jax.pruning.latency import check_layer_latency, layer_latency
+
+    if FLAGS.layer_latency:
+        table = check_layer_latency(_read_json(FLAGS.layer_latency, "layer latency table", "`xprune prune --latency_price=N`"),
+                                    model, FLAGS.batch_size, FLAGS.layer_latency)
+    else:
+        print(f"measuring each layer's latency per channel (batch {FLAGS.batch_size}, {FLAGS.repeats} rounds)", flush=True)
+        table = layer_latency(model, FLAGS.batch_size, FLAGS.repeats, seed=FLAGS.seed)
+    write_json_atomic(FLAGS.out.rstrip("/") + ".layer_latency.json", table)
+    return {"latency_price": FLAGS.latency_price, "layer_latency": table}
+
+
+def _plan_for_latency(model, scores: dict, target: float, options: dict):
     """Search the plan by measuring each candidate against ``model`` (batch --batch_size, --repeats
     rounds); the steps go to ``<out>.latency.json``, also when the budget can't be met."""
     from xprune_jax import precision, timing
@@ -392,7 +424,7 @@ def _plan_for_latency(model, scores: dict, target: float):
     steps, met = [], False
     try:
         plan, _ = plan_for_latency(model, scores, FLAGS.mode, target, measure, FLAGS.protect, progress=True, steps=steps,
-                                   **_plan_options())
+                                   **options)
         met = True
     finally:
         write_json_atomic(FLAGS.out.rstrip("/") + ".latency.json", {
@@ -535,16 +567,16 @@ COMMANDS = {
     "prune": Command(
         prune_command, "prune a model by its scores under a budget (or apply a plan)",
         ("model", "out"), ("scores", "mode", "budget", "plan", "protect", "allocation", "normalize", "floor",
-                           "round_to", "shrink_ratio", "remove_share", "export_torch", "overwrite", "batch_size", "repeats",
-                           "warmup", "seed"),
+                           "round_to", "shrink_ratio", "remove_share", "latency_price", "layer_latency", "export_torch",
+                           "overwrite", "batch_size", "repeats", "warmup", "seed"),
         "xprune prune --model=models/resnet50 --scores=scores.json --mode=shrink --budget=flops=-30% "
         "--out=models/r50_shrink",
-        "the pruned model directory DIR, its plan DIR.plan.json (latency budgets: the search in DIR.latency.json), "
-        "and with --export_torch a torch file",
+        "the pruned model directory DIR, its plan DIR.plan.json (latency budgets: the search in DIR.latency.json; "
+        "--latency_price: the layer latency table in DIR.layer_latency.json), and with --export_torch a torch file",
         out="DIR", helps={"out": "The pruned model directory to write.",
-                          "seed": "Seed of the timed rounds' order (latency budgets).",
-                          "batch_size": "Batch of the timed calls (latency budgets).",
-                          "repeats": "Timed rounds per candidate (latency budgets).",
+                          "seed": "Seed of the timed rounds' order (latency budgets, --latency_price).",
+                          "batch_size": "Batch of the timed calls (latency budgets, --latency_price).",
+                          "repeats": "Timed rounds per candidate (latency budgets) or per layer (--latency_price).",
                           "warmup": "Untimed calls per candidate before timing (latency budgets)."}),
     "export": Command(
         export_command, "write a (pruned) model for another runtime: Ultralytics, torch, ONNX or a jax.export function",

@@ -7,14 +7,27 @@ model's latency ratio (the median of per-round ratios); the next cut comes from 
 measured so far, ``(1 - latency ratio) / FLOPs cut``, kept inside the bracket between the largest
 cut that missed the target and the smallest that met it (bisection where the elasticity points
 outside it). The search stops when that bracket is narrower than ``tolerance`` or after ``max_steps``.
+
+:func:`layer_latency` measures what one channel of each layer costs on this backend, the table a
+latency-priced global allocation reads (``make_plan(..., latency_price=N, layer_latency=table)``).
 """
 
 import dataclasses
+import hashlib
+import json
 import re
 from typing import Callable
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xprune_jax import analysis, precision, timing, tree_paths
 from xprune_jax.errors import UserError
+from xprune_jax.models.layers import Conv2d, Linear
 from xprune_jax.pruning.plan import Plan, apply_plan, make_plan
+from xprune_jax.spec import spec_to_dict
 
 
 def parse_latency_budget(budget: str) -> float | None:
@@ -76,3 +89,77 @@ def plan_for_latency(model, scores: dict, mode: str, target: float, measure: Cal
         raise UserError(f"budget latency=-{target:.0%} can't be met by {mode} on {model.arch}: {detail}; "
                         "lower the budget or use another mode")
     return dataclasses.replace(best, budget=f"latency=-{100 * target:g}%"), steps
+
+
+def layer_latency(model, batch_size: int = 1, repeats: int = 15, inner: int = 16, seed: int = 0) -> dict:
+    """Each conv and linear layer's marginal latency on this backend, measured alone at its input shape
+    in ``model`` (batch ``batch_size``): ``seconds`` per call at full width, and the seconds one channel
+    fewer saves, ``out`` (an output channel; a depthwise conv's channel, in and out) and ``in`` (an
+    input channel), from the layer timed again with half of them (differences below zero count as 0).
+    Each timed call runs the layer ``inner`` times in a loop, so dispatch does not swamp small layers.
+    The table records what it was measured on; :func:`check_layer_latency` checks a reused one."""
+    size = analysis.input_size(model)
+    found = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, (Conv2d, Linear)):
+            found[".".join(context.module.path)] = (context.module.clone(parent=None), args[0].shape[1:])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.module.apply, model.variables, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32))
+    params, calls, rng = model.variables["params"], {}, np.random.default_rng(seed)
+
+    def timed(key, module, layer_params, x):
+        def loop(layer_params, x):  # each call depends on the last one, so none is hoisted or merged
+            def body(carry, _):
+                return carry + 1e-6 * module.apply({"params": layer_params}, x + carry).mean(), None
+            return jax.lax.scan(body, jnp.float32(0), None, length=inner)[0]
+        compiled = jax.jit(loop)
+        calls[key] = lambda: compiled(layer_params, x)
+
+    for name, (module, shape) in found.items():
+        p = tree_paths.get(params, name)
+        kernel, x = p["kernel"], jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32)
+        cin, cout = shape[-1], kernel.shape[-1]
+        half = {"kernel": kernel[..., : cout // 2], **({"bias": p["bias"][: cout // 2]} if "bias" in p else {})}
+        timed((name, "seconds"), module, p, x)
+        if _depthwise(kernel, cin):  # its channels go in and out together
+            timed((name, "out"), module, half, x[..., : cout // 2])
+        elif cout > 1:
+            timed((name, "out"), module, half, x)
+        if not _depthwise(kernel, cin) and cin > 1 and (kernel.ndim == 2 or kernel.shape[2] == cin):
+            kernel_in = kernel[: cin // 2] if kernel.ndim == 2 else kernel[:, :, : cin // 2]
+            timed((name, "in"), module, {**p, "kernel": kernel_in}, x[..., : cin // 2])
+    seconds = {key: float(np.median(t)) / inner for key, t in timing.time_side_by_side(calls, repeats, 2, seed).items()}
+    layers = {}
+    for name, (_, shape) in found.items():
+        full, widths = seconds[(name, "seconds")], {"out": tree_paths.get(params, name)["kernel"].shape[-1], "in": shape[-1]}
+        layers[name] = {"seconds": full, **{
+            side: max(0.0, full - seconds[(name, side)]) / (widths[side] - widths[side] // 2) if (name, side) in seconds else 0.0
+            for side in ("out", "in")}}
+    return {"what": "marginal seconds per channel of each conv and linear layer, measured alone", **_measured_on(model, batch_size),
+            "repeats": repeats, "inner": inner, "seed": seed, "layers": layers}
+
+
+def _depthwise(kernel, cin: int) -> bool:
+    return kernel.ndim == 4 and kernel.shape[2] == 1 and kernel.shape[-1] == cin > 1
+
+
+def _measured_on(model, batch_size: int) -> dict:
+    """What a layer latency table depends on: the architecture's shapes, the input, the backend."""
+    shapes = hashlib.sha256(json.dumps([model.arch, spec_to_dict(model.spec)], sort_keys=True).encode()).hexdigest()
+    return {"arch": model.arch, "spec_sha256": shapes, "input_size": analysis.input_size(model), "batch_size": batch_size,
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "precision": precision.current()}
+
+
+def check_layer_latency(table, model, batch_size: int, path: str) -> dict:
+    """``table`` (read from ``path``) if it was measured for ``model``'s shapes on this backend at
+    ``batch_size``; else a one-line error naming the difference."""
+    if not isinstance(table, dict) or not isinstance(table.get("layers"), dict):
+        raise UserError(f"{path} is not a layer latency table; `xprune prune --latency_price=N` writes one (DIR.layer_latency.json)")
+    for key, value in _measured_on(model, batch_size).items():
+        if table.get(key) != value:
+            raise UserError(f"{path} was measured for {key} {table.get(key)!r}, not {value!r}; measure it again "
+                            "(drop --layer_latency)")
+    return table

@@ -43,6 +43,7 @@ class Plan:
     allocation: str = "layer"  # shrink: "global" (channels ranked across groups) or "layer" (the paper's: whole groups)
     normalize: str | None = None  # global allocation: how channel importances were made comparable across groups
     removed: list[str] = dataclasses.field(default_factory=list)  # remove+shrink: the units removed before shrinking
+    latency_price: float = 0.0  # global allocation: importances divided by (measured latency per channel)^this
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -69,7 +70,7 @@ def count_params(arch: str, spec) -> int:
 
 def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *, shrink_ratio: float = 0.5,
               round_to: int = 8, allocation: str = "global", normalize: str = "mean", floor: float = 0.125,
-              remove_share: float = 0.5) -> Plan:
+              remove_share: float = 0.5, latency_price: float = 0.0, layer_latency: dict | None = None) -> Plan:
     """Rank the eligible units by the score file's criterion (lowest first) and take them under the budget.
 
     ``shrink`` allocates channels ``globally`` (every channel of every eligible group ranked by its
@@ -77,6 +78,9 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
     group keeping at least ``floor`` of its width and a multiple of ``round_to``), or ``layer``-wise as
     the paper does (groups ranked by their producers' layer scores, each narrowed by ``shrink_ratio``).
     ``remove+shrink`` removes units until ``remove_share`` of the budget is met, then shrinks globally.
+    ``latency_price`` N > 0 divides each group's importances by (what one of its channels costs in
+    ``layer_latency``, :func:`~xprune_jax.pruning.latency.layer_latency`'s table, over the groups' mean)^N:
+    the allocation then prefers the channels that cost the backend more time.
     """
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -85,6 +89,13 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
     if normalize not in NORMALIZATIONS:
         raise UserError(f"unknown --normalize {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
     kind, target = parse_budget(budget)
+    if latency_price < 0:
+        raise UserError(f"--latency_price={latency_price} is invalid: use 0 (importance alone) or a positive exponent, e.g. 0.25")
+    if latency_price and (mode not in ("shrink", "remove+shrink") or allocation != "global"):
+        raise UserError("--latency_price prices channels in the global allocation; use --mode=shrink or remove+shrink "
+                        "with --allocation=global, or drop it")
+    if latency_price and not layer_latency:
+        raise UserError("--latency_price needs the layer latency table (measured by `xprune prune`, or --layer_latency=FILE)")
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
     score = _scores_by_layer(scores, layers, model)
     heads = set(graph_of(model.arch, model.spec).heads)
@@ -115,8 +126,10 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
         pruned = _without_units(model, removed)
         start = _Context(pruned, scores, score, analysis.describe_layers(model.arch, spec, analysis.input_size(model)),
                          heads, protected, flops_before, params_before)
-    chosen, keep, spec = _plan_shrink_global(start, kind, target, round_to, normalize, floor)
-    return context.plan(mode, budget, chosen, keep, spec, allocation="global", normalize=normalize, removed=removed)
+    prices = (latency_price, layer_latency["layers"]) if latency_price else None
+    chosen, keep, spec = _plan_shrink_global(start, kind, target, round_to, normalize, floor, prices)
+    return context.plan(mode, budget, chosen, keep, spec, allocation="global", normalize=normalize, removed=removed,
+                        latency_price=float(latency_price))
 
 
 @dataclasses.dataclass
@@ -200,14 +213,18 @@ def _plan_shrink_layerwise(c: _Context, kind: str, target: float, shrink_ratio: 
     return chosen, keep, surgery.shrink(c.model.spec, c.model.variables, graph, keep, sliced=False)[0]
 
 
-def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, normalize: str, floor: float):
-    """Global channel allocation over the eligible groups of the model (see :func:`allocate`)."""
+def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, normalize: str, floor: float,
+                        prices: tuple[float, dict] | None = None):
+    """Global channel allocation over the eligible groups of the model (see :func:`allocate`), the
+    importances priced by ``(exponent, layer latency)`` where given (:func:`latency_priced`)."""
     by_layer = {l.name: l for l in c.layers}
     groups, importance = {}, {}
     for name, group in _eligible_groups(c).items():
         values = group_importance(c.scores, group, by_layer)
         if values is not None:
             groups[name], importance[name] = group, normalized(values, normalize)
+    if prices:
+        importance = latency_priced(groups, importance, *prices)
     total = c.flops_before if kind == "flops" else c.params_before
     already = total - (analysis.total_flops(c.layers) if kind == "flops" else count_params(c.model.arch, c.model.spec))
     keep = allocate(groups, importance, by_layer, c.model.variables["params"], kind, target, total, already, round_to,
@@ -253,6 +270,22 @@ def allocate(groups: dict, importance: dict, by_layer: dict, params: dict, kind:
                         f"channel group at its floor ({floor:.1%} of its width) cuts {saved / total:.1%}; lower the "
                         "budget or the floor (--floor), or use --mode=remove+shrink")
     return {n: sorted(int(i) for i in order[n][groups[n].width - kept[n]:]) for n in groups if kept[n] < groups[n].width}
+
+
+def latency_priced(groups: dict, importance: dict, exponent: float, layers: dict) -> dict:
+    """Each group's importances divided by (the latency one of its channels costs / the groups' mean)^``exponent``.
+    A channel's latency: its producers' and depthwise convs' ``out`` and its consumers' ``in`` seconds in
+    ``layers`` (a layer latency table's). A price is at least 1% of the mean: a channel that saves no
+    measurable time is kept, not made infinitely important."""
+    missing = sorted({s.layer for g in groups.values() for s in g.producers + g.depthwise + g.consumers} - set(layers))
+    if missing:
+        raise UserError(f"the layer latency table has no layer {missing[0]!r} of this model; measure it again (drop --layer_latency)")
+    price = {n: sum(layers[s.layer]["out"] for s in g.producers + g.depthwise) + sum(layers[s.layer]["in"] for s in g.consumers)
+             for n, g in groups.items()}
+    mean = float(np.mean(list(price.values()))) if price else 0.0
+    if mean <= 0:
+        return importance
+    return {n: importance[n] / (max(price[n], 0.01 * mean) / mean) ** exponent for n in groups}
 
 
 def normalized(values: np.ndarray, how: str) -> np.ndarray:
