@@ -142,3 +142,17 @@ def test_cli_prices_channels_by_measured_layer_latency(workdir, capfd):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert message in lines[0], lines
+
+
+def test_layer_latency_times_every_layer_of_a_detector():
+    """The layers a latency table times are every conv and linear layer the analysis counts, an R-CNN
+    head's shared convs included, once per FPN level (RetinaNet: P3-P7)."""
+    from xprune_jax.pruning.latency import layer_calls
+
+    arch = "retinanet_resnet50_fpn"
+    spec = models.get_architecture(arch).default_spec()
+    model = Model(arch, spec, models.variable_shapes(arch, spec), {"preprocess": {"imgsz": 64}})
+    calls = layer_calls(model)
+    assert sorted(calls) == sorted(l.name for l in analysis.describe_layers(arch, spec, 64) if l.kind != "block")
+    assert [shape[:2] for shape in calls["head.classification_head.conv.0.0"][1]] == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    assert len(calls["backbone.body.conv1"][1]) == 1

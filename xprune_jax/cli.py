@@ -402,7 +402,7 @@ def _layer_latency(model) -> dict:
                                     model, FLAGS.batch_size, FLAGS.layer_latency)
     else:
         print(f"measuring each layer's latency per channel (batch {FLAGS.batch_size}, {FLAGS.repeats} rounds)", flush=True)
-        table = layer_latency(model, FLAGS.batch_size, FLAGS.repeats, seed=FLAGS.seed)
+        table = layer_latency(model, FLAGS.batch_size, FLAGS.repeats, seed=FLAGS.seed, progress=True)
     write_json_atomic(FLAGS.out.rstrip("/") + ".layer_latency.json", table)
     return {"latency_price": FLAGS.latency_price, "layer_latency": table}
 

@@ -26,6 +26,7 @@ import numpy as np
 from xprune_jax import analysis, precision, timing, tree_paths
 from xprune_jax.errors import UserError
 from xprune_jax.models.layers import Conv2d, Linear
+from xprune_jax.models.rcnn import SharedConv2d
 from xprune_jax.pruning.plan import Plan, apply_plan, make_plan
 from xprune_jax.spec import spec_to_dict
 
@@ -91,55 +92,71 @@ def plan_for_latency(model, scores: dict, mode: str, target: float, measure: Cal
     return dataclasses.replace(best, budget=f"latency=-{100 * target:g}%"), steps
 
 
-def layer_latency(model, batch_size: int = 1, repeats: int = 15, inner: int = 16, seed: int = 0) -> dict:
-    """Each conv and linear layer's marginal latency on this backend, measured alone at its input shape
-    in ``model`` (batch ``batch_size``): ``seconds`` per call at full width, and the seconds one channel
-    fewer saves, ``out`` (an output channel; a depthwise conv's channel, in and out) and ``in`` (an
-    input channel), from the layer timed again with half of them (differences below zero count as 0).
-    Each timed call runs the layer ``inner`` times in a loop, so dispatch does not swamp small layers.
-    The table records what it was measured on; :func:`check_layer_latency` checks a reused one."""
-    size = analysis.input_size(model)
-    found = {}
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, (Conv2d, Linear)):
-            found[".".join(context.module.path)] = (context.module.clone(parent=None), args[0].shape[1:])
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(model.module.apply, model.variables, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32))
+def layer_latency(model, batch_size: int = 1, repeats: int = 15, inner: int = 16, seed: int = 0,
+                  progress: bool = False) -> dict:
+    """Each conv and linear layer's marginal latency on this backend, measured alone at its input shapes
+    in ``model`` (batch ``batch_size``; a layer called more than once, like an R-CNN head's conv on every
+    FPN level, sums its calls): ``seconds`` at full width, and the seconds one channel fewer saves,
+    ``out`` (an output channel; a depthwise conv's channel, in and out) and ``in`` (an input channel),
+    from the layer timed again with half of them (differences below zero count as 0). Each timed call
+    runs the layer ``inner`` times in a loop, so dispatch does not swamp small layers: the measurement costs
+    about ``3 * inner * (repeats + 2)`` forward passes of the network. ``progress``: say which layer compiles,
+    then a bar over the rounds. The table records what it was measured on; :func:`check_layer_latency`
+    checks a reused one."""
+    found = layer_calls(model, batch_size)
     params, calls, rng = model.variables["params"], {}, np.random.default_rng(seed)
 
     def timed(key, module, layer_params, x):
         def loop(layer_params, x):  # each call depends on the last one, so none is hoisted or merged
             def body(carry, _):
-                return carry + 1e-6 * module.apply({"params": layer_params}, x + carry).mean(), None
+                inputs = [x + carry] if isinstance(module, SharedConv2d) else x + carry
+                return carry + 1e-6 * jnp.mean(jax.tree_util.tree_leaves(module.apply({"params": layer_params}, inputs))[0]), None
             return jax.lax.scan(body, jnp.float32(0), None, length=inner)[0]
         compiled = jax.jit(loop)
         calls[key] = lambda: compiled(layer_params, x)
 
-    for name, (module, shape) in found.items():
+    for name, (module, shapes) in found.items():
         p = tree_paths.get(params, name)
-        kernel, x = p["kernel"], jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32)
-        cin, cout = shape[-1], kernel.shape[-1]
+        kernel = p["kernel"]
+        cin, cout = shapes[0][-1], kernel.shape[-1]
         half = {"kernel": kernel[..., : cout // 2], **({"bias": p["bias"][: cout // 2]} if "bias" in p else {})}
-        timed((name, "seconds"), module, p, x)
-        if _depthwise(kernel, cin):  # its channels go in and out together
-            timed((name, "out"), module, half, x[..., : cout // 2])
-        elif cout > 1:
-            timed((name, "out"), module, half, x)
-        if not _depthwise(kernel, cin) and cin > 1 and (kernel.ndim == 2 or kernel.shape[2] == cin):
-            kernel_in = kernel[: cin // 2] if kernel.ndim == 2 else kernel[:, :, : cin // 2]
-            timed((name, "in"), module, {**p, "kernel": kernel_in}, x[..., : cin // 2])
-    seconds = {key: float(np.median(t)) / inner for key, t in timing.time_side_by_side(calls, repeats, 2, seed).items()}
+        for k, shape in enumerate(shapes):
+            x = jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32)
+            timed((name, k, "seconds"), module, p, x)
+            if _depthwise(kernel, cin):  # its channels go in and out together
+                timed((name, k, "out"), module, half, x[..., : cout // 2])
+            elif cout > 1:
+                timed((name, k, "out"), module, half, x)
+            if not _depthwise(kernel, cin) and cin > 1 and (kernel.ndim == 2 or kernel.shape[2] == cin):
+                kernel_in = kernel[: cin // 2] if kernel.ndim == 2 else kernel[:, :, : cin // 2]
+                timed((name, k, "in"), module, {**p, "kernel": kernel_in}, x[..., : cin // 2])
+    seconds = {key: float(np.median(t)) / inner for key, t in timing.time_side_by_side(calls, repeats, 2, seed, progress).items()}
     layers = {}
-    for name, (_, shape) in found.items():
-        full, widths = seconds[(name, "seconds")], {"out": tree_paths.get(params, name)["kernel"].shape[-1], "in": shape[-1]}
-        layers[name] = {"seconds": full, **{
-            side: max(0.0, full - seconds[(name, side)]) / (widths[side] - widths[side] // 2) if (name, side) in seconds else 0.0
-            for side in ("out", "in")}}
+    for name, (_, shapes) in found.items():
+        widths = {"out": tree_paths.get(params, name)["kernel"].shape[-1], "in": shapes[0][-1]}
+        full = [seconds[(name, k, "seconds")] for k in range(len(shapes))]
+        layers[name] = {"seconds": sum(full), **{side: sum(
+            max(0.0, full[k] - seconds[(name, k, side)]) / (widths[side] - widths[side] // 2)
+            for k in range(len(shapes)) if (name, k, side) in seconds) for side in ("out", "in")}}
     return {"what": "marginal seconds per channel of each conv and linear layer, measured alone", **_measured_on(model, batch_size),
             "repeats": repeats, "inner": inner, "seed": seed, "layers": layers}
+
+
+def layer_calls(model, batch_size: int = 1) -> dict[str, tuple[nn.Module, list[tuple[int, ...]]]]:
+    """Every conv and linear layer of ``model``'s forward (one abstract trace): the unbound module and the
+    input shape of each of its calls (a shared conv is called once per FPN level)."""
+    size, found = analysis.input_size(model), {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, (Conv2d, Linear, SharedConv2d)):
+            name = ".".join(context.module.path)
+            inputs = args[0] if isinstance(context.module, SharedConv2d) else [args[0]]
+            found.setdefault(name, (context.module.clone(parent=None), []))[1].extend(x.shape[1:] for x in inputs)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.module.apply, model.variables, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32))
+    return found
 
 
 def _depthwise(kernel, cin: int) -> bool:
