@@ -928,12 +928,8 @@ def price_table(folder: str = RESULTS) -> list[str]:
     """Each ``price`` result: per budget and exponent, the metric over the seeds, params, and latency over the peer's best."""
     lines = ["| fixture | FLOPs | `--latency_price` | metric (mean ± sample sd over seeds) | params | latency / TP's best (side by side) |",
              "|---|---|---|---|---|---|"]
-    for arch in FIXTURES:
-        path = os.path.join(folder, f"{arch}.latency_price.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            results = json.load(f)
+    for results in load_results(folder, "latency_price"):
+        arch = results["arch"]
         for budget, duel in results["latency_duel"].items():
             for exponent in results["exponents"]:
                 here = [r for r in results["rows"] if str(r["budget"]) == budget and r["latency_price"] == exponent]
@@ -1035,10 +1031,11 @@ def head_to_head(results: dict) -> list[dict]:
     return out
 
 
-def load_results(folder: str = RESULTS) -> list[dict]:
+def load_results(folder: str = RESULTS, kind: str = "") -> list[dict]:
+    """Every fixture's results in ``folder`` (``<arch>.json``, or ``<arch>.<kind>.json``), in FIXTURES order."""
     found = []
     for arch in FIXTURES:
-        path = os.path.join(folder, f"{arch}.json")
+        path = os.path.join(folder, f"{arch}.{kind}.json" if kind else f"{arch}.json")
         if os.path.isfile(path):
             with open(path) as f:
                 found.append(json.load(f))
@@ -1170,12 +1167,7 @@ def recovery_table(folder: str = RESULTS) -> list[str]:
 
     lines = ["| fixture (unpruned) | FLOPs | side, cell | " + " | ".join(RECOVERY_STAGES.values())
              + " | of unpruned | who wins, fine-tuned |", "|---|---|---|---|---|---|---|---|"]
-    for arch in FIXTURES:
-        path = os.path.join(folder, f"{arch}.recovery.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            results = json.load(f)
+    for results in load_results(folder, "recovery"):
         metric, unpruned = results["metric"], results["unpruned"]["metrics"][results["metric"]]
         name = unpruned_label(results["label"], metric, results["unpruned"])
         for budget in sorted({r["budget"] for r in results["rows"]}):
