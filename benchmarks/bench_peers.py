@@ -1209,7 +1209,7 @@ def table(args) -> None:
     priced = price_table(args.results)
     if priced:
         lines += ["", "## Priced by layer latency", "",
-                  "Our default with the global allocation priced by each layer's measured latency per channel "
+                  "Our default with the global allocation priced by each channel's measured seconds per FLOP "
                   "(`xprune prune --latency_price=N`; `python benchmarks/bench_peers.py price --arch=ARCH`): the metric as "
                   "cut, and every seed's model timed side by side with the unpruned model and the peer's best, our time "
                   "over the peer's per round and seed, pooled (median [IQR]).", ""] + priced

@@ -2,11 +2,12 @@
 known latency model, refuses what can't be met, and runs end to end through `xprune prune`."""
 
 import json
+import math
 
 import pytest
 
 from tests.test_cli import ARCH, workdir, xprune  # noqa: F401 (workdir: a pytest fixture)
-from xprune_jax import analysis, models
+from xprune_jax import analysis, models, tree_paths
 from xprune_jax.attribution.score import score_model
 from xprune_jax.checkpoint import Model, load_model
 from xprune_jax.errors import UserError
@@ -83,7 +84,8 @@ def test_cli_prunes_to_a_measured_latency_budget(workdir):
 
 def test_latency_price_takes_the_costlier_channels_first(model_and_scores):
     """A table in which one group's channels alone cost time: priced, the allocation cuts that group to
-    its floor first; unpriced, it keeps more. Exponent 0 is the default plan; bad uses are refused."""
+    its floor first; unpriced, it keeps more. A table whose time follows FLOPs changes nothing, nor does
+    exponent 0: the default plan. Bad uses are refused."""
     from xprune_jax.pruning.plan import make_plan
     from xprune_jax.pruning.surgery import graph_of
 
@@ -101,6 +103,17 @@ def test_latency_price_takes_the_costlier_channels_first(model_and_scores):
     assert len(priced.keep_channels[name]) == floor[name] < len(default.keep_channels.get(name, range(groups[name].width)))
     assert priced.latency_price == 1.0 and default.latency_price == 0.0
     assert priced.flops_after <= 0.8 * priced.flops_before
+    # time that follows FLOPs (each channel's seconds proportional to the FLOPs it saves) prices nothing
+    params = model.variables["params"]
+    following = {"layers": {}}
+    for layer in analysis.describe_layers(model.arch, model.spec, 224):
+        if "kernel" not in tree_paths.get(params, layer.name):
+            continue
+        *window, per_group_in, out = tree_paths.get(params, layer.name)["kernel"].shape
+        per_position = 1e-9 * math.prod(layer.shape[:-1]) * math.prod(window)
+        following["layers"][layer.name] = {"seconds": 1.0, "out": per_position * per_group_in, "in": per_position * out}
+    assert make_plan(model, scores, "shrink", "flops=-20%", latency_price=1.0,
+                     layer_latency=following).keep_channels == default.keep_channels
     with pytest.raises(UserError, match="latency_price=-1.0 is invalid"):
         make_plan(model, scores, "shrink", "flops=-20%", latency_price=-1.0, layer_latency=table)
     with pytest.raises(UserError, match="prices channels in the global allocation"):

@@ -55,9 +55,9 @@ flags.DEFINE_float("remove_share", 0.5, "remove+shrink: the share of the budget 
 flags.DEFINE_float("shrink_ratio", 0.5, "Layer allocation: the fraction of a selected group's channels that shrink "
                    "removes, in (0, 1).")
 flags.DEFINE_integer("round_to", 8, "Shrink keeps a multiple of this many channels.")
-flags.DEFINE_float("latency_price", 0.0, "Global allocation: divide each group's channel importances by (the latency "
-                   "one of its channels costs on this backend, measured per layer, over the groups' mean)^N, so that "
-                   "costlier channels go first; 0 ranks by importance alone (ResNet-50 -50% on CPU: see benchmarks/README).")
+flags.DEFINE_float("latency_price", 0.0, "Global allocation: divide each group's channel importances by (the seconds "
+                   "per FLOP one of its channels costs on this backend, measured per layer, over the model's)^N, so that "
+                   "channels slow for their FLOPs go first; 0 ranks by importance alone (0.25: see benchmarks/README).")
 flags.DEFINE_string("layer_latency", None, "--latency_price: reuse this layer latency table (DIR.layer_latency.json of "
                     "an earlier prune of the same architecture on this backend) instead of measuring one.")
 flags.DEFINE_string("export_torch", None, "Also write the pruned model as `xprune export --format=torch` does.")

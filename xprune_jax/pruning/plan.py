@@ -43,7 +43,7 @@ class Plan:
     allocation: str = "layer"  # shrink: "global" (channels ranked across groups) or "layer" (the paper's: whole groups)
     normalize: str | None = None  # global allocation: how channel importances were made comparable across groups
     removed: list[str] = dataclasses.field(default_factory=list)  # remove+shrink: the units removed before shrinking
-    latency_price: float = 0.0  # global allocation: importances divided by (measured latency per channel)^this
+    latency_price: float = 0.0  # global allocation: importances divided by (measured seconds per FLOP of a channel, relative)^this
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -78,9 +78,9 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
     group keeping at least ``floor`` of its width and a multiple of ``round_to``), or ``layer``-wise as
     the paper does (groups ranked by their producers' layer scores, each narrowed by ``shrink_ratio``).
     ``remove+shrink`` removes units until ``remove_share`` of the budget is met, then shrinks globally.
-    ``latency_price`` N > 0 divides each group's importances by (what one of its channels costs in
-    ``layer_latency``, :func:`~xprune_jax.pruning.latency.layer_latency`'s table, over the groups' mean)^N:
-    the allocation then prefers the channels that cost the backend more time.
+    ``latency_price`` N > 0 divides each group's importances by (the seconds per FLOP one of its channels
+    costs in ``layer_latency``, :func:`~xprune_jax.pruning.latency.layer_latency`'s table, over the mean)^N
+    (:func:`latency_priced`): the allocation then prefers the channels slow for their FLOPs on the backend.
     """
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -224,7 +224,7 @@ def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, no
         if values is not None:
             groups[name], importance[name] = group, normalized(values, normalize)
     if prices:
-        importance = latency_priced(groups, importance, *prices)
+        importance = latency_priced(groups, importance, *prices, by_layer, c.model.variables["params"])
     total = c.flops_before if kind == "flops" else c.params_before
     already = total - (analysis.total_flops(c.layers) if kind == "flops" else count_params(c.model.arch, c.model.spec))
     keep = allocate(groups, importance, by_layer, c.model.variables["params"], kind, target, total, already, round_to,
@@ -272,20 +272,29 @@ def allocate(groups: dict, importance: dict, by_layer: dict, params: dict, kind:
     return {n: sorted(int(i) for i in order[n][groups[n].width - kept[n]:]) for n in groups if kept[n] < groups[n].width}
 
 
-def latency_priced(groups: dict, importance: dict, exponent: float, layers: dict) -> dict:
-    """Each group's importances divided by (the latency one of its channels costs / the groups' mean)^``exponent``.
-    A channel's latency: its producers' and depthwise convs' ``out`` and its consumers' ``in`` seconds in
-    ``layers`` (a layer latency table's). A price is at least 1% of the mean: a channel that saves no
-    measurable time is kept, not made infinitely important."""
+def latency_priced(groups: dict, importance: dict, exponent: float, layers: dict, by_layer: dict, params: dict) -> dict:
+    """Each group's importances divided by (the seconds per FLOP one of its channels costs / those of all the
+    groups' channels together)^``exponent``. A channel's seconds: its producers' and depthwise convs' ``out``
+    and its consumers' ``in`` seconds in ``layers`` (a layer latency table's); its FLOPs: what removing it
+    saves, as the allocation counts them. Where the backend's time follows FLOPs, the price is 1 and the
+    criterion alone decides; a channel slow for its FLOPs (a layer bound by memory, not compute) goes
+    sooner. A price is at least 1% of the mean, and a channel that saves no FLOPs is priced at the mean."""
     missing = sorted({s.layer for g in groups.values() for s in g.producers + g.depthwise + g.consumers} - set(layers))
     if missing:
         raise UserError(f"the layer latency table has no layer {missing[0]!r} of this model; measure it again (drop --layer_latency)")
-    price = {n: sum(layers[s.layer]["out"] for s in g.producers + g.depthwise) + sum(layers[s.layer]["in"] for s in g.consumers)
-             for n, g in groups.items()}
-    mean = float(np.mean(list(price.values()))) if price else 0.0
+    seconds = {n: sum(layers[s.layer]["out"] for s in g.producers + g.depthwise) + sum(layers[s.layer]["in"] for s in g.consumers)
+               for n, g in groups.items()}
+    flops = {}
+    for n, g in groups.items():
+        one = ShrinkSavings(by_layer, params)
+        one.set(g, [0])
+        flops[n] = one.totals()[0]
+    total_flops = sum(flops[n] for n in groups if flops[n] > 0)
+    mean = sum(seconds[n] for n in groups if flops[n] > 0) / total_flops if total_flops else 0.0
     if mean <= 0:
         return importance
-    return {n: importance[n] / (max(price[n], 0.01 * mean) / mean) ** exponent for n in groups}
+    return {n: importance[n] / (max(seconds[n] / flops[n] if flops[n] > 0 else mean, 0.01 * mean) / mean) ** exponent
+            for n in groups}
 
 
 def normalized(values: np.ndarray, how: str) -> np.ndarray:
