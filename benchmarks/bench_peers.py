@@ -1031,14 +1031,26 @@ def head_to_head(results: dict) -> list[dict]:
     return out
 
 
+COMMANDS = {"latency_price": "price", "recovery": "recover"}  # the command that writes each kind of results file
+
+
 def load_results(folder: str = RESULTS, kind: str = "") -> list[dict]:
-    """Every fixture's results in ``folder`` (``<arch>.json``, or ``<arch>.<kind>.json``), in FIXTURES order."""
+    """Every fixture's results in ``folder`` (``<arch>.json``, or ``<arch>.<kind>.json``), in FIXTURES order.
+    A ``kind`` file must come from the same fixture weights as the ``<arch>.json`` beside it, if any."""
     found = []
     for arch in FIXTURES:
         path = os.path.join(folder, f"{arch}.{kind}.json" if kind else f"{arch}.json")
         if os.path.isfile(path):
             with open(path) as f:
                 found.append(json.load(f))
+            run_path = os.path.join(folder, f"{arch}.json")
+            if kind and os.path.isfile(run_path):
+                with open(run_path) as f:
+                    made_from = json.load(f).get("weights_sha256")
+                if found[-1].get("weights_sha256") != made_from:
+                    raise UserError(f"{path} was made from other weights ({str(found[-1].get('weights_sha256'))[:12]}) than "
+                                    f"{os.path.basename(run_path)} ({str(made_from)[:12]}); run `{COMMANDS.get(kind, kind)} "
+                                    f"--arch={arch}` again")
     return found
 
 

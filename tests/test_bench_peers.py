@@ -17,6 +17,7 @@ import torchvision
 from tests.conftest import REPO
 from xprune_jax import analysis, models
 from xprune_jax.checkpoint import Model
+from xprune_jax.errors import UserError
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 try:
@@ -131,6 +132,9 @@ def test_recovery_table_compares_both_fine_tuned_models_over_seeds(tmp_path):
     alike = {"recovery": {"finetuned": {"metrics": {"top1": 0.97}}}}  # the task loss trained the unpruned model too
     assert write(ours=(0.90, 0.92, 0.91), peer=(0.80, 0.81, 0.82), unpruned=alike)[2].startswith(
         "| MobileNetV2 (top-1 95.0%; fine-tuned alike 97.0%) | -30% |")
+    (tmp_path / "mobilenet_v2.json").write_text(json.dumps({"weights_sha256": "b" * 64}))  # the run beside it: other weights
+    with pytest.raises(UserError, match="made from other weights"):
+        write(ours=(0.90, 0.92, 0.91), peer=(0.80, 0.81, 0.82))
 
 
 def test_latency_duel_pairs_each_seeds_models_and_pools_the_ratios(monkeypatch):
