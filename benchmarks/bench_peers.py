@@ -887,6 +887,9 @@ def price(args) -> None:
     log, start = functools.partial(print, f"[{args.arch}]", flush=True), time.time()
     table = layer_latency(fixture.model, 1, args.layer_repeats)
     log(f"layer latency measured ({len(table['layers'])} layers, {time.time() - start:.0f} s)")
+    agreement = price_agreement(fixture.model, table, layer_latency(fixture.model, 1, args.layer_repeats, seed=1))
+    log(f"a second table's prices: log correlation {agreement['log_correlation']:.3f}, at most "
+        f"{agreement['max_ratio']:.2f}x apart")
     rows, duels, gradients = [], {}, {}
     for h in head_to_head(results):
         if not h["peer"]:
@@ -919,9 +922,28 @@ def price(args) -> None:
             f"latency_price {e}: {duels[str(budget)][f'{e:g}']['ratio_median']:.3f}" for e in exponents))
     write_json_atomic(os.path.join(RESULTS, f"{args.arch}.latency_price.json"), {
         "arch": args.arch, "weights_sha256": fixture.sha256, "metric": results["metric"], "exponents": exponents,
-        "rows": rows, "latency_duel": duels, "layer_latency": table, "duel_repeats": args.duel_repeats,
+        "rows": rows, "latency_duel": duels, "layer_latency": table, "table_agreement": agreement, "duel_repeats": args.duel_repeats,
         "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]), "wall_seconds": time.time() - start,
         "environment": runs.environment()})
+
+
+def price_agreement(model, table: dict, again: dict) -> dict:
+    """How far two layer latency tables of ``model`` agree on the price of each channel group's channel
+    (``latency_priced`` at exponent 1): the correlation of the log prices, and the largest ratio between
+    a group's two prices once the tables' overall shift is taken out."""
+    from xprune_jax import analysis
+    from xprune_jax.pruning.plan import latency_priced
+    from xprune_jax.pruning.surgery import graph_of
+
+    by_layer = {l.name: l for l in analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))}
+    groups = {g.name: g for g in graph_of(model.arch, model.spec).groups
+              if all(s.layer in table["layers"] for s in g.producers + g.depthwise + g.consumers)}
+    ones = {n: np.ones(1) for n in groups}
+    log_price = [np.log([1 / latency_priced(groups, ones, 1.0, t["layers"], by_layer, model.variables["params"])[n][0]
+                         for n in groups]) for t in (table, again)]
+    shift = log_price[1] - log_price[0]
+    return {"groups": len(groups), "log_correlation": float(np.corrcoef(*log_price)[0, 1]),
+            "max_ratio": float(np.exp(np.abs(shift - np.median(shift)).max()))}
 
 
 def price_table(folder: str = RESULTS) -> list[str]:
@@ -1221,7 +1243,7 @@ def table(args) -> None:
     priced = price_table(args.results)
     if priced:
         lines += ["", "## Priced by layer latency", "",
-                  "Our default with the global allocation priced by each channel's measured seconds per FLOP "
+                  "Our default with the global allocation priced by its layers' measured seconds per FLOP "
                   "(`xprune prune --latency_price=N`; `python benchmarks/bench_peers.py price --arch=ARCH`): the metric as "
                   "cut, and every seed's model timed side by side with the unpruned model and the peer's best, our time "
                   "over the peer's per round and seed, pooled (median [IQR]).", ""] + priced

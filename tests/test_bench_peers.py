@@ -154,3 +154,22 @@ def test_a_fixture_the_peer_cannot_prune_has_no_duel_one_line_and_status_2():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: ") and "can't prune shufflenet_v2_x1_0" in done.stderr
+
+
+def test_price_agreement_compares_two_tables_group_by_group():
+    """Two equal tables, or one uniformly slower, agree fully; one layer slower in the second moves the
+    prices of the groups it narrows, and only those."""
+    spec = models.get_architecture("mobilenet_v2").default_spec()
+    model = Model("mobilenet_v2", spec, models.init_variables("mobilenet_v2", spec, seed=0), {"preprocess": {"crop": 64}})
+    convs = [l for l in analysis.describe_layers(model.arch, spec, 64) if l.kind != "block"]
+    rng = np.random.default_rng(0)
+    table = {"layers": {l.name: {"seconds": 1e-9 * l.flops * rng.uniform(0.5, 2.0)} for l in convs}}
+    slower = {"layers": {n: {"seconds": 3 * v["seconds"]} for n, v in table["layers"].items()}}
+    for again in (table, slower):
+        agreement = bench_peers.price_agreement(model, table, again)
+        assert agreement["groups"] > 10 and agreement["log_correlation"] == pytest.approx(1.0)
+        assert agreement["max_ratio"] == pytest.approx(1.0)
+    moved = json.loads(json.dumps(table))
+    moved["layers"]["features.10.conv.0.0"]["seconds"] *= 4
+    agreement = bench_peers.price_agreement(model, table, moved)
+    assert 1.5 < agreement["max_ratio"] <= 4.0 + 1e-9 and agreement["log_correlation"] < 1.0

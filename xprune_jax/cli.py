@@ -56,8 +56,8 @@ flags.DEFINE_float("shrink_ratio", 0.5, "Layer allocation: the fraction of a sel
                    "removes, in (0, 1).")
 flags.DEFINE_integer("round_to", 8, "Shrink keeps a multiple of this many channels.")
 flags.DEFINE_float("latency_price", 0.0, "Global allocation: divide each group's channel importances by (the seconds "
-                   "per FLOP one of its channels costs on this backend, measured per layer, over the model's)^N, so that "
-                   "channels slow for their FLOPs go first; 0 ranks by importance alone (0.25: see benchmarks/README).")
+                   "per FLOP of the layers its channels narrow, each layer timed on this backend, over the model's)^N, "
+                   "so that channels slow for their FLOPs go sooner; 0 ranks by importance alone (0.25: see benchmarks/README).")
 flags.DEFINE_string("layer_latency", None, "--latency_price: reuse this layer latency table (DIR.layer_latency.json of "
                     "an earlier prune of the same architecture on this backend) instead of measuring one.")
 flags.DEFINE_string("export_torch", None, "Also write the pruned model as `xprune export --format=torch` does.")
@@ -401,7 +401,7 @@ def _layer_latency(model) -> dict:
         table = check_layer_latency(_read_json(FLAGS.layer_latency, "layer latency table", "`xprune prune --latency_price=N`"),
                                     model, FLAGS.batch_size, FLAGS.layer_latency)
     else:
-        print(f"measuring each layer's latency per channel (batch {FLAGS.batch_size}, {FLAGS.repeats} rounds)", flush=True)
+        print(f"measuring each layer's latency (batch {FLAGS.batch_size}, {FLAGS.repeats} rounds)", flush=True)
         table = layer_latency(model, FLAGS.batch_size, FLAGS.repeats, seed=FLAGS.seed, progress=True)
     write_json_atomic(FLAGS.out.rstrip("/") + ".layer_latency.json", table)
     return {"latency_price": FLAGS.latency_price, "layer_latency": table}

@@ -8,8 +8,8 @@ measured so far, ``(1 - latency ratio) / FLOPs cut``, kept inside the bracket be
 cut that missed the target and the smallest that met it (bisection where the elasticity points
 outside it). The search stops when that bracket is narrower than ``tolerance`` or after ``max_steps``.
 
-:func:`layer_latency` measures what one channel of each layer costs on this backend, the table a
-latency-priced global allocation reads (``make_plan(..., latency_price=N, layer_latency=table)``).
+:func:`layer_latency` measures each layer's seconds on this backend, the table a latency-priced
+global allocation reads (``make_plan(..., latency_price=N, layer_latency=table)``).
 """
 
 import dataclasses
@@ -94,15 +94,12 @@ def plan_for_latency(model, scores: dict, mode: str, target: float, measure: Cal
 
 def layer_latency(model, batch_size: int = 1, repeats: int = 15, inner: int = 16, seed: int = 0,
                   progress: bool = False) -> dict:
-    """Each conv and linear layer's marginal latency on this backend, measured alone at its input shapes
-    in ``model`` (batch ``batch_size``; a layer called more than once, like an R-CNN head's conv on every
-    FPN level, sums its calls): ``seconds`` at full width, and the seconds one channel fewer saves,
-    ``out`` (an output channel; a depthwise conv's channel, in and out) and ``in`` (an input channel),
-    from the layer timed again with half of them (differences below zero count as 0). Each timed call
-    runs the layer ``inner`` times in a loop, so dispatch does not swamp small layers: the measurement costs
-    about ``3 * inner * (repeats + 2)`` forward passes of the network. ``progress``: say which layer compiles,
-    then a bar over the rounds. The table records what it was measured on; :func:`check_layer_latency`
-    checks a reused one."""
+    """Each conv and linear layer's latency on this backend, measured alone at its input shapes in ``model``
+    (batch ``batch_size``; a layer called more than once, like an R-CNN head's conv on every FPN level, sums
+    its calls): ``seconds``. Each timed call runs the layer ``inner`` times in a loop, so dispatch does not
+    swamp small layers: the measurement costs about ``inner * (repeats + 2)`` forward passes of the network.
+    ``progress``: say which layer compiles, then a bar over the rounds. The table records what it was
+    measured on; :func:`check_layer_latency` checks a reused one."""
     found = layer_calls(model, batch_size)
     params, calls, rng = model.variables["params"], {}, np.random.default_rng(seed)
 
@@ -116,29 +113,11 @@ def layer_latency(model, batch_size: int = 1, repeats: int = 15, inner: int = 16
         calls[key] = lambda: compiled(layer_params, x)
 
     for name, (module, shapes) in found.items():
-        p = tree_paths.get(params, name)
-        kernel = p["kernel"]
-        cin, cout = shapes[0][-1], kernel.shape[-1]
-        half = {"kernel": kernel[..., : cout // 2], **({"bias": p["bias"][: cout // 2]} if "bias" in p else {})}
         for k, shape in enumerate(shapes):
-            x = jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32)
-            timed((name, k, "seconds"), module, p, x)
-            if _depthwise(kernel, cin):  # its channels go in and out together
-                timed((name, k, "out"), module, half, x[..., : cout // 2])
-            elif cout > 1:
-                timed((name, k, "out"), module, half, x)
-            if not _depthwise(kernel, cin) and cin > 1 and (kernel.ndim == 2 or kernel.shape[2] == cin):
-                kernel_in = kernel[: cin // 2] if kernel.ndim == 2 else kernel[:, :, : cin // 2]
-                timed((name, k, "in"), module, {**p, "kernel": kernel_in}, x[..., : cin // 2])
+            timed((name, k), module, tree_paths.get(params, name), jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32))
     seconds = {key: float(np.median(t)) / inner for key, t in timing.time_side_by_side(calls, repeats, 2, seed, progress).items()}
-    layers = {}
-    for name, (_, shapes) in found.items():
-        widths = {"out": tree_paths.get(params, name)["kernel"].shape[-1], "in": shapes[0][-1]}
-        full = [seconds[(name, k, "seconds")] for k in range(len(shapes))]
-        layers[name] = {"seconds": sum(full), **{side: sum(
-            max(0.0, full[k] - seconds[(name, k, side)]) / (widths[side] - widths[side] // 2)
-            for k in range(len(shapes)) if (name, k, side) in seconds) for side in ("out", "in")}}
-    return {"what": "marginal seconds per channel of each conv and linear layer, measured alone", **_measured_on(model, batch_size),
+    layers = {name: {"seconds": sum(seconds[(name, k)] for k in range(len(shapes)))} for name, (_, shapes) in found.items()}
+    return {"what": "seconds of each conv and linear layer, measured alone", **_measured_on(model, batch_size),
             "repeats": repeats, "inner": inner, "seed": seed, "layers": layers}
 
 
@@ -157,10 +136,6 @@ def layer_calls(model, batch_size: int = 1) -> dict[str, tuple[nn.Module, list[t
     with nn.intercept_methods(record):
         jax.eval_shape(model.module.apply, model.variables, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32))
     return found
-
-
-def _depthwise(kernel, cin: int) -> bool:
-    return kernel.ndim == 4 and kernel.shape[2] == 1 and kernel.shape[-1] == cin > 1
 
 
 def _measured_on(model, batch_size: int) -> dict:

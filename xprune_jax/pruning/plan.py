@@ -43,7 +43,7 @@ class Plan:
     allocation: str = "layer"  # shrink: "global" (channels ranked across groups) or "layer" (the paper's: whole groups)
     normalize: str | None = None  # global allocation: how channel importances were made comparable across groups
     removed: list[str] = dataclasses.field(default_factory=list)  # remove+shrink: the units removed before shrinking
-    latency_price: float = 0.0  # global allocation: importances divided by (measured seconds per FLOP of a channel, relative)^this
+    latency_price: float = 0.0  # global allocation: importances divided by (a channel's measured seconds per FLOP, relative)^this
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -79,7 +79,7 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
     the paper does (groups ranked by their producers' layer scores, each narrowed by ``shrink_ratio``).
     ``remove+shrink`` removes units until ``remove_share`` of the budget is met, then shrinks globally.
     ``latency_price`` N > 0 divides each group's importances by (the seconds per FLOP one of its channels
-    costs in ``layer_latency``, :func:`~xprune_jax.pruning.latency.layer_latency`'s table, over the mean)^N
+    costs by ``layer_latency``, :func:`~xprune_jax.pruning.latency.layer_latency`'s table, over the model's)^N
     (:func:`latency_priced`): the allocation then prefers the channels slow for their FLOPs on the backend.
     """
     if mode not in MODES:
@@ -273,28 +273,28 @@ def allocate(groups: dict, importance: dict, by_layer: dict, params: dict, kind:
 
 
 def latency_priced(groups: dict, importance: dict, exponent: float, layers: dict, by_layer: dict, params: dict) -> dict:
-    """Each group's importances divided by (the seconds per FLOP one of its channels costs / those of all the
-    groups' channels together)^``exponent``. A channel's seconds: its producers' and depthwise convs' ``out``
-    and its consumers' ``in`` seconds in ``layers`` (a layer latency table's); its FLOPs: what removing it
-    saves, as the allocation counts them. Where the backend's time follows FLOPs, the price is 1 and the
-    criterion alone decides; a channel slow for its FLOPs (a layer bound by memory, not compute) goes
-    sooner. A price is at least 1% of the mean, and a channel that saves no FLOPs is priced at the mean."""
+    """Each group's importances divided by (the seconds per FLOP one of its channels costs / the model's)^``exponent``.
+    A channel's seconds per FLOP: that of each layer it narrows (its ``seconds`` in ``layers``, a layer latency
+    table's, over its FLOPs), weighted by the FLOPs removing the channel saves there, as the allocation counts
+    them. Where the backend's time follows FLOPs the price is 1 and the criterion alone decides; a channel
+    of layers slow for their FLOPs (bound by memory, not compute) goes sooner. A layer's whole time is
+    measured, not the difference a narrower one makes, so two tables agree on the prices."""
     missing = sorted({s.layer for g in groups.values() for s in g.producers + g.depthwise + g.consumers} - set(layers))
     if missing:
         raise UserError(f"the layer latency table has no layer {missing[0]!r} of this model; measure it again (drop --layer_latency)")
-    seconds = {n: sum(layers[s.layer]["out"] for s in g.producers + g.depthwise) + sum(layers[s.layer]["in"] for s in g.consumers)
-               for n, g in groups.items()}
-    flops = {}
+    per_flop = {name: layers[name]["seconds"] / by_layer[name].flops for name in layers
+                if name in by_layer and by_layer[name].flops > 0}
+    if not per_flop:
+        return importance
+    mean = sum(layers[n]["seconds"] for n in per_flop) / sum(by_layer[n].flops for n in per_flop)
+    priced = {}
     for n, g in groups.items():
         one = ShrinkSavings(by_layer, params)
         one.set(g, [0])
-        flops[n] = one.totals()[0]
-    total_flops = sum(flops[n] for n in groups if flops[n] > 0)
-    mean = sum(seconds[n] for n in groups if flops[n] > 0) / total_flops if total_flops else 0.0
-    if mean <= 0:
-        return importance
-    return {n: importance[n] / (max(seconds[n] / flops[n] if flops[n] > 0 else mean, 0.01 * mean) / mean) ** exponent
-            for n in groups}
+        saved = {layer: flops for layer, (flops, _) in one.lost.items() if flops > 0 and layer in per_flop}
+        price = sum(per_flop[layer] * f for layer, f in saved.items()) / sum(saved.values()) if saved else mean
+        priced[n] = importance[n] / (price / mean) ** exponent
+    return priced
 
 
 def normalized(values: np.ndarray, how: str) -> np.ndarray:
