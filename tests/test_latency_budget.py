@@ -132,7 +132,7 @@ def test_cli_prices_channels_by_measured_layer_latency(workdir, capfd):
     table = json.loads((tmp / "priced.layer_latency.json").read_text())
     convs = [l.name for l in analysis.describe_layers(ARCH, load_model(str(tmp / "model")).spec, 224) if l.kind != "block"]
     assert sorted(table["layers"]) == sorted(convs) and table["arch"] == ARCH and table["batch_size"] == 1
-    assert all(v["seconds"] > 0 for v in table["layers"].values())
+    assert all(v["seconds"] > 0 and 1 <= min(v["loops"]) <= max(v["loops"]) <= table["inner"] for v in table["layers"].values())
     plan = json.loads((tmp / "priced.plan.json").read_text())
     assert plan["latency_price"] == 0.5
     xprune("prune", *common, "--latency_price=0.5", f"--layer_latency={tmp / 'priced.layer_latency.json'}",
@@ -160,3 +160,21 @@ def test_layer_latency_times_every_layer_of_a_detector():
     assert sorted(calls) == sorted(l.name for l in analysis.describe_layers(arch, spec, 64) if l.kind != "block")
     assert [shape[:2] for shape in calls["head.classification_head.conv.0.0"][1]] == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
     assert len(calls["backbone.body.conv1"][1]) == 1
+
+
+def test_layer_latency_loops_each_layer_as_often_as_its_speed_needs(monkeypatch):
+    """A timed call loops a layer until it takes about ``call_seconds``, at most ``inner`` times: once
+    when any call is long enough, ``inner`` times when none is; the seconds are per run of the layer."""
+    from xprune_jax.pruning import latency
+
+    spec = models.get_architecture("mobilenet_v2").default_spec()
+    model = Model("mobilenet_v2", spec, models.init_variables("mobilenet_v2", spec, seed=0), {"preprocess": {"crop": 64}})
+    every = latency.layer_calls(model)
+    monkeypatch.setattr(latency, "layer_calls", lambda model, batch_size=1: dict(list(every.items())[:3]))
+    once = latency.layer_latency(model, 1, repeats=3, inner=8, call_seconds=1e-9)
+    looped = latency.layer_latency(model, 1, repeats=3, inner=8, call_seconds=10.0)
+    assert sorted(once["layers"]) == sorted(looped["layers"]) == sorted(list(every)[:3])
+    assert all(v["loops"] == [1] for v in once["layers"].values()) and once["call_seconds"] == 1e-9
+    assert all(v["loops"] == [8] for v in looped["layers"].values())
+    for name, v in looped["layers"].items():
+        assert 0 < v["seconds"] < 10 * once["layers"][name]["seconds"]  # per run, not per looped call

@@ -42,11 +42,11 @@ def model_call(model, batch_size: int = 1, image: str = DEMO_IMAGE) -> Callable[
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
-                      seed: int = 0, progress: bool = False) -> dict[str, list[float]]:
+                      seed: int = 0, progress: bool = False, compiled: bool = False) -> dict[str, list[float]]:
     """Seconds per call of each zero-argument function, ``repeats`` rounds each. ``progress``: say
-    which function warms up (its first call compiles), then a progress bar over the rounds."""
+    which function warms up (its first call compiles, unless ``compiled``), then a progress bar over the rounds."""
     for k, (name, fn) in enumerate(fns.items(), 1):
-        if progress:
+        if progress and not compiled:
             print(f"compiling and warming up model {k} of {len(fns)}: {name}", file=sys.stderr, flush=True)
         for _ in range(warmup):
             jax.block_until_ready(fn())

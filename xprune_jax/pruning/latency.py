@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import sys
+import time
 from typing import Callable
 
 import flax.linen as nn
@@ -93,32 +95,47 @@ def plan_for_latency(model, scores: dict, mode: str, target: float, measure: Cal
 
 
 def layer_latency(model, batch_size: int = 1, repeats: int = 15, inner: int = 16, seed: int = 0,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, call_seconds: float = 2e-3) -> dict:
     """Each conv and linear layer's latency on this backend, measured alone at its input shapes in ``model``
     (batch ``batch_size``; a layer called more than once, like an R-CNN head's conv on every FPN level, sums
-    its calls): ``seconds``. Each timed call runs the layer ``inner`` times in a loop, so dispatch does not
-    swamp small layers: the measurement costs about ``inner * (repeats + 2)`` forward passes of the network.
-    ``progress``: say which layer compiles, then a bar over the rounds. The table records what it was
-    measured on; :func:`check_layer_latency` checks a reused one."""
+    its calls): ``seconds``. Each timed call runs the layer in a loop, as many times (``loops``, at most
+    ``inner``) as take about ``call_seconds``, so dispatch does not swamp small layers and big ones run once:
+    the measurement costs at most ``inner * (repeats + 2)`` forward passes of the network, and about
+    ``repeats + 2`` where its layers are slow (a detector at full size). ``progress``: say which layer
+    compiles, then a bar over the rounds. The table records what it was measured on;
+    :func:`check_layer_latency` checks a reused one."""
     found = layer_calls(model, batch_size)
-    params, calls, rng = model.variables["params"], {}, np.random.default_rng(seed)
+    params, calls, loops, rng = model.variables["params"], {}, {}, np.random.default_rng(seed)
 
     def timed(key, module, layer_params, x):
-        def loop(layer_params, x):  # each call depends on the last one, so none is hoisted or merged
-            def body(carry, _):
+        def loop(layer_params, x, n):  # each call depends on the last one, so none is hoisted or merged
+            def body(_, carry):
                 inputs = [x + carry] if isinstance(module, SharedConv2d) else x + carry
-                return carry + 1e-6 * jnp.mean(jax.tree_util.tree_leaves(module.apply({"params": layer_params}, inputs))[0]), None
-            return jax.lax.scan(body, jnp.float32(0), None, length=inner)[0]
+                return carry + 1e-6 * jnp.mean(jax.tree_util.tree_leaves(module.apply({"params": layer_params}, inputs))[0])
+            return jax.lax.fori_loop(0, n, body, jnp.float32(0))
         compiled = jax.jit(loop)
-        calls[key] = lambda: compiled(layer_params, x)
+        jax.block_until_ready(compiled(layer_params, x, 1))  # compiles
+        once = min(_seconds(lambda: compiled(layer_params, x, 1)) for _ in range(3))
+        loops[key] = n = int(np.clip(np.ceil(call_seconds / max(once, 1e-9)), 1, inner))
+        calls[key] = lambda: compiled(layer_params, x, n)
 
-    for name, (module, shapes) in found.items():
-        for k, shape in enumerate(shapes):
-            timed((name, k), module, tree_paths.get(params, name), jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32))
-    seconds = {key: float(np.median(t)) / inner for key, t in timing.time_side_by_side(calls, repeats, 2, seed, progress).items()}
-    layers = {name: {"seconds": sum(seconds[(name, k)] for k in range(len(shapes)))} for name, (_, shapes) in found.items()}
+    for k, (name, (module, shapes)) in enumerate(found.items(), 1):
+        if progress:
+            print(f"compiling layer {k} of {len(found)}: {name}", file=sys.stderr, flush=True)
+        for i, shape in enumerate(shapes):
+            timed((name, i), module, tree_paths.get(params, name), jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32))
+    times = timing.time_side_by_side(calls, repeats, 1, seed, progress, compiled=True)
+    seconds = {key: float(np.median(t)) / loops[key] for key, t in times.items()}
+    layers = {name: {"seconds": sum(seconds[(name, i)] for i in range(len(shapes))), "loops": [loops[(name, i)] for i in range(len(shapes))]}
+              for name, (_, shapes) in found.items()}
     return {"what": "seconds of each conv and linear layer, measured alone", **_measured_on(model, batch_size),
-            "repeats": repeats, "inner": inner, "seed": seed, "layers": layers}
+            "repeats": repeats, "inner": inner, "call_seconds": call_seconds, "seed": seed, "layers": layers}
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
 
 
 def layer_calls(model, batch_size: int = 1) -> dict[str, tuple[nn.Module, list[tuple[int, ...]]]]:
