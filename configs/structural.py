@@ -31,10 +31,12 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
     config.prunings = ("zero:layers=5%", "remove:flops=-10%", "remove:flops=-20%", "shrink:flops=-10%",
                        "shrink:flops=-20%", "shrink:flops=-30%")
     # make_plan's options (xprune prune's flags): shrink allocates channels globally, each group keeping
-    # at least `floor` of its width; allocation="layer" is the paper's protocol (whole groups, shrink_ratio each)
+    # at least `floor` of its width; allocation="layer" is the paper's protocol (whole groups, shrink_ratio each);
+    # latency_price > 0 prices the channels by each layer's seconds per FLOP on this backend, measured once
+    # per run into out_dir/layer_latency.json (or read from `layer_latency`, a table of `xprune prune`)
     config.pruning = ml_collections.ConfigDict({
         "allocation": "global", "normalize": "mean", "floor": 0.125, "round_to": 8, "shrink_ratio": 0.5,
-        "remove_share": 0.5, "protect": ()})
+        "remove_share": 0.5, "protect": (), "latency_price": 0.0, "layer_latency": ""})
     # recovery of every pruned model, each stage measured as the cut is (0 = off): BN statistics re-estimated
     # on `recalibrate_bn` training images, then `finetune.steps` steps distilling from the unpruned model
     config.recovery = ml_collections.ConfigDict({"recalibrate_bn": 0, "finetune": ml_collections.ConfigDict({

@@ -264,3 +264,33 @@ def test_tradeoff_plot_marks_every_mode(tmp_path):
     path = tmp_path / "tradeoff.png"
     _plot_tradeoff(rows, "AP", str(path))
     assert path.stat().st_size > 0
+
+
+def test_latency_priced_run_measures_its_table_once(tmp_path):
+    """`config.pruning.latency_price` prices the run's shrink plans by a layer latency table measured
+    once into the run folder and reused on resume (the same rows, nothing measured again); `remove`
+    rows plan unpriced; bad settings get one line before any work."""
+    out, prunings = tmp_path / "run", "--config.prunings=('remove:flops=-10%', 'shrink:flops=-20%')"
+    priced = ("run", "--config=configs/structural.py:shufflenet_v2_x0_5", "--config.criteria=('l1',)", "--config.seeds=(0,)",
+              "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.calib_images=2", "--config.pruning.latency_price=0.5")
+    first = xprune(*priced, prunings, f"--config.out_dir={out}")
+    assert "measuring each layer's latency for latency_price" in first.stderr
+    table = json.loads((out / "layer_latency.json").read_text())
+    assert table["arch"] == "shufflenet_v2_x0_5" and len(table["layers"]) > 20
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["mode"], "infeasible" in r) for r in rows] == [("remove", False), ("shrink", False)]
+    assert rows[1]["flops_ratio"] <= 0.8
+    context = json.loads((out / "measurements.json").read_text())["context"]
+    assert context["pruning"]["latency_price"] == 0.5
+    again = xprune(*priced, prunings, f"--config.out_dir={out}", "--config.resume=True")
+    assert "measuring each layer's latency" not in again.stderr and "resumed: 2 of 2" in again.stdout
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+    for flags, message in ((("--config.pruning.latency_price=-1.0",), "config.pruning.latency_price is -1.0"),
+                           (("--config.pruning.latency_price=0.5", "--config.pruning.allocation=layer"),
+                            "prices channels in the global allocation"),
+                           (("--config.pruning.layer_latency=/nonexistent.json",), "set config.pruning.latency_price too"),
+                           (("--config.pruning.latency_price=0.5", "--config.pruning.layer_latency=/nonexistent.json"),
+                            "no file /nonexistent.json")):
+        result = xprune(*priced[:-1], prunings, *flags, f"--config.out_dir={tmp_path / 'bad'}", check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and message in lines[-1] and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -125,6 +125,17 @@ def validate(config) -> None:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
                 raise UserError(f"config.pruning.{name} is {value!r}; it must be a fraction between 0 and 1")
         field("pruning.round_to", int, 1)
+        price = config.pruning.get("latency_price", 0.0)
+        if not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0:
+            raise UserError(f"config.pruning.latency_price is {price!r}; use 0 (importance alone) or a positive exponent, e.g. 0.25")
+        if config.pruning.get("layer_latency") and not price:
+            raise UserError("config.pruning.layer_latency is the table latency_price reads; set config.pruning.latency_price too, or drop it")
+        if config.pruning.get("layer_latency") and not os.path.isfile(config.pruning.layer_latency):
+            raise UserError(f"config.pruning.layer_latency: no file {config.pruning.layer_latency}; give a table "
+                            "`xprune prune --latency_price=N` wrote, or drop it")
+        if price and config.pruning.get("allocation") != "global":
+            raise UserError("config.pruning.latency_price prices channels in the global allocation; set "
+                            "config.pruning.allocation='global', or drop it")
         if not all(isinstance(p, str) for p in field("pruning.protect", (tuple, list))):
             raise UserError("config.pruning.protect must list layer or block names, e.g. ('model.22',)")
     if _recovers(config):
@@ -160,6 +171,8 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir,
                              config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
+    options = plan_options(config)
+    priced = {"layer_latency": run_layer_latency(config, model, run_dir)} if options.get("latency_price") else {}
     recovery = Recovery(config, model, evaluator) if _recovers(config) else None
     _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
@@ -185,7 +198,9 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                 row = {"criterion": criterion, "mode": mode, "budget": budget, "seed": seed}
                 bar.set_description(f"seed {seed}: planning {criterion} {pruning}")
                 try:
-                    plan = make_plan(model, single, mode, budget, **plan_options(config))
+                    plan = make_plan(model, single, mode, budget, **(
+                        {**options, **priced} if priced and mode in PRICED_MODES else
+                        {k: v for k, v in options.items() if k != "latency_price"}))
                 except UserError as e:  # e.g. a budget that the eligible units can't meet
                     rows.append({**row, "infeasible": str(e)})
                     bar.update()
@@ -233,6 +248,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
 
 
 MEASUREMENTS = "measurements.json"
+LAYER_LATENCY = "layer_latency.json"
 REFERENCE = "unpruned"  # the measurements' key of the unpruned model recovered alike (plan keys are sha256 hex)
 
 
@@ -271,9 +287,32 @@ def _say(message: str) -> None:
 
 def plan_options(config) -> dict:
     """:func:`make_plan`'s options from the config's ``pruning`` fields (defaults: the library's)."""
-    fields = ("protect", "allocation", "normalize", "floor", "round_to", "shrink_ratio", "remove_share")
+    fields = ("protect", "allocation", "normalize", "floor", "round_to", "shrink_ratio", "remove_share", "latency_price")
     return {k: (tuple(config.pruning[k]) if k == "protect" else config.pruning[k])
             for k in fields if k in config.get("pruning", {})}
+
+
+PRICED_MODES = ("shrink", "remove+shrink")  # the modes whose global channel allocation a latency price applies to
+
+
+def run_layer_latency(config, model, run_dir: str) -> dict:
+    """The layer latency table a run's latency-priced plans read: ``config.pruning.layer_latency``, else the
+    run folder's own (``layer_latency.json``, reused on resume), else measured now and written there; a
+    reused table is checked against the model and the backend."""
+    from xprune_jax.pruning.latency import check_layer_latency, layer_latency
+
+    path = config.pruning.get("layer_latency") or os.path.join(run_dir, LAYER_LATENCY)
+    if config.pruning.get("layer_latency") or (config.resume and os.path.isfile(path)):
+        try:
+            with open(path) as f:
+                table = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is unreadable ({e}); measure the table again (drop config.pruning.layer_latency)")
+        return check_layer_latency(table, model, config.bench.batch_size, path)
+    _say(f"prune: measuring each layer's latency for latency_price (batch {config.bench.batch_size})")
+    table = layer_latency(model, config.bench.batch_size, seed=config.seed, progress=True)
+    write_json_atomic(path, table)
+    return table
 
 
 def plan_key(mode: str, plan) -> str:
@@ -287,7 +326,9 @@ def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
     return json.loads(json.dumps({
         "arch": model.arch, "weights_sha256": model.meta.get("provenance", {}).get("sha256"),
         "spec": spec_to_dict(model.spec), "eval_images": config.eval_images, "bench": config.bench.to_dict(),
-        **({"pruning": config.pruning.to_dict()} if "pruning" in config else {}),
+        **({"pruning": {k: v for k, v in config.pruning.to_dict().items()  # unpriced: as before the price existed
+                        if k not in ("latency_price", "layer_latency") or config.pruning.get("latency_price")}}
+           if "pruning" in config else {}),
         **({"recovery": config.recovery.to_dict()} if _recovers(config) else {}),
         "seed": config.seed, "precision": precision.current(), "unpruned_metrics": unpruned.metrics}))
 
