@@ -939,8 +939,10 @@ def price_agreement(model, table: dict, again: dict) -> dict:
     groups = {g.name: g for g in graph_of(model.arch, model.spec).groups
               if all(s.layer in table["layers"] for s in g.producers + g.depthwise + g.consumers)}
     ones = {n: np.ones(1) for n in groups}
-    log_price = [np.log([1 / latency_priced(groups, ones, 1.0, t["layers"], by_layer, model.variables["params"])[n][0]
-                         for n in groups]) for t in (table, again)]
+    log_price = []
+    for t in (table, again):
+        priced = latency_priced(groups, ones, 1.0, t["layers"], by_layer, model.variables["params"])
+        log_price.append(-np.log([priced[n][0] for n in groups]))
     shift = log_price[1] - log_price[0]
     return {"groups": len(groups), "log_correlation": float(np.corrcoef(*log_price)[0, 1]),
             "max_ratio": float(np.exp(np.abs(shift - np.median(shift)).max()))}

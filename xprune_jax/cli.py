@@ -395,11 +395,10 @@ def _layer_latency(model) -> dict:
     if not FLAGS.latency_price:
         return {}
     from xprune_jax.checkpoint import write_json_atomic
-    from xprune_jax.pruning.latency import check_layer_latency, layer_latency
+    from xprune_jax.pruning.latency import layer_latency, read_layer_latency
 
     if FLAGS.layer_latency:
-        table = check_layer_latency(_read_json(FLAGS.layer_latency, "layer latency table", "`xprune prune --latency_price=N`"),
-                                    model, FLAGS.batch_size, FLAGS.layer_latency)
+        table = read_layer_latency(FLAGS.layer_latency, model, FLAGS.batch_size)
     else:
         print(f"measuring each layer's latency (batch {FLAGS.batch_size}, {FLAGS.repeats} rounds)", flush=True)
         table = layer_latency(model, FLAGS.batch_size, FLAGS.repeats, seed=FLAGS.seed, progress=True)

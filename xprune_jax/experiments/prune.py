@@ -171,8 +171,10 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir,
                              config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
-    options = plan_options(config)
-    priced = {"layer_latency": run_layer_latency(config, model, run_dir)} if options.get("latency_price") else {}
+    unpriced = plan_options(config)
+    priced = ({**unpriced, "latency_price": config.pruning.latency_price,
+               "layer_latency": run_layer_latency(config, model, run_dir)}
+              if config.get("pruning", {}).get("latency_price") else unpriced)  # for the PRICED_MODES
     recovery = Recovery(config, model, evaluator) if _recovers(config) else None
     _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
@@ -198,9 +200,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                 row = {"criterion": criterion, "mode": mode, "budget": budget, "seed": seed}
                 bar.set_description(f"seed {seed}: planning {criterion} {pruning}")
                 try:
-                    plan = make_plan(model, single, mode, budget, **(
-                        {**options, **priced} if priced and mode in PRICED_MODES else
-                        {k: v for k, v in options.items() if k != "latency_price"}))
+                    plan = make_plan(model, single, mode, budget, **(priced if mode in PRICED_MODES else unpriced))
                 except UserError as e:  # e.g. a budget that the eligible units can't meet
                     rows.append({**row, "infeasible": str(e)})
                     bar.update()
@@ -287,7 +287,7 @@ def _say(message: str) -> None:
 
 def plan_options(config) -> dict:
     """:func:`make_plan`'s options from the config's ``pruning`` fields (defaults: the library's)."""
-    fields = ("protect", "allocation", "normalize", "floor", "round_to", "shrink_ratio", "remove_share", "latency_price")
+    fields = ("protect", "allocation", "normalize", "floor", "round_to", "shrink_ratio", "remove_share")
     return {k: (tuple(config.pruning[k]) if k == "protect" else config.pruning[k])
             for k in fields if k in config.get("pruning", {})}
 
@@ -299,16 +299,11 @@ def run_layer_latency(config, model, run_dir: str) -> dict:
     """The layer latency table a run's latency-priced plans read: ``config.pruning.layer_latency``, else the
     run folder's own (``layer_latency.json``, reused on resume), else measured now and written there; a
     reused table is checked against the model and the backend."""
-    from xprune_jax.pruning.latency import check_layer_latency, layer_latency
+    from xprune_jax.pruning.latency import layer_latency, read_layer_latency
 
     path = config.pruning.get("layer_latency") or os.path.join(run_dir, LAYER_LATENCY)
     if config.pruning.get("layer_latency") or (config.resume and os.path.isfile(path)):
-        try:
-            with open(path) as f:
-                table = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path} is unreadable ({e}); measure the table again (drop config.pruning.layer_latency)")
-        return check_layer_latency(table, model, config.bench.batch_size, path)
+        return read_layer_latency(path, model, config.bench.batch_size)
     _say(f"prune: measuring each layer's latency for latency_price (batch {config.bench.batch_size})")
     table = layer_latency(model, config.bench.batch_size, seed=config.seed, progress=True)
     write_json_atomic(path, table)

@@ -162,6 +162,17 @@ def _measured_on(model, batch_size: int) -> dict:
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "precision": precision.current()}
 
 
+def read_layer_latency(path: str, model, batch_size: int) -> dict:
+    """The layer latency table at ``path``, checked (:func:`check_layer_latency`); a one-line error if unreadable."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read layer latency table {path} ({e.__class__.__name__}); make one with "
+                        "`xprune prune --latency_price=N`") from None
+    return check_layer_latency(table, model, batch_size, path)
+
+
 def check_layer_latency(table, model, batch_size: int, path: str) -> dict:
     """``table`` (read from ``path``) if it was measured for ``model``'s shapes on this backend at
     ``batch_size``; else a one-line error naming the difference."""
