@@ -13,7 +13,7 @@ results back on the host, gathered to every process). Cells run in ``--rounds`` 
 the median pass is reported. Models have random weights (shapes are what matters here): YOLOv8n at
 ``--imgsz`` for eval, ShuffleNetV2 x0.5 at ``--crop`` px for score.
 
-    nice -n 10 python benchmarks/bench_scaling.py --out benchmarks/results/scaling_cpu.json
+    taskset -c 0 python benchmarks/bench_scaling.py --out benchmarks/results/scaling_cpu.json
 """
 
 import json
@@ -172,7 +172,8 @@ def main() -> None:
         row["ratio_to_one_device"] = row["ms_per_image"] / base["ms_per_image"]
     summary = {f"{r['command']} {r['devices']} devices / {r['processes']} processes": round(r["ratio_to_one_device"] - 1, 4)
                for r in rows if r["mode"] == "strong" and r["devices"] > 1}
-    write_json_atomic(args.out, {"command": " ".join(sys.argv), "load_average_after": os.getloadavg(),
+    write_json_atomic(args.out, {"command": " ".join(sys.argv), "cpu_affinity": sorted(os.sched_getaffinity(0)),
+                                 "load_average_after": os.getloadavg(),
                                  "overhead_at_equal_work": summary, "cells": rows, "environment": runs.environment()})
     print("| command | scaling | devices | processes | global batch | images | s per pass | ms per image | vs 1 device |")
     print("|---|---|---|---|---|---|---|---|---|")

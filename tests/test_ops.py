@@ -215,6 +215,21 @@ def test_top_k_pairs_is_lax_top_k_ties_included():
         np.testing.assert_array_equal(index, expected_index)
 
 
+
+def test_top_k_above_keeps_lax_top_k_set_in_index_order():
+    rng = np.random.default_rng(5)
+    # Ties at every value, negatives, zeros and -inf: the k-th value is tied, so the boundary rule shows.
+    scores = rng.choice(np.float32([-2.0, -0.0, 0.0, 1e-4, 0.3, 0.7, 0.7000001, -np.inf]), 500)
+    for threshold, k in ((-1.0, 100), (0.2, 30), (0.2, 137), (0.2, 400), (-np.inf, 500), (0.9, 10)):
+        expected_values, expected_index = jax.lax.top_k(np.where(scores > threshold, scores, -np.inf), k)
+        kept = np.asarray(expected_values) > threshold
+        values, index, valid = jax.jit(ops.top_k_above, static_argnums=(1, 2))(scores, threshold, k)
+        order = np.argsort(np.asarray(expected_index)[kept])
+        np.testing.assert_array_equal(np.asarray(index)[valid], np.asarray(expected_index)[kept][order])
+        np.testing.assert_array_equal(np.asarray(values)[valid], np.asarray(expected_values)[kept][order])
+        assert np.all(np.asarray(values)[~np.asarray(valid)] == -np.inf), (threshold, k)
+        assert int(np.sum(valid)) == min(k, int(np.sum(scores > threshold))), (threshold, k)
+
 # ----------------------------------------------------------------------------------------- RoIAlign
 
 

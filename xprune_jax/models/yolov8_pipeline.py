@@ -51,7 +51,7 @@ import numpy as np
 
 from xprune_jax.detection import BatchPlan, batches_by_shape
 from xprune_jax.models.yolov8 import MAX_STRIDE, YOLOv8, YOLOv8Spec
-from xprune_jax.ops import nms
+from xprune_jax.ops import nms, top_k_above
 
 COCO80_TO_COCO91 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
                     32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
@@ -144,9 +144,9 @@ class YOLOv8Pipeline:
         # Multi-label: a candidate per box and class, box-major (the order of torch.where(scores > conf));
         # single label: a candidate per box, its best class.
         scores = class_scores.reshape(-1) if self.multi_label else class_scores.max(axis=1)
-        candidate_scores, index = jax.lax.top_k(
-            jnp.where(scores > self.conf_threshold, scores, -jnp.inf), min(self.max_candidates, scores.size))
-        candidates = candidate_scores > self.conf_threshold
+        # the best max_candidates above conf, in index order: NMS orders them by score (stable), as top_k would
+        candidate_scores, index, candidates = top_k_above(scores, self.conf_threshold,
+                                                          min(self.max_candidates, scores.size))
         if self.multi_label:
             box_index, classes = index // num_classes, index % num_classes
         else:

@@ -12,7 +12,7 @@ from xprune_jax.ops.boxes import (
 )
 from xprune_jax.ops.nms import batched_nms, nms
 from xprune_jax.ops.roi_align import multiscale_roi_align, roi_align
-from xprune_jax.ops.topk import top_k_pairs
+from xprune_jax.ops.topk import top_k_above, top_k_pairs
 
 __all__ = [
     "BoxCoder",
@@ -27,5 +27,6 @@ __all__ = [
     "nms",
     "roi_align",
     "small_box_mask",
+    "top_k_above",
     "top_k_pairs",
 ]
