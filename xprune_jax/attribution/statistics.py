@@ -15,22 +15,23 @@ from xprune_jax import models, parallel
 from xprune_jax.models.layers import INTERMEDIATES, PERTURBATIONS, at_least_float32
 
 
-def _per_image(a, g) -> dict:
-    """Each image's statistics (in float32 at least, also for a bfloat16 network); per-channel values
-    keep the channel (last) axis."""
+def _reduce(a, g, per_image: bool = False) -> dict:
+    """Sums over the images of a batch, or with ``per_image`` each image's values (in float32 at least,
+    also for a bfloat16 network); per-channel values keep the channel (last) axis."""
     ag = (at_least_float32(a) * at_least_float32(g)).reshape(a.shape[0], -1, a.shape[-1])  # [images, positions, channels]
+    images = () if per_image else (0,)
     return {
-        "abs": jnp.sum(jnp.abs(ag), axis=(1, 2)),  # sum_i |a_i g_i|
-        "signed": jnp.abs(jnp.sum(ag, axis=(1, 2))),  # |sum_i a_i g_i|
-        "channel_abs": jnp.sum(jnp.abs(ag), axis=1),
-        "channel_signed": jnp.abs(jnp.sum(ag, axis=1)),
+        "abs": jnp.sum(jnp.abs(ag), axis=(*images, 1, 2)),  # sum over images of sum_i |a_i g_i|
+        "signed": jnp.sum(jnp.abs(jnp.sum(ag, axis=(1, 2))), axis=images),  # sum over images of |sum_i a_i g_i|
+        "channel_abs": jnp.sum(jnp.abs(ag), axis=(*images, 1)),
+        "channel_signed": jnp.sum(jnp.abs(jnp.sum(ag, axis=1)), axis=images),
     }
 
 
 def _sum_over_images(per_image: dict) -> dict:
-    """Every leaf ``[images, ...]`` summed over its images as ONE reduction of one ``[images, D]`` array,
-    so that a batch sharded over devices costs one all-reduce, not one per leaf (hundreds; over gloo
-    between processes each is a network round trip)."""
+    """Every leaf ``[images, ...]`` summed over its images as ONE reduction of one ``[images, D]`` array.
+    XLA combines per-leaf sums of a sharded batch into one all-reduce too, but of one buffer per leaf
+    (hundreds), and between processes each buffer is a gloo exchange of its own on CPU."""
     leaves, treedef = jax.tree_util.tree_flatten(per_image)
     images = leaves[0].shape[0]
     totals = jnp.sum(jnp.concatenate([leaf.reshape(images, -1) for leaf in leaves], axis=1), axis=0)
@@ -64,7 +65,10 @@ def statistics_step(module, objective, weight_gradients: bool = False, mesh=None
         grads, acts = jax.grad(loss, argnums=wrt, has_aux=True)(zeros, variables["params"])
         grads, params_grads = grads if weight_gradients else (grads, None)
         acts, grads = models.flatten_names(acts), models.flatten_names(grads)
-        statistics = _sum_over_images({name: _per_image(acts[name], grads[name]) for name in acts})
+        if mesh is None or mesh.size == 1:  # each statistic on its own: scores bit for bit as in earlier versions
+            statistics = {name: _reduce(acts[name], grads[name]) for name in acts}
+        else:
+            statistics = _sum_over_images({name: _reduce(acts[name], grads[name], per_image=True) for name in acts})
         return (statistics, params_grads) if weight_gradients else statistics
 
     if mesh is None:
