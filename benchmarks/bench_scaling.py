@@ -16,6 +16,7 @@ the median pass is reported. Models have random weights (shapes are what matters
     taskset -c 0 python benchmarks/bench_scaling.py --out benchmarks/results/scaling_cpu.json
 """
 
+import functools
 import json
 import os
 import socket
@@ -116,8 +117,12 @@ def run_cell(cell: dict, args, models: str) -> dict:
     command = [sys.executable, __file__, "--child", "--command", cell["command"], "--batch", str(cell["batch"]),
                "--images", str(cell["images"]), "--repeats", str(args.repeats), "--processes", str(cell["processes"]),
                "--port", str(port), "--models", models, "--coco", args.coco]
+    cpus = sorted(os.sched_getaffinity(0))
+    # --pin_processes: each process of a multi-process cell on CPUs of its own, as on separate hosts
+    own = [cpus[i::cell["processes"]] for i in range(cell["processes"])] if args.pin_processes else [cpus] * cell["processes"]
     workers = [subprocess.Popen(command + ["--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=REPO, env=env) for i in range(cell["processes"])]
+                                text=True, cwd=REPO, env=env, preexec_fn=functools.partial(os.sched_setaffinity, 0, own[i]))
+               for i in range(cell["processes"])]
     outputs = [w.communicate(timeout=1800) for w in workers]
     for w, (_, err) in zip(workers, outputs):
         if w.returncode:
@@ -135,6 +140,8 @@ def main() -> None:
     p.add_argument("--per_device", type=int, default=2, help="weak scaling: images per device per batch")
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--crop", type=int, default=96)
+    p.add_argument("--pin_processes", action="store_true",
+                   help="give each process of a multi-process cell its own share of the CPUs (as separate hosts would)")
     p.add_argument("--child", action="store_true")
     p.add_argument("--command", default="eval")
     p.add_argument("--processes", type=int, default=1)
