@@ -25,7 +25,7 @@ def classify(model: Model, paths: list[str], batch_size: int = 8, mesh=None, pro
     parallel.check_batch_size(batch_size, mesh)
     rows = parallel.local_rows(batch_size, mesh)
     apply = _jitted_apply(model.module, mesh)
-    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
+    variables = parallel.replicate(precision.cast(model.variables), mesh)
     load = functools.partial(_load_classification, preprocess=model.meta["preprocess"])
     shares = parallel.local_items(list(range(len(paths))), batch_size, mesh)
     mine = [i for share in shares for i in share]

@@ -36,7 +36,7 @@ def model_call(model, batch_size: int = 1, image: str = DEMO_IMAGE) -> Callable[
         (plan,) = pipeline.plan([pixels.shape[:2]], 1)
         x = np.repeat(pipeline.preprocess(pixels, plan.input_shape)[0][None], batch_size, axis=0)
         forward = jax.jit(pipeline.forward)
-    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
+    variables = parallel.replicate(precision.cast(model.variables), mesh)
     x = jax.device_put(precision.cast(x), parallel.batch_sharding(mesh))
     return lambda: forward(variables, x)
 

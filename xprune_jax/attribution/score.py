@@ -69,7 +69,7 @@ def gather_statistics(model: Model, paths: list[str], objective, batch_size: int
     parallel.check_batch_size(batch_size, mesh)
     rows = parallel.local_rows(batch_size, mesh)
     step = statistics_step(model.module, objective, weight_gradients, mesh)
-    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
+    variables = parallel.replicate(precision.cast(model.variables), mesh)
     load = _example_loader(model, paths, ground_truth)
     if getattr(objective, "model_targets", False):  # the model computes the loss: targets go with the images
         load = functools.partial(_with_targets, load, seed)

@@ -113,7 +113,7 @@ def detect(model: Model, paths: list[str], image_ids: list, sizes: list[tuple[in
     rows = parallel.local_rows(batch_size, mesh)
     progress = progress and parallel.is_main()
     forward = forward or jax.jit(pipeline.forward)
-    variables = jax.device_put(precision.cast(model.variables), parallel.replicated(mesh))
+    variables = parallel.replicate(precision.cast(model.variables), mesh)
     plans = pipeline.plan(sizes, batch_size)
     shares = [[plan.indices[k] for k in rows if k < len(plan.indices)] for plan in plans]  # this process's images
     logged = _read_partial(partial_file)

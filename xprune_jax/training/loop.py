@@ -194,10 +194,9 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
 
     params = student.variables["params"]
     tx = make_optimizer(config, student.arch, params)
-    replicated = parallel.replicated(mesh)
-    state = jax.device_put({"params": params, BATCH_STATS: student.variables.get(BATCH_STATS, {}),
-                            "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}, replicated)
-    teacher_variables = jax.device_put(teacher.variables if objective.needs_teacher else {}, replicated)
+    state = parallel.replicate({"params": params, BATCH_STATS: student.variables.get(BATCH_STATS, {}),
+                                "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}, mesh)
+    teacher_variables = parallel.replicate(teacher.variables if objective.needs_teacher else {}, mesh)
     step_fn = make_train_step(student, teacher if objective.needs_teacher else None, config, tx, mesh)
 
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_SETTINGS}

@@ -48,7 +48,7 @@ def _image_batches(model: Model, images, batch_size: int, mesh):
                 yield size, parallel.global_batch(local, size, mesh)
             else:
                 whole = np.stack(list(pool.map(load, range(start, start + size))))
-                yield size, jax.device_put(whole, parallel.replicated(mesh))
+                yield size, parallel.replicate(whole, mesh)
 
 
 def recalibrate_bn(model: Model, images: "Sequence[str] | np.ndarray", batch_size: int = 16, mesh=None,
@@ -63,7 +63,7 @@ def recalibrate_bn(model: Model, images: "Sequence[str] | np.ndarray", batch_siz
     mesh = mesh or parallel.data_mesh()
     parallel.check_batch_size(batch_size, mesh)
     step = _moments_step(model.module)
-    variables = jax.device_put(model.variables, parallel.replicated(mesh))
+    variables = parallel.replicate(model.variables, mesh)
     start = time.perf_counter()
     sums, total = None, 0
     with tqdm.tqdm(total=len(images), unit="img", desc="recalibrate BN", disable=not (progress and parallel.is_main())) as bar:
