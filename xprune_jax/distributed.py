@@ -19,6 +19,7 @@ supplies them (Cloud TPU, Slurm, Open MPI). :func:`session` wraps one command:
   exiting, so JAX's shutdown barrier never times out while process 0 runs pycocotools or saves a model.
 """
 
+import atexit
 import contextlib
 import dataclasses
 import ipaddress
@@ -47,6 +48,7 @@ class Session:
     commands: int = 0  # commands run in this session (each ends with its own "done" key)
     terminal: object = None  # this process's stderr as it was before the log took it over
     log: str | None = None  # where this process's output goes (None: the terminal; process 0)
+    closing: threading.Event = dataclasses.field(default_factory=threading.Event)  # the watchdog stops
 
 
 _session: Session | None = None
@@ -180,7 +182,11 @@ def session(coordinator_address, num_processes, process_id, timeout: float, comm
         _session = _join(coordinator_address, num_processes, process_id, timeout, cluster, command)
         _session.terminal = os.fdopen(os.dup(2), "w", buffering=1)
         if _session.processes > 1:
-            threading.Thread(target=_watch, args=(_session,), daemon=True, name="xprune-watchdog").start()
+            watchdog = threading.Thread(target=_watch, args=(_session,), daemon=True, name="xprune-watchdog")
+            watchdog.start()
+            # at exit, before jax's own handler shuts the distributed client down (handlers run last-in first-out):
+            # a watchdog inside a client call then would abort the process ("terminate called after throwing")
+            atexit.register(_stop_watchdog, _session, watchdog)
     elif explicit and num_processes != 1 and (num_processes, process_id) != (_session.processes, _session.index):
         raise UserError(f"this process already belongs to a run of {_session.processes} processes as process "
                         f"{_session.index}; start a new process for another run")
@@ -272,12 +278,17 @@ def _exit_with(message: str, post: bool = True, status: int = 2, command: str = 
     os._exit(status)
 
 
+def _stop_watchdog(session: Session, watchdog: threading.Thread) -> None:
+    session.closing.set()
+    watchdog.join(timeout=10 * POLL_SECONDS)
+
+
 def _watch(session: Session) -> None:
     """Heartbeats, and stop with one line when a peer falls silent or reports an error."""
     client, me, beat = _client(), session.index, 0
     started = time.monotonic()
     seen: dict[int, tuple[str | None, float]] = {}
-    while True:
+    while not session.closing.is_set():
         beat += 1
         try:
             client.key_value_set(f"xprune/beat/{me}", str(beat), allow_overwrite=True)
@@ -299,7 +310,7 @@ def _watch(session: Session) -> None:
             elif now - seen[p][1] > session.timeout:
                 _exit_with(f"process {p} has not answered for {session.timeout:g} s (it crashed, was killed or hangs); "
                            f"see its log or terminal", post=True)
-        time.sleep(POLL_SECONDS)
+        session.closing.wait(POLL_SECONDS)
 
 
 def _finish(session: Session) -> None:
