@@ -161,6 +161,19 @@ def test_image_errors(tmp_path, ultralytics_imported):
     _raises("cannot read image .*bad.jpg.*remove or replace", load_rgb, str(bad))
 
 
+def test_unreadable_json_inputs_name_the_file_and_how_to_make_one(tmp_path):
+    from xprune_jax.evaluation.coco import load_ground_truth
+    from xprune_jax.pruning.latency import read_layer_latency
+
+    (tmp_path / "cut.json").write_text('{"layers": {')
+    for path, reason in ((tmp_path / "cut.json", "JSONDecodeError"), (tmp_path / "absent.json", "FileNotFoundError"),
+                         (tmp_path, "IsADirectoryError")):
+        _raises(f"cannot read COCO annotations {path} \\({reason}\\); use the official instances_val2017.json layout",
+                load_ground_truth, str(path))
+        _raises(f"cannot read layer latency table {path} \\({reason}\\); make one with `xprune prune --latency_price=N`",
+                read_layer_latency, str(path), None, 1)
+
+
 def test_model_card_errors(weights_file, tmp_path):
     path = tmp_path / "w.pth"
     shutil.copy(weights_file, path)

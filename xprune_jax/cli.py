@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from xprune_jax.errors import UserError
+from xprune_jax.fileio import read_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", None, "Architecture name, e.g. resnet50 or yolov8n.")
@@ -294,7 +295,7 @@ def prune_command() -> None:
         latency_target = parse_latency_budget(FLAGS.budget)
         if latency_target is None:
             parse_budget(FLAGS.budget)
-        scores = _read_json(FLAGS.scores, "scores file", "`xprune score`")
+        scores = read_json(FLAGS.scores, "scores file", "make one with `xprune score`")
     if FLAGS.export_torch:
         check_writable(FLAGS.export_torch, "--export_torch")
     if FLAGS.latency_price < 0:
@@ -339,7 +340,7 @@ def _read_plan(path: str):
     """A plan file as :class:`Plan`, its fields checked (names against the model come later)."""
     from xprune_jax.pruning.plan import Plan
 
-    data = _read_json(path, "plan", "`xprune prune --scores=...`")
+    data = read_json(path, "plan", "make one with `xprune prune --scores=...`")
     fields = {f.name for f in dataclasses.fields(Plan)}
     required = {f.name for f in dataclasses.fields(Plan)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
@@ -430,16 +431,6 @@ def _plan_for_latency(model, scores: dict, target: float, options: dict):
             "budget": FLAGS.budget, "met": met, "batch_size": FLAGS.batch_size, "precision": precision.current(),
             "repeats": FLAGS.repeats, "warmup": FLAGS.warmup, "seed": FLAGS.seed, "steps": steps})
     return plan
-
-
-def _read_json(path: str, what: str, maker: str):
-    import json
-
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {what} {path} ({e.__class__.__name__}); make one with {maker}") from None
 
 
 def model_labels(paths: list[str]) -> list[str]:

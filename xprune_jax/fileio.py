@@ -4,6 +4,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import socket
 import tempfile
@@ -28,6 +29,16 @@ def atomic_path(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_json(path: str, what: str, fix: str):
+    """The JSON value in ``path``; a one-line :class:`UserError` naming ``what`` it is and the ``fix`` if the
+    file cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what} {path} ({e.__class__.__name__}); {fix}") from None
 
 
 def _umask() -> int:

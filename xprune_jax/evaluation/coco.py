@@ -23,7 +23,7 @@ from xprune_jax import models, parallel, precision
 from xprune_jax.checkpoint import Model, model_fingerprint, write_json_atomic
 from xprune_jax.data.images import list_images, load_rgb
 from xprune_jax.errors import UserError
-from xprune_jax.fileio import atomic_path, exclusive
+from xprune_jax.fileio import atomic_path, exclusive, read_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
@@ -41,12 +41,7 @@ def load_ground_truth(annotation_file: str):
     """pycocotools' COCO index of a COCO instances json, checked first for the fields evaluation reads."""
     from pycocotools.coco import COCO
 
-    try:
-        with open(annotation_file) as f:
-            dataset = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read COCO annotations {annotation_file} ({e.__class__.__name__}); "
-                        "use the official instances_val2017.json layout") from None
+    dataset = read_json(annotation_file, "COCO annotations", "use the official instances_val2017.json layout")
     problem = _annotation_problem(dataset)
     if problem:
         raise UserError(f"COCO annotations {annotation_file} {problem}; use the official instances_val2017.json layout")

@@ -27,6 +27,7 @@ import numpy as np
 
 from xprune_jax import analysis, precision, timing, tree_paths
 from xprune_jax.errors import UserError
+from xprune_jax.fileio import read_json
 from xprune_jax.models.layers import Conv2d, Linear
 from xprune_jax.models.rcnn import SharedConv2d
 from xprune_jax.pruning.plan import Plan, apply_plan, make_plan
@@ -164,12 +165,7 @@ def _measured_on(model, batch_size: int) -> dict:
 
 def read_layer_latency(path: str, model, batch_size: int) -> dict:
     """The layer latency table at ``path``, checked (:func:`check_layer_latency`); a one-line error if unreadable."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read layer latency table {path} ({e.__class__.__name__}); make one with "
-                        "`xprune prune --latency_price=N`") from None
+    table = read_json(path, "layer latency table", "make one with `xprune prune --latency_price=N`")
     return check_layer_latency(table, model, batch_size, path)
 
 
