@@ -220,7 +220,10 @@ def test_top_k_above_keeps_lax_top_k_set_in_index_order():
     rng = np.random.default_rng(5)
     # Ties at every value, negatives, zeros and -inf: the k-th value is tied, so the boundary rule shows.
     scores = rng.choice(np.float32([-2.0, -0.0, 0.0, 1e-4, 0.3, 0.7, 0.7000001, -np.inf]), 500)
-    for threshold, k in ((-1.0, 100), (0.2, 30), (0.2, 137), (0.2, 400), (-np.inf, 500), (0.9, 10)):
+    # The k-th value at zero: lax.top_k orders -0.0 below 0.0 (a total order), and so must this.
+    signed_zeros = np.float32([-0.0, 0.0, -0.0, 0.0, 1.0, -0.0])
+    for scores, threshold, k in [(scores, t, k) for t, k in ((-1.0, 100), (0.2, 30), (0.2, 137), (0.2, 400),
+                                                             (-np.inf, 500), (0.9, 10))] + [(signed_zeros, -1.0, 3)]:
         expected_values, expected_index = jax.lax.top_k(np.where(scores > threshold, scores, -np.inf), k)
         kept = np.asarray(expected_values) > threshold
         values, index, valid = jax.jit(ops.top_k_above, static_argnums=(1, 2))(scores, threshold, k)
