@@ -108,26 +108,32 @@ def child(args) -> None:
                               "median": float(np.median(seconds))}), flush=True)
 
 
-def run_cell(cell: dict, args, models: str) -> dict:
+def run_processes(script: str, flags: list[str], devices: int, processes: int, pin: bool = False) -> dict:
+    """Run ``script --child FLAGS`` as ``processes`` processes of ``devices // processes`` forced host devices
+    each (a coordinator on a free loopback port; with ``pin``, each process on CPUs of its own, as on separate
+    hosts); the JSON line process 0 prints last."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={cell['devices'] // cell['processes']}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, __file__, "--child", "--command", cell["command"], "--batch", str(cell["batch"]),
-               "--images", str(cell["images"]), "--repeats", str(args.repeats), "--processes", str(cell["processes"]),
-               "--port", str(port), "--models", models, "--coco", args.coco]
+    command = [sys.executable, script, "--child", *flags, "--processes", str(processes), "--port", str(port)]
     cpus = sorted(os.sched_getaffinity(0))
-    # --pin_processes: each process of a multi-process cell on CPUs of its own, as on separate hosts
-    own = [cpus[i::cell["processes"]] for i in range(cell["processes"])] if args.pin_processes else [cpus] * cell["processes"]
+    own = [cpus[i::processes] for i in range(processes)] if pin else [cpus] * processes
     workers = [subprocess.Popen(command + ["--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=REPO, env=env, preexec_fn=functools.partial(os.sched_setaffinity, 0, own[i]))
-               for i in range(cell["processes"])]
+               for i in range(processes)]
     outputs = [w.communicate(timeout=1800) for w in workers]
     for w, (_, err) in zip(workers, outputs):
         if w.returncode:
-            raise SystemExit(f"cell {cell} failed:\n{err[-3000:]}")
+            raise SystemExit(f"{script} {' '.join(flags)} failed:\n{err[-3000:]}")
     return json.loads(outputs[0][0].strip().splitlines()[-1])
+
+
+def run_cell(cell: dict, args, models: str) -> dict:
+    return run_processes(__file__, ["--command", cell["command"], "--batch", str(cell["batch"]), "--images",
+                                    str(cell["images"]), "--repeats", str(args.repeats), "--models", models,
+                                    "--coco", args.coco], cell["devices"], cell["processes"], args.pin_processes)
 
 
 def main() -> None:

@@ -174,6 +174,7 @@ def test_scoring_step_all_reduces_its_statistics_as_one_buffer():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["4", "1", "1"]
 
+
 def test_two_processes_equal_one_and_survive_a_crash(work):
     """Two processes of 2 devices each (coordinator on 127.0.0.1). First process 1 is killed half way through
     the evaluation: process 0 stops with one line naming it, within the timeout. Then both run again: the
