@@ -14,6 +14,10 @@ the median pass is reported. Models have random weights (shapes are what matters
 ``--imgsz`` for eval, ShuffleNetV2 x0.5 at ``--crop`` px for score.
 
     taskset -c 0 python benchmarks/bench_scaling.py --out benchmarks/results/scaling_cpu.json
+
+``--platform cuda`` (or ``tpu``) measures the same two passes on one accelerator instead (the first one: the
+1-device cells of strong scaling only, since accelerators can't be forced): the single-device figure of
+``benchmarks/run_accelerator.sh``.
 """
 
 import functools
@@ -34,6 +38,9 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 def cells(args) -> list[dict]:
     """(command, mode, devices, processes, global batch, images): strong at a fixed batch and image count;
     weak with ``--per_device`` images per device per batch and the images growing with the devices."""
+    if args.platform != "cpu":
+        return [{"command": command, "mode": "strong", "devices": 1, "processes": 1, "batch": args.batch,
+                 "images": args.images} for command in ("eval", "score")]
     out = []
     for command in ("eval", "score"):
         for devices, processes in ((1, 1), (2, 1), (4, 1), (4, 2)):
@@ -76,6 +83,8 @@ def child(args) -> None:
         from xprune_jax.evaluation.coco import detect, evaluation_images, pipeline_for
 
         image_dir, _, entries = evaluation_images(args.coco, args.images)
+        if len(entries) < args.images:  # the figures are per image: never divide by images not there
+            raise SystemExit(f"{args.coco} has {len(entries)} annotated images; --images={args.images} needs that many")
         paths = [os.path.join(image_dir, e["file_name"]) for e in entries]
         if args.command == "eval":
             model = load_model(os.path.join(args.models, "det"))
@@ -105,15 +114,22 @@ def child(args) -> None:
         if parallel.is_main():
             print(json.dumps({"seconds": seconds, "first_pass_seconds": compile_seconds,
                               "devices": parallel.data_mesh().size, "processes": jax.process_count(),
+                              "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
                               "median": float(np.median(seconds))}), flush=True)
 
 
-def run_processes(script: str, flags: list[str], devices: int, processes: int, pin: bool = False) -> dict:
+def run_processes(script: str, flags: list[str], devices: int, processes: int, pin: bool = False,
+                  platform: str = "cpu") -> dict:
     """Run ``script --child FLAGS`` as ``processes`` processes of ``devices // processes`` forced host devices
     each (a coordinator on a free loopback port; with ``pin``, each process on CPUs of its own, as on separate
-    hosts); the JSON line process 0 prints last."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}"}
+    hosts), or on another ``platform``, one process on its first device; the JSON line process 0 prints last."""
+    env = {**os.environ, "JAX_PLATFORMS": platform, "PYTHONPATH": REPO}
+    if platform == "cpu":
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices // processes}"
+    elif devices != 1 or processes != 1:
+        raise ValueError(f"on {platform}, run one process on one device")
+    elif platform in ("cuda", "gpu"):
+        env["CUDA_VISIBLE_DEVICES"] = "0"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -133,7 +149,8 @@ def run_processes(script: str, flags: list[str], devices: int, processes: int, p
 def run_cell(cell: dict, args, models: str) -> dict:
     return run_processes(__file__, ["--command", cell["command"], "--batch", str(cell["batch"]), "--images",
                                     str(cell["images"]), "--repeats", str(args.repeats), "--models", models,
-                                    "--coco", args.coco], cell["devices"], cell["processes"], args.pin_processes)
+                                    "--coco", args.coco], cell["devices"], cell["processes"], args.pin_processes,
+                         args.platform)
 
 
 def main() -> None:
@@ -146,6 +163,7 @@ def main() -> None:
     p.add_argument("--per_device", type=int, default=2, help="weak scaling: images per device per batch")
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--crop", type=int, default=96)
+    p.add_argument("--platform", default="cpu", help="cpu (forced host devices), or cuda / tpu: one accelerator")
     p.add_argument("--pin_processes", action="store_true",
                    help="give each process of a multi-process cell its own share of the CPUs (as separate hosts would)")
     p.add_argument("--child", action="store_true")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 23: the benchmarks' reduced set for one accelerator (about 8 minutes on one GPU), all JSON in
+# Issue 23: the benchmarks' reduced set for one accelerator (about 9.5 minutes on one GPU), all JSON in
 # one folder. Every script runs on any backend with the same command (JAX on its default backend,
 # torch on CUDA when available, synchronised); this only picks the settings and the order.
 #
@@ -17,11 +17,12 @@
 #   backbones.json, attribution.json
 #   pruning_round_to32.json  ResNet-50 / MobileNetV2 shrink keeping multiples of 32 channels, against
 #                            pruning_classifiers.json's 8: the evidence for a per-backend --round_to
+#   scaling.json            the library's eval and score passes on one device (issue 22's single-device figure)
 # plus run.log. OUT_DIR/accelerator.tar.gz holds them all again (refreshed after every step), for
 # machines that return a limited number of files.
 #
 # Inputs: COCO (default .accel/coco) a folder with val2017/ holding at least eight 640x480 COCO
-# images; WHEELS (default .accel/whl) Python wheels installed first if present (the device image lacks
+# images and annotations/instances_val2017.json for them; WHEELS (default .accel/whl) Python wheels installed first if present (the device image lacks
 # ultralytics, ultralytics-thop, ml_collections and pycocotools). Make both here, on a CPU machine:
 #
 #   echo /.accel/ >> .git/info/exclude          # or any ignored folder
@@ -36,14 +37,22 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--prepare" ]]; then
     dest=${2:?usage: run_accelerator.sh --prepare DIR COCO_ROOT}; coco=${3:?usage: run_accelerator.sh --prepare DIR COCO_ROOT}
     mkdir -p "$dest/coco/val2017" "$dest/whl"
-    python3 - "$coco/val2017" "$dest/coco/val2017" <<'EOF'
-import os, shutil, sys
+    mkdir -p "$dest/coco/annotations"
+    python3 - "$coco" "$dest/coco" <<'EOF'
+import json, os, shutil, sys
 from PIL import Image
 source, target = sys.argv[1:]
-picked = [n for n in sorted(os.listdir(source)) if Image.open(os.path.join(source, n)).size == (640, 480)][:10]
+images = os.path.join(source, "val2017")
+picked = [n for n in sorted(os.listdir(images)) if Image.open(os.path.join(images, n)).size == (640, 480)][:10]
 for name in picked:
-    shutil.copy(os.path.join(source, name), target)
-print(f"copied {len(picked)} 640x480 images to {target}")
+    shutil.copy(os.path.join(images, name), os.path.join(target, "val2017"))
+with open(os.path.join(source, "annotations", "instances_val2017.json")) as f:
+    full = json.load(f)
+kept = [e for e in full["images"] if e["file_name"] in picked]
+ids = {e["id"] for e in kept}
+with open(os.path.join(target, "annotations", "instances_val2017.json"), "w") as f:
+    json.dump({**full, "images": kept, "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}, f)
+print(f"copied {len(picked)} 640x480 images and their annotations to {target}")
 EOF
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -71,14 +80,15 @@ fi
 } >>"$log" 2>&1
 
 if [[ "$smoke" == "--smoke" ]]; then  # a CPU check of every step in minutes
-    rcnn="--min_size 256 --max_size 352"; b1=1; b8=2; reps="--repeats 1 --warmup 1"; budget=(900 900 900 900 900 900 900 900 900)
+    rcnn="--min_size 256 --max_size 352"; b1=1; b8=2; reps="--repeats 1 --warmup 1"; budget=(900 900 900 900 900 900 900 900 900 900)
     classifier_batch=2; detector_batch=1; backbones="--archs shufflenet_v2_x0_5 --batches 1"; eval_images="--max_images 4"
 else
-    rcnn=""; b1=1; b8=8; reps="--repeats 10 --warmup 2"; budget=(120 45 95 60 65 40 30 25 25)
+    rcnn=""; b1=1; b8=8; reps="--repeats 10 --warmup 2"; budget=(120 45 95 60 65 40 30 25 25 60)
     classifier_batch=64; detector_batch=8; backbones="--archs resnet50,mobilenet_v2,shufflenet_v2_x1_0 --batches 1,64"
     eval_images=""
 fi
 common="--threads 0 --coco $COCO"
+platform=$(python3 -c "import jax; print(jax.default_backend())" 2>/dev/null || echo cpu)  # bench_scaling's devices
 
 step() {  # step SECONDS NAME COMMAND...: run it with a time limit, log it, refresh the archive
     local seconds=$1 name=$2; shift 2
@@ -110,5 +120,7 @@ step "${budget[7]}" attribution python3 benchmarks/bench_attribution.py $common 
     --warmup 1 --skip_memory --out "$out/attribution.json"
 step "${budget[8]}" pruning_round_to32 python3 benchmarks/bench_pruning.py $common --archs resnet50,mobilenet_v2 \
     --modes shrink --round_to 32 --batch $classifier_batch $reps --out "$out/pruning_round_to32.json"
+step "${budget[9]}" scaling python3 benchmarks/bench_scaling.py --platform "$platform" --coco "$COCO" --imgsz 320 \
+    --crop 160 --images 8 --batch 8 --rounds 1 --repeats 5 --out "$out/scaling.json"
 echo "done $(date)" >>"$log"
 ls -la "$out" >>"$log"

@@ -1,4 +1,5 @@
-"""Atomic file writes: results are either complete or absent, never half-written."""
+"""Files: atomic writes (results are either complete or absent, never half-written), locks, checks and the
+JSON inputs a user passes."""
 
 import contextlib
 import errno
