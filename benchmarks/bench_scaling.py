@@ -15,7 +15,7 @@ the median pass is reported. Models have random weights (shapes are what matters
 
     taskset -c 0 python benchmarks/bench_scaling.py --out benchmarks/results/scaling_cpu.json
 
-``--platform cuda`` (or ``tpu``) measures the same two passes on one accelerator instead (the first one: the
+``--platform gpu`` (or ``tpu``) measures the same two passes on one accelerator instead (the first one: the
 1-device cells of strong scaling only, since accelerators can't be forced): the single-device figure of
 ``benchmarks/run_accelerator.sh``.
 """
@@ -146,6 +146,15 @@ def run_processes(script: str, flags: list[str], devices: int, processes: int, p
     return json.loads(outputs[0][0].strip().splitlines()[-1])
 
 
+def result_record(**fields) -> dict:
+    """A results file's content: ``fields`` with the command, the CPUs it ran on, the load after and the
+    environment that made them."""
+    from xprune_jax import runs
+
+    return {"command": " ".join(sys.argv), "cpu_affinity": sorted(os.sched_getaffinity(0)),
+            "load_average_after": os.getloadavg(), **fields, "environment": runs.environment()}
+
+
 def run_cell(cell: dict, args, models: str) -> dict:
     return run_processes(__file__, ["--command", cell["command"], "--batch", str(cell["batch"]), "--images",
                                     str(cell["images"]), "--repeats", str(args.repeats), "--models", models,
@@ -163,7 +172,7 @@ def main() -> None:
     p.add_argument("--per_device", type=int, default=2, help="weak scaling: images per device per batch")
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--crop", type=int, default=96)
-    p.add_argument("--platform", default="cpu", help="cpu (forced host devices), or cuda / tpu: one accelerator")
+    p.add_argument("--platform", default="cpu", help="cpu (forced host devices), or gpu / tpu: one accelerator")
     p.add_argument("--pin_processes", action="store_true",
                    help="give each process of a multi-process cell its own share of the CPUs (as separate hosts would)")
     p.add_argument("--child", action="store_true")
@@ -178,7 +187,6 @@ def main() -> None:
         return
     if not args.out:
         p.error("--out is required")
-    from xprune_jax import runs
     from xprune_jax.checkpoint import write_json_atomic
 
     results = {json.dumps(c, sort_keys=True): {**c, "rounds": []} for c in cells(args)}
@@ -203,9 +211,7 @@ def main() -> None:
         row["ratio_to_one_device"] = row["ms_per_image"] / base["ms_per_image"]
     summary = {f"{r['command']} {r['devices']} devices / {r['processes']} processes": round(r["ratio_to_one_device"] - 1, 4)
                for r in rows if r["mode"] == "strong" and r["devices"] > 1}
-    write_json_atomic(args.out, {"command": " ".join(sys.argv), "cpu_affinity": sorted(os.sched_getaffinity(0)),
-                                 "load_average_after": os.getloadavg(),
-                                 "overhead_at_equal_work": summary, "cells": rows, "environment": runs.environment()})
+    write_json_atomic(args.out, result_record(overhead_at_equal_work=summary, cells=rows))
     print("| command | scaling | devices | processes | global batch | images | s per pass | ms per image | vs 1 device |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -25,7 +25,7 @@ import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_common import parser  # noqa: E402
-from benchmarks.bench_scaling import make_models, run_processes  # noqa: E402
+from benchmarks.bench_scaling import make_models, result_record, run_processes  # noqa: E402
 
 
 def _step(command: str, model, mesh, batch_size: int):
@@ -107,7 +107,6 @@ def main() -> None:
         p.error("--out is required")
     import numpy as np
 
-    from xprune_jax import runs
     from xprune_jax.checkpoint import write_json_atomic
 
     d, b = args.devices, args.batch
@@ -134,8 +133,7 @@ def main() -> None:
         cell["median_ms"] = float(np.median(cell["rounds"]))
         one = next(c for c in cells if c["command"] == cell["command"] and c["devices"] == 1 and c["batch"] == b)
         cell["ratio_to_one_device"] = cell["median_ms"] / one["median_ms"]
-    write_json_atomic(args.out, {"command": " ".join(sys.argv), "cpu_affinity": sorted(os.sched_getaffinity(0)),
-                                 "load_average_after": os.getloadavg(), "cells": cells, "environment": runs.environment()})
+    write_json_atomic(args.out, result_record(cells=cells))
     print("| step | devices | processes | global batch | all-reduce ops | ms | vs 1 device, global batch |")
     print("|---|---|---|---|---|---|---|")
     for c in cells:
