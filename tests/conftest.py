@@ -12,6 +12,10 @@ COCO_SUBSET = pathlib.Path(os.environ.get("XPRUNE_COCO_SUBSET", REPO.parent / "s
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The tests' many `xprune` processes compile the same small programs again and again: they cache every
+# program, however quick to compile. This process keeps its programs in memory; caching all of them
+# here too made the suite slower (writes), so it stays at 0.5 s.
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ SMALL_RUN = ("run", "--config=configs/structural.py:shufflenet_v2_x0_5", "--conf
              "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.calib_images=2", "--config.seeds=(0, 1)")
 
 
-def test_prune_pipeline_end_to_end_then_resume(tmp_path):
+def test_prune_pipeline_end_to_end_then_a_longer_table_from_its_measurements(tmp_path):
     out = tmp_path / "run"
     first = xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%')",
                    f"--config.out_dir={out}")
@@ -92,31 +92,26 @@ def test_prune_pipeline_end_to_end_then_resume(tmp_path):
     for plot in ("layer_scores.png", "criteria_ranks.png", "tradeoff.png"):
         assert (out / "plots" / plot).stat().st_size > 10_000
 
-    # A longer table resumed in the same folder measures only what is new: every earlier row comes back
-    # unchanged (its latency ratio, a noisy measurement, too), and the new budget is measured.
-    measured_before = len(json.loads((out / "measurements.json").read_text())["entries"])
-    resumed = xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%', "
-                     "'shrink:flops=-20%')", f"--config.out_dir={out}", "--config.resume=True")
-    again = json.loads((out / "results.json").read_text())
-    assert f"resumed: {measured_before} of " in resumed.stdout
+    # A longer table run in another folder from that run's measurements (how a stopped or split table is
+    # gathered; resume=True reads the same file in the same folder) measures only what is new: every
+    # earlier row comes back unchanged (its latency ratio, a noisy measurement, too), the new budget is
+    # measured, and the new folder's measurements.json holds both.
+    entries = json.loads((out / "measurements.json").read_text())["entries"]
+    gathered_dir = tmp_path / "gathered"
+    gathered = xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%', "
+                      "'shrink:flops=-20%')", f"--config.out_dir={gathered_dir}",
+                      f"--config.measurements_from=('{out / 'measurements.json'}',)")
+    again = json.loads((gathered_dir / "results.json").read_text())
+    assert f"resumed: {len(entries)} of " in gathered.stdout
     by_cell = {(r["criterion"], r["mode"], r["budget"], r["seed"]): r for r in again["rows"]}
     for r in rows:
         assert by_cell[r["criterion"], r["mode"], r["budget"], r["seed"]] == r
     new = [r for r in again["rows"] if r["budget"] == "flops=-20%"]
     assert len(new) == 4 and all(r["flops_ratio"] <= 0.8 for r in new)
     assert again["unpruned"]["metrics"] == results["unpruned"]["metrics"]
-    assert_report_holds_results((out / "report.md").read_text(), again)
-
-    # Gathered from that run's measurements into another folder, the same table measures nothing new,
-    # gives the same rows, and still writes its own measurements.json.
-    gathered_dir = tmp_path / "gathered"
-    gathered = xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%', "
-                      "'shrink:flops=-20%')", f"--config.out_dir={gathered_dir}",
-                      f"--config.measurements_from=('{out / 'measurements.json'}',)")
-    entries = json.loads((out / "measurements.json").read_text())["entries"]
-    assert f"resumed: {len(entries)} of {len(entries)} " in gathered.stdout
-    assert json.loads((gathered_dir / "measurements.json").read_text())["entries"] == entries
-    assert json.loads((gathered_dir / "results.json").read_text())["rows"] == again["rows"]
+    gathered_entries = json.loads((gathered_dir / "measurements.json").read_text())["entries"]
+    assert {k: v for k, v in gathered_entries.items() if k in entries} == entries and len(gathered_entries) > len(entries)
+    assert_report_holds_results((gathered_dir / "report.md").read_text(), again)
 
 
 def test_resume_refuses_other_measurements(tmp_path, capsys):
