@@ -122,7 +122,7 @@ def torch_macs(module, example, skip: tuple[str, ...] = ("dfl",)) -> int:
 
 
 def torch_params(module, skip: tuple[str, ...] = ("dfl",)) -> int:
-    """Trainable-layer parameters (buffers excluded), as ``plan.count_params`` counts ours."""
+    """Trainable-layer parameters (buffers excluded), as ``analysis.count_params`` counts ours."""
     return sum(p.numel() for name, p in module.named_parameters() if not set(name.split(".")) & set(skip))
 
 
@@ -573,7 +573,7 @@ def run(args) -> None:
     # the unpruned model, measured both ways
     unpruned = evaluator(model)
     ours_flops = _flops(model)
-    from xprune_jax.pruning.plan import count_params
+    from xprune_jax.analysis import count_params
     checks = {"flops": {"torch_hooks": torch_macs(fixture.torch, fixture.example), "xprune_jax_analysis": ours_flops},
               "params": {"torch": torch_params(fixture.torch), "xprune_jax": count_params(model.arch, model.spec)},
               "output_relative_error": output_error(fixture.torch, model, fixture),

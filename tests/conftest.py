@@ -1,5 +1,7 @@
-"""Shared test set-up: float32 parity settings, the JAX compilation cache, real COCO images."""
+"""Shared test set-up: float32 parity settings, the JAX compilation cache, the garbage collector, real
+COCO images."""
 
+import gc
 import os
 import pathlib
 
@@ -16,6 +18,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # program, however quick to compile. This process keeps its programs in memory; caching all of them
 # here too made the suite slower (writes), so it stays at 0.5 s.
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# Tracing makes millions of short-lived objects: at Python's default thresholds the collector ran ~7000 times
+# in a minute of planning tests (11% of their time), scanning everything the session keeps. Collect rarely,
+# and never scan what the imports made.
+gc.freeze()
+gc.set_threshold(100_000, 50, 100)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from xprune_jax import analysis, models
 from xprune_jax.attribution.criteria import ScoringInputs, get_criterion
 from xprune_jax.attribution.objectives import cross_entropy
 from xprune_jax.attribution.statistics import statistics_step
-from xprune_jax.pruning.plan import count_params
 
 ARCHS = ["resnet50", "mobilenet_v2", "shufflenet_v2_x1_0"]
 
@@ -128,7 +127,7 @@ def test_flops_match_torchvision_metadata():
         spec = models.get_architecture(arch).default_spec()
         layers = analysis.describe_layers(arch, spec)
         assert analysis.total_flops(layers) / 1e9 == pytest.approx(weights.meta["_ops"], abs=0.0015), arch
-        assert count_params(arch, spec) == weights.meta["num_params"], arch
+        assert analysis.count_params(arch, spec) == weights.meta["num_params"], arch
 
 
 def test_taylor_weight_magnitudes_and_bn_scale_match_torch(images):

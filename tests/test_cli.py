@@ -1,5 +1,8 @@
-"""The command line end to end, as a user runs it: `xprune convert` then `xprune predict`."""
+"""The command line end to end, as a user runs it: `xprune convert` then `xprune predict` (a real process), score,
+prune, export, bench."""
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -12,14 +15,25 @@ import torchvision
 from PIL import Image
 
 from tests.conftest import REPO
+from xprune_jax import cli
 
 ARCH = "shufflenet_v2_x0_5"
 
 
-def xprune(*args, check=True):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-m", "xprune_jax", *args, f"--cache_dir={REPO / '.cache' / 'jax'}"],
-                            capture_output=True, text=True, env=env, cwd=REPO)
+def xprune(*args, check=True, real_process=False) -> subprocess.CompletedProcess:
+    """``xprune args``: its exit status, stdout and stderr. Run in this process (:func:`cli.invoke`: no
+    Python start and imports per command, and compiled programs stay in memory) unless ``real_process``
+    (the console script itself, as a user runs it)."""
+    argv = [*map(str, args), f"--cache_dir={REPO / '.cache' / 'jax'}"]
+    if real_process:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+        result = subprocess.run([sys.executable, "-m", "xprune_jax", *argv], capture_output=True, text=True, env=env,
+                                cwd=REPO)
+    else:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.chdir(REPO), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = cli.invoke(["xprune", *argv])
+        result = subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
     if check:
         assert result.returncode == 0, result.stderr[-2000:]
     return result
@@ -44,7 +58,7 @@ def test_convert_then_predict_matches_torch(workdir):
     assert note.startswith(f"note: {tmp / 'w.pth'} has no model card")
     assert "ShuffleNet_V2_X0_5_Weights.IMAGENET1K_V1 was assumed (resize 256, crop 224)" in note
     xprune("predict", f"--model={tmp / 'model'}", f"--images={tmp / 'images'}", f"--out={tmp / 'logits.npz'}",
-           "--batch_size=2")  # 3 images: the last batch is padded
+           "--batch_size=2", real_process=True)  # 3 images: the last batch is padded
     result = np.load(tmp / "logits.npz")
     files = sorted(os.listdir(tmp / "images"))
     assert list(result["files"]) == files

@@ -24,6 +24,7 @@ from PIL import Image
 
 from converters.mapping import state_dict_to_variables
 from tests.conftest import REPO
+from tests.test_cli import xprune
 from xprune_jax import models, predict
 from xprune_jax.checkpoint import Model, load_model, save_model
 from xprune_jax.data.images import image_folder
@@ -312,18 +313,18 @@ def test_data_parallel_equals_one_device(workdir):
     assert numbers["relative_difference"] < 1e-5, numbers
 
 
-def _finetune_command(workdir, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "xprune_jax", "finetune", f"--model={workdir / 'model'}", f"--teacher={workdir / 'model'}",
-            f"--image_folder={workdir / 'folder'}", "--steps=16", "--batch_size=4", "--lr=1e-3",
-            "--objective=distill,task", "--checkpoint_every=2", f"--out={out}", f"--cache_dir={REPO / '.cache' / 'jax'}",
+def _finetune_args(workdir, out, *extra) -> list[str]:
+    return ["finetune", f"--model={workdir / 'model'}", f"--teacher={workdir / 'model'}", f"--image_folder={workdir / 'folder'}",
+            "--steps=16", "--batch_size=4", "--lr=1e-3", "--objective=distill,task", "--checkpoint_every=2", f"--out={out}",
             *extra]
 
 
 def test_resume_after_kill_gives_the_uninterrupted_parameters(workdir):
     out = workdir / "resumed"
     checkpoints = workdir / "resumed.checkpoints"
-    process = subprocess.Popen(_finetune_command(workdir, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               cwd=REPO, env=_env())
+    process = subprocess.Popen([sys.executable, "-m", "xprune_jax", *_finetune_args(workdir, out),
+                                f"--cache_dir={REPO / '.cache' / 'jax'}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, cwd=REPO, env=_env())
     deadline = time.time() + 300
     while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
         assert process.poll() is None, process.stderr.read()[-2000:]
@@ -332,9 +333,7 @@ def test_resume_after_kill_gives_the_uninterrupted_parameters(workdir):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL and not out.exists()
-    result = subprocess.run(_finetune_command(workdir, out, f"--validation={workdir / 'folder'}"), capture_output=True,
-                            text=True, cwd=REPO, env=_env())
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = xprune(*_finetune_args(workdir, out, f"--validation={workdir / 'folder'}"))
     resumed = load_model(str(out))
     record = resumed.meta["finetune"][-1]
     assert record["resumed_from"] and record["resumed_from"] % 2 == 0
@@ -407,11 +406,9 @@ def test_divergence_stops_naming_the_step_and_the_last_good_checkpoint(workdir, 
 
 
 def test_cli_errors_are_one_line(workdir):
-    result = subprocess.run(_finetune_command(workdir, workdir / "never", "--steps=0"), capture_output=True, text=True,
-                            cwd=REPO, env=_env())
+    result = xprune(*_finetune_args(workdir, workdir / "never", "--steps=0"), check=False)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "--steps=0 is invalid: use an integer >= 1" in result.stderr
-    result = subprocess.run(_finetune_command(workdir, workdir / "never", "--precision=bfloat16"), capture_output=True,
-                            text=True, cwd=REPO, env=_env())
+    result = xprune(*_finetune_args(workdir, workdir / "never", "--precision=bfloat16"), check=False)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "finetune trains float32 parameters" in result.stderr and not (workdir / "never").exists()

@@ -26,7 +26,7 @@ from xprune_jax.attribution.score import score_model
 from xprune_jax.checkpoint import Model, load_model, model_fingerprint, save_model
 from xprune_jax.errors import UserError
 from xprune_jax.models.yolov8 import fuse_batch_norms
-from xprune_jax.pruning.plan import Plan, apply_plan, count_params, make_plan
+from xprune_jax.pruning.plan import Plan, apply_plan, make_plan
 from xprune_jax.pruning.surgery import graph_of
 
 ARCHS = ["resnet50", "mobilenet_v2", "shufflenet_v2_x1_0"]
@@ -142,7 +142,7 @@ def test_budget_is_honoured_and_predicted(arch, tmp_path):
         save_model(apply_plan(model, plan), str(tmp_path / mode), overwrite=True)
         pruned = load_model(str(tmp_path / mode))
         flops = analysis.total_flops(analysis.describe_layers(arch, pruned.spec))
-        assert flops == plan.flops_after and count_params(arch, pruned.spec) == plan.params_after
+        assert flops == plan.flops_after and analysis.count_params(arch, pruned.spec) == plan.params_after
         assert plan.params_after == sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
         if target:
             assert flops <= (1 - target) * plan.flops_before
@@ -150,6 +150,31 @@ def test_budget_is_honoured_and_predicted(arch, tmp_path):
             assert plan.params_after <= 0.95 * plan.params_before
         assert pruned.meta["plans"][-1]["selected"] == plan.selected
         assert plan.removed if mode == "remove+shrink" else not plan.removed
+
+
+def test_abstract_traces_are_cached_per_spec_and_handed_out_as_copies():
+    """Planning and loading ask for the same specs' shapes and counts again and again: each spec is
+    traced once (per x64 mode), its parameter count comes from the trace that describes its layers, and
+    a caller that edits what it got edits no cached copy. A spec that can't be hashed is traced every time."""
+    from tests.test_finetune import tiny_spec
+
+    spec = tiny_spec(num_classes=7)
+    before = models._variable_shapes.cache_info()
+    first = models.variable_shapes("resnet18", spec, 64)
+    first["params"].clear()
+    shapes = models.variable_shapes("resnet18", spec, 64)
+    after = models._variable_shapes.cache_info()
+    assert shapes["params"] and (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    traced = analysis._traced.cache_info().misses
+    layers = analysis.describe_layers("resnet18", spec, 64)
+    assert analysis.count_params("resnet18", spec, 64) == sum(np.size(x) for x in jax.tree_util.tree_leaves(shapes["params"]))
+    assert analysis._traced.cache_info().misses == traced + 1 and layers[-1].params == 512 * 7 + 7
+    unhashable = dataclasses.replace(spec, blocks=list(spec.blocks))
+    assert models.variable_shapes("resnet18", unhashable, 64) == shapes
+    assert models._variable_shapes.cache_info().misses == after.misses
+    with jax.enable_x64(True):  # init makes float64 leaves there: not the float32 entry
+        assert models.variable_shapes("resnet18", spec, 64) == models._variable_shapes.__wrapped__("resnet18", spec, 64, True) \
+            != shapes
 
 
 def test_flops_agree_with_xla_cost_analysis():
@@ -295,7 +320,7 @@ def test_yolov8_global_allocation_at_a_large_cut(mode, coco_images, tmp_path):
     assert relative_error(_yolo_run(pruned, pruned.variables, x), _yolo_run(start, masked, x)) < 1e-5
     assert plan.flops_after <= 0.3 * plan.flops_before
     assert plan.flops_after == analysis.total_flops(analysis.describe_layers("yolov8n", pruned.spec, 320))
-    assert plan.params_after == count_params("yolov8n", pruned.spec)
+    assert plan.params_after == analysis.count_params("yolov8n", pruned.spec)
     groups = {g.name: g for g in graph_of(start.arch, start.spec).groups}
     assert any(name.startswith("model.22.") for name in plan.selected)  # the Detect head's hidden widths too
     for name, keep in plan.keep_channels.items():
@@ -347,7 +372,7 @@ def test_yolov8_shrink_budget_is_honoured_and_predicted(fused, tmp_path):
         pruned = load_model(str(tmp_path / "pruned"))
         assert plan.flops_before - flops == plan.flops_after == \
             analysis.total_flops(analysis.describe_layers(model.arch, pruned.spec, 320))
-        assert plan.params_before - params == plan.params_after == count_params(model.arch, pruned.spec) == \
+        assert plan.params_before - params == plan.params_after == analysis.count_params(model.arch, pruned.spec) == \
             sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
         if target:
             assert plan.flops_after <= (1 - target) * plan.flops_before

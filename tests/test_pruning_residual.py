@@ -20,7 +20,7 @@ from xprune_jax.errors import UserError
 from xprune_jax.models.mobilenet_v2 import mobilenet_v2_spec
 from xprune_jax.models.resnet import resnet_spec
 from xprune_jax.models.shufflenet_v2 import shufflenet_v2_spec
-from xprune_jax.pruning.plan import _shrink_savings, apply_plan, count_params, make_plan
+from xprune_jax.pruning.plan import _shrink_savings, apply_plan, make_plan
 from xprune_jax.pruning.surgery import graph_of
 from xprune_jax.spec import spec_from_dict, spec_to_dict
 
@@ -66,7 +66,7 @@ def test_coupled_groups_surgery_equals_masking_and_is_predicted(arch, small_imag
         flops_after = analysis.total_flops(analysis.describe_layers(arch, pruned.spec, SIZE))
         assert flops_after == everything.flops_before - flops
         assert sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"])) == \
-            count_params(arch, pruned.spec) == everything.params_before - params
+            analysis.count_params(arch, pruned.spec) == everything.params_before - params
     assert (everything.flops_after, everything.params_after) == (everything.flops_before - flops,
                                                                  everything.params_before - params)
 
@@ -112,7 +112,7 @@ def test_detector_groups_are_predicted_and_protectable(arch):
     pruned = apply_plan(model, plan)
     assert plan.flops_after == analysis.total_flops(analysis.describe_layers(arch, pruned.spec, 256)) == \
         plan.flops_before - flops < 0.6 * plan.flops_before
-    assert plan.params_after == count_params(arch, pruned.spec) == plan.params_before - params == \
+    assert plan.params_after == analysis.count_params(arch, pruned.spec) == plan.params_before - params == \
         sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
     heads = graph.heads
     assert set(heads) == set(PREDICTORS[arch]) <= set(plan.protected) and not set(heads) & set(groups)
@@ -136,7 +136,7 @@ def test_detector_global_allocation_reaches_70_percent(arch):
     pruned = apply_plan(model, plan)
     assert plan.removed and plan.flops_after <= 0.3 * plan.flops_before
     assert plan.flops_after == analysis.total_flops(analysis.describe_layers(arch, pruned.spec, 256))
-    assert plan.params_after == count_params(arch, pruned.spec) == \
+    assert plan.params_after == analysis.count_params(arch, pruned.spec) == \
         sum(np.size(x) for x in jax.tree_util.tree_leaves(pruned.variables["params"]))
     assert any(n.startswith(("backbone.fpn.layer_blocks.", "backbone.fpn.inner_blocks.")) for n in plan.selected)
 
@@ -191,7 +191,7 @@ def _check_surgery(model, plan, images):
     assert relative_error(_run(pruned, images), want) < 1e-5
     assert relative_error(want, _run(model, images)) > 1e-3
     assert plan.flops_after == analysis.total_flops(analysis.describe_layers(model.arch, pruned.spec, SIZE))
-    assert plan.params_after == count_params(model.arch, pruned.spec)
+    assert plan.params_after == analysis.count_params(model.arch, pruned.spec)
     return pruned
 
 

@@ -60,14 +60,31 @@ def kernels(tree: dict) -> list:
 
 def describe_layers(arch: str, spec, input_size: int | tuple[int, int] | None = None) -> list[LayerInfo]:
     """Every captured layer of the model in execution order, for one image of ``input_size``."""
+    return list(_described(arch, spec, _hw(arch, input_size)))
+
+
+def count_params(arch: str, spec, input_size: int | tuple[int, int] | None = None) -> int:
+    """The model's parameters (``params``, not ``batch_stats``), read from the same cached trace as
+    :func:`describe_layers` at ``input_size`` (the counts don't depend on it: pass the size the
+    layers are described at, and one trace serves both)."""
+    params = _traced(arch, spec, _hw(arch, input_size))[0]["params"]
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def _hw(arch: str, input_size) -> tuple[int, int]:
     size = input_size or models.get_architecture(arch).input_size
-    return list(_described(arch, spec, (size, size) if isinstance(size, int) else tuple(size)))
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@functools.lru_cache(maxsize=256)
+def _traced(arch: str, spec, hw: tuple[int, int]) -> tuple:
+    """:func:`traced_layers` once per (frozen, hashable) spec: planners ask for the same ones often."""
+    return traced_layers(models.build(arch, spec), (1, *hw, 3))
 
 
 @functools.lru_cache(maxsize=256)
 def _described(arch: str, spec, hw: tuple[int, int]) -> tuple[LayerInfo, ...]:
-    """:func:`describe_layers`, traced once per (frozen, hashable) spec: planners ask for the same ones often."""
-    variables, outputs, order, norms = traced_layers(models.build(arch, spec), (1, *hw, 3))
+    variables, outputs, order, norms = _traced(arch, spec, hw)
     params = variables["params"]
     captured = [name for name in order if name in outputs]
     layers, first_conv = [], True

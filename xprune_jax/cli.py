@@ -776,7 +776,10 @@ def _fail(name: str, message: str) -> None:
 
 
 def invoke(argv: list[str]) -> int:
-    """``xprune argv[1:]`` in this process (flags reset first): its exit status. For tests."""
+    """``xprune argv[1:]`` in this process (flags reset first): its exit status. For tests: the
+    caller's precision comes back afterwards (a command sets the process's)."""
+    from xprune_jax import precision
+
     FLAGS.unparse_flags()
     for name in [n for n in FLAGS if n.startswith("config.")]:  # config_flags registers these per parse
         delattr(FLAGS, name)
@@ -787,7 +790,8 @@ def invoke(argv: list[str]) -> int:
         if text is not None:
             print(text)
             return 0
-        main(parse_or_exit(argv))
+        with precision.use(precision.current()):
+            main(parse_or_exit(argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     finally:

@@ -1,6 +1,7 @@
 """The architecture registry: name -> how to build its default spec and its Flax module."""
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -64,9 +65,21 @@ def build(arch: str, spec) -> nn.Module:
 
 
 def variable_shapes(arch: str, spec, input_size: int | None = None) -> dict:
-    """The model's ``params`` and ``batch_stats`` as ShapeDtypeStructs, without allocating them."""
+    """The model's ``params`` and ``batch_stats`` as ShapeDtypeStructs, without allocating them (an
+    abstract trace of ``init``, done once per hashable spec: loading and planning ask for the same ones)."""
     size = input_size or get_architecture(arch).input_size
-    shapes = jax.eval_shape(build(arch, spec).init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    try:
+        hash(spec)
+    except TypeError:  # a spec built by hand with lists: traced every time
+        return _variable_shapes.__wrapped__(arch, spec, size, jax.config.jax_enable_x64)
+    shapes = _variable_shapes(arch, spec, size, jax.config.jax_enable_x64)
+    return jax.tree_util.tree_map(lambda x: x, shapes)  # a copy: callers may edit its dicts
+
+
+@functools.lru_cache(maxsize=64)
+def _variable_shapes(arch: str, spec, size: int, x64: bool) -> dict:
+    """``x64`` is only a key: under ``jax.enable_x64`` the same init makes other dtypes."""
+    shapes = jax.eval_shape(build(arch, spec).init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
     return {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
 
 

@@ -14,10 +14,9 @@ import heapq
 import math
 import re
 
-import jax
 import numpy as np
 
-from xprune_jax import analysis, models, tree_paths
+from xprune_jax import analysis, tree_paths
 from xprune_jax.checkpoint import Model, model_fingerprint
 from xprune_jax.errors import UserError
 from xprune_jax.pruning import surgery
@@ -63,11 +62,6 @@ def parse_budget(text: str) -> tuple[str, float]:
     return match.group(1), float(match.group(3)) / 100
 
 
-@functools.lru_cache(maxsize=256)
-def count_params(arch: str, spec) -> int:
-    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(models.variable_shapes(arch, spec)["params"])))
-
-
 def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *, shrink_ratio: float = 0.5,
               round_to: int = 8, allocation: str = "global", normalize: str = "mean", floor: float = 0.125,
               remove_share: float = 0.5, latency_price: float = 0.0, layer_latency: dict | None = None) -> Plan:
@@ -100,7 +94,8 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
     score = _scores_by_layer(scores, layers, model)
     heads = set(graph_of(model.arch, model.spec).heads)
     protected = sorted({l.name for l in layers if l.kind == "stem"} | heads | set(protect))
-    flops_before, params_before = analysis.total_flops(layers), count_params(model.arch, model.spec)
+    flops_before = analysis.total_flops(layers)
+    params_before = _count_params(model, model.spec)
     context = _Context(model, scores, score, layers, heads, protected, flops_before, params_before)
 
     if mode == "zero":
@@ -149,7 +144,7 @@ class _Context:
     def plan(self, mode, budget, chosen, keep, spec, **fields) -> Plan:
         after = analysis.total_flops(analysis.describe_layers(self.model.arch, spec, analysis.input_size(self.model)))
         return Plan(mode, budget, self.scores["criterion"], chosen, keep, self.protected, self.flops_before, after,
-                    self.params_before, count_params(self.model.arch, spec), **fields)
+                    self.params_before, _count_params(self.model, spec), **fields)
 
 
 def _plan_remove(c: _Context, kind: str, target: float, partial: bool = False) -> tuple[list[str], object]:
@@ -226,7 +221,7 @@ def _plan_shrink_global(c: _Context, kind: str, target: float, round_to: int, no
     if prices:
         importance = latency_priced(groups, importance, *prices, by_layer, c.model.variables["params"])
     total = c.flops_before if kind == "flops" else c.params_before
-    already = total - (analysis.total_flops(c.layers) if kind == "flops" else count_params(c.model.arch, c.model.spec))
+    already = total - (analysis.total_flops(c.layers) if kind == "flops" else _count_params(c.model, c.model.spec))
     keep = allocate(groups, importance, by_layer, c.model.variables["params"], kind, target, total, already, round_to,
                     floor, c.model.arch)
     graph = graph_of(c.model.arch, c.model.spec)
@@ -332,6 +327,11 @@ def _take(ranked, kind, target, savings, flops_before, params_before, mode, arch
     return chosen
 
 
+def _count_params(model: Model, spec) -> int:
+    """Parameters of ``spec``, from the trace that describes its layers at the model's input size."""
+    return analysis.count_params(model.arch, spec, analysis.input_size(model))
+
+
 def _touches(name: str, protected) -> bool:
     return any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in protected)
 
@@ -351,7 +351,7 @@ def _unit_costs(c: _Context, graph, unit: str) -> tuple[int, int]:
     without = surgery.without_units(spec, graph, [unit])
     return (analysis.total_flops(analysis.describe_layers(arch, spec, size)) -
             analysis.total_flops(analysis.describe_layers(arch, without, size)),
-            count_params(arch, spec) - count_params(arch, without))
+            _count_params(c.model, spec) - _count_params(c.model, without))
 
 
 class ShrinkSavings:
