@@ -30,9 +30,13 @@ def xprune(*args, check=True, real_process=False) -> subprocess.CompletedProcess
         result = subprocess.run([sys.executable, "-m", "xprune_jax", *argv], capture_output=True, text=True, env=env,
                                 cwd=REPO)
     else:
-        stdout, stderr = io.StringIO(), io.StringIO()
-        with contextlib.chdir(REPO), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = cli.invoke(["xprune", *argv])
+        stdout, stderr, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+        os.chdir(REPO)  # configs/... as the console script's cwd=REPO reads them (contextlib.chdir is 3.11+)
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                code = cli.invoke(["xprune", *argv])
+        finally:
+            os.chdir(cwd)
         result = subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
     if check:
         assert result.returncode == 0, result.stderr[-2000:]
