@@ -111,17 +111,22 @@ def test_other_widths_fit_torchvision_state_dicts(arch):
     assert n_params == sum(v.size for k, v in state_dict.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
 
 
-@pytest.mark.parametrize("groups, kernel, stride, pad, dilation", [
-    (8, 3, 1, 1, 1), (8, 3, 2, 1, 1), (8, 5, 2, 2, 1), (8, 3, 1, 2, 2), (1, 1, 1, 0, 1), (1, 1, 2, 0, 1),
-    (1, 3, 2, 1, 1), (2, 3, 1, 1, 1)])
-def test_cpu_conv_lowerings_equal_xla_conv(groups, kernel, stride, pad, dilation):
-    """The CPU lowerings of depthwise and 1x1 convs compute exactly what lax's conv computes."""
+@pytest.mark.parametrize("groups, kernel, stride, pad, dilation, size", [
+    (8, 3, 1, 1, 1, (13, 11)), (8, 3, 2, 1, 1, (13, 11)), (8, 5, 2, 2, 1, (13, 11)), (8, 3, 1, 2, 2, (13, 11)),
+    (1, 1, 1, 0, 1, (13, 11)), (1, 1, 2, 0, 1, (13, 11)), (1, 3, 2, 1, 1, (13, 11)), (2, 3, 1, 1, 1, (13, 11)),
+    (1, 3, 1, 1, 1, (2, 2)), (1, 3, 2, 1, 1, (4, 3)), (1, 3, 1, 2, 2, (2, 1)), (1, 5, 1, 2, 1, (1, 1)),
+    (2, 3, 1, 1, 1, (2, 2))])
+def test_cpu_conv_lowerings_equal_xla_conv(groups, kernel, stride, pad, dilation, size):
+    """The CPU lowerings of depthwise, 1x1 and dense convs on small maps (im2col) compute what lax's conv computes."""
     from xprune_jax.models.layers import _conv
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 13, 11, 8)).astype(np.float32)
+    x = rng.standard_normal((2, *size, 8)).astype(np.float32)
     w = rng.standard_normal((kernel, kernel, 8 // groups, 8)).astype(np.float32)
     want = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
     got = jax.jit(_conv, static_argnums=(2, 3, 4, 5))(x, w, stride, pad, dilation, groups)
+    lowered = not (groups == 2 or (groups == 1 and kernel > 1 and size == (13, 11)))  # else lax's own conv
+    jaxpr = str(jax.make_jaxpr(_conv, static_argnums=(2, 3, 4, 5))(x, w, stride, pad, dilation, groups))
+    assert ("conv_general_dilated" not in jaxpr) == lowered
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
