@@ -253,8 +253,10 @@ def test_jitted_step_lowers_the_loss_of_yolov8():
     batch = {"images": rng.uniform(size=(2, 64, 64, 3)).astype(np.float32), "gt_boxes": boxes,
              "gt_classes": np.tile(np.array([0, 2, 0, 0, 0, 0, 0, 0], np.int32), (2, 1)),
              "gt_mask": np.tile(np.arange(8) < 2, (2, 1))}
-    state = {"params": variables["params"], "batch_stats": {}, "opt_state": tx.init(variables["params"]),
-             "step": jnp.zeros((), jnp.int32)}
+    # placed on the mesh as `finetune` places it (the step's outputs are): one compile serves every step
+    state = parallel.replicate({"params": variables["params"], "batch_stats": {}, "opt_state": tx.init(variables["params"]),
+                                "step": jnp.zeros((), jnp.int32)}, mesh)
+    variables = parallel.replicate(variables, mesh)
     losses, distill = [], []
     for _ in range(config.steps):
         state, metrics = step(state, variables, batch)

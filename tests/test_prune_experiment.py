@@ -95,19 +95,22 @@ def test_prune_pipeline_end_to_end_then_a_longer_table_from_its_measurements(tmp
     # A longer table run in another folder from that run's measurements (how a stopped or split table is
     # gathered; resume=True reads the same file in the same folder) measures only what is new: every
     # earlier row comes back unchanged (its latency ratio, a noisy measurement, too), the new budget is
-    # measured, and the new folder's measurements.json holds both.
+    # measured, and the new folder's measurements.json holds both. (The new budget zeroes layers: it runs
+    # the programs already compiled.)
     entries = json.loads((out / "measurements.json").read_text())["entries"]
     gathered_dir = tmp_path / "gathered"
     gathered = xprune(*SMALL_RUN, "--config.prunings=('zero:layers=5%', 'remove:flops=-10%', 'shrink:flops=-10%', "
-                      "'shrink:flops=-20%')", f"--config.out_dir={gathered_dir}",
+                      "'zero:layers=10%')", f"--config.out_dir={gathered_dir}",
                       f"--config.measurements_from=('{out / 'measurements.json'}',)")
     again = json.loads((gathered_dir / "results.json").read_text())
     assert f"resumed: {len(entries)} of " in gathered.stdout
     by_cell = {(r["criterion"], r["mode"], r["budget"], r["seed"]): r for r in again["rows"]}
     for r in rows:
         assert by_cell[r["criterion"], r["mode"], r["budget"], r["seed"]] == r
-    new = [r for r in again["rows"] if r["budget"] == "flops=-20%"]
-    assert len(new) == 4 and all(r["flops_ratio"] <= 0.8 for r in new)
+    new = [r for r in again["rows"] if r["budget"] == "layers=10%"]
+    assert len(new) == 4
+    for r in new:  # twice the layers of the 5% rows
+        assert r["mode"] == "zero" and len(r["selected"]) > len(by_cell[r["criterion"], "zero", "layers=5%", r["seed"]]["selected"])
     assert again["unpruned"]["metrics"] == results["unpruned"]["metrics"]
     gathered_entries = json.loads((gathered_dir / "measurements.json").read_text())["entries"]
     assert {k: v for k, v in gathered_entries.items() if k in entries} == entries and len(gathered_entries) > len(entries)

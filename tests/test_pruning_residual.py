@@ -36,6 +36,9 @@ COUPLED_GROUPS = {
     "shufflenet_v2_x1_0": ["stage2.0.branch1.2", "stage2.2.branch2.5", "stage3.0.branch2.5", "stage4.3.branch2.5",
                            "conv5.0"],
 }
+# groups also run alone through the network (each run compiles a network): MobileNetV2's last inverted residual
+# narrowed to its input's width must still add no skip; a branch output the shuffle scatters over the next units
+RUN_ALONE = {"mobilenet_v2": ["features.17.conv.2"], "shufflenet_v2_x1_0": ["stage2.0.branch1.2"]}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,8 @@ def small_images(coco_images):
 
 @pytest.mark.parametrize("arch", COUPLED_GROUPS)
 def test_coupled_groups_surgery_equals_masking_and_is_predicted(arch, small_images):
-    """Each coupled group alone, then every group at once (inner widths included). features.17.conv.2
-    alone narrows 320 to 160, the width of its input: it must still add no skip."""
+    """Each coupled group alone, then every group at once (inner widths included): the savings predicted
+    exactly; the pruned network equals the masked one with every group at once and with RUN_ALONE's alone."""
     model = dataclasses.replace(_model(arch), meta={"preprocess": {"crop": SIZE}})
     everything = make_plan(model, score_model_like(model, seed=11), "shrink", "layers=99.9%", allocation="layer")
     assert set(COUPLED_GROUPS[arch]) <= set(everything.selected)
@@ -58,9 +61,10 @@ def test_coupled_groups_surgery_equals_masking_and_is_predicted(arch, small_imag
         plan = dataclasses.replace(everything, selected=names,
                                    keep_channels={n: everything.keep_channels[n] for n in names})
         pruned = apply_plan(model, plan)
-        want = _run(dataclasses.replace(model, variables=_mask_channels(model, plan)), small_images)
-        assert relative_error(_run(pruned, small_images), want) < 1e-5, names
-        assert relative_error(want, original) > 1e-3, names  # the masking changed the network: a real test
+        if len(names) > 1 or names[0] in RUN_ALONE.get(arch, ()):
+            want = _run(dataclasses.replace(model, variables=_mask_channels(model, plan)), small_images)
+            assert relative_error(_run(pruned, small_images), want) < 1e-5, names
+            assert relative_error(want, original) > 1e-3, names  # the masking changed the network: a real test
         flops, params = _shrink_savings([groups[n] for n in names], plan.keep_channels, by_layer,
                                         model.variables["params"])
         flops_after = analysis.total_flops(analysis.describe_layers(arch, pruned.spec, SIZE))
