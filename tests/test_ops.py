@@ -90,6 +90,27 @@ def test_nms_random_clusters(seed):
         assert 3 < len(expected) < 50  # suppression happened and several boxes survived
 
 
+def test_nms_shapes_only_keeps_a_detectors_abstract_shapes():
+    """The layer analysis traces a detector with NMS as shapes only (its tiled algorithm is traced once per
+    platform otherwise): every variable and captured output keeps its shape and dtype, and inside the
+    context NMS keeps no box."""
+    from xprune_jax import models
+    from xprune_jax.ops.nms import shapes_only
+
+    arch = "fasterrcnn_mobilenet_v3_large_fpn"  # NMS twice: the RPN's proposals and the detections
+    module = models.build(arch, models.get_architecture(arch).default_spec())
+    args = (jax.random.key(0), jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32))
+    real = jax.eval_shape(functools.partial(module.init, mutable=True), *args)
+    with shapes_only():
+        stubbed = jax.eval_shape(functools.partial(module.init, mutable=True), *args)
+    assert jax.tree_util.tree_structure(stubbed) == jax.tree_util.tree_structure(real)
+    assert jax.tree_util.tree_leaves(stubbed) == jax.tree_util.tree_leaves(real)  # ShapeDtypeStructs compare
+    boxes = jnp.array([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    with shapes_only():
+        assert not ops.nms(boxes, jnp.array([0.9, 0.8]), jnp.array([True, True]), 0.5, 2)[1].any()
+    assert ops.nms(boxes, jnp.array([0.9, 0.8]), jnp.array([True, True]), 0.5, 2)[1].all()
+
+
 def test_nms_ties_duplicates_and_degenerate_boxes():
     rng = np.random.default_rng(10)
     boxes = random_boxes(rng, 30)

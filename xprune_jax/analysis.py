@@ -16,6 +16,7 @@ import numpy as np
 
 from xprune_jax import models, tree_paths
 from xprune_jax.models.layers import BatchNorm
+from xprune_jax.ops.nms import shapes_only as nms_shapes_only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ def traced_layers(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict
         return out
 
     def init(key, x):  # the interceptor sees tracers: it must run inside the trace
-        with nn.intercept_methods(record):
+        with nn.intercept_methods(record), nms_shapes_only():
             return module.init(key, x, mutable=True)  # every collection, the captured outputs included
 
     collections = jax.eval_shape(init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32))

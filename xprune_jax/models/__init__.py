@@ -17,6 +17,7 @@ from xprune_jax.models.resnet import ResNet, resnet_spec
 from xprune_jax.models.shufflenet_v2 import ShuffleNetV2, shufflenet_v2_spec
 from xprune_jax.models.yolov8 import SCALES as YOLOV8_SCALES, YOLOv8, yolov8_spec
 from xprune_jax.models.yolov8_pipeline import YOLOv8Pipeline, YOLOv8PredictPipeline
+from xprune_jax.ops.nms import shapes_only as nms_shapes_only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,8 @@ def variable_shapes(arch: str, spec, input_size: int | None = None) -> dict:
 @functools.lru_cache(maxsize=64)
 def _variable_shapes(arch: str, spec, size: int, x64: bool) -> dict:
     """``x64`` is only a key: under ``jax.enable_x64`` the same init makes other dtypes."""
-    shapes = jax.eval_shape(build(arch, spec).init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    with nms_shapes_only():
+        shapes = jax.eval_shape(build(arch, spec).init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
     return {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
 
 

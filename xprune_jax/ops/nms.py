@@ -18,6 +18,8 @@ Two exact algorithms give the same boxes in the same order; ``method`` picks one
   the loop's condition.
 """
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -29,6 +31,19 @@ from xprune_jax.ops.boxes import box_iou
 
 METHODS = ("tiled", "loop")
 TILE = {"cpu": 256, "default": 512}  # candidates per step of the tiled algorithm, per platform
+_SHAPES_ONLY = contextvars.ContextVar("nms_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Within this context NMS keeps no box, at its real output shapes and dtypes: for abstract traces
+    that read only shapes (the layer analysis of a detector), which would otherwise trace the tiled
+    algorithm once per platform (and again under ``vmap``). Never compute values inside it."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
 
 
 def _float32_threshold(iou_threshold: float) -> np.float32:
@@ -134,6 +149,8 @@ def _greedy_nms(boxes, scores, valid, class_ids, iou_threshold: float, max_outpu
     """Greedy NMS in which a kept box suppresses the boxes of its own class only."""
     if method not in METHODS:
         raise ValueError(f"NMS method must be one of {METHODS}, got {method!r}")
+    if _SHAPES_ONLY.get():
+        return jnp.zeros(max_output, jnp.int32), jnp.zeros(max_output, bool)
     order = _score_order(scores, valid)  # invalid boxes are never candidates
     args = (boxes[order], class_ids[order], valid[order])
     threshold = _float32_threshold(iou_threshold)
