@@ -4,9 +4,10 @@
     pip install -e ".[dev,peers]"
     xprune synth --coco=../shared/coco_val2017_subset --out=$HOME/.cache/xprune_jax/shapes --seed=0
     python benchmarks/bench_peers.py run --arch=mobilenet_v2     # or shufflenet_v2_x1_0, yolov8n, resnet50
+    python benchmarks/bench_peers.py auto --arch=mobilenet_v2    # then: our default (--mode=auto) beside the peer's best
     python benchmarks/bench_peers.py recover --arch=mobilenet_v2 # then: both sides' best, recovered alike
     python benchmarks/bench_peers.py duel --arch=mobilenet_v2    # optional: re-time the latency duel (quiet machine)
-    python benchmarks/bench_peers.py price --arch=resnet50       # optional: our default priced by layer latency
+    python benchmarks/bench_peers.py price --arch=resnet50       # optional: the shrink default priced by layer latency
     python benchmarks/bench_peers.py table                       # benchmarks/results/peers/table.md
 
 Both sides prune the same torch weights (the fixture file; ours through the converter) with the same
@@ -36,15 +37,22 @@ against the torch module on validation images, and its FLOPs against the torch-s
   counted on the torch side by forward hooks (:func:`torch_macs`), checked equal to ours on the
   unpruned model.
 
-The latency duel (in ``run``, or again with ``duel``) times our default model and the peer's best of
+The latency duel (in ``run``, or again with ``duel``) times our shrink default's model and the peer's best of
 each seed, all of them and the unpruned model side by side in one run; it reports our time over the
 peer's per round and seed, pooled over the seeds.
 
-``price`` prunes as our default does, with the global allocation priced by each layer's measured latency
-(``xprune prune --latency_price=N``), and times those models beside the default's and the peer's best
+``auto`` prunes as ``xprune prune`` does unasked (``--mode=auto``): for each seed and budget, every candidate
+allocation (shrink with the mean, max and lamp normalisations, remove+shrink) is applied and the one with
+the lowest loss on that seed's calibration images is kept. It records every candidate's loss beside the
+metric ``run`` measured for it, and times the chosen models, the shrink default's, the peer's best and the
+unpruned model side by side (``<arch>.auto.json``); the README's table of who wins reads it.
+
+``price`` prunes as the shrink default does, with the global allocation priced by each layer's measured latency
+(``xprune prune --latency_price=N``), and times those models beside the shrink default's and the peer's best
 (``<arch>.latency_price.json``, with the layer latency table it used).
 
-``recover`` takes our default and Torch-Pruning's best model at each budget (seed by seed) and recovers
+``recover`` takes our default (``auto``; ``--ours=shrink``: the shrink default) and Torch-Pruning's best model at
+each budget (seed by seed) and recovers
 both as ``configs/recovery.py`` does (BN recalibration, then about one epoch of distillation from the
 unpruned model, with a detector's task loss), measuring each as cut, recalibrated and fine-tuned
 (``<arch>.recovery.json``; where the task loss trains, with the unpruned model recovered alike).
@@ -89,7 +97,8 @@ TP_SCOPES = ("local", "global")
 TP_SETTINGS = {"round_to": 8, "max_pruning_ratio": 0.875, "flops_tolerance": 0.01, "max_bisection_steps": 24}
 CRITERIA = ("grad_x_act", "grad_x_act:mean", "taylor_weight", "l1", "l2", "bn_scale", "random")
 NORMALIZATIONS = ("mean", "max", "lamp")
-DEFAULT = {"criterion": "grad_x_act", "mode": "shrink", "normalize": "mean"}  # what `xprune prune` does unasked
+DEFAULT = {"criterion": "grad_x_act", "mode": "shrink", "normalize": "mean"}  # the shrink default (what `price`, `recover` take)
+AUTO = {"criterion": "grad_x_act", "mode": "auto"}  # what `xprune prune` does unasked (`auto`)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -701,7 +710,7 @@ def run_results(arch: str) -> tuple[str, dict]:
 
 
 def default_and_peer(fixture: Fixture, results: dict, head: dict, seed: int):
-    """Our default plan and the name of the peer's model (its ``record``) for one head-to-head budget and
+    """Our shrink default's plan and the name of the peer's model (its ``record``) for one head-to-head budget and
     seed of ``results``, checked to be what its rows measured: ``(plan, peer row)``."""
     from xprune_jax.pruning.plan import make_plan
 
@@ -732,9 +741,10 @@ def peer_model(fixture: Fixture, results: dict, peer_row: dict, gradients: dict)
 
 
 def recover(args) -> None:
-    """Our default and Torch-Pruning's best model at each budget of ``run``'s results, seed by seed,
-    recovered alike (``recovery_recipe``) and evaluated as cut, after BN recalibration and after
-    fine-tuning. A model met twice (a magnitude importance prunes alike for every seed) recovers once."""
+    """Our model (``--ours``: the default auto, or the shrink default) and Torch-Pruning's best model at each
+    budget of ``run``'s results, seed by seed, recovered alike (``recovery_recipe``) and evaluated as cut,
+    after BN recalibration and after fine-tuning. A model met twice (a magnitude importance prunes alike
+    for every seed, auto may choose the shrink default's plan) recovers once."""
     from xprune_jax.checkpoint import write_json_atomic
     from xprune_jax.experiments.prune import Measurements, Recovery, plan_key, reference_recovery
     from xprune_jax.pruning.plan import apply_plan
@@ -768,14 +778,16 @@ def recover(args) -> None:
     for h in heads:
         for seed in seeds:
             plan, peer_row = default_and_peer(fixture, results, h, seed)
-            work.append((h, seed, "ours", plan_key(DEFAULT["mode"], plan), functools.partial(apply_plan, model, plan)))
+            if args.ours == "auto":
+                plan = measured_auto_plan(fixture, h["budget"], seed)
+            work.append((h, seed, "ours", plan_key(plan.mode, plan), functools.partial(apply_plan, model, plan)))
             work.append((h, seed, "torch-pruning", peer_row["record"],
                          functools.partial(peer_model, fixture, results, peer_row, gradients)))
     todo = len({key for *_, key, _ in work if key not in done})
     log(f"{len(work)} models ({len({key for *_, key, _ in work})} distinct), {todo} to recover, the rest cached")
     rows, recovered, began = [], 0, time.time()
     for h, seed, side, key, pruned in work:
-        cell, budget = h["ours" if side == "ours" else "peer"]["cell"], h["budget"]
+        cell, budget = "grad_x_act auto" if side == "ours" and args.ours == "auto" else h["ours" if side == "ours" else "peer"]["cell"], h["budget"]
         t = time.time()
         measured = done.get(key)
         if measured is None:
@@ -794,7 +806,7 @@ def recover(args) -> None:
            "unpruned": {**results["unpruned"], **({"recovery": reference} if reference else {})},
            "recovery": context["recovery"], "recovery_seed": context["seed"], "rows": rows,
            "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]), "wall_seconds": time.time() - start}
-    write_json_atomic(os.path.join(RESULTS, f"{args.arch}.recovery.json"), out)
+    write_json_atomic(os.path.join(RESULTS, f"{args.arch}.{RECOVERY_KINDS[args.ours]}.json"), out)
     log(f"done in {time.time() - start:.0f} s")
 
 
@@ -815,7 +827,7 @@ def _timed_call(fixture: Fixture, model):
 
 
 def latency_duels(fixture: Fixture, results: dict, repeats: int, log) -> dict:
-    """Per budget with a peer: our default against the peer's best cell, every seed's pair of models
+    """Per budget with a peer: our shrink default against the peer's best cell, every seed's pair of models
     timed side by side in one run (:func:`latency_duel`). The models are made again (from cached scores
     and Torch-Pruning models, or anew) and checked to be those ``results``' rows measured."""
     from xprune_jax.pruning.plan import apply_plan
@@ -873,8 +885,8 @@ def duel(args) -> None:
 
 
 def price(args) -> None:
-    """At each budget of ``run``'s results with a peer, every seed: our default plan priced by the measured
-    layer latency at each exponent (0: the default itself, as ``run`` measured it), its metric, and all of
+    """At each budget of ``run``'s results with a peer, every seed: our shrink default's plan priced by the measured
+    layer latency at each exponent (0: that default itself, as ``run`` measured it), its metric, and all of
     those models, the peer's best and the unpruned one timed side by side; ratios over the peer's per round."""
     from xprune_jax import runs, timing
     from xprune_jax.checkpoint import write_json_atomic
@@ -925,6 +937,98 @@ def price(args) -> None:
         "rows": rows, "latency_duel": duels, "layer_latency": table, "table_agreement": agreement, "duel_repeats": args.duel_repeats,
         "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]), "wall_seconds": time.time() - start,
         "environment": runs.environment()})
+
+
+def auto(args) -> None:
+    """``xprune prune``'s default, ``--mode=auto``, at each budget of ``run``'s results and every seed: the
+    candidate allocation the calibration loss chose and every candidate's loss beside the metric ``run``
+    measured for it; where Torch-Pruning prunes, the chosen models, the shrink default's, the peer's best
+    and the unpruned one timed side by side, ratios over the peer's per round."""
+    from xprune_jax import runs, timing
+    from xprune_jax.checkpoint import write_json_atomic
+    from xprune_jax.pruning.plan import apply_plan
+    from xprune_jax.pruning.select import CANDIDATES
+
+    path = os.path.join(RESULTS, f"{args.arch}.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no {path}; run `python benchmarks/bench_peers.py run --arch={args.arch}` first")
+    with open(path) as f:
+        results = json.load(f)
+    fixture = Fixture(args.arch, bench_repeats=2, results=results)
+    log, start, metric = functools.partial(print, f"[{args.arch}]", flush=True), time.time(), results["metric"]
+    rows, duels, gradients = [], {}, {}
+    for h in head_to_head(results):
+        budget, calls = h["budget"], {"unpruned": _timed_call(fixture, fixture.model)}
+        for seed in results["protocol"]["seeds"]:
+            plan, objective = auto_plan(fixture, budget, seed)
+            candidates = []
+            for c in plan.selection["candidates"]:  # each with the metric `run` measured for that very plan
+                row = next(r for r in results["rows"] if r["side"] == "ours" and r["budget"] == budget and r["seed"] == seed
+                           and r["criterion"] == AUTO["criterion"] and (r["mode"], r["normalize"]) == (c["mode"], c["normalize"])
+                           and r["objective"] == objective)
+                if (row.get("flops_ratio"), row.get("params_ratio")) != (c.get("flops_ratio"), c.get("params_ratio")):
+                    raise UserError(f"the -{budget:g}% seed {seed} {c['mode']}:{c['normalize']} plan made now differs from "
+                                    f"the one the results measured; re-run `python benchmarks/bench_peers.py run --arch={args.arch}`")
+                candidates.append({**c, "metric": row.get("metric")})
+            chosen = next(c for c in candidates if (c["mode"], c["normalize"]) == (plan.mode, plan.normalize))
+            rows.append({"budget": budget, "seed": seed, "chosen": f"{plan.mode}:{plan.normalize}", "metric": chosen["metric"],
+                         "flops_ratio": chosen["flops_ratio"], "params_ratio": chosen["params_ratio"], "candidates": candidates})
+            log(f"-{budget:g}% seed {seed}: chose {rows[-1]['chosen']}, {metric} {chosen['metric']:.4f} (" + ", ".join(
+                f"{c['mode']}:{c['normalize']} loss {c['loss']:.3f} {metric} {c['metric']:.4f}" for c in candidates) + ")")
+            if h["peer"]:
+                shrink, peer_row = default_and_peer(fixture, results, h, seed)
+                calls[f"auto {seed}"] = _timed_call(fixture, apply_plan(fixture.model, plan))
+                calls[f"shrink {seed}"] = _timed_call(fixture, apply_plan(fixture.model, shrink))
+                calls[f"peer {seed}"] = _timed_call(fixture, peer_model(fixture, results, peer_row, gradients))
+        if h["peer"]:
+            times = {name: np.asarray(t) for name, t in timing.time_side_by_side(calls, args.duel_repeats, 3, 0).items()}
+            seeds = results["protocol"]["seeds"]
+            duels[str(budget)] = {"peer": cell_name(h["peer"]), "unpruned_ms": float(np.median(times["unpruned"]) * 1e3), **{
+                side: {**_ratio_stats(np.concatenate([times[f"{side} {s}"] / times[f"peer {s}"] for s in seeds])),
+                       "seeds": {str(s): float(np.median(times[f"{side} {s}"] / times[f"peer {s}"])) for s in seeds}}
+                for side in ("auto", "shrink")}}
+            log(f"-{budget:g}%: latency over {cell_name(h['peer'])}: auto {duels[str(budget)]['auto']['ratio_median']:.3f}, "
+                f"shrink default {duels[str(budget)]['shrink']['ratio_median']:.3f}")
+    write_json_atomic(os.path.join(RESULTS, f"{args.arch}.auto.json"), {
+        "arch": args.arch, "label": LABELS[args.arch], "weights_sha256": fixture.sha256, "metric": metric,
+        "cell": {**AUTO, "candidates": list(CANDIDATES)}, "rows": rows, "latency_duel": duels,
+        "duel_repeats": args.duel_repeats, "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]),
+        "wall_seconds": time.time() - start, "environment": runs.environment()})
+
+
+def auto_plan(fixture: Fixture, budget: float, seed: int):
+    """``xprune prune``'s default plan at ``-budget%`` FLOPs on the calibration images of ``seed``: ``(plan, objective)``."""
+    from xprune_jax.attribution.score import selection_loss
+    from xprune_jax.pruning.select import CANDIDATES, select_plan
+
+    scores = _scores(fixture, list(CRITERIA), "", seed)
+    loss = selection_loss(fixture.model, scores["objective"], fixture.calibration(seed), fixture.config.batch_size, seed)
+    return select_plan(fixture.model, _single(scores, AUTO["criterion"]), f"flops=-{budget:g}%", loss, CANDIDATES), scores["objective"]
+
+
+def measured_auto_plan(fixture: Fixture, budget: float, seed: int):
+    """:func:`auto_plan`, checked to be the plan ``<arch>.auto.json`` measured."""
+    path = os.path.join(RESULTS, f"{fixture.arch}.auto.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no {path}; run `python benchmarks/bench_peers.py auto --arch={fixture.arch}` first")
+    with open(path) as f:
+        row = next((r for r in json.load(f)["rows"] if r["budget"] == budget and r["seed"] == seed), None)
+    plan, _ = auto_plan(fixture, budget, seed)
+    if row is None or (row["chosen"], row["flops_ratio"], row["params_ratio"]) != (
+            f"{plan.mode}:{plan.normalize}", plan.flops_after / plan.flops_before, plan.params_after / plan.params_before):
+        raise UserError(f"the -{budget:g}% seed {seed} auto plan made now differs from the one {path} measured; run "
+                        f"`python benchmarks/bench_peers.py auto --arch={fixture.arch}` again")
+    return plan
+
+
+def auto_summary(auto_results: dict, budget: float) -> dict:
+    """``auto``'s metric over the seeds at ``budget`` as :func:`summarize` gives a cell's, with what it chose."""
+    here = [r for r in auto_results["rows"] if r["budget"] == budget]
+    values = np.asarray([r["metric"] for r in here])
+    return {"cell": "grad_x_act auto", "metric_mean": float(values.mean()),
+            "metric_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "params_ratio": float(np.mean([r["params_ratio"] for r in here])),
+            "chosen": [r["chosen"] for r in here]}
 
 
 def price_agreement(model, table: dict, again: dict) -> dict:
@@ -1039,7 +1143,7 @@ def verdict(ours: dict, peer: dict) -> str:
 
 
 def head_to_head(results: dict) -> list[dict]:
-    """Per budget: our default against Torch-Pruning's best importance and scope (by mean)."""
+    """Per budget: our shrink default against Torch-Pruning's best importance and scope (by mean)."""
     summary = [s for s in results["summary"] if "infeasible" not in s]
     out = []
     for budget in results["protocol"]["budgets"]:
@@ -1055,7 +1159,8 @@ def head_to_head(results: dict) -> list[dict]:
     return out
 
 
-COMMANDS = {"latency_price": "price", "recovery": "recover"}  # the command that writes each kind of results file
+COMMANDS = {"latency_price": "price", "recovery": "recover", "recovery_shrink": "recover --ours=shrink", "auto": "auto"}
+RECOVERY_KINDS = {"auto": "recovery", "shrink": "recovery_shrink"}  # recover --ours=X writes <arch>.<kind>.json  # the command that writes each kind of results file
 
 
 def load_results(folder: str = RESULTS, kind: str = "") -> list[dict]:
@@ -1078,29 +1183,58 @@ def load_results(folder: str = RESULTS, kind: str = "") -> list[dict]:
     return found
 
 
-def readme_table(all_results: list[dict]) -> list[str]:
-    """The short table for README.md: who wins at each budget, and the two models' latency timed side by side."""
-    lines = ["| fixture (unpruned) | FLOPs | ours: default `xprune prune` | Torch-Pruning's best | who wins | "
+def readme_table(all_results: list[dict], folder: str = RESULTS) -> list[str]:
+    """The short table for README.md: who wins at each budget, our default (``auto``, from ``<arch>.auto.json``)
+    against the peer's best, and the two models' latency timed side by side."""
+    autos = {a["arch"]: a for a in load_results(folder, "auto")}
+    lines = ["| fixture (unpruned) | FLOPs | ours: default `xprune prune` (auto) | Torch-Pruning's best | who wins | "
              "latency, ours / TP's (side by side) |", "|---|---|---|---|---|---|"]
     for results in all_results:
         metric = results["metric"]
+        if results["arch"] not in autos:
+            raise UserError(f"no {results['arch']}.auto.json beside {results['arch']}.json; run "
+                            f"`python benchmarks/bench_peers.py auto --arch={results['arch']}`")
         name = f"{results['label']} ({'top-1' if metric == 'top1' else metric} {_fmt(metric, results['unpruned']['metrics'][metric])})"
         for h in head_to_head(results):
-            ours, peer = h["ours"], h["peer"]
+            ours, peer = auto_summary(autos[results["arch"]], h["budget"]), h["peer"]
             if peer is None:
                 failure = results["torch_pruning"].get("failure")
                 lines.append(f"| {name} | -{h['budget']:g}% | {_value(metric, ours)} | "
                              f"{'fails (channel shuffle: ' + failure['exception'] + ')' if failure else 'not run'} | "
                              f"ours (TP can't prune it) | - |")
             else:
-                who = {"wins": "**ours**", "loses": "**Torch-Pruning**", "ties": "tie (within the seeds' spread)"}[h["verdict"]]
-                duel = results.get("latency_duel", {}).get(str(h["budget"]))
-                latency = f"{duel['ours']['ratio_median']:.2f} [{duel['ours']['ratio_iqr'][0]:.2f}, {duel['ours']['ratio_iqr'][1]:.2f}]" \
-                    if duel else "-"
+                who = {"wins": "**ours**", "loses": "**Torch-Pruning**", "ties": "tie (within the seeds' spread)"}[verdict(ours, peer)]
+                duel = autos[results["arch"]]["latency_duel"][str(h["budget"])]["auto"]
                 lines.append(f"| {name} | -{h['budget']:g}% | {_value(metric, ours)} | {_value(metric, peer)} "
-                             f"({peer['importance'].replace('_', '-')}, {peer['scope']}) | {who} | {latency} |")
+                             f"({peer['importance'].replace('_', '-')}, {peer['scope']}) | {who} | "
+                             f"{duel['ratio_median']:.2f} [{duel['ratio_iqr'][0]:.2f}, {duel['ratio_iqr'][1]:.2f}] |")
             name = ""
     return lines
+
+
+def auto_table(folder: str = RESULTS) -> list[str]:
+    """Each ``auto`` result: per budget, what the calibration loss chose for each seed, the metric of the
+    choice against the shrink default's and the best candidate's (by the evaluation, which auto never
+    sees), and both models' latency over the peer's best."""
+    lines = ["| fixture | FLOPs | chosen (seeds 0, 1, 2) | auto | shrink default (mean) | best candidate | "
+             "latency / TP's best: auto, shrink default |", "|---|---|---|---|---|---|---|"]
+    for results in load_results(folder, "auto"):
+        metric = results["metric"]
+        for budget in sorted({r["budget"] for r in results["rows"]}):
+            here = [r for r in results["rows"] if r["budget"] == budget]
+            by_candidate = {}
+            for r in here:
+                for c in r["candidates"]:
+                    by_candidate.setdefault(f"{c['mode']}:{c['normalize']}", []).append(c["metric"])
+            default = by_candidate["shrink:mean"]
+            best, values = max(by_candidate.items(), key=lambda kv: np.mean(kv[1]))
+            duel = results["latency_duel"].get(str(budget))
+            latency = (f"{duel['auto']['ratio_median']:.2f} [{duel['auto']['ratio_iqr'][0]:.2f}, {duel['auto']['ratio_iqr'][1]:.2f}], "
+                       f"{duel['shrink']['ratio_median']:.2f} ({duel['peer']})" if duel else "- (no peer)")
+            lines.append(f"| {results['label']} | -{budget:g}% | {', '.join(r['chosen'] for r in here)} | "
+                         f"{_value(metric, auto_summary(results, budget))} | {_fmt(metric, np.mean(default))} | "
+                         f"{_fmt(metric, np.mean(values))} ({best}) | {latency} |")
+    return lines if len(lines) > 2 else []
 
 
 def duel_table(all_results: list[dict]) -> list[str]:
@@ -1196,14 +1330,14 @@ def normalisation_table(all_results: list[dict]) -> list[str]:
 RECOVERY_STAGES = {"as_cut": "as cut", "recalibrated": "BN recalibrated", "finetuned": "fine-tuned"}
 
 
-def recovery_table(folder: str = RESULTS) -> list[str]:
-    """Our default against Torch-Pruning's best, both recovered alike (``recover``'s JSON files): each
+def recovery_table(folder: str = RESULTS, kind: str = "recovery") -> list[str]:
+    """Our model against Torch-Pruning's best, both recovered alike (``recover``'s JSON files of ``kind``): each
     stage's metric over seeds, and who wins after fine-tuning (the gap against the seeds' spread)."""
     from xprune_jax.experiments.prune import unpruned_label
 
     lines = ["| fixture (unpruned) | FLOPs | side, cell | " + " | ".join(RECOVERY_STAGES.values())
              + " | of unpruned | who wins, fine-tuned |", "|---|---|---|---|---|---|---|---|"]
-    for results in load_results(folder, "recovery"):
+    for results in load_results(folder, kind):
         metric, unpruned = results["metric"], results["unpruned"]["metrics"][results["metric"]]
         name = unpruned_label(results["label"], metric, results["unpruned"])
         for budget in sorted({r["budget"] for r in results["rows"]}):
@@ -1237,15 +1371,25 @@ def table(args) -> None:
              "Made by `python benchmarks/bench_peers.py table` from the JSON files beside it. Mean over calibration "
              "seeds ± standard deviation (no ± where the seeds agreed); FLOPs and params ratios per budget "
              "(`-30% / -50%`), latency the median per-round ratio to the unpruned model (median over seeds). "
-             "Best per budget in bold.", "", "## Who wins", ""] + readme_table(all_results)
+             "Best per budget in bold.", "", "## Who wins", ""] + readme_table(all_results, args.results)
     lines += ["", "## Latency duels", "",
-              "Our default model and the peer's best of every seed, all timed side by side in one run with the unpruned "
+              "Our shrink default's model (`--mode=shrink`, the default before auto; auto's duels are in the section "
+              "above) and the peer's best of every seed, all timed side by side in one run with the unpruned "
               "model (`run`, or again `python benchmarks/bench_peers.py duel --arch=ARCH`): our time over the peer's per "
               "round and seed, pooled over the seeds (median [IQR]), and each seed's median.", ""] + duel_table(all_results)
+    chosen = auto_table(args.results)
+    if chosen:
+        lines += ["", "## The default, auto: what the calibration loss chose", "",
+                  "`xprune prune`'s default (`--mode=auto`) prunes with each candidate allocation (shrink with the mean, max "
+                  "and lamp normalisations, and remove+shrink) and keeps the one whose pruned model has the lowest loss on "
+                  "the calibration images (`python benchmarks/bench_peers.py auto --arch=ARCH`). Its metric against the "
+                  "shrink default's and the best candidate's by the evaluation (which auto never sees); latency: every "
+                  "seed's auto and shrink-default models timed side by side with the peer's best (median [IQR] of the "
+                  "per-round ratios).", ""] + chosen
     priced = price_table(args.results)
     if priced:
         lines += ["", "## Priced by layer latency", "",
-                  "Our default with the global allocation priced by its layers' measured seconds per FLOP "
+                  "Our shrink default with the global allocation priced by its layers' measured seconds per FLOP "
                   "(`xprune prune --latency_price=N`; `python benchmarks/bench_peers.py price --arch=ARCH`): the metric as "
                   "cut, and every seed's model timed side by side with the unpruned model and the peer's best, our time "
                   "over the peer's per round and seed, pooled (median [IQR]).", ""] + priced
@@ -1254,11 +1398,18 @@ def table(args) -> None:
     recovered = recovery_table(args.results)
     if recovered:
         lines += ["", "## After recovery", "",
-                  "Our default and Torch-Pruning's best model per budget (seed by seed), each recovered as "
-                  "`configs/recovery.py` recovers (BN recalibration, then distillation from the unpruned model for about one "
-                  "epoch, a detector's task loss beside it): `python benchmarks/bench_peers.py recover --arch=ARCH`. Mean "
-                  "over calibration seeds ± standard deviation. Where the task loss trains, the unpruned model recovered "
-                  "alike is given beside the unpruned one.", ""] + recovered
+                  "Our model (the cell says which: the default `auto` where `recover --arch=ARCH` has run since it became "
+                  "the default, else the shrink default) and Torch-Pruning's best model per budget (seed by seed), each "
+                  "recovered as `configs/recovery.py` recovers (BN recalibration, then distillation from the unpruned model "
+                  "for about one epoch, a detector's task loss beside it): `python benchmarks/bench_peers.py recover "
+                  "--arch=ARCH`. Mean over calibration seeds ± standard deviation. Where the task loss trains, the unpruned "
+                  "model recovered alike is given beside the unpruned one.", ""] + recovered
+    shrink_recovered = recovery_table(args.results, "recovery_shrink")
+    if shrink_recovered:
+        lines += ["", "## After recovery: the shrink default", "",
+                  "As above, with our shrink default (`xprune prune --mode=shrink`, the default before auto) where auto's "
+                  "models were recovered too: `python benchmarks/bench_peers.py recover --arch=ARCH --ours=shrink`.",
+                  ""] + shrink_recovered
     lines += ["", "## Every cell", ""] + full_tables(all_results)
     text = "\n".join(lines) + "\n"
     with atomic_path(os.path.join(args.results, "table.md")) as tmp, open(tmp, "w") as f:
@@ -1281,6 +1432,8 @@ def main() -> None:
     r = commands.add_parser("recover", help="our default and Torch-Pruning's best model recovered alike (after `run`)")
     r.add_argument("--arch", required=True, choices=sorted(FIXTURES))
     r.add_argument("--seeds", default="", help="calibration seeds (default: those of the run)")
+    r.add_argument("--ours", default="auto", choices=sorted(RECOVERY_KINDS), help="our model: the default (auto, after "
+                   "`auto`) or the shrink default; written to <arch>.recovery.json or <arch>.recovery_shrink.json")
     d = commands.add_parser("duel", help="time our default against the peer's best again, every seed (after `run`)")
     d.add_argument("--arch", required=True, choices=sorted(FIXTURES))
     d.add_argument("--duel_repeats", type=int, default=60, help="rounds; each times every seed's pair and the unpruned model")
@@ -1289,11 +1442,14 @@ def main() -> None:
     c.add_argument("--prices", default="0.25,0.5", help="latency_price exponents (0, the default, is always added)")
     c.add_argument("--layer_repeats", type=int, default=15, help="timed rounds per layer for the layer latency table")
     c.add_argument("--duel_repeats", type=int, default=60, help="rounds; each times every model of a budget")
+    a = commands.add_parser("auto", help="the default --mode=auto's choices, metric and latency beside the peer's best (after `run`)")
+    a.add_argument("--arch", required=True, choices=sorted(FIXTURES))
+    a.add_argument("--duel_repeats", type=int, default=60, help="rounds; each times every model of a budget")
     t = commands.add_parser("table", help="the Markdown tables from the results JSONs")
     t.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
     try:
-        {"run": run, "recover": recover, "duel": duel, "price": price, "table": table}[args.command](args)
+        {"run": run, "recover": recover, "duel": duel, "price": price, "auto": auto, "table": table}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

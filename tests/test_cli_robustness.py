@@ -161,7 +161,7 @@ def test_a_second_eval_into_the_same_out_is_refused(work, tmp_path):
 
 # --- 2. score calibrates on a training split, or a labelled image folder ----------------------------------
 
-def test_score_calibration_split_and_image_folder(work, tmp_path, capfd, coco_root):
+def test_score_calibration_split_and_image_folder_then_auto_prune_on_them(work, tmp_path, capfd, coco_root):
     code, _, err = xprune(capfd, "score", f"--model={work / 'cls'}", f"--coco={coco_root}", f"--out={tmp_path / 's.json'}")
     one_line_error(code, err, "has no train2017/", "--calib_split", "val2017 overlaps")
 
@@ -179,6 +179,54 @@ def test_score_calibration_split_and_image_folder(work, tmp_path, capfd, coco_ro
     calibration = json.loads((tmp_path / "f.json").read_text())["calibration"]
     assert calibration["image_folder"] == str(SHAPES / "classification" / "train") and len(calibration["images"]) == 3
     assert calibration["ground_truth"] is True and calibration["split"] is None
+
+    # prune's default (--mode=auto) finds those images again, and keeps the candidate of lowest loss on them
+    folder, prune = f"--image_folder={SHAPES / 'classification' / 'train'}", ("prune", f"--model={work / 'cls'}",
+                                                                              "--budget=flops=-30%")
+    code, out, err = xprune(capfd, *prune, f"--scores={tmp_path / 'f.json'}", folder, "--batch_size=2",
+                            "--candidates=shrink:mean,shrink:lamp", f"--out={tmp_path / 'auto'}")
+    assert code == 0, err
+    plan = json.loads((tmp_path / "auto.plan.json").read_text())
+    tried = plan["selection"]["candidates"]
+    assert [(t["mode"], t["normalize"]) for t in tried] == [("shrink", "mean"), ("shrink", "lamp")]
+    assert plan["normalize"] == min(tried, key=lambda t: t["loss"])["normalize"] and "chosen by the calibration loss" in out
+    from xprune_jax.attribution.score import selection_loss
+    from xprune_jax.data.images import image_folder
+
+    paths, labels, _ = image_folder(str(SHAPES / "classification" / "train"), CLASSES)
+    index = [i for i, p in enumerate(paths) if os.path.basename(p) in calibration["images"]]
+    loss = selection_loss(load_model(str(work / "cls")), "cross_entropy", ([paths[i] for i in index], labels[index]), 2)
+    assert loss(load_model(str(tmp_path / "auto"))) == pytest.approx(min(t["loss"] for t in tried), rel=1e-6)
+    for args, message in [
+        ((f"--scores={tmp_path / 'f.json'}", f"--coco={SHAPES}"), "made on an image folder: give it as --image_folder"),
+        ((f"--scores={tmp_path / 'f.json'}", f"--image_folder={SHAPES / 'classification' / 'val'}"),
+         "are not those the scores were made on"),
+        ((f"--scores={tmp_path / 'f.json'}",), "give the --coco or the --image_folder"),
+        ((f"--scores={tmp_path / 'f.json'}", folder, "--normalize=max"), "drop --normalize and --allocation"),
+        ((f"--scores={tmp_path / 'f.json'}", folder, "--candidates=shrink:median"), "bad candidate 'shrink:median'"),
+        ((f"--scores={tmp_path / 's.json'}", f"--coco={SHAPES}", "--budget=latency=-10%"), "a latency budget"),
+        ((f"--scores={tmp_path / 's.json'}", "--budget=layers=5%"), "or a --mode for layers=5%: zero or remove"),
+    ]:
+        code, _, err = xprune(capfd, *prune, *args, f"--out={tmp_path / 'bad'}")
+        one_line_error(code, err, message)
+    detector_scores = tmp_path / "det.json"  # a detector scored label-free: auto has no training loss to go by
+    code, _, err = xprune(capfd, "score", f"--model={work / 'det'}", "--criterion=l1", f"--out={detector_scores}")
+    assert code == 0, err
+    code, _, err = xprune(capfd, "prune", f"--model={work / 'det'}", f"--scores={detector_scores}", f"--coco={SHAPES}",
+                          "--budget=flops=-30%", f"--out={tmp_path / 'bad'}")
+    one_line_error(code, err, "records none (a calibration-free criterion)")
+    from xprune_jax.attribution.score import calibration_images
+
+    drawn = [os.path.basename(p) for p in calibration_images(str(SHAPES), 2, 0)]
+    detector_scores.write_text(json.dumps({**json.loads(detector_scores.read_text()), "objective": "confidence",
+                                           "calibration": {"images": drawn, "seed": 0, "split": "train2017"}}))
+    code, _, err = xprune(capfd, "prune", f"--model={work / 'det'}", f"--scores={detector_scores}", f"--coco={SHAPES}",
+                          "--budget=flops=-30%", f"--out={tmp_path / 'bad'}")
+    one_line_error(code, err, "these scores used the confidence objective: score with --objective=loss")
+    code, _, err = xprune(capfd, "prune", f"--model={work / 'det'}", f"--scores={detector_scores}", folder,
+                          "--budget=flops=-30%", f"--out={tmp_path / 'bad'}")
+    one_line_error(code, err, "--image_folder calibrates classifiers")
+    assert not (tmp_path / "bad").exists()
 
 
 # --- 3. prune takes only scores of this very model ------------------------------------------------------
@@ -275,6 +323,8 @@ def test_bench_labels_models_of_the_same_basename(work, tmp_path, capfd):
     ("--config.coco=/nonexistent", "config.coco '/nonexistent' is not a folder"),
     ('--config.measurements_from=("/nonexistent.json",)', "measurements_from names '/nonexistent.json'"),
     ("--config.calib_images=abc", "config.calib_images"),
+    ("--config.prunings=('auto:layers=5%',)", "auto chooses among shrink allocations"),
+    ("--config.pruning.candidates=('shrink:median',)", "bad candidate 'shrink:median'"),
 ])
 def test_run_validates_the_config_first(tmp_path, capfd, override, message):
     out = tmp_path / "run"

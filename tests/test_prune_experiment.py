@@ -253,12 +253,12 @@ def test_recovery_stage_is_measured_and_reported(tmp_path):
 
 
 def test_tradeoff_plot_marks_every_mode(tmp_path):
-    """Rows of every pruning mode (remove+shrink included) plot, each mode with its own marker."""
+    """Rows of every pruning mode (remove+shrink and auto included) plot, each mode with its own marker."""
     from xprune_jax.experiments.prune import _plot_tradeoff
     from xprune_jax.pruning.plan import MODES
 
     rows = [{"mode": mode, "criterion": criterion, "latency_ratio": 0.5 + i / 10, "flops_ratio": 0.4 + i / 10,
-             "metrics": {"AP": 0.1 * i}} for i, mode in enumerate(MODES) for criterion in ("l1", "random")]
+             "metrics": {"AP": 0.1 * i}} for i, mode in enumerate((*MODES, "auto")) for criterion in ("l1", "random")]
     path = tmp_path / "tradeoff.png"
     _plot_tradeoff(rows, "AP", str(path))
     assert path.stat().st_size > 0
@@ -267,20 +267,25 @@ def test_tradeoff_plot_marks_every_mode(tmp_path):
 def test_latency_priced_run_measures_its_table_once(tmp_path):
     """`config.pruning.latency_price` prices the run's shrink plans by a layer latency table measured
     once into the run folder and reused on resume (the same rows, nothing measured again); `remove`
-    rows plan unpriced; bad settings get one line before any work."""
-    out, prunings = tmp_path / "run", "--config.prunings=('remove:flops=-10%', 'shrink:flops=-20%')"
+    rows plan unpriced; `auto` plans priced too, and shares the measurement of the plan it chose (here
+    its one candidate is the shrink row's); bad settings get one line before any work."""
+    out = tmp_path / "run"
+    prunings = "--config.prunings=('remove:flops=-10%', 'shrink:flops=-20%', 'auto:flops=-20%')"
     priced = ("run", "--config=configs/structural.py:shufflenet_v2_x0_5", "--config.criteria=('l1',)", "--config.seeds=(0,)",
               "--config.bench.repeats=2", "--config.bench.warmup=1", "--config.calib_images=2", "--config.pruning.latency_price=0.5")
-    first = xprune(*priced, prunings, f"--config.out_dir={out}")
+    first = xprune(*priced, prunings, "--config.pruning.candidates=('shrink:mean',)", f"--config.out_dir={out}")
     assert "measuring each layer's latency for latency_price" in first.stderr
     table = json.loads((out / "layer_latency.json").read_text())
     assert table["arch"] == "shufflenet_v2_x0_5" and len(table["layers"]) > 20
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["mode"], "infeasible" in r) for r in rows] == [("remove", False), ("shrink", False)]
-    assert rows[1]["flops_ratio"] <= 0.8
+    assert [(r["mode"], "infeasible" in r) for r in rows] == [("remove", False), ("shrink", False), ("auto", False)]
+    assert rows[1]["flops_ratio"] <= 0.8 and rows[2]["selected"] == rows[1]["selected"]
+    assert [(c["mode"], c["normalize"]) for c in rows[2]["selection"]["candidates"]] == [("shrink", "mean")]
+    assert rows[2]["selection"]["candidates"][0]["loss"] > 0 and "selection" not in rows[1]
     context = json.loads((out / "measurements.json").read_text())["context"]
     assert context["pruning"]["latency_price"] == 0.5
-    again = xprune(*priced, prunings, f"--config.out_dir={out}", "--config.resume=True")
+    again = xprune(*priced, prunings, "--config.pruning.candidates=('shrink:mean',)", f"--config.out_dir={out}",
+                   "--config.resume=True")
     assert "measuring each layer's latency" not in again.stderr and "resumed: 2 of 2" in again.stdout
     assert json.loads((out / "results.json").read_text())["rows"] == rows
     for flags, message in ((("--config.pruning.latency_price=-1.0",), "config.pruning.latency_price is -1.0"),

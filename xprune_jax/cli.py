@@ -40,8 +40,12 @@ flags.DEFINE_string("image_folder", None, "Classifiers: calibrate on a labelled 
 flags.DEFINE_integer("calib_images", 32, "Calibration images, drawn with --seed.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("scores", None, "A scores file written by `xprune score` on this very model.")
-flags.DEFINE_enum("mode", None, ["zero", "remove", "shrink", "remove+shrink"],
-                  "zero: the paper's (no speed-up); remove: depth; shrink: width; remove+shrink: both in one plan.")
+flags.DEFINE_enum("mode", None, ["auto", "zero", "remove", "shrink", "remove+shrink"],
+                  "zero: the paper's (no speed-up); remove: depth; shrink: width; remove+shrink: both in one plan; "
+                  "auto (the default): of the --candidates allocations, the one whose pruned model has the lowest loss on "
+                  "the calibration images the scores were made on (found again in --coco or --image_folder).")
+flags.DEFINE_list("candidates", ["shrink:mean", "shrink:max", "shrink:lamp", "remove+shrink:mean"],
+                  "--mode=auto: the MODE:NORMALIZE allocations to choose from.")
 flags.DEFINE_string("budget", None, "layers=5% (bottom fraction of eligible units), flops=-30%, params=-30%, or "
                     "latency=-30% (measured side by side at --batch_size; remove/shrink).")
 flags.DEFINE_list("protect", [], "Extra layers or blocks never to prune (the stem and heads always are; a "
@@ -117,7 +121,8 @@ LIMITS = {"batch_size": 1, "calib_images": 1, "repeats": 1, "round_to": 1, "max_
 METAVARS = {"arch": "NAME", "weights": "FILE|NAME", "model": "DIR", "images": "DIR", "coco": "ROOT", "criterion": "C[,C...]",
             "scores": "FILE", "plan": "FILE", "budget": "KIND=N%", "config": "FILE[:ARG]", "image_folder": "DIR",
             "annotations": "FILE", "export_torch": "FILE", "protect": "NAME[,NAME...]", "calib_split": "SPLIT",
-            "objective": "NAME", "mode": "zero|remove|shrink|remove+shrink", "cache_dir": "DIR", "teacher": "DIR",
+            "objective": "NAME", "mode": "auto|zero|remove|shrink|remove+shrink",
+            "candidates": "MODE:NORM[,...]", "cache_dir": "DIR", "teacher": "DIR",
             "split": "SPLIT", "coordinator_address": "HOST:PORT", "num_processes": "N", "process_id": "I",
             "distributed_timeout": "SECONDS"}
 
@@ -291,8 +296,11 @@ def prune_command() -> None:
         plan = _read_plan(FLAGS.plan)
         latency_target = None
     else:
-        _require("scores", "mode", "budget")
+        _require("scores", "budget")
         latency_target = parse_latency_budget(FLAGS.budget)
+        if latency_target is not None and _mode() == "auto":
+            raise UserError("a latency budget is searched by measuring one allocation; give --mode=shrink, remove or "
+                            "remove+shrink with it, or a flops=-N% budget for --mode=auto")
         if latency_target is None:
             parse_budget(FLAGS.budget)
         scores = read_json(FLAGS.scores, "scores file", "make one with `xprune score`")
@@ -305,14 +313,29 @@ def prune_command() -> None:
         raise UserError("--layer_latency is the table --latency_price reads; give --latency_price=N too, or drop it")
     if FLAGS.plan and FLAGS.latency_price:
         raise UserError("--plan gives the whole plan; drop --latency_price")
+    if not FLAGS.plan and _mode() == "auto":
+        from xprune_jax.pruning.select import parse_candidates
+
+        parse_candidates(FLAGS.candidates)
+        if latency_target is None and parse_budget(FLAGS.budget)[0] == "layers":
+            raise UserError(f"--mode=auto (the default) chooses among shrink allocations; give it a flops=-N% or "
+                            f"params=-N% budget, or a --mode for {FLAGS.budget}: zero or remove")
+        if FLAGS["normalize"].present or FLAGS.allocation != "global":
+            raise UserError("--mode=auto chooses the normalisation of a global allocation among --candidates; drop "
+                            "--normalize and --allocation, or give --mode=shrink")
     _new_out(FLAGS.out)
     model = load_model(_one_model())
     if FLAGS.plan:
         validate_plan(model, plan)
     else:
         check_scores(scores, model)
+        loss = _selection_loss(model, scores) if _mode() == "auto" else None  # checked before any layer is timed
         options = {**_plan_options(), **_layer_latency(model)}
-        if latency_target is None:
+        if loss is not None:
+            from xprune_jax.pruning.select import select_plan
+
+            plan = select_plan(model, scores, FLAGS.budget, loss, FLAGS.candidates, FLAGS.protect, say=print, **options)
+        elif latency_target is None:
             plan = make_plan(model, scores, FLAGS.mode, FLAGS.budget, FLAGS.protect, **options)
         else:
             plan = _plan_for_latency(model, scores, latency_target, options)
@@ -331,9 +354,47 @@ def prune_command() -> None:
         from xprune_jax.export import export_model
 
         export_model(pruned, "torch", FLAGS.export_torch, overwrite=True)
-    print(f"wrote {FLAGS.out} ({plan.mode}, {len(plan.selected)} units): FLOPs {plan.flops_before / 1e9:.3f}G -> "
+    chosen = f", chosen by the calibration loss: normalize {plan.normalize}" if plan.selection else ""
+    print(f"wrote {FLAGS.out} ({plan.mode}{chosen}, {len(plan.selected)} units): FLOPs {plan.flops_before / 1e9:.3f}G -> "
           f"{plan.flops_after / 1e9:.3f}G ({plan.flops_after / plan.flops_before - 1:+.1%}), params "
           f"{plan.params_before / 1e6:.2f}M -> {plan.params_after / 1e6:.2f}M; plan in {out}.plan.json")
+
+
+def _mode() -> str:
+    return FLAGS.mode or "auto"
+
+
+def _selection_loss(model, scores: dict):
+    """--mode=auto: ``pruned -> loss`` on the calibration images ``scores`` were made on, drawn again from
+    --coco (their split) or --image_folder as `xprune score` drew them and checked by name."""
+    from xprune_jax import models
+    from xprune_jax.attribution.score import draw, draw_calibration, selection_loss
+    from xprune_jax.data.images import image_folder
+
+    record = scores.get("calibration") or {}
+    names, seed = record.get("images") or [], record.get("seed")
+    if not names or not isinstance(seed, int):
+        raise UserError("--mode=auto measures each candidate on the calibration images of the scores, but this scores "
+                        "file records none (a calibration-free criterion); score with a data-driven criterion, e.g. "
+                        "grad_x_act, or choose --mode=shrink")
+    if bool(FLAGS.coco) == bool(FLAGS.image_folder):
+        raise UserError("--mode=auto measures each candidate on the images the scores were made on: give the --coco "
+                        "or the --image_folder that `xprune score` was given (one of them)")
+    if FLAGS.image_folder:
+        if models.get_architecture(model.arch).task != "classification":
+            raise UserError("--image_folder calibrates classifiers; give a detector's --coco (the scores' split)")
+        paths, labels, _ = image_folder(FLAGS.image_folder, model.meta.get("categories"))
+        index = draw(list(range(len(paths))), len(names), seed)
+        calibration = ([paths[i] for i in index], labels[index])
+    else:
+        if not record.get("split"):
+            raise UserError("these scores were made on an image folder: give it as --image_folder instead of --coco")
+        calibration = draw_calibration(FLAGS.coco, len(names), seed, record["split"], scores.get("objective", ""))
+    drawn = [os.path.basename(p) for p in calibration[0]]
+    if drawn != names:
+        raise UserError(f"the calibration images drawn again ({drawn[0]}, ...) are not those the scores were made on "
+                        f"({names[0]}, ...); give the --coco or --image_folder that `xprune score` was given")
+    return selection_loss(model, scores.get("objective", ""), calibration, FLAGS.batch_size, seed)
 
 
 def _read_plan(path: str):
@@ -365,7 +426,8 @@ def _read_plan(path: str):
                   "allocation": isinstance(data.get("allocation", ""), str),
                   "normalize": data.get("normalize") is None or isinstance(data["normalize"], str),
                   "latency_price": isinstance(data.get("latency_price", 0.0), (int, float)) and data.get("latency_price", 0.0) >= 0,
-                  "removed": names(data.get("removed", []))}
+                  "removed": names(data.get("removed", [])),
+                  "selection": data.get("selection") is None or isinstance(data["selection"], dict)}
         wrong = [k for k, ok in checks.items() if not ok]
         if wrong:
             problem = f"field {wrong[0]!r} has the wrong type"
@@ -556,16 +618,19 @@ COMMANDS = {
                            "seed": "Seed of the calibration draw and of the random criterion."}, scales=True),
     "prune": Command(
         prune_command, "prune a model by its scores under a budget (or apply a plan)",
-        ("model", "out"), ("scores", "mode", "budget", "plan", "protect", "allocation", "normalize", "floor",
-                           "round_to", "shrink_ratio", "remove_share", "latency_price", "layer_latency", "export_torch",
-                           "overwrite", "batch_size", "repeats", "warmup", "seed"),
-        "xprune prune --model=models/resnet50 --scores=scores.json --mode=shrink --budget=flops=-30% "
-        "--out=models/r50_shrink",
+        ("model", "out"), ("scores", "mode", "budget", "plan", "candidates", "coco", "image_folder", "protect",
+                           "allocation", "normalize", "floor", "round_to", "shrink_ratio", "remove_share", "latency_price",
+                           "layer_latency", "export_torch", "overwrite", "batch_size", "repeats", "warmup", "seed"),
+        "xprune prune --model=models/resnet50 --scores=scores.json --coco=/data/coco --budget=flops=-30% "
+        "--out=models/r50_pruned",
         "the pruned model directory DIR, its plan DIR.plan.json (latency budgets: the search in DIR.latency.json; "
         "--latency_price: the layer latency table in DIR.layer_latency.json), and with --export_torch a torch file",
         out="DIR", helps={"out": "The pruned model directory to write.",
                           "seed": "Seed of the timed rounds' order (latency budgets, --latency_price).",
-                          "batch_size": "Batch of the timed calls (latency budgets, --latency_price).",
+                          "batch_size": "Batch of the timed calls (latency budgets, --latency_price) and of the "
+                                        "calibration loss (--mode=auto).",
+                          "coco": "--mode=auto: the COCO root the scores' calibration images came from.",
+                          "image_folder": "--mode=auto: the image folder the scores' calibration images came from.",
                           "repeats": "Timed rounds per candidate (latency budgets) or per layer (--latency_price).",
                           "warmup": "Untimed calls per candidate before timing (latency budgets)."}),
     "export": Command(

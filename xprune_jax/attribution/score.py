@@ -11,7 +11,7 @@ from xprune_jax import analysis, models, parallel, precision, runs
 from xprune_jax.attribution.compare import compare
 from xprune_jax.attribution.criteria import CRITERIA, ScoringInputs, get_criterion
 from xprune_jax.attribution.objectives import LOSS_ARCHS, get_objective
-from xprune_jax.attribution.statistics import statistics_step
+from xprune_jax.attribution.statistics import loss_step, statistics_step
 from xprune_jax.checkpoint import Model, model_fingerprint
 from xprune_jax.data.images import classification_transform, list_images, load_rgb, prefetch
 from xprune_jax.errors import UserError
@@ -66,17 +66,65 @@ def gather_statistics(model: Model, paths: list[str], objective, batch_size: int
     each process gets the same totals, equal to one device's up to the order of float32 sums.
     """
     mesh = parallel.data_mesh()
-    parallel.check_batch_size(batch_size, mesh)
-    rows = parallel.local_rows(batch_size, mesh)
     step = statistics_step(model.module, objective, weight_gradients, mesh)
     variables = parallel.replicate(precision.cast(model.variables), mesh)
+    total = None
+    for batch in _calibration_batches(model, paths, objective, batch_size, ground_truth, seed, mesh, progress, "score"):
+        stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), step(variables, batch))
+        total = stats if total is None else jax.tree_util.tree_map(np.add, total, stats)
+    return total
+
+
+def calibration_loss(model: Model, paths: list[str], objective, batch_size: int = 8, ground_truth=None,
+                     seed: int = 0) -> float:
+    """The mean over ``paths`` of each image's ``objective`` (a forward pass, BatchNorm on its running
+    statistics), batched as :func:`gather_statistics` batches."""
+    mesh = parallel.data_mesh()
+    step = loss_step(model.module, objective, mesh)
+    variables = parallel.replicate(precision.cast(model.variables), mesh)
+    total = sum(float(step(variables, batch))
+                for batch in _calibration_batches(model, paths, objective, batch_size, ground_truth, seed, mesh, False, "loss"))
+    return total / len(paths)
+
+
+def selection_loss(model: Model, objective: str, calibration: tuple[list[str], object], batch_size: int = 8,
+                   seed: int = 0):
+    """``pruned -> its calibration_loss`` on ``calibration = (paths, ground truth)`` under the objective
+    ``model`` was scored with: what ``--mode=auto`` minimises. A classifier without labels is measured
+    against the unpruned model's top-1 (its own would reward any change); a detector needs its
+    training loss, which needs ground truth."""
+    task = models.get_architecture(model.arch).task
+    paths, ground_truth = calibration
+    if task == "detection" and (objective != "loss" or ground_truth is None):
+        raise UserError(f"--mode=auto chooses by the calibration images' training loss, which needs their ground truth; "
+                        f"these scores used the {objective or 'confidence'} objective: score with --objective=loss on a "
+                        f"COCO split with annotations, or choose --mode=shrink")
+    get_objective(objective, task, model.arch, model.spec)  # a clear error for an unknown name, before any work
+    if task == "classification" and ground_truth is None:
+        from xprune_jax import predict
+
+        ground_truth = predict.classify(model, paths, batch_size, progress=False).argmax(-1)
+
+    def loss(pruned: Model) -> float:
+        _, fn = get_objective(objective, task, pruned.arch, pruned.spec)  # a torchvision loss is the spec's own
+        return calibration_loss(pruned, paths, fn, batch_size, ground_truth, seed)
+
+    return loss
+
+
+def _calibration_batches(model: Model, paths: list[str], objective, batch_size: int, ground_truth, seed: int, mesh,
+                         progress: bool, desc: str):
+    """Each batch of ``paths`` as the jitted steps take it: this process's rows loaded, padding rows
+    (zeros, weight 0) to ``batch_size``, laid out over ``mesh``."""
+    parallel.check_batch_size(batch_size, mesh)
+    rows = parallel.local_rows(batch_size, mesh)
     load = _example_loader(model, paths, ground_truth)
     if getattr(objective, "model_targets", False):  # the model computes the loss: targets go with the images
         load = functools.partial(_with_targets, load, seed)
     shares = parallel.local_items(list(range(len(paths))), batch_size, mesh)  # this process's images of each batch
     chunks = prefetch([i for share in shares for i in share], load, len(rows))
-    total, blank = None, None
-    with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=not (progress and parallel.is_main())) as bar:
+    blank = None
+    with tqdm.tqdm(total=len(paths), unit="img", desc=desc, disable=not (progress and parallel.is_main())) as bar:
         for start, share in zip(range(0, len(paths), batch_size), shares):
             examples = next(chunks)[1] if share else []
             if blank is None:  # padding rows: zeros shaped like an example, weight 0
@@ -84,11 +132,8 @@ def gather_statistics(model: Model, paths: list[str], objective, batch_size: int
             batch = jax.tree_util.tree_map(lambda *x: np.stack(x), *examples, *[blank] * (len(rows) - len(examples)))
             batch["images"] = precision.cast(batch["images"])  # the ground truth stays float32
             batch["weights"] = (np.arange(len(rows)) < len(examples)).astype(np.float32)
-            stats = step(variables, parallel.global_batch(batch, batch_size, mesh))
-            stats = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), stats)
-            total = stats if total is None else jax.tree_util.tree_map(np.add, total, stats)
+            yield parallel.global_batch(batch, batch_size, mesh)
             bar.update(min(batch_size, len(paths) - start))
-    return total
 
 
 def _with_targets(load, seed: int, i: int) -> dict:
@@ -150,6 +195,15 @@ def detection_targets(annotation_file: str, paths: list[str],
     return targets
 
 
+def draw_calibration(coco_root: str, calib_images: int, seed: int, calib_split: str, objective: str):
+    """``(paths, ground truth)`` as :func:`score_model` draws them from a COCO root: ``calib_images`` of
+    ``calib_split`` with ``seed``, and its annotation file where the objective is ``loss``."""
+    if not coco_root:
+        raise UserError("data-driven criteria need calibration images: pass --coco=ROOT")
+    paths = calibration_images(coco_root, calib_images, seed, calib_split)
+    return paths, os.path.join(coco_root, "annotations", f"instances_{calib_split}.json") if objective == "loss" else None
+
+
 def _load_classification(path, preprocess):
     return classification_transform(load_rgb(path), **preprocess)
 
@@ -182,13 +236,7 @@ def score_model(model: Model, criteria: list[str], objective: str = "", coco_roo
     inputs = ScoringInputs(layers, model.variables["params"], seed=seed)
     paths, ground_truth = [], None
     if any(c.needs_data for c in chosen):
-        paths, ground_truth = calibration or (None, None)
-        if paths is None:
-            if not coco_root:
-                raise UserError("data-driven criteria need calibration images: pass --coco=ROOT")
-            paths = calibration_images(coco_root, calib_images, seed, calib_split)
-            if objective_name == "loss":
-                ground_truth = os.path.join(coco_root, "annotations", f"instances_{calib_split}.json")
+        paths, ground_truth = calibration or draw_calibration(coco_root, calib_images, seed, calib_split, objective_name)
         if objective_name == "loss" and ground_truth is None:
             raise UserError("the loss objective needs the calibration images' ground truth; give a COCO root with annotations")
         weight_gradients = any(c.needs_weight_gradients for c in chosen)

@@ -74,3 +74,17 @@ def statistics_step(module, objective, weight_gradients: bool = False, mesh=None
     if mesh is None:
         return jax.jit(step)
     return jax.jit(step, out_shardings=parallel.replicated(mesh))
+
+
+def loss_step(module, objective, mesh=None):
+    """A jitted ``(variables, batch) -> objective`` of a forward pass (the batch as for :func:`statistics_step`),
+    summed over the batch's valid images and, with a ``mesh``, over its devices."""
+
+    def step(variables, batch):
+        inputs = (batch["images"], batch["model_targets"]) if "model_targets" in batch else (batch["images"],)
+        out, state = module.apply(variables, *inputs, mutable=[INTERMEDIATES])
+        return objective(out, batch, state[INTERMEDIATES])
+
+    if mesh is None:
+        return jax.jit(step)
+    return jax.jit(step, out_shardings=parallel.replicated(mesh))

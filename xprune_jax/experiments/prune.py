@@ -35,7 +35,7 @@ from scipy import stats
 
 from xprune_jax import models, parallel, precision, predict, runs, timing
 from xprune_jax.attribution.compare import compare
-from xprune_jax.attribution.score import calibration_images, draw, score_model
+from xprune_jax.attribution.score import calibration_images, draw, score_model, selection_loss
 from xprune_jax.checkpoint import save_model, write_json_atomic
 from xprune_jax.data.images import image_folder, list_images, load_rgb
 from xprune_jax.errors import UserError
@@ -43,6 +43,7 @@ from xprune_jax.experiments.common import prepare_model
 from xprune_jax.experiments.registry import register
 from xprune_jax.fileio import locked_directory
 from xprune_jax.pruning.plan import MODES, apply_plan, make_plan
+from xprune_jax.pruning.select import CANDIDATES, select_plan
 from xprune_jax.spec import spec_to_dict
 
 
@@ -96,15 +97,21 @@ def validate(config) -> None:
         raise UserError("config.prunings is empty; give at least one, e.g. ('remove:flops=-10%',)")
     for pruning in prunings:
         mode, _, budget = pruning.partition(":") if isinstance(pruning, str) else ("", "", "")
-        if mode not in MODES or not budget:
-            raise UserError(f"config.prunings holds {pruning!r}; write mode:budget with a mode of {', '.join(MODES)}, "
-                            "e.g. 'shrink:flops=-30%'")
+        if mode not in (*MODES, "auto") or not budget:
+            raise UserError(f"config.prunings holds {pruning!r}; write mode:budget with a mode of {', '.join(MODES)} or "
+                            "auto, e.g. 'shrink:flops=-30%'")
         try:
             kind, _ = parse_budget(budget)
         except UserError as e:
             raise UserError(f"config.prunings {pruning!r}: {e}") from None
         if mode == "zero" and kind != "layers":
             raise UserError(f"config.prunings {pruning!r}: zero mode keeps every FLOP; use zero:layers=N%")
+        if mode == "auto" and kind == "layers":
+            raise UserError(f"config.prunings {pruning!r}: auto chooses among shrink allocations; give it a flops=-N% "
+                            "or params=-N% budget")
+        if mode == "auto" and architecture.task == "detection" and config.objective == "confidence":
+            raise UserError(f"config.prunings {pruning!r}: auto chooses by the calibration images' training loss; "
+                            "set config.objective to 'loss' (or '' on an annotated split), or use shrink")
     seeds = field("seeds", (tuple, list))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise UserError(f"config.seeds is {seeds!r}; give a tuple of integer seeds, e.g. (0, 1, 2)")
@@ -136,6 +143,14 @@ def validate(config) -> None:
         if price and config.pruning.get("allocation") != "global":
             raise UserError("config.pruning.latency_price prices channels in the global allocation; set "
                             "config.pruning.allocation='global', or drop it")
+        if "candidates" in config.pruning:
+            from xprune_jax.pruning.select import parse_candidates
+
+            parse_candidates(field("pruning.candidates", (tuple, list)))
+        auto = [p for p in prunings if p.startswith("auto:")]
+        if auto and config.pruning.get("allocation") != "global":
+            raise UserError(f"config.prunings {auto[0]!r}: auto chooses among global allocations; set "
+                            "config.pruning.allocation='global'")
         if not all(isinstance(p, str) for p in field("pruning.protect", (tuple, list))):
             raise UserError("config.pruning.protect must list layer or block names, e.g. ('model.22',)")
     if _recovers(config):
@@ -191,6 +206,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                              batch_size=config.batch_size, seed=seed, progress=False, all_channel_scores=True)
         write_json_atomic(os.path.join(run_dir, "scores", f"seed{seed}.json"), scores)
         scores_by_seed[seed] = scores
+        selection = None  # auto's loss on this seed's calibration images, made when first asked for
         for criterion in scores["criteria"]:
             single = {**scores, "criterion": criterion, "layers": [
                 {**l, "score": l["scores"][criterion], "channel_scores": l["channel_scores_by"][criterion],
@@ -200,12 +216,19 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                 row = {"criterion": criterion, "mode": mode, "budget": budget, "seed": seed}
                 bar.set_description(f"seed {seed}: planning {criterion} {pruning}")
                 try:
-                    plan = make_plan(model, single, mode, budget, **(priced if mode in PRICED_MODES else unpriced))
+                    options = priced if mode in PRICED_MODES else unpriced
+                    if mode == "auto":
+                        selection = selection or selection_loss(model, scores["objective"], evaluator.calibration(seed),
+                                                                config.batch_size, seed)
+                        plan = select_plan(model, single, budget, selection,
+                                           config.get("pruning", {}).get("candidates", CANDIDATES), **options)
+                    else:
+                        plan = make_plan(model, single, mode, budget, **options)
                 except UserError as e:  # e.g. a budget that the eligible units can't meet
                     rows.append({**row, "infeasible": str(e)})
                     bar.update()
                     continue
-                key = plan_key(mode, plan)
+                key = plan_key(plan.mode, plan)  # auto's choice shares the measurement of the same plan asked for
                 measured = evaluated.get(key)
                 if measured is None:
                     bar.set_description(f"seed {seed}: measuring {criterion} {pruning}")
@@ -221,6 +244,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                         save_model(pruned, os.path.join(run_dir, "models", name), overwrite=True)
                 metrics, latency = measured["metrics"], measured["latency"]
                 rows.append({**row, "selected": plan.selected, "metrics": metrics,
+                             **({"selection": plan.selection} if plan.selection else {}),
                              **({"recovery": measured["recovery"]} if "recovery" in measured else {}),
                              "flops_ratio": plan.flops_after / plan.flops_before,
                              "params_ratio": plan.params_after / plan.params_before,
@@ -292,7 +316,7 @@ def plan_options(config) -> dict:
             for k in fields if k in config.get("pruning", {})}
 
 
-PRICED_MODES = ("shrink", "remove+shrink")  # the modes whose global channel allocation a latency price applies to
+PRICED_MODES = ("shrink", "remove+shrink", "auto")  # the modes whose global channel allocation a latency price applies to
 
 
 def run_layer_latency(config, model, run_dir: str) -> dict:
@@ -322,7 +346,8 @@ def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
         "arch": model.arch, "weights_sha256": model.meta.get("provenance", {}).get("sha256"),
         "spec": spec_to_dict(model.spec), "eval_images": config.eval_images, "bench": config.bench.to_dict(),
         **({"pruning": {k: v for k, v in config.pruning.to_dict().items()  # unpriced: as before the price existed
-                        if k not in ("latency_price", "layer_latency") or config.pruning.get("latency_price")}}
+                        if k != "candidates"  # what auto chose among: its choice is a plan, measured by its key
+                        and (k not in ("latency_price", "layer_latency") or config.pruning.get("latency_price"))}}
            if "pruning" in config else {}),
         **({"recovery": config.recovery.to_dict()} if _recovers(config) else {}),
         "seed": config.seed, "precision": precision.current(), "unpruned_metrics": unpruned.metrics}))
@@ -681,7 +706,7 @@ def _plot_tradeoff(rows: list[dict], metric: str, path: str) -> None:
     plt = runs.pyplot()
     rows = [r for r in rows if "infeasible" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    markers = {mode: marker for mode, marker in zip(MODES, "xosD") if any(r["mode"] == mode for r in rows)}
+    markers = {mode: marker for mode, marker in zip((*MODES, "auto"), "xosD*") if any(r["mode"] == mode for r in rows)}
     criteria = sorted({r["criterion"] for r in rows})
     colors = dict(zip(criteria, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for ax, key, label in ((axes[0], "latency_ratio", "measured latency / unpruned"), (axes[1], "flops_ratio", "FLOPs / unpruned")):

@@ -43,6 +43,7 @@ class Plan:
     normalize: str | None = None  # global allocation: how channel importances were made comparable across groups
     removed: list[str] = dataclasses.field(default_factory=list)  # remove+shrink: the units removed before shrinking
     latency_price: float = 0.0  # global allocation: importances divided by (a channel's measured seconds per FLOP, relative)^this
+    selection: dict | None = None  # --mode=auto: every candidate allocation and its calibration loss (pruning.select)
 
 
 def parse_budget(text: str) -> tuple[str, float]:
