@@ -963,9 +963,12 @@ def auto(args) -> None:
             plan, objective = auto_plan(fixture, budget, seed)
             candidates = []
             for c in plan.selection["candidates"]:  # each with the metric `run` measured for that very plan
-                row = next(r for r in results["rows"] if r["side"] == "ours" and r["budget"] == budget and r["seed"] == seed
-                           and r["criterion"] == AUTO["criterion"] and (r["mode"], r["normalize"]) == (c["mode"], c["normalize"])
-                           and r["objective"] == objective)
+                row = next((r for r in results["rows"] if r["side"] == "ours" and r["budget"] == budget and r["seed"] == seed
+                            and r["criterion"] == AUTO["criterion"] and (r["mode"], r["normalize"]) == (c["mode"], c["normalize"])
+                            and r["objective"] == objective), None)
+                if row is None:
+                    raise UserError(f"{path} has no {AUTO['criterion']} {c['mode']} {c['normalize']} cell to compare auto's "
+                                    f"candidate with; re-run `run --arch={args.arch}` with grad_x_act in --norm_criteria")
                 if (row.get("flops_ratio"), row.get("params_ratio")) != (c.get("flops_ratio"), c.get("params_ratio")):
                     raise UserError(f"the -{budget:g}% seed {seed} {c['mode']}:{c['normalize']} plan made now differs from "
                                     f"the one the results measured; re-run `python benchmarks/bench_peers.py run --arch={args.arch}`")
@@ -974,7 +977,8 @@ def auto(args) -> None:
             rows.append({"budget": budget, "seed": seed, "chosen": f"{plan.mode}:{plan.normalize}", "metric": chosen["metric"],
                          "flops_ratio": chosen["flops_ratio"], "params_ratio": chosen["params_ratio"], "candidates": candidates})
             log(f"-{budget:g}% seed {seed}: chose {rows[-1]['chosen']}, {metric} {chosen['metric']:.4f} (" + ", ".join(
-                f"{c['mode']}:{c['normalize']} loss {c['loss']:.3f} {metric} {c['metric']:.4f}" for c in candidates) + ")")
+                f"{c['mode']}:{c['normalize']} " + ("infeasible" if "infeasible" in c else
+                                                    f"loss {c['loss']:.3f} {metric} {c['metric']:.4f}") for c in candidates) + ")")
             if h["peer"]:
                 shrink, peer_row = default_and_peer(fixture, results, h, seed)
                 calls[f"auto {seed}"] = _timed_call(fixture, apply_plan(fixture.model, plan))
@@ -1377,39 +1381,36 @@ def table(args) -> None:
               "above) and the peer's best of every seed, all timed side by side in one run with the unpruned "
               "model (`run`, or again `python benchmarks/bench_peers.py duel --arch=ARCH`): our time over the peer's per "
               "round and seed, pooled over the seeds (median [IQR]), and each seed's median.", ""] + duel_table(all_results)
-    chosen = auto_table(args.results)
-    if chosen:
-        lines += ["", "## The default, auto: what the calibration loss chose", "",
-                  "`xprune prune`'s default (`--mode=auto`) prunes with each candidate allocation (shrink with the mean, max "
-                  "and lamp normalisations, and remove+shrink) and keeps the one whose pruned model has the lowest loss on "
-                  "the calibration images (`python benchmarks/bench_peers.py auto --arch=ARCH`). Its metric against the "
-                  "shrink default's and the best candidate's by the evaluation (which auto never sees); latency: every "
-                  "seed's auto and shrink-default models timed side by side with the peer's best (median [IQR] of the "
-                  "per-round ratios).", ""] + chosen
-    priced = price_table(args.results)
-    if priced:
-        lines += ["", "## Priced by layer latency", "",
-                  "Our shrink default with the global allocation priced by its layers' measured seconds per FLOP "
-                  "(`xprune prune --latency_price=N`; `python benchmarks/bench_peers.py price --arch=ARCH`): the metric as "
-                  "cut, and every seed's model timed side by side with the unpruned model and the peer's best, our time "
-                  "over the peer's per round and seed, pooled (median [IQR]).", ""] + priced
-    lines += ["", "## Which normalisation wins (number of criteria for which it is best, shrink)", ""]
-    lines += normalisation_table(all_results)
-    recovered = recovery_table(args.results)
-    if recovered:
-        lines += ["", "## After recovery", "",
-                  "Our model (the cell says which: the default `auto` where `recover --arch=ARCH` has run since it became "
-                  "the default, else the shrink default) and Torch-Pruning's best model per budget (seed by seed), each "
-                  "recovered as `configs/recovery.py` recovers (BN recalibration, then distillation from the unpruned model "
-                  "for about one epoch, a detector's task loss beside it): `python benchmarks/bench_peers.py recover "
-                  "--arch=ARCH`. Mean over calibration seeds ± standard deviation. Where the task loss trains, the unpruned "
-                  "model recovered alike is given beside the unpruned one.", ""] + recovered
-    shrink_recovered = recovery_table(args.results, "recovery_shrink")
-    if shrink_recovered:
-        lines += ["", "## After recovery: the shrink default", "",
-                  "As above, with our shrink default (`xprune prune --mode=shrink`, the default before auto) where auto's "
-                  "models were recovered too: `python benchmarks/bench_peers.py recover --arch=ARCH --ours=shrink`.",
-                  ""] + shrink_recovered
+    sections = [  # (title, what it shows, its rows), each written where its results exist
+        ("The default, auto: what the calibration loss chose",
+         "`xprune prune`'s default (`--mode=auto`) prunes with each candidate allocation (shrink with the mean, max "
+         "and lamp normalisations, and remove+shrink) and keeps the one whose pruned model has the lowest loss on "
+         "the calibration images (`python benchmarks/bench_peers.py auto --arch=ARCH`). Its metric against the "
+         "shrink default's and the best candidate's by the evaluation (which auto never sees); latency: every "
+         "seed's auto and shrink-default models timed side by side with the peer's best (median [IQR] of the "
+         "per-round ratios).", auto_table(args.results)),
+        ("Priced by layer latency",
+         "Our shrink default with the global allocation priced by its layers' measured seconds per FLOP "
+         "(`xprune prune --latency_price=N`; `python benchmarks/bench_peers.py price --arch=ARCH`): the metric as "
+         "cut, and every seed's model timed side by side with the unpruned model and the peer's best, our time "
+         "over the peer's per round and seed, pooled (median [IQR]).", price_table(args.results)),
+        ("Which normalisation wins (number of criteria for which it is best, shrink)", "",
+         normalisation_table(all_results)),
+        ("After recovery",
+         "Our model (the cell says which: the default `auto` where `recover --arch=ARCH` has run since it became "
+         "the default, else the shrink default) and Torch-Pruning's best model per budget (seed by seed), each "
+         "recovered as `configs/recovery.py` recovers (BN recalibration, then distillation from the unpruned model "
+         "for about one epoch, a detector's task loss beside it): `python benchmarks/bench_peers.py recover "
+         "--arch=ARCH`. Mean over calibration seeds ± standard deviation. Where the task loss trains, the unpruned "
+         "model recovered alike is given beside the unpruned one.", recovery_table(args.results)),
+        ("After recovery: the shrink default",
+         "As above, with our shrink default (`xprune prune --mode=shrink`, the default before auto) where auto's "
+         "models were recovered too: `python benchmarks/bench_peers.py recover --arch=ARCH --ours=shrink`.",
+         recovery_table(args.results, "recovery_shrink")),
+    ]
+    for title, text, rows in sections:
+        if rows:
+            lines += ["", f"## {title}", ""] + ([text, ""] if text else []) + rows
     lines += ["", "## Every cell", ""] + full_tables(all_results)
     text = "\n".join(lines) + "\n"
     with atomic_path(os.path.join(args.results, "table.md")) as tmp, open(tmp, "w") as f:

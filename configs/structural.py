@@ -10,6 +10,8 @@ a model dir or a torchvision weights name for real networks, and ``coco`` at a C
 
 import ml_collections
 
+from xprune_jax.pruning.select import CANDIDATES
+
 
 def get_config(arch: str = "shufflenet_v2_x1_0"):
     config = ml_collections.ConfigDict()
@@ -38,7 +40,7 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
         "allocation": "global", "normalize": "mean", "floor": 0.125, "round_to": 8, "shrink_ratio": 0.5,
         "remove_share": 0.5, "protect": (), "latency_price": 0.0, "layer_latency": "",
         # auto:BUDGET chooses among these MODE:NORMALIZE allocations by their loss on the calibration images
-        "candidates": ("shrink:mean", "shrink:max", "shrink:lamp", "remove+shrink:mean")})
+        "candidates": CANDIDATES})
     # recovery of every pruned model, each stage measured as the cut is (0 = off): BN statistics re-estimated
     # on `recalibrate_bn` training images, then `finetune.steps` steps distilling from the unpruned model
     config.recovery = ml_collections.ConfigDict({"recalibrate_bn": 0, "finetune": ml_collections.ConfigDict({

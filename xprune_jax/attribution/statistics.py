@@ -52,7 +52,7 @@ def statistics_step(module, objective, weight_gradients: bool = False, mesh=None
     """
 
     def step(variables, batch):
-        inputs = (batch["images"], batch["model_targets"]) if "model_targets" in batch else (batch["images"],)
+        inputs = _model_inputs(batch)
         shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)[PERTURBATIONS]
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -76,13 +76,17 @@ def statistics_step(module, objective, weight_gradients: bool = False, mesh=None
     return jax.jit(step, out_shardings=parallel.replicated(mesh))
 
 
+def _model_inputs(batch: dict) -> tuple:
+    """What the model is called with: the images, and ``model_targets`` where the model computes the loss."""
+    return (batch["images"], batch["model_targets"]) if "model_targets" in batch else (batch["images"],)
+
+
 def loss_step(module, objective, mesh=None):
     """A jitted ``(variables, batch) -> objective`` of a forward pass (the batch as for :func:`statistics_step`),
     summed over the batch's valid images and, with a ``mesh``, over its devices."""
 
     def step(variables, batch):
-        inputs = (batch["images"], batch["model_targets"]) if "model_targets" in batch else (batch["images"],)
-        out, state = module.apply(variables, *inputs, mutable=[INTERMEDIATES])
+        out, state = module.apply(variables, *_model_inputs(batch), mutable=[INTERMEDIATES])
         return objective(out, batch, state[INTERMEDIATES])
 
     if mesh is None:
