@@ -5,6 +5,7 @@ the demo's table with the notes under it, and the recovery table.
     python benchmarks/fixture_table.py --tables=DIR --archs=yolov8n,mobilenet_v2
     python benchmarks/fixture_table.py --demo               # benchmarks/results/demo/ (or --demo=RUN_DIR)
     python benchmarks/fixture_table.py --recovery           # every benchmarks/results/recovery/<arch>/
+                                                            # (and recovery_default/<arch>/: the auto rows)
     python benchmarks/fixture_table.py --demo --readme=README.md   # put it in the README in place
 
 With ``--readme`` the table replaces the README's text between the two comment lines that mark it
@@ -21,7 +22,9 @@ over the criteria. Every number comes from the runs' ``results.json`` (and the d
 The recovery table has a row per mode and budget of the default criterion (``grad_x_act``): the
 mean over seeds as cut, after BN recalibration and after fine-tuning, and the fine-tuned mean as a
 share of the unpruned metric (beside which the unpruned model recovered alike is named, where the task
-loss trained it too).
+loss trained it too). The tool's default, `auto` (configs/recovery_default.py, its run folders under
+``--defaults``), comes first; where its run read another file of the fixture than the recovery run
+did, its rows go under their own label, which names the file's sha256.
 """
 
 import argparse
@@ -36,11 +39,12 @@ from xprune_jax.fileio import atomic_path
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "results", "demo")
 RECOVERY = os.path.join(HERE, "results", "recovery")
+RECOVERY_DEFAULT = os.path.join(HERE, "results", "recovery_default")
 LABELS = {"yolov8n": "YOLOv8n", "mobilenet_v2": "MobileNetV2", "shufflenet_v2_x1_0": "ShuffleNetV2",
           "retinanet_resnet50_fpn": "RetinaNet", "fasterrcnn_resnet50_fpn": "Faster R-CNN", "resnet50": "ResNet-50"}
 CRITERIA = ("grad_x_act", "grad_x_act:mean", "grad_x_act:signed", "l1", "random")
 MODES = ("zero", "remove", "shrink")
-RECOVERY_MODES = ("shrink", "remove", "remove+shrink")
+RECOVERY_MODES = ("auto", "shrink", "remove", "remove+shrink")
 
 
 def _budget_label(mode: str, budget: str) -> str:
@@ -112,7 +116,8 @@ def demo_table(run_dir: str = DEMO) -> str:
 
 
 def recovery_rows(results: dict, label: str, criterion: str = "grad_x_act") -> list[str]:
-    """One row per mode and budget of ``criterion`` in a recovery run: as cut, recalibrated, fine-tuned."""
+    """One row per mode and budget of ``criterion`` in a recovery run: as cut, recalibrated, fine-tuned;
+    ``label`` (the unpruned model's) on the first row."""
     metric, unpruned = results["metric"], results["unpruned"]["metrics"][results["metric"]]
     cells = sorted((s for s in results["summary"] if s["criterion"] == criterion),
                    key=lambda s: (RECOVERY_MODES.index(s["mode"]), _budget_order(s["budget"])))
@@ -125,14 +130,29 @@ def recovery_rows(results: dict, label: str, criterion: str = "grad_x_act") -> l
     return lines
 
 
-def recovery_table(folder: str = RECOVERY, archs: tuple[str, ...] = tuple(LABELS)) -> str:
+def _run(folder: str) -> tuple[dict, str] | None:
+    """A run folder's results and the sha256 of the fixture file it read (None where there is no run)."""
+    if not os.path.exists(os.path.join(folder, "results.json")):
+        return None
+    with open(os.path.join(folder, "results.json")) as f, open(os.path.join(folder, "measurements.json")) as g:
+        return json.load(f), json.load(g)["context"]["weights_sha256"]
+
+
+def recovery_table(folder: str = RECOVERY, archs: tuple[str, ...] = tuple(LABELS), defaults: str = RECOVERY_DEFAULT) -> str:
     lines = ["| fixture (unpruned) | mode, budget | as cut | BN recalibrated | fine-tuned | of unpruned |",
              "|---|---|---|---|---|---|"]
     for arch in archs:
-        path = os.path.join(folder, arch, "results.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                lines += recovery_rows(json.load(f), LABELS.get(arch, arch))
+        recovery, default = _run(os.path.join(folder, arch)), _run(os.path.join(defaults, arch))
+        if recovery is None:
+            continue
+        label = LABELS.get(arch, arch)
+        if default and default[1] == recovery[1]:  # one fixture file: the default's rows first, under one label
+            merged = {**recovery[0], "summary": default[0]["summary"] + recovery[0]["summary"]}
+            lines += recovery_rows(merged, label)
+            continue
+        if default:
+            lines += recovery_rows(default[0], f"{label}, fixture {default[1][:8]}")
+        lines += recovery_rows(recovery[0], f"{label}, fixture {recovery[1][:8]}" if default else label)
     if len(lines) == 2:
         print(f"error: no <arch>/results.json of a recovery run under {folder} for {', '.join(archs)}; "
               "give --recovery the folder that holds the run folders (benchmarks/results/recovery)", file=sys.stderr)
@@ -162,12 +182,14 @@ def main(argv=None) -> None:
                    help="the demo's table and notes from its run folder instead")
     p.add_argument("--recovery", nargs="?", const=RECOVERY, default=None, metavar="FOLDER",
                    help="the recovery table from the recovery runs (one folder per arch) instead")
+    p.add_argument("--defaults", default=RECOVERY_DEFAULT, metavar="FOLDER",
+                   help="with --recovery: the runs of configs/recovery_default.py (one folder per arch), the auto rows")
     p.add_argument("--readme", help="put the table into this README (between its marker comments) instead of printing it")
     args = p.parse_args(argv)
     if args.demo:
         text, marker = demo_table(args.demo), "fixture_table.py --demo"
     elif args.recovery:
-        text, marker = recovery_table(args.recovery, tuple(args.archs.split(","))), "fixture_table.py --recovery"
+        text, marker = recovery_table(args.recovery, tuple(args.archs.split(",")), args.defaults), "fixture_table.py --recovery"
     else:
         lines = header(CRITERIA)
         for arch in args.archs.split(","):

@@ -164,7 +164,8 @@ def test_layer_latency_times_every_layer_of_a_detector():
 
 def test_layer_latency_loops_each_layer_as_often_as_its_speed_needs(monkeypatch):
     """A timed call loops a layer until it takes about ``call_seconds``, at most ``inner`` times: once
-    when any call is long enough, ``inner`` times when none is; the seconds are per run of the layer."""
+    when any call is long enough, ``inner`` times when none is; the seconds are per run of the layer. Layers
+    alike but for their names compile once."""
     from xprune_jax.pruning import latency
 
     spec = models.get_architecture("mobilenet_v2").default_spec()
@@ -178,3 +179,10 @@ def test_layer_latency_loops_each_layer_as_often_as_its_speed_needs(monkeypatch)
     assert all(v["loops"] == [8] for v in looped["layers"].values())
     for name, v in looped["layers"].items():
         assert 0 < v["seconds"] < 10 * once["layers"][name]["seconds"]  # per run, not per looped call
+
+    # layers alike but for their names (MobileNetV2's last two 160->960 expansions) share one compiled loop
+    alike = {name: every[name] for name in ("features.15.conv.0.0", "features.16.conv.0.0")}
+    monkeypatch.setattr(latency, "layer_calls", lambda model, batch_size=1: alike)
+    compiled = latency._layer_loop._cache_size()
+    shared = latency.layer_latency(model, 1, repeats=2, inner=1)
+    assert sorted(shared["layers"]) == sorted(alike) and latency._layer_loop._cache_size() == compiled + 1

@@ -1,7 +1,7 @@
 """The README's fixture table, its demo table with the notes under it, and its recovery table are
 exactly what benchmarks/fixture_table.py makes from the committed run folders
-(benchmarks/results/tables/<arch>/, benchmarks/results/demo/ and benchmarks/results/recovery/<arch>/):
-no number in them is typed by hand."""
+(benchmarks/results/tables/<arch>/, benchmarks/results/demo/, benchmarks/results/recovery/<arch>/ and
+benchmarks/results/recovery_default/<arch>/): no number in them is typed by hand."""
 
 import contextlib
 import io
@@ -43,8 +43,9 @@ def test_readme_recovery_table_comes_from_the_recovery_runs(capsys):
     """A row per mode and budget of the default criterion in each recovery run, every stage's mean
     over the seeds as the run's own summary has it, and the fine-tuned share of the unpruned metric;
     each run made with configs/recovery.py's recipe as it is now, and the unpruned model recovered
-    alike named where that recipe trains on labels."""
-    from xprune_jax.experiments.prune import format_metric
+    alike named where that recipe trains on labels; the default's rows (configs/recovery_default.py,
+    auto at each budget, three seeds) likewise."""
+    from xprune_jax.experiments.prune import format_mean, format_metric
     from xprune_jax.runs import config_module
 
     recipe = config_module(str(REPO / "configs" / "recovery.py"))
@@ -65,6 +66,19 @@ def test_readme_recovery_table_comes_from_the_recovery_runs(capsys):
         assert bool(alike) == ("task" in made_with["finetune"]["objective"]), folder.name
         if alike:
             assert f"; fine-tuned alike {format_metric(results['metric'], alike['metrics'][results['metric']])})" in table
+    defaults = config_module(str(REPO / "configs" / "recovery_default.py"))
+    for folder in sorted((REPO / "benchmarks" / "results" / "recovery_default").iterdir()):
+        results = json.loads((folder / "results.json").read_text())
+        made_with = json.loads((folder / "config.json").read_text())
+        config = defaults.get_config(results["arch"])
+        assert made_with["recovery"] == config.recovery.to_dict(), f"{folder.name}: run recovery_default.py again"
+        assert (tuple(made_with["criteria"]), tuple(made_with["prunings"])) == (config.criteria, config.prunings)
+        assert sorted(s["mode"] for s in results["summary"]) == ["auto", "auto"], folder.name
+        for s in results["summary"]:
+            assert s["n"] == 3 and "finetuned" in s, folder.name
+            share = s["finetuned"]["metric_mean"] / results["unpruned"]["metrics"][results["metric"]]
+            assert f"| auto {s['budget'].split('=')[1]} | {format_mean(results['metric'], s)} |" in table
+            assert f"| {share:.1%} |" in table
     with pytest.raises(SystemExit) as stopped:
         made_by_fixture_table("--recovery=/nonexistent")
     assert stopped.value.code == 2 and "no <arch>/results.json of a recovery run under /nonexistent" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from xprune_jax.errors import UserError
 
 __all__ = ["UserError", "prune"]
+__version__ = "0.1.0"
 
 
 def __getattr__(name):
@@ -10,4 +11,3 @@ def __getattr__(name):
         from xprune_jax.api import prune
         return prune
     raise AttributeError(f"module 'xprune_jax' has no attribute {name!r}")
-__version__ = "0.1.0"

@@ -13,6 +13,7 @@ global allocation reads (``make_plan(..., latency_price=N, layer_latency=table)`
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -109,16 +110,11 @@ def layer_latency(model, batch_size: int = 1, repeats: int = 15, inner: int = 16
     params, calls, loops, rng = model.variables["params"], {}, {}, np.random.default_rng(seed)
 
     def timed(key, module, layer_params, x):
-        def loop(layer_params, x, n):  # each call depends on the last one, so none is hoisted or merged
-            def body(_, carry):
-                inputs = [x + carry] if isinstance(module, SharedConv2d) else x + carry
-                return carry + 1e-6 * jnp.mean(jax.tree_util.tree_leaves(module.apply({"params": layer_params}, inputs))[0])
-            return jax.lax.fori_loop(0, n, body, jnp.float32(0))
-        compiled = jax.jit(loop)
-        jax.block_until_ready(compiled(layer_params, x, 1))  # compiles
-        once = min(_seconds(lambda: compiled(layer_params, x, 1)) for _ in range(3))
+        module = module.clone(name=None)  # layers alike but for their names share one compiled loop
+        jax.block_until_ready(_layer_loop(module, layer_params, x, 1))  # compiles, once per configuration and shape
+        once = min(_seconds(lambda: _layer_loop(module, layer_params, x, 1)) for _ in range(3))
         loops[key] = n = int(np.clip(np.ceil(call_seconds / max(once, 1e-9)), 1, inner))
-        calls[key] = lambda: compiled(layer_params, x, n)
+        calls[key] = lambda: _layer_loop(module, layer_params, x, n)
 
     for k, (name, (module, shapes)) in enumerate(found.items(), 1):
         if progress:
@@ -131,6 +127,15 @@ def layer_latency(model, batch_size: int = 1, repeats: int = 15, inner: int = 16
               for name, (_, shapes) in found.items()}
     return {"what": "seconds of each conv and linear layer, measured alone", **_measured_on(model, batch_size),
             "repeats": repeats, "inner": inner, "call_seconds": call_seconds, "seed": seed, "layers": layers}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _layer_loop(module, layer_params, x, n):
+    """``n`` calls of ``module`` on ``x``, each depending on the last, so that none is hoisted or merged."""
+    def body(_, carry):
+        inputs = [x + carry] if isinstance(module, SharedConv2d) else x + carry
+        return carry + 1e-6 * jnp.mean(jax.tree_util.tree_leaves(module.apply({"params": layer_params}, inputs))[0])
+    return jax.lax.fori_loop(0, n, body, jnp.float32(0))
 
 
 def _seconds(fn) -> float:
