@@ -116,6 +116,16 @@ def test_prune_pipeline_end_to_end_then_a_longer_table_from_its_measurements(tmp
     assert {k: v for k, v in gathered_entries.items() if k in entries} == entries and len(gathered_entries) > len(entries)
     assert_report_holds_results((gathered_dir / "report.md").read_text(), again)
 
+    # A run that stops with an error leaves a finished run's folder as it was: its config and environment
+    # still describe its results (here the measurements to reuse were made with another eval_images).
+    made = json.loads((out / "measurements.json").read_text())
+    other = tmp_path / "other_measurements.json"
+    other.write_text(json.dumps({**made, "context": {**made["context"], "eval_images": 7}}))
+    recorded = {name: (gathered_dir / name).read_bytes() for name in ("config.json", "environment.json", "results.json")}
+    failed = xprune(*SMALL_RUN, f"--config.out_dir={gathered_dir}", f"--config.measurements_from=('{other}',)", check=False)
+    assert failed.returncode == 2 and "they were made with another eval_images" in failed.stderr, failed.stderr[-2000:]
+    assert {name: (gathered_dir / name).read_bytes() for name in recorded} == recorded
+
 
 def test_resume_refuses_other_measurements(tmp_path, capsys):
     path = str(tmp_path / "measurements.json")

@@ -545,7 +545,7 @@ def run_command() -> None:
     check_writable(config.get("out_dir") or os.path.join("runs", "x"), "config.out_dir")
     run_dir = runs.start_run(config)
     results, report = experiment(config, run_dir)
-    runs.finish_run(run_dir, results, report)
+    runs.finish_run(run_dir, config, results, report)
     print(f"wrote {os.path.join(run_dir, 'report.md')}")
 
 

@@ -53,13 +53,20 @@ def environment() -> dict:
 
 
 def start_run(config) -> str:
-    """Create the run folder and record the config and environment in it."""
+    """Create the run folder and record the config and environment in it, unless it holds a finished
+    run's results: those keep the config and environment that made them until this run finishes
+    (:func:`finish_run`), so a run that stops with an error leaves the folder as it was."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = os.path.abspath(config.get("out_dir") or os.path.join("runs", f"{config.experiment}-{stamp}"))
     os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
+    if not os.path.exists(os.path.join(run_dir, "results.json")):
+        _record(run_dir, config)
+    return run_dir
+
+
+def _record(run_dir: str, config) -> None:
     write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
     write_json_atomic(os.path.join(run_dir, "environment.json"), environment())
-    return run_dir
 
 
 def pyplot():
@@ -79,7 +86,9 @@ def save_figure(fig, path: str) -> None:
     pyplot().close(fig)
 
 
-def finish_run(run_dir: str, results: dict, report_markdown: str) -> None:
+def finish_run(run_dir: str, config, results: dict, report_markdown: str) -> None:
+    """Write the results and the report beside the config and environment that made them."""
+    _record(run_dir, config)
     write_json_atomic(os.path.join(run_dir, "results.json"), results)
     with atomic_path(os.path.join(run_dir, "report.md")) as tmp, open(tmp, "w") as f:
         f.write(report_markdown)
