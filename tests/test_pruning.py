@@ -344,6 +344,23 @@ def test_yolov8_pruning_a_pruned_model(coco_images, tmp_path):
     _check_yolo_surgery(removed, plan, x)
 
 
+def test_identity_removals_save_their_own_layers_as_the_trace_counts():
+    """A unit removed as the identity saves exactly its own layers' FLOPs and its parameters, read from
+    the unpruned trace: the count on the spec without it agrees for every such YOLOv8n unit (the dropped
+    ones, whose concat slot goes too, are counted on that spec)."""
+    from xprune_jax.pruning.plan import _Context, _traced_unit_costs, _unit_costs
+
+    model = _yolo_model()
+    graph = graph_of(model.arch, model.spec)
+    layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
+    context = _Context(model, {}, {}, layers, set(), [], analysis.total_flops(layers), 0)
+    removals = {u.name: u.removal for u in graph.units}
+    assert sorted(set(removals.values())) == ["drop", "identity"]
+    for unit in (u for u, removal in removals.items() if removal == "identity"):
+        flops, params = _unit_costs(context, graph, unit)
+        assert flops > 0 and params > 0 and (flops, params) == _traced_unit_costs(context, graph, unit), unit
+
+
 def test_yolov8_spec_without_first_half_width_loads():
     from xprune_jax.spec import spec_from_dict, spec_to_dict
 

@@ -3,6 +3,7 @@ run folder holds the report, the results, the plots, the config and the environm
 states exactly the numbers in results.json."""
 
 import json
+import os
 
 from tests.test_cli import xprune
 
@@ -15,6 +16,7 @@ def test_demo_parity_run(tmp_path):
     assert config["archs"] == ["shufflenet_v2_x0_5"] and config["seed"] == 0 and config["precision"] == "highest"
     environment = json.loads((out / "environment.json").read_text())
     assert "jax" in environment and environment["precision"] == "highest"
+    assert environment["cpus_usable"] == len(os.sched_getaffinity(0))  # fine-tuned numbers depend on it
     r = results["shufflenet_v2_x0_5"]
     assert r["images"] == 4 and r["layers_compared"] > 50
     assert r["worst_layer_relative_error"] < 1e-4 and r["logits_relative_error"] < 1e-4

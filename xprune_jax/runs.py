@@ -48,7 +48,10 @@ def environment() -> dict:
         "xprune_jax": __version__, "python": platform.python_version(), "jax": jax.__version__,
         "flax": flax.__version__, "backend": jax.default_backend(), "precision": precision.current(),
         "devices": [str(d) for d in jax.devices()], "machine": platform.machine(),
-        "processor": platform.processor(), "cpu_count": os.cpu_count(), **cpu(), "platform": platform.platform(),
+        "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        # the CPUs this process may run on: XLA's CPU threads, and with them its summation order, follow them
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        **cpu(), "platform": platform.platform(),
     }
 
 

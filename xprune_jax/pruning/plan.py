@@ -14,6 +14,7 @@ import heapq
 import math
 import re
 
+import jax
 import numpy as np
 
 from xprune_jax import analysis, tree_paths
@@ -346,8 +347,20 @@ def blocked(group, protected, heads) -> bool:
 
 
 def _unit_costs(c: _Context, graph, unit: str) -> tuple[int, int]:
-    """FLOPs and parameters that removing ``unit`` alone saves, counted on the spec without it (what
-    goes with it, like a YOLOv8 neck C2f's concat slot, included); removals of different units add up."""
+    """FLOPs and parameters that removing ``unit`` alone saves; removals of different units add up. A unit
+    that goes as the identity changes no other layer's shape, so its own layers and parameters are what it
+    saves; one that is dropped is counted on the spec without it (:func:`_traced_unit_costs`)."""
+    if next(u.removal for u in graph.units if u.name == unit) != "identity":
+        return _traced_unit_costs(c, graph, unit)
+    inside = lambda name: name == unit or name.startswith(unit + ".")  # noqa: E731
+    params = jax.tree_util.tree_leaves(tree_paths.get(c.model.variables["params"], unit))
+    return (sum(l.flops for l in c.layers if l.kind != "block" and inside(l.name)),
+            sum(math.prod(np.shape(p)) for p in params))
+
+
+def _traced_unit_costs(c: _Context, graph, unit: str) -> tuple[int, int]:
+    """:func:`_unit_costs` counted on the spec without ``unit`` (what goes with it, like a YOLOv8 neck
+    C2f's concat slot, included): one abstract trace of the model per unit."""
     arch, spec, size = c.model.arch, c.model.spec, analysis.input_size(c.model)
     without = surgery.without_units(spec, graph, [unit])
     return (analysis.total_flops(analysis.describe_layers(arch, spec, size)) -
