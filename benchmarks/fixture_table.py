@@ -139,6 +139,10 @@ def _run(folder: str) -> tuple[dict, str] | None:
 
 
 def recovery_table(folder: str = RECOVERY, archs: tuple[str, ...] = tuple(LABELS), defaults: str = RECOVERY_DEFAULT) -> str:
+    if not os.path.isdir(defaults):
+        print(f"error: --defaults={defaults} is not a folder; give the folder of the configs/recovery_default.py runs "
+              "(benchmarks/results/recovery_default)", file=sys.stderr)
+        raise SystemExit(2)
     lines = ["| fixture (unpruned) | mode, budget | as cut | BN recalibrated | fine-tuned | of unpruned |",
              "|---|---|---|---|---|---|"]
     for arch in archs:

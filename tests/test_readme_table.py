@@ -82,6 +82,9 @@ def test_readme_recovery_table_comes_from_the_recovery_runs(capsys):
     with pytest.raises(SystemExit) as stopped:
         made_by_fixture_table("--recovery=/nonexistent")
     assert stopped.value.code == 2 and "no <arch>/results.json of a recovery run under /nonexistent" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        made_by_fixture_table("--recovery", "--defaults=/nonexistent")
+    assert stopped.value.code == 2 and "--defaults=/nonexistent is not a folder" in capsys.readouterr().err
 
 
 def test_readme_tables_are_put_in_place_by_one_command(tmp_path):
