@@ -78,7 +78,7 @@ from xprune_jax.evaluation.coco import pipeline_for  # noqa: E402
 from xprune_jax.experiments.common import prepare_model  # noqa: E402
 from xprune_jax.fileio import atomic_path  # noqa: E402
 from xprune_jax.pruning.plan import apply_plan, make_plan  # noqa: E402
-from xprune_jax.runs import config_module  # noqa: E402
+from xprune_jax.runs import RunFolder, config_module  # noqa: E402
 
 FALLBACK_BUDGETS = (25.0, 20.0, 15.0, 10.0)
 
@@ -90,7 +90,7 @@ def _model(arch: str, images: list[np.ndarray], image_paths: list[str], workdir:
             "random (bench_detectors recipe)"
     fixture = config_module(os.path.join(os.path.dirname(__file__), "..", "configs", "fixtures.py")).FIXTURES.get(arch)
     weights = fixture if fixture and os.path.isfile(fixture) else "random"
-    model, _ = prepare_model(arch, weights, image_paths[:2], 0, workdir)
+    model, _ = prepare_model(arch, weights, image_paths[:2], 0, RunFolder(workdir, workdir))
     return model, os.path.basename(weights) if weights != "random" else "random (BN calibrated, randomised)"
 
 

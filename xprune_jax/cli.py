@@ -543,10 +543,10 @@ def run_command() -> None:
     precision.set_precision(config.precision)
     experiment = validated_experiment(config)
     check_writable(config.get("out_dir") or os.path.join("runs", "x"), "config.out_dir")
-    run_dir = runs.start_run(config)
-    results, report = experiment(config, run_dir)
-    runs.finish_run(run_dir, config, results, report)
-    print(f"wrote {os.path.join(run_dir, 'report.md')}")
+    folder = runs.start_run(config)
+    results, report = experiment(config, folder)
+    runs.finish_run(folder, config, results, report)
+    print(f"wrote {os.path.join(folder.path, 'report.md')}")
 
 
 def finetune_command() -> None:

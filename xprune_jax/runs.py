@@ -1,10 +1,12 @@
 """Run folders: every figure is reproducible from the command, config, seed and environment
 recorded beside it."""
 
+import dataclasses
 import datetime
 import importlib.util
 import os
 import platform
+import shutil
 import sys
 
 import jax
@@ -55,16 +57,36 @@ def environment() -> dict:
     }
 
 
-def start_run(config) -> str:
-    """Create the run folder and record the config and environment in it, unless it holds a finished
-    run's results: those keep the config and environment that made them until this run finishes
-    (:func:`finish_run`), so a run that stops with an error leaves the folder as it was."""
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """A run's folder (``path``) and where the run writes what it makes (``out``): the folder itself, or,
+    where it holds a finished run's results, ``path/.next``, which :func:`finish_run` moves into place
+    together with the new results. A run that stops with an error leaves a finished run's folder as it
+    was: its results, report, config, environment and artefacts still belong together."""
+    path: str
+    out: str
+
+    @property
+    def staged(self) -> bool:
+        return self.out != self.path
+
+
+NEXT = ".next"
+
+
+def start_run(config) -> RunFolder:
+    """Create the run folder; record the config and environment in it if it is new, or else stage the
+    run's artefacts (:class:`RunFolder`), clearing what an earlier run that stopped there left staged."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = os.path.abspath(config.get("out_dir") or os.path.join("runs", f"{config.experiment}-{stamp}"))
-    os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
+    os.makedirs(run_dir, exist_ok=True)
     if not os.path.exists(os.path.join(run_dir, "results.json")):
         _record(run_dir, config)
-    return run_dir
+        return RunFolder(run_dir, run_dir)
+    out = os.path.join(run_dir, NEXT)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    return RunFolder(run_dir, out)
 
 
 def _record(run_dir: str, config) -> None:
@@ -89,9 +111,27 @@ def save_figure(fig, path: str) -> None:
     pyplot().close(fig)
 
 
-def finish_run(run_dir: str, config, results: dict, report_markdown: str) -> None:
-    """Write the results and the report beside the config and environment that made them."""
-    _record(run_dir, config)
-    write_json_atomic(os.path.join(run_dir, "results.json"), results)
-    with atomic_path(os.path.join(run_dir, "report.md")) as tmp, open(tmp, "w") as f:
+def finish_run(folder: RunFolder, config, results: dict, report_markdown: str) -> None:
+    """Move a staged run's artefacts into place, then write the results and the report beside the config
+    and environment that made them."""
+    if folder.staged:
+        _move_into(folder.out, folder.path)
+        shutil.rmtree(folder.out)
+    _record(folder.path, config)
+    write_json_atomic(os.path.join(folder.path, "results.json"), results)
+    with atomic_path(os.path.join(folder.path, "report.md")) as tmp, open(tmp, "w") as f:
         f.write(report_markdown)
+
+
+def _move_into(source: str, target: str) -> None:
+    """Move every file of ``source`` to the same place under ``target``, replacing what is there; a model
+    directory (one holding ``model.json``) replaces its namesake whole."""
+    for name in os.listdir(source):
+        src, dst = os.path.join(source, name), os.path.join(target, name)
+        if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "model.json")):
+            os.makedirs(dst, exist_ok=True)
+            _move_into(src, dst)
+            continue
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(src, dst)

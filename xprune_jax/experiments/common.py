@@ -8,14 +8,16 @@ from xprune_jax import models
 from xprune_jax.checkpoint import Model, load_model, save_model
 from xprune_jax.data.images import classification_transform, load_rgb
 from xprune_jax.errors import UserError
+from xprune_jax.runs import RunFolder
 
 
-def prepare_model(arch: str, weights: str, images: list[str], seed: int, run_dir: str,
+def prepare_model(arch: str, weights: str, images: list[str], seed: int, folder: RunFolder,
                   trust_pickle: bool = False) -> tuple[Model, object]:
-    """``(model, torch model or None)``. ``weights`` is a model dir, any ``xprune convert --weights``
-    value, or ``"random"``: seeded random torch weights with BN statistics calibrated on ``images``
-    and then randomised (what can be checked without downloads). ``trust_pickle`` is ``xprune
-    convert --trust_pickle`` (YOLOv8 files)."""
+    """``(model, torch model or None)``, the converted model saved with the run's artefacts. ``weights``
+    is a model dir, any ``xprune convert --weights`` value, or ``"random"``: seeded random torch weights
+    with BN statistics calibrated on ``images`` and then randomised (what can be checked without
+    downloads), written with the run's artefacts. ``trust_pickle`` is ``xprune convert --trust_pickle``
+    (YOLOv8 files)."""
     if weights and os.path.isfile(os.path.join(weights, "model.json")):
         return load_model(weights), None
     try:
@@ -27,7 +29,7 @@ def prepare_model(arch: str, weights: str, images: list[str], seed: int, run_dir
     torch_model = None
     if arch.startswith("yolov8") and weights != "random":
         model = ultralytics_io.convert(arch, weights, trust_pickle=trust_pickle)
-        save_model(model, os.path.join(run_dir, "models", arch), overwrite=True)
+        save_model(model, os.path.join(folder.out, "models", arch), overwrite=True)
         return model, None
     if weights == "random":
         if models.get_architecture(arch).task != "classification":
@@ -35,9 +37,12 @@ def prepare_model(arch: str, weights: str, images: list[str], seed: int, run_dir
         preprocess = torchvision_io.preprocess_config(arch)
         batch = np.stack([classification_transform(load_rgb(p), **preprocess) for p in images])
         torch_model = reference.random_torchvision(arch, torch.from_numpy(batch.transpose(0, 3, 1, 2)), seed=seed)
-        weights = os.path.join(run_dir, "weights", f"{arch}-random-seed{seed}.pth")
+        name = os.path.join("weights", f"{arch}-random-seed{seed}.pth")
+        weights = os.path.join(folder.out, name)
         os.makedirs(os.path.dirname(weights), exist_ok=True)
         torch.save(torch_model.state_dict(), weights)
     model = torchvision_io.convert(arch, weights)
-    save_model(model, os.path.join(run_dir, "models", arch), overwrite=True)
+    if torch_model is not None and folder.staged:  # where the file will be once the run finishes
+        model.meta["provenance"].update(weights=os.path.join(folder.path, name), file=os.path.join(folder.path, name))
+    save_model(model, os.path.join(folder.out, "models", arch), overwrite=True)
     return model, torch_model

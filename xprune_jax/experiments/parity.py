@@ -34,7 +34,7 @@ def validate(config) -> None:
 
 
 @register("parity", validate=validate)
-def parity(config, run_dir: str) -> tuple[dict, str]:
+def parity(config, folder: runs.RunFolder) -> tuple[dict, str]:
     try:
         import torch
 
@@ -49,7 +49,7 @@ def parity(config, run_dir: str) -> tuple[dict, str]:
     for arch in config.archs:
         preprocess = torchvision_io.preprocess_config(arch)
         batch = np.stack([classification_transform(load_rgb(p), **preprocess) for p in images])
-        model, torch_model = prepare_model(arch, config.weights.get(arch, "random"), images, config.seed, run_dir)
+        model, torch_model = prepare_model(arch, config.weights.get(arch, "random"), images, config.seed, folder)
         if torch_model is None:
             torch_model = torchvision_io.torch_model(arch, model.variables)
         apply = jax.jit(functools.partial(models.apply_with_intermediates, model.module))
@@ -66,7 +66,7 @@ def parity(config, run_dir: str) -> tuple[dict, str]:
             "top1_agreement": float(np.mean(np.argmax(logits, -1) == torch_logits.numpy().argmax(-1))),
             "layer_relative_errors": errors,
         }
-        _plot_layer_errors(arch, errors, os.path.join(run_dir, "plots", f"parity_{arch}.png"))
+        _plot_layer_errors(arch, errors, os.path.join(folder.out, "plots", f"parity_{arch}.png"))
     return results, _report(results, config)
 
 

@@ -19,7 +19,9 @@ only plans not yet measured are measured. ``measurements_from`` adds other runs'
 the same way, so one table can be split over processes or machines (by criteria or seeds) and
 gathered by a last run of the whole config, which measures only what none of them did. A reused
 measurement must come from the same model measured the same way: the weights' sha256, the
-evaluation settings and the unpruned model's metrics must all match.
+evaluation settings and the unpruned model's metrics must all match. A run into the folder of a
+finished run writes its scores, models and plots aside and moves them in with its results
+(:class:`runs.RunFolder`), so one that stops leaves the finished run as it was.
 """
 
 import functools
@@ -177,24 +179,26 @@ def validate(config) -> None:
 
 
 @register("prune", validate=validate)
-def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
+def prune_experiment(config, folder: runs.RunFolder) -> tuple[dict, str]:
     coco = config.coco or runs.DEMO_COCO
     task_eval = {"classification": _ClassifierEval, "detection": _DetectionEval}[models.get_architecture(config.arch).task]
     is_model_dir = os.path.isfile(os.path.join(config.weights or "", "model.json"))
     _say(f"prune: {'loading' if is_model_dir else 'converting'} {config.arch} from "
          f"{'seeded random weights' if config.weights == 'random' else config.weights}")
-    model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, run_dir,
+    model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, folder,
                              config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
     unpriced = plan_options(config)
     priced = ({**unpriced, "latency_price": config.pruning.latency_price,
-               "layer_latency": run_layer_latency(config, model, run_dir)}
+               "layer_latency": run_layer_latency(config, model, folder)}
               if config.get("pruning", {}).get("latency_price") else unpriced)  # for the PRICED_MODES
     recovery = Recovery(config, model, evaluator) if _recovers(config) else None
     _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
-    evaluated = Measurements(os.path.join(run_dir, MEASUREMENTS), _measurement_context(config, model, unpruned),
+    # resumed measurements grow in place (keyed, same context: a finished run's results stay true); others are new
+    evaluated = Measurements(os.path.join(folder.path if config.resume else folder.out, MEASUREMENTS),
+                             _measurement_context(config, model, unpruned),
                              resume=config.resume, sources=tuple(config.get("measurements_from", ())))
     reference = reference_recovery(recovery, model, evaluated)
     rows, scores_by_seed = [], {}
@@ -204,7 +208,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
         bar.set_description(f"seed {seed}: scoring {config.calib_images} images with {', '.join(config.criteria)}")
         scores = score_model(model, list(config.criteria), config.objective, calibration=evaluator.calibration(seed),
                              batch_size=config.batch_size, seed=seed, progress=False, all_channel_scores=True)
-        write_json_atomic(os.path.join(run_dir, "scores", f"seed{seed}.json"), scores)
+        write_json_atomic(os.path.join(folder.out, "scores", f"seed{seed}.json"), scores)
         scores_by_seed[seed] = scores
         selection = None  # auto's loss on this seed's calibration images, made when first asked for
         for criterion in scores["criteria"]:
@@ -229,7 +233,7 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                     bar.update()
                     continue
                 key = plan_key(plan.mode, plan)  # auto's choice shares the measurement of the same plan asked for
-                measured = evaluated.get(key)
+                measured, pruned = evaluated.get(key), None
                 if measured is None:
                     bar.set_description(f"seed {seed}: measuring {criterion} {pruning}")
                     pruned = apply_plan(model, plan)
@@ -239,9 +243,11 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
                         bar.set_description(f"seed {seed}: recovering {criterion} {pruning}")
                         measurement["recovery"] = recovery(pruned)
                     measured = evaluated.put(key, measurement)
-                    if config.save_models:
-                        name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
-                        save_model(pruned, os.path.join(run_dir, "models", name), overwrite=True)
+                if config.save_models:  # every row's model, also one measured before a crash but not yet saved
+                    name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
+                    model_dir = os.path.join(folder.out, "models", name)
+                    if pruned is not None or not os.path.isfile(os.path.join(model_dir, "model.json")):
+                        save_model(pruned or apply_plan(model, plan), model_dir, overwrite=True)
                 metrics, latency = measured["metrics"], measured["latency"]
                 rows.append({**row, "selected": plan.selected, "metrics": metrics,
                              **({"selection": plan.selection} if plan.selection else {}),
@@ -258,9 +264,9 @@ def prune_experiment(config, run_dir: str) -> tuple[dict, str]:
     _say("prune: writing the plots and the report")
     first = scores_by_seed[config.seeds[0]]
     comparison = layer_comparison(first)
-    _plot_scores(first, os.path.join(run_dir, "plots", "layer_scores.png"))
-    _plot_ranks(first, comparison, os.path.join(run_dir, "plots", "criteria_ranks.png"))
-    _plot_tradeoff(rows, evaluator.metric, os.path.join(run_dir, "plots", "tradeoff.png"))
+    _plot_scores(first, os.path.join(folder.out, "plots", "layer_scores.png"))
+    _plot_ranks(first, comparison, os.path.join(folder.out, "plots", "criteria_ranks.png"))
+    _plot_tradeoff(rows, evaluator.metric, os.path.join(folder.out, "plots", "tradeoff.png"))
     results = {"arch": model.arch, "weights": model.meta.get("provenance", {}).get("weights"),
                "metric": evaluator.metric, "metric_description": evaluator.description,
                "unpruned": {"metrics": unpruned.metrics,
@@ -319,13 +325,13 @@ def plan_options(config) -> dict:
 PRICED_MODES = ("shrink", "remove+shrink", "auto")  # the modes whose global channel allocation a latency price applies to
 
 
-def run_layer_latency(config, model, run_dir: str) -> dict:
+def run_layer_latency(config, model, folder: runs.RunFolder) -> dict:
     """The layer latency table a run's latency-priced plans read: ``config.pruning.layer_latency``, else the
-    run folder's own (``layer_latency.json``, reused on resume), else measured now and written there; a
-    reused table is checked against the model and the backend."""
+    run folder's own (``layer_latency.json``, reused on resume), else measured now and written with the
+    run's artefacts; a reused table is checked against the model and the backend."""
     from xprune_jax.pruning.latency import layer_latency, read_layer_latency
 
-    path = config.pruning.get("layer_latency") or os.path.join(run_dir, LAYER_LATENCY)
+    path = config.pruning.get("layer_latency") or os.path.join(folder.path if config.resume else folder.out, LAYER_LATENCY)
     if config.pruning.get("layer_latency") or (config.resume and os.path.isfile(path)):
         return read_layer_latency(path, model, config.bench.batch_size)
     _say(f"prune: measuring each layer's latency for latency_price (batch {config.bench.batch_size})")

@@ -1,5 +1,5 @@
-"""The experiments' registry: name -> function(config, run_dir) -> (results dict, Markdown report), and
-each one's config check. Experiment modules register themselves on import."""
+"""The experiments' registry: name -> function(config, :class:`runs.RunFolder`) -> (results dict,
+Markdown report), and each one's config check. Experiment modules register themselves on import."""
 
 from typing import Callable
 
