@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from tests.test_cli_robustness import SHAPES, classifier, detector
-from xprune_jax import analysis, predict
+from xprune_jax import analysis, cli, predict
 from xprune_jax.attribution.score import score_model, selection_loss
 from xprune_jax.data.images import image_folder
 from xprune_jax.errors import UserError
@@ -54,3 +54,5 @@ def test_auto_takes_the_candidate_of_lowest_loss_and_records_every_one():
         select_plan(model, scores, "layers=5%", params)
     with pytest.raises(UserError, match="bad candidate 'zero:mean'"):
         select_plan(model, scores, "flops=-30%", params, ("zero:mean",))
+    # xprune prune's --candidates spells the library's default out (cli imports no pruning code at start)
+    assert cli.FLAGS["candidates"].default == list(CANDIDATES)

@@ -47,9 +47,10 @@ def select_plan(model: Model, scores: dict, budget: str, loss: Callable[[Model],
             tried.append({**entry, "infeasible": str(e)})
             continue
         value = float(loss(apply_plan(model, plan)))
-        tried.append({**entry, "loss": value if math.isfinite(value) else None, "flops_ratio": plan.flops_after / plan.flops_before,
+        finite = math.isfinite(value)
+        tried.append({**entry, "loss": value if finite else None, "flops_ratio": plan.flops_after / plan.flops_before,
                       "params_ratio": plan.params_after / plan.params_before})
-        plans.append((value if math.isfinite(value) else math.inf, len(plans), plan))
+        plans.append((value if finite else math.inf, len(plans), plan))
         if say:
             say(f"candidate {mode}:{normalize}: calibration loss {value:.4g}")
     if not plans:
