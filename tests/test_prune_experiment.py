@@ -128,32 +128,33 @@ def test_prune_pipeline_end_to_end_then_a_longer_table_from_its_measurements(tmp
     assert failed.returncode == 2 and "they were made with another eval_images" in failed.stderr, failed.stderr[-2000:]
     assert {name: (gathered_dir / name).read_bytes() for name in recorded} == recorded
 
-    # So does one that stops after it scored and saved models (staged in .next/, moved in only by a run that
-    # finishes); the run that then finishes there saves every row's model, a resumed measurement's too.
-    files = lambda: {str(p.relative_to(gathered_dir)): p.read_bytes() for p in sorted(gathered_dir.rglob("*"))  # noqa: E731
-                     if p.is_file() and runs.NEXT not in p.parts}
-    before = files()
+    # So does one that stops after it scored and saved models (staged, moved in only by a run that finishes,
+    # else removed); the run that then finishes there saves every row's model, a resumed measurement's too.
+    files = lambda: {str(p.relative_to(gathered_dir)): p.read_bytes()  # noqa: E731
+                     for p in sorted(gathered_dir.rglob("*")) if p.is_file()}
+    before, staged = files(), []
     extend = (*[a for a in SMALL_RUN if not a.startswith("--config.criteria=")], "--config.criteria=('l1',)",
               "--config.prunings=('zero:layers=5%', 'zero:layers=20%')",
               "--config.resume=True", "--config.save_models=True", f"--config.out_dir={gathered_dir}")
 
     def fail(*args, **kwargs):
+        staged.extend(gathered_dir.glob(f"{runs.NEXT}*/scores/seed0.json"))
         raise UserError("stopped by the test")
 
     with monkeypatch.context() as patched:
         patched.setattr(prune, "apply_plan", fail)
         failed = xprune(*extend, check=False)
     assert failed.returncode == 2 and "stopped by the test" in failed.stderr, failed.stderr[-2000:]
-    assert files() == before and (gathered_dir / runs.NEXT / "scores" / "seed0.json").is_file()
+    assert files() == before and staged
     xprune(*extend)
     extended = json.loads((gathered_dir / "results.json").read_text())
-    assert not (gathered_dir / runs.NEXT).exists() and {r["criterion"] for r in extended["rows"]} == {"l1"}
+    assert not list(gathered_dir.glob(f"{runs.NEXT}*")) and {r["criterion"] for r in extended["rows"]} == {"l1"}
     assert json.loads((gathered_dir / "scores" / "seed0.json").read_text())["criteria"] == ["l1"]
     for budget in ("layers5pct", "layers20pct"):
         for seed in (0, 1):
             assert (gathered_dir / "models" / f"l1_zero_{budget}_seed{seed}" / "model.json").is_file()
     assert json.loads((gathered_dir / "config.json").read_text())["criteria"] == ["l1"]
-    assert ".next" not in json.dumps(extended) and ".next" not in (gathered_dir / "report.md").read_text()
+    assert runs.NEXT not in json.dumps(extended) and runs.NEXT not in (gathered_dir / "report.md").read_text()
 
 
 def test_resume_refuses_other_measurements(tmp_path, capsys):

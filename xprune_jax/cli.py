@@ -543,9 +543,9 @@ def run_command() -> None:
     precision.set_precision(config.precision)
     experiment = validated_experiment(config)
     check_writable(config.get("out_dir") or os.path.join("runs", "x"), "config.out_dir")
-    folder = runs.start_run(config)
-    results, report = experiment(config, folder)
-    runs.finish_run(folder, config, results, report)
+    with runs.open_run(config) as folder:
+        results, report = experiment(config, folder)
+        runs.finish_run(folder, config, results, report)
     print(f"wrote {os.path.join(folder.path, 'report.md')}")
 
 

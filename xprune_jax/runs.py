@@ -1,6 +1,7 @@
 """Run folders: every figure is reproducible from the command, config, seed and environment
 recorded beside it."""
 
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -8,6 +9,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 
 import jax
 
@@ -60,9 +62,10 @@ def environment() -> dict:
 @dataclasses.dataclass(frozen=True)
 class RunFolder:
     """A run's folder (``path``) and where the run writes what it makes (``out``): the folder itself, or,
-    where it holds a finished run's results, ``path/.next``, which :func:`finish_run` moves into place
-    together with the new results. A run that stops with an error leaves a finished run's folder as it
-    was: its results, report, config, environment and artefacts still belong together."""
+    where it holds a finished run's results, a staging folder ``path/.next-*`` of this run's own, which
+    :func:`finish_run` moves into place together with the new results. A run that stops with an error
+    leaves a finished run's folder as it was: its results, report, config, environment and artefacts
+    still belong together."""
     path: str
     out: str
 
@@ -71,22 +74,25 @@ class RunFolder:
         return self.out != self.path
 
 
-NEXT = ".next"
+NEXT = ".next-"  # the prefix of a staging folder
 
 
-def start_run(config) -> RunFolder:
-    """Create the run folder; record the config and environment in it if it is new, or else stage the
-    run's artefacts (:class:`RunFolder`), clearing what an earlier run that stopped there left staged."""
+@contextlib.contextmanager
+def open_run(config):
+    """Create the run folder and yield its :class:`RunFolder`; record the config and environment in it if
+    it is new, or else stage the run's artefacts. What a run that stops staged is removed."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = os.path.abspath(config.get("out_dir") or os.path.join("runs", f"{config.experiment}-{stamp}"))
     os.makedirs(run_dir, exist_ok=True)
     if not os.path.exists(os.path.join(run_dir, "results.json")):
         _record(run_dir, config)
-        return RunFolder(run_dir, run_dir)
-    out = os.path.join(run_dir, NEXT)
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    return RunFolder(run_dir, out)
+        yield RunFolder(run_dir, run_dir)
+        return
+    folder = RunFolder(run_dir, tempfile.mkdtemp(dir=run_dir, prefix=NEXT))  # its own: runs may share a folder
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder.out, ignore_errors=True)
 
 
 def _record(run_dir: str, config) -> None:
@@ -116,7 +122,6 @@ def finish_run(folder: RunFolder, config, results: dict, report_markdown: str) -
     and environment that made them."""
     if folder.staged:
         _move_into(folder.out, folder.path)
-        shutil.rmtree(folder.out)
     _record(folder.path, config)
     write_json_atomic(os.path.join(folder.path, "results.json"), results)
     with atomic_path(os.path.join(folder.path, "report.md")) as tmp, open(tmp, "w") as f:
