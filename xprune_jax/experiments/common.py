@@ -43,6 +43,7 @@ def prepare_model(arch: str, weights: str, images: list[str], seed: int, folder:
         torch.save(torch_model.state_dict(), weights)
     model = torchvision_io.convert(arch, weights)
     if torch_model is not None and folder.staged:  # where the file will be once the run finishes
-        model.meta["provenance"].update(weights=os.path.join(folder.path, name), file=os.path.join(folder.path, name))
+        final = os.path.join(folder.path, name)
+        model.meta["provenance"].update(weights=final, file=final)
     save_model(model, os.path.join(folder.out, "models", arch), overwrite=True)
     return model, torch_model

@@ -196,9 +196,7 @@ def prune_experiment(config, folder: runs.RunFolder) -> tuple[dict, str]:
     _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
-    # resumed measurements grow in place (keyed, same context: a finished run's results stay true); others are new
-    evaluated = Measurements(os.path.join(folder.path if config.resume else folder.out, MEASUREMENTS),
-                             _measurement_context(config, model, unpruned),
+    evaluated = Measurements(_resume_file(config, folder, MEASUREMENTS), _measurement_context(config, model, unpruned),
                              resume=config.resume, sources=tuple(config.get("measurements_from", ())))
     reference = reference_recovery(recovery, model, evaluated)
     rows, scores_by_seed = [], {}
@@ -331,13 +329,20 @@ def run_layer_latency(config, model, folder: runs.RunFolder) -> dict:
     run's artefacts; a reused table is checked against the model and the backend."""
     from xprune_jax.pruning.latency import layer_latency, read_layer_latency
 
-    path = config.pruning.get("layer_latency") or os.path.join(folder.path if config.resume else folder.out, LAYER_LATENCY)
+    path = config.pruning.get("layer_latency") or _resume_file(config, folder, LAYER_LATENCY)
     if config.pruning.get("layer_latency") or (config.resume and os.path.isfile(path)):
         return read_layer_latency(path, model, config.bench.batch_size)
     _say(f"prune: measuring each layer's latency for latency_price (batch {config.bench.batch_size})")
     table = layer_latency(model, config.bench.batch_size, seed=config.seed, progress=True)
     write_json_atomic(path, table)
     return table
+
+
+def _resume_file(config, folder: runs.RunFolder, name: str) -> str:
+    """Where a file a resumed run reuses lives: with ``config.resume`` in the run folder itself (it only
+    grows, by keyed entries made in the same context, so a finished run's results stay true), otherwise
+    with the run's other artefacts."""
+    return os.path.join(folder.path if config.resume else folder.out, name)
 
 
 def plan_key(mode: str, plan) -> str:
