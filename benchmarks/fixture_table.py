@@ -24,7 +24,8 @@ mean over seeds as cut, after BN recalibration and after fine-tuning, and the fi
 share of the unpruned metric (beside which the unpruned model recovered alike is named, where the task
 loss trained it too). The tool's default, `auto` (configs/recovery_default.py, its run folders under
 ``--defaults``), comes first; where its run read another file of the fixture than the recovery run
-did, its rows go under their own label, which names the file's sha256.
+did, its rows go under their own label, which names the file's sha256. A fixture with default rows and
+no recovery run yet shows the default's rows alone.
 """
 
 import argparse
@@ -143,24 +144,23 @@ def recovery_table(folder: str = RECOVERY, archs: tuple[str, ...] = tuple(LABELS
         print(f"error: --defaults={defaults} is not a folder; give the folder of the configs/recovery_default.py runs "
               "(benchmarks/results/recovery_default)", file=sys.stderr)
         raise SystemExit(2)
-    lines = ["| fixture (unpruned) | mode, budget | as cut | BN recalibrated | fine-tuned | of unpruned |",
-             "|---|---|---|---|---|---|"]
-    for arch in archs:
-        recovery, default = _run(os.path.join(folder, arch)), _run(os.path.join(defaults, arch))
-        if recovery is None:
-            continue
-        label = LABELS.get(arch, arch)
-        if default and default[1] == recovery[1]:  # one fixture file: the default's rows first, under one label
-            merged = {**recovery[0], "summary": default[0]["summary"] + recovery[0]["summary"]}
-            lines += recovery_rows(merged, label)
-            continue
-        if default:
-            lines += recovery_rows(default[0], f"{label}, fixture {default[1][:8]}")
-        lines += recovery_rows(recovery[0], f"{label}, fixture {recovery[1][:8]}" if default else label)
-    if len(lines) == 2:
+    runs = {arch: (_run(os.path.join(folder, arch)), _run(os.path.join(defaults, arch))) for arch in archs}
+    if not any(recovery for recovery, _ in runs.values()):
         print(f"error: no <arch>/results.json of a recovery run under {folder} for {', '.join(archs)}; "
               "give --recovery the folder that holds the run folders (benchmarks/results/recovery)", file=sys.stderr)
         raise SystemExit(2)
+    lines = ["| fixture (unpruned) | mode, budget | as cut | BN recalibrated | fine-tuned | of unpruned |",
+             "|---|---|---|---|---|---|"]
+    for arch, (recovery, default) in runs.items():
+        label = LABELS.get(arch, arch)
+        if recovery is None:  # the default's rows alone until the recovery table has this fixture
+            lines += recovery_rows(default[0], label) if default else []
+        elif default and default[1] == recovery[1]:  # one fixture file: the default's rows first, under one label
+            lines += recovery_rows({**recovery[0], "summary": default[0]["summary"] + recovery[0]["summary"]}, label)
+        else:
+            if default:
+                lines += recovery_rows(default[0], f"{label}, fixture {default[1][:8]}")
+            lines += recovery_rows(recovery[0], f"{label}, fixture {recovery[1][:8]}" if default else label)
     return "\n".join(lines)
 
 

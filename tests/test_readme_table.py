@@ -98,3 +98,20 @@ def test_readme_tables_are_put_in_place_by_one_command(tmp_path):
     made_by_fixture_table(f"--readme={stale}")
     made_by_fixture_table("--recovery", f"--readme={stale}")
     assert stale.read_text() == readme
+
+
+def test_recovery_table_shows_a_fixtures_default_rows_before_its_recovery_table_exists(tmp_path):
+    """A fixture with `recovery_default` rows and no recovery run yet gets its auto rows alone, after
+    the fixtures that have both."""
+    results = REPO / "benchmarks" / "results"
+    for kind, arch in (("recovery", "mobilenet_v2"), ("defaults", "mobilenet_v2"), ("defaults", "retinanet_resnet50_fpn")):
+        source = results / ("recovery" if kind == "recovery" else "recovery_default") / arch
+        (tmp_path / kind / arch).mkdir(parents=True)
+        for name in ("results.json", "measurements.json"):
+            (tmp_path / kind / arch / name).write_bytes((source / name).read_bytes())
+    table = made_by_fixture_table(f"--recovery={tmp_path / 'recovery'}", f"--defaults={tmp_path / 'defaults'}",
+                                  "--archs=mobilenet_v2,retinanet_resnet50_fpn")
+    rows = table.splitlines()[2:]
+    assert [row.split(" | ")[1] for row in rows] == ["auto -30%", "auto -50%", "shrink -30%", "shrink -50%", "remove -30%",
+                                                     "remove+shrink -50%", "auto -30%", "auto -50%"], table
+    assert rows[0].startswith("| MobileNetV2 (") and rows[6].startswith("| RetinaNet (AP 0.567"), table
