@@ -173,7 +173,7 @@ def test_resume_refuses_other_measurements(tmp_path, capsys):
             Measurements(path, context, resume=True)
 
 
-def test_measurements_from_gathers_a_split_table(tmp_path):
+def test_measurements_from_gathers_a_split_table(tmp_path, capsys):
     """A table split over processes (by criteria or seeds) is gathered by a last run that reuses
     every part's measurements, keeps them all in its own file, and refuses parts made otherwise."""
     context = {"weights_sha256": "ab", "eval_images": 50, "unpruned_metrics": {"AP": 0.5}}
@@ -183,6 +183,8 @@ def test_measurements_from_gathers_a_split_table(tmp_path):
         (tmp_path / f"part{i}").mkdir()
         Measurements(parts[-1], context, resume=False).put(key, {"metrics": {"AP": 0.1 * (i + 1)}})
     path = str(tmp_path / "measurements.json")
+    resumed = Measurements(path, context, resume=True, sources=(parts[0],))  # a first resume says what it reuses
+    assert resumed.get("plan_a") and f"resume: no {path} yet, so only plans in {parts[0]} are reused" in capsys.readouterr().out
     gathered = Measurements(path, context, resume=False, sources=tuple(parts))
     assert gathered.get("plan_a")["metrics"] == {"AP": 0.1} and gathered.get("plan_b")["metrics"] == {"AP": 0.2}
     assert gathered.get("plan_c") is None and gathered.resumed == 2

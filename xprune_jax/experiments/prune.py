@@ -376,7 +376,8 @@ class Measurements:
         self.path, self.context, self.entries, self.saved, self.resumed = path, context, {}, {}, 0
         self.resume = resume
         if resume and not os.path.exists(path):
-            print(f"resume: no {path} yet, so every plan is measured")
+            print(f"resume: no {path} yet, so " + ("every plan is measured" if not sources else
+                                                    f"only plans in {', '.join(sources)} are reused"))
         elif resume:
             self.saved.update(self._read(path))
         for source in sources:
