@@ -746,7 +746,7 @@ def recover(args) -> None:
     after BN recalibration and after fine-tuning. A model met twice (a magnitude importance prunes alike
     for every seed, auto may choose the shrink default's plan) recovers once."""
     from xprune_jax.checkpoint import write_json_atomic
-    from xprune_jax.experiments.prune import Measurements, Recovery, plan_key, reference_recovery
+    from xprune_jax.experiments.prune import Measurements, Recovery, plan_key, recovery_settings, reference_recovery
     from xprune_jax.pruning.plan import apply_plan
     from xprune_jax.spec import spec_to_dict
 
@@ -766,7 +766,7 @@ def recover(args) -> None:
     fixture.config.recovery = recovery_recipe(args.arch)
     recovery = Recovery(fixture.config, model, fixture.evaluator)
     context = {"arch": args.arch, "weights_sha256": fixture.sha256, "spec": json.loads(json.dumps(spec_to_dict(model.spec))),
-               "recovery": fixture.config.recovery.to_dict(), "seed": fixture.config.seed,
+               "recovery": recovery_settings(fixture.config.recovery.to_dict()), "seed": fixture.config.seed,
                "unpruned_metrics": results["unpruned"]["metrics"]}
     done = Measurements(os.path.join(CACHE, "recovery", f"{args.arch}-{_sha(context)}.json"), context, resume=True)
     log = functools.partial(print, f"[{args.arch}]", flush=True)
@@ -794,7 +794,7 @@ def recover(args) -> None:
             eta = f", about {(time.time() - began) / recovered * (todo - recovered) / 60:.0f} min left" if recovered else ""
             log(f"recovering {recovered + 1}/{todo}: {cell} -{budget:g}% seed {seed}{eta}")
             cut = pruned()
-            measured = done.put(key, {"as_cut": fixture.evaluator.metrics(cut), **recovery(cut)})
+            measured = done.put(key, {"as_cut": fixture.evaluator.metrics(cut), **recovery(cut, key)})
             recovered += 1
         stages = {"as_cut": measured["as_cut"][metric],
                   **{stage: measured[stage]["metrics"][metric] for stage in ("recalibrated", "finetuned")}}

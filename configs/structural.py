@@ -42,9 +42,12 @@ def get_config(arch: str = "shufflenet_v2_x1_0"):
         # auto:BUDGET chooses among these MODE:NORMALIZE allocations by their loss on the calibration images
         "candidates": CANDIDATES})
     # recovery of every pruned model, each stage measured as the cut is (0 = off): BN statistics re-estimated
-    # on `recalibrate_bn` training images, then `finetune.steps` steps distilling from the unpruned model
+    # on `recalibrate_bn` training images, then `finetune.steps` steps distilling from the unpruned model;
+    # with resume=True each fine-tuning checkpoints every `checkpoint_every` steps into out_dir/checkpoints/
+    # (a stopped run resumes it there; the checkpoints go once its model is measured)
     config.recovery = ml_collections.ConfigDict({"recalibrate_bn": 0, "finetune": ml_collections.ConfigDict({
-        "steps": 0, "batch_size": 16, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 1e-4, "objective": "distill=1"})})
+        "steps": 0, "batch_size": 16, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 1e-4, "objective": "distill=1",
+        "checkpoint_every": 25})})
     config.save_models = False
     config.bench = ml_collections.ConfigDict({"batch_size": 1, "repeats": 10, "warmup": 2})
     config.out_dir = ""

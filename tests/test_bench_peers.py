@@ -18,6 +18,7 @@ from tests.conftest import REPO
 from xprune_jax import analysis, models
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
+from xprune_jax.experiments.prune import recovery_settings
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 try:
@@ -108,7 +109,7 @@ def test_readme_holds_the_table_the_results_make():
         "README's table of both tools after recovery is stale: paste `python benchmarks/bench_peers.py table`'s 'After recovery'"
     for path in sorted((REPO / "benchmarks" / "results" / "peers").glob("*.recovery.json")):
         made = json.loads(path.read_text())
-        assert made["recovery"] == bench_peers.recovery_recipe(made["arch"]).to_dict(), \
+        assert made["recovery"] == recovery_settings(bench_peers.recovery_recipe(made["arch"]).to_dict()), \
             f"{path.name} was recovered with another recipe than configs/recovery.py's: run `recover` again"
 
 

@@ -325,11 +325,14 @@ def test_bench_labels_models_of_the_same_basename(work, tmp_path, capfd):
     ("--config.calib_images=abc", "config.calib_images"),
     ("--config.prunings=('auto:layers=5%',)", "auto chooses among shrink allocations"),
     ("--config.pruning.candidates=('shrink:median',)", "bad candidate 'shrink:median'"),
+    (("--config.recovery.finetune.steps=2", "--config.recovery.finetune.checkpoint_every=0"),
+     "config.recovery.finetune.checkpoint_every is 0; it must be an integer >= 1"),
+    ("--config.recovery.finetune.steps=2", "config.recovery trains a classifier on labelled images"),
 ])
 def test_run_validates_the_config_first(tmp_path, capfd, override, message):
     out = tmp_path / "run"
     code, _, err = xprune(capfd, "run", f"--config={REPO / 'configs' / 'structural.py'}:shufflenet_v2_x0_5",
-                          f"--config.out_dir={out}", override)
+                          f"--config.out_dir={out}", *((override,) if isinstance(override, str) else override))
     one_line_error(code, err, message)
     assert not out.exists()
 

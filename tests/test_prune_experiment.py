@@ -2,11 +2,17 @@
 produced, and the report states exactly the numbers in results.json."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import ml_collections
 import pytest
 
+from tests.conftest import REPO
 from tests.test_cli import xprune
 from xprune_jax import runs
 from xprune_jax.errors import UserError
@@ -292,6 +298,40 @@ def test_recovery_stage_is_measured_and_reported(tmp_path):
     for s in results["summary"]:
         share = s["finetuned"]["metric_mean"] / reference["finetuned"]["metrics"]["top1"]
         assert f" | {share:.1%} | " in report
+
+
+def test_a_stopped_recovery_resumes_its_fine_tuning_from_its_checkpoints(tmp_path):
+    """With resume=True each fine-tuning checkpoints into out_dir/checkpoints/KEY: a run killed part-way
+    through one resumes it from there (``resumed_from`` says where), measures what a run never stopped
+    measures, and leaves no checkpoints behind."""
+    args = ("run", "--config=configs/structural.py:shufflenet_v2_x1_0",
+            "--config.weights=benchmarks/fixtures/shufflenet_v2_x1_0_shapes.pth",
+            "--config.image_folder=xprune_jax/data/demo_shapes/classification", "--config.criteria=('l1',)",
+            "--config.prunings=('shrink:flops=-50%',)", "--config.batch_size=8", "--config.bench.repeats=2",
+            "--config.bench.warmup=1", "--config.recovery.finetune.steps=8", "--config.recovery.finetune.batch_size=8",
+            "--config.recovery.finetune.checkpoint_every=2")
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, "-m", "xprune_jax", *args, f"--config.out_dir={stopped}",
+                                "--config.resume=True", f"--cache_dir={REPO / '.cache' / 'jax'}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+    deadline = time.time() + 600
+    while not any(step.name.isdigit() for step in (stopped / prune.CHECKPOINTS).glob("*/*")):
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (stopped / "results.json").exists()
+    xprune(*args, f"--config.out_dir={stopped}", "--config.resume=True")
+    whole = tmp_path / "whole"
+    xprune(*args, f"--config.out_dir={whole}")
+    (resumed,), (uninterrupted,) = (json.loads((out / "results.json").read_text())["rows"] for out in (stopped, whole))
+    assert resumed["recovery"]["finetuned"]["resumed_from"] % 2 == 0 and "resumed_from" not in uninterrupted["recovery"]["finetuned"]
+    assert resumed["recovery"]["finetuned"]["metrics"] == uninterrupted["recovery"]["finetuned"]["metrics"]
+    assert resumed["recovery"]["finetuned"]["final_loss"] == pytest.approx(uninterrupted["recovery"]["finetuned"]["final_loss"],
+                                                                          rel=1e-5)
+    assert not any((stopped / prune.CHECKPOINTS).iterdir()) and not (whole / prune.CHECKPOINTS).exists()
 
 
 def test_tradeoff_plot_marks_every_mode(tmp_path):

@@ -45,7 +45,7 @@ def test_readme_recovery_table_comes_from_the_recovery_runs(capsys):
     each run made with configs/recovery.py's recipe as it is now, and the unpruned model recovered
     alike named where that recipe trains on labels; the default's rows (configs/recovery_default.py,
     auto at each budget, three seeds) likewise."""
-    from xprune_jax.experiments.prune import format_mean, format_metric
+    from xprune_jax.experiments.prune import format_mean, format_metric, recovery_settings
     from xprune_jax.runs import config_module
 
     recipe = config_module(str(REPO / "configs" / "recovery.py"))
@@ -60,7 +60,7 @@ def test_readme_recovery_table_comes_from_the_recovery_runs(capsys):
             share = s["finetuned"]["metric_mean"] / results["unpruned"]["metrics"][results["metric"]]
             assert f"| {share:.1%} |" in table
         made_with = json.loads((folder / "config.json").read_text())["recovery"]
-        assert made_with == recipe.get_config(results["arch"]).recovery.to_dict(), \
+        assert recovery_settings(made_with) == recovery_settings(recipe.get_config(results["arch"]).recovery.to_dict()), \
             f"{folder.name} was recovered with another recipe than configs/recovery.py's: run it again"
         alike = results["unpruned"].get("recovery", {}).get("finetuned")
         assert bool(alike) == ("task" in made_with["finetune"]["objective"]), folder.name
@@ -71,7 +71,8 @@ def test_readme_recovery_table_comes_from_the_recovery_runs(capsys):
         results = json.loads((folder / "results.json").read_text())
         made_with = json.loads((folder / "config.json").read_text())
         config = defaults.get_config(results["arch"])
-        assert made_with["recovery"] == config.recovery.to_dict(), f"{folder.name}: run recovery_default.py again"
+        assert recovery_settings(made_with["recovery"]) == recovery_settings(config.recovery.to_dict()), \
+            f"{folder.name}: run recovery_default.py again"
         assert (tuple(made_with["criteria"]), tuple(made_with["prunings"])) == (config.criteria, config.prunings)
         assert sorted(s["mode"] for s in results["summary"]) == ["auto", "auto"], folder.name
         for s in results["summary"]:

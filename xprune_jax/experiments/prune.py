@@ -15,7 +15,8 @@ equal to one already measured (l1 plans alike for every seed) reuses that measur
 Every measurement is written to ``measurements.json`` in the run folder as soon as it is made, so a
 long table that stops part-way goes on where it stopped: run the same config into the same
 ``out_dir`` with ``resume=True``. Scores are recomputed (seeded, so the plans come out the same) and
-only plans not yet measured are measured. ``measurements_from`` adds other runs' measurement files
+only plans not yet measured are measured; a recovery's fine-tuning checkpoints into the run folder and
+resumes from there. ``measurements_from`` adds other runs' measurement files
 the same way, so one table can be split over processes or machines (by criteria or seeds) and
 gathered by a last run of the whole config, which measures only what none of them did. A reused
 measurement must come from the same model measured the same way: the weights' sha256, the
@@ -162,6 +163,7 @@ def validate(config) -> None:
         field("recovery.recalibrate_bn", int, 0)
         field("recovery.finetune.steps", int, 0)
         field("recovery.finetune.batch_size", int, 2)
+        field("recovery.finetune.checkpoint_every", int, 1)
         parse_objective(field("recovery.finetune.objective", str))
         if config.recovery.finetune.optimizer not in OPTIMIZERS:
             raise UserError(f"config.recovery.finetune.optimizer is {config.recovery.finetune.optimizer!r}; choose one "
@@ -192,7 +194,8 @@ def prune_experiment(config, folder: runs.RunFolder) -> tuple[dict, str]:
     priced = ({**unpriced, "latency_price": config.pruning.latency_price,
                "layer_latency": run_layer_latency(config, model, folder)}
               if config.get("pruning", {}).get("latency_price") else unpriced)  # for the PRICED_MODES
-    recovery = Recovery(config, model, evaluator) if _recovers(config) else None
+    recovery = (Recovery(config, model, evaluator, os.path.join(folder.path, CHECKPOINTS) if config.resume else None)
+                if _recovers(config) else None)
     _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
@@ -239,7 +242,7 @@ def prune_experiment(config, folder: runs.RunFolder) -> tuple[dict, str]:
                     measurement = {"metrics": metrics, "latency": latency}
                     if recovery:
                         bar.set_description(f"seed {seed}: recovering {criterion} {pruning}")
-                        measurement["recovery"] = recovery(pruned)
+                        measurement["recovery"] = recovery(pruned, key)
                     measured = evaluated.put(key, measurement)
                 if config.save_models:  # every row's model, also one measured before a crash but not yet saved
                     name = f"{criterion}_{mode}_{budget}_seed{seed}".replace(":", "-").replace("=", "").replace("%", "pct")
@@ -276,6 +279,7 @@ def prune_experiment(config, folder: runs.RunFolder) -> tuple[dict, str]:
 
 
 MEASUREMENTS = "measurements.json"
+CHECKPOINTS = "checkpoints"  # with resume: each fine-tuning's checkpoints, in a folder named by its measurement key
 LAYER_LATENCY = "layer_latency.json"
 REFERENCE = "unpruned"  # the measurements' key of the unpruned model recovered alike (plan keys are sha256 hex)
 
@@ -290,7 +294,7 @@ def reference_recovery(recovery: "Recovery | None", model, evaluated: "Measureme
     measured = evaluated.get(REFERENCE)
     if measured is None:
         (say or _say)("prune: recovering the unpruned model alike (the reference for fine-tuning on labels)")
-        measured = evaluated.put(REFERENCE, {"recovery": recovery(model)})
+        measured = evaluated.put(REFERENCE, {"recovery": recovery(model, REFERENCE)})
     return measured["recovery"]
 
 
@@ -360,8 +364,16 @@ def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
                         if k != "candidates"  # what auto chose among: its choice is a plan, measured by its key
                         and (k not in ("latency_price", "layer_latency") or config.pruning.get("latency_price"))}}
            if "pruning" in config else {}),
-        **({"recovery": config.recovery.to_dict()} if _recovers(config) else {}),
+        **({"recovery": recovery_settings(config.recovery.to_dict())} if _recovers(config) else {}),
         "seed": config.seed, "precision": precision.current(), "unpruned_metrics": unpruned.metrics}))
+
+
+def recovery_settings(recovery: dict) -> dict:
+    """A config's ``recovery`` fields less what may change between a run and its resume (how often it
+    checkpoints): what a recovered measurement depends on."""
+    from xprune_jax.training.loop import RESUMABLE_SETTINGS
+
+    return {**recovery, "finetune": {k: v for k, v in recovery["finetune"].items() if k not in RESUMABLE_SETTINGS}}
 
 
 class Measurements:
@@ -549,11 +561,13 @@ class Recovery:
     """What ``config.recovery`` asks of each pruned model, each stage evaluated as the pruned model is: BN
     statistics re-estimated on ``recalibrate_bn`` training images (weights frozen), then ``finetune.steps``
     of fine-tuning from the unpruned model (distillation and/or the task loss) on the training split. Both
-    are seeded by ``config.seed``, so a plan met again recovers the same way."""
+    are seeded by ``config.seed``, so a plan met again recovers the same way. With ``checkpoints`` (a
+    folder), each fine-tuning checkpoints into ``checkpoints/KEY`` and resumes from there after a stop;
+    the folder goes once the model is measured."""
 
-    def __init__(self, config, teacher, evaluator):
+    def __init__(self, config, teacher, evaluator, checkpoints: str | None = None):
         self.config, self.teacher, self.evaluator = config.recovery, teacher, evaluator
-        self.seed, self.batch_size = config.seed, config.batch_size
+        self.seed, self.batch_size, self.checkpoints = config.seed, config.batch_size, checkpoints
         self.data = evaluator.training_set(teacher)
 
     def finetune_config(self):
@@ -562,12 +576,14 @@ class Recovery:
 
         f = self.config.finetune
         return FinetuneConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, optimizer=f.optimizer,
-                              weight_decay=f.weight_decay, objective=parse_objective(f.objective), seed=self.seed)
+                              weight_decay=f.weight_decay, objective=parse_objective(f.objective), seed=self.seed,
+                              checkpoint_every=f.checkpoint_every)
 
-    def __call__(self, pruned) -> dict:
+    def __call__(self, pruned, key: str) -> dict:
+        """The recovery stages of ``pruned``, whose measurement ``key`` names its checkpoints."""
         import time
 
-        from xprune_jax.training.loop import finetune
+        from xprune_jax.training.loop import finetune, remove_checkpoints
         from xprune_jax.training.recalibrate import recalibrate_bn
 
         stages, model = {}, pruned
@@ -578,9 +594,13 @@ class Recovery:
             stages["recalibrated"] = {"seconds": time.perf_counter() - start, "metrics": self.evaluator.metrics(model)}
         if self.config.finetune.steps:
             start = time.perf_counter()
-            model, record = finetune(model, self.teacher, self.data, self.finetune_config(), nested=True)
+            checkpoints = self.checkpoints and os.path.join(self.checkpoints, key)
+            model, record = finetune(model, self.teacher, self.data, self.finetune_config(), checkpoints, nested=True)
             stages["finetuned"] = {"seconds": time.perf_counter() - start, "steps": record["steps"],
-                                   "final_loss": record["final"]["loss"], "metrics": self.evaluator.metrics(model)}
+                                   "final_loss": record["final"]["loss"], "metrics": self.evaluator.metrics(model),
+                                   **({"resumed_from": record["resumed_from"]} if record["resumed_from"] else {})}
+            if checkpoints and parallel.is_main():
+                remove_checkpoints(checkpoints)
         return stages
 
 
