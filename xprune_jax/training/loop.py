@@ -214,7 +214,8 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
             differ = _differences(restored["run"]["identity"], identity)
             if differ:
                 raise UserError(f"the checkpoints in {checkpoint_dir} belong to another run ({', '.join(differ)} "
-                                "differ); remove them or choose another --out")
+                                "differ); remove them, or write this run elsewhere (xprune finetune --out, xprune run "
+                                "config.out_dir)")
             state, start_step = restored["state"], latest
             history, window = restored["run"]["history"], restored["run"]["window"]
 
