@@ -335,10 +335,15 @@ def test_resume_after_kill_gives_the_uninterrupted_parameters(workdir):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL and not out.exists()
+    # The training seconds before the kill carry over: make them long enough to tell apart.
+    run = max((p for p in checkpoints.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) / "run" / "metadata"
+    saved = json.loads(run.read_text())
+    run.write_text(json.dumps({**saved, "seconds": saved["seconds"] + 1000.0}))
     result = xprune(*_finetune_args(workdir, out, f"--validation={workdir / 'folder'}"))
     resumed = load_model(str(out))
     record = resumed.meta["finetune"][-1]
     assert record["resumed_from"] and record["resumed_from"] % 2 == 0
+    assert record["seconds"] >= saved["seconds"] + 1000.0
     paths, labels, _ = image_folder(str(workdir / "folder"), list(CLASSES))  # the final metric is the model's top-1
     top1 = float(np.mean(predict.classify(resumed, paths, 4, progress=False).argmax(-1) == labels))
     assert record["final"]["metric"] == {"name": "top1", "value": top1, "data": str(workdir / "folder"),

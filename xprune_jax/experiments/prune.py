@@ -593,10 +593,9 @@ class Recovery:
                                    progress=False)
             stages["recalibrated"] = {"seconds": time.perf_counter() - start, "metrics": self.evaluator.metrics(model)}
         if self.config.finetune.steps:
-            start = time.perf_counter()
             checkpoints = self.checkpoints and os.path.join(self.checkpoints, key)
             model, record = finetune(model, self.teacher, self.data, self.finetune_config(), checkpoints, nested=True)
-            stages["finetuned"] = {"seconds": time.perf_counter() - start, "steps": record["steps"],
+            stages["finetuned"] = {"seconds": record["seconds"], "steps": record["steps"],
                                    "final_loss": record["final"]["loss"], "metrics": self.evaluator.metrics(model),
                                    **({"resumed_from": record["resumed_from"]} if record["resumed_from"] else {})}
             if checkpoints and parallel.is_main():

@@ -170,7 +170,7 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
     them. ``nested``: the progress bar sits under an outer one (``xprune run``'s) and clears itself when
     done. Returns the fine-tuned model (its ``meta["finetune"]`` lists this run's record after any earlier
     ones) and the record: the teacher, the plan, the objective, the optimiser, the steps, the data, the
-    loss history and the final loss."""
+    loss history, the final loss and the seconds spent training (over every run a resume continued)."""
     config.validate()
     objective = config.objective
     if objective.needs_teacher:
@@ -203,7 +203,7 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
     identity = {"config": json_safe(settings), "batch_size": batch_size,
                 "student": fingerprint(student), "teacher": fingerprint(teacher) if objective.needs_teacher else None,
                 "data": data.describe()}
-    history, window, start_step, manager = [], [], 0, None
+    history, window, start_step, manager, seconds_before = [], [], 0, None, 0.0
     if checkpoint_dir:
         manager = _manager(checkpoint_dir, config)
         latest = manager.latest_step()
@@ -218,6 +218,7 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
                                 "config.out_dir)")
             state, start_step = restored["state"], latest
             history, window = restored["run"]["history"], restored["run"]["window"]
+            seconds_before = restored["run"].get("seconds", 0.0)  # absent from checkpoints of before 2026-12-07
 
     log_every = max(1, config.steps // 100)
     last_terms, start_time = {}, time.perf_counter()
@@ -225,13 +226,15 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
                     position=1 if nested else None, leave=not nested, disable=not (progress and parallel.is_main()))
     try:
         for step, batch in batches(load, start_step, config.steps, config.workers, slots=rows):
+            seconds = seconds_before + time.perf_counter() - start_time  # before this step, as the state saved below
             new_state, metrics = step_fn(state, teacher_variables, parallel.global_batch(batch, batch_size, mesh))
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 raise UserError(_divergence(loss, step, manager, checkpoint_dir, config))
             if manager and step > start_step and step % config.checkpoint_every == 0:
                 manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(
-                    {"identity": identity, "history": list(history), "window": list(window)})))
+                    {"identity": identity, "history": list(history), "window": list(window),
+                     "seconds": seconds})))
             state = new_state
             window.append(loss)
             last_terms = metrics
@@ -262,7 +265,7 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
         "resumed_from": start_step or None,
         "final": {"loss": float(np.mean(tail)) if tail else None,  # the mean over the last tenth of the history
                   "last_step": {k: float(v) for k, v in last_terms.items()}},
-        "history": history, "seconds": round(time.perf_counter() - start_time, 1),
+        "history": history, "seconds": round(seconds_before + time.perf_counter() - start_time, 1),
         "environment": runs.environment(),
     }
     meta = {**student.meta, "finetune": [*student.meta.get("finetune", []), record]}
