@@ -323,13 +323,14 @@ def _finetune_args(workdir, out, *extra) -> list[str]:
 
 def test_resume_after_kill_gives_the_uninterrupted_parameters(workdir):
     out = workdir / "resumed"
-    checkpoints = workdir / "resumed.checkpoints"
-    process = subprocess.Popen([sys.executable, "-m", "xprune_jax", *_finetune_args(workdir, out),
-                                f"--cache_dir={REPO / '.cache' / 'jax'}"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, cwd=REPO, env=_env())
+    checkpoints, log = workdir / "resumed.checkpoints", workdir / "resumed.log"  # a file: a pipe nobody reads fills
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "xprune_jax", *_finetune_args(workdir, out),
+                                    f"--cache_dir={REPO / '.cache' / 'jax'}"], stdout=subprocess.DEVNULL,
+                                   stderr=stderr, cwd=REPO, env=_env())
     deadline = time.time() + 300
     while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert process.poll() is None, log.read_text()[-2000:]
         assert time.time() < deadline
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)

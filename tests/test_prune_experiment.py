@@ -310,14 +310,15 @@ def test_a_stopped_recovery_resumes_its_fine_tuning_from_its_checkpoints(tmp_pat
             "--config.prunings=('shrink:flops=-50%',)", "--config.batch_size=8", "--config.bench.repeats=2",
             "--config.bench.warmup=1", "--config.recovery.finetune.steps=8", "--config.recovery.finetune.batch_size=8",
             "--config.recovery.finetune.checkpoint_every=2")
-    stopped = tmp_path / "stopped"
-    process = subprocess.Popen([sys.executable, "-m", "xprune_jax", *args, f"--config.out_dir={stopped}",
-                                "--config.resume=True", f"--cache_dir={REPO / '.cache' / 'jax'}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+    stopped, log = tmp_path / "stopped", tmp_path / "stopped.log"  # a file: a pipe nobody reads fills and blocks
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "xprune_jax", *args, f"--config.out_dir={stopped}",
+                                    "--config.resume=True", f"--cache_dir={REPO / '.cache' / 'jax'}"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO,
+                                   env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
     deadline = time.time() + 600
     while not any(step.name.isdigit() for step in (stopped / prune.CHECKPOINTS).glob("*/*")):
-        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert process.poll() is None, log.read_text()[-2000:]
         assert time.time() < deadline
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
