@@ -623,8 +623,9 @@ def test_fuzz_configs(tmp_path, capfd, case):
     path = tmp_path / "config.py"
     if CONFIG_CASES[case] is not None:
         path.write_text(CONFIG_CASES[case])
-    code, _, err = xprune(capfd, "run", f"--config={path}")
-    one_line_error(code, err)
+    missing = CONFIG_CASES[case] is None
+    code, _, err = xprune(capfd, "run", f"--config={path}" + (":resnet50" if missing else ""))  # FILE[:ARGUMENT]
+    one_line_error(code, err, *([f"--config: no file {path};"] if missing else []))
     assert set(os.listdir(tmp_path)) - {"__pycache__"} == (set() if CONFIG_CASES[case] is None else {"config.py"})
 
 

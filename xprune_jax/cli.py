@@ -772,6 +772,12 @@ def parse(argv: list[str]) -> str:
 def _check_config() -> None:
     import ml_collections
 
+    from ml_collections import config_flags
+
+    path = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]  # FILE[:ARGUMENT]
+    if not os.path.isfile(path):
+        raise UserError(f"--config: no file {os.path.abspath(path)}; give a config file, e.g. "
+                        "--config=configs/demo.py or --config=configs/recovery.py:mobilenet_v2 (from the repository)")
     try:
         config = FLAGS.config
         config.get("experiment")  # a config that failed to load raises on use
