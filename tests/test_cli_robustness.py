@@ -254,6 +254,12 @@ def test_prune_refuses_scores_of_another_model(work, tmp_path, capfd):
     one_line_error(code, err, "made for another model")
     assert not (tmp_path / "p").exists()
 
+    # a protected name that is no layer of the model (a typo) would protect nothing
+    code, _, err = xprune(capfd, *prune, f"--model={work / 'cls'}", f"--scores={tmp_path / 'l1.json'}",
+                          "--protect=stage2,layer9", f"--out={tmp_path / 'p'}")
+    one_line_error(code, err, "--protect names no layer or block of this shufflenet_v2_x0_5: layer9;")
+    assert not (tmp_path / "p").exists()
+
 
 # --- 4. a detector is evaluated only against annotations of its own classes ------------------------------
 
@@ -328,6 +334,7 @@ def test_bench_labels_models_of_the_same_basename(work, tmp_path, capfd):
     (("--config.recovery.finetune.steps=2", "--config.recovery.finetune.checkpoint_every=0"),
      "config.recovery.finetune.checkpoint_every is 0; it must be an integer >= 1"),
     ("--config.recovery.finetune.steps=2", "config.recovery trains a classifier on labelled images"),
+    ("--config.pruning.protect=('stage2','stage9.0')", "--protect names no layer or block of this shufflenet_v2_x0_5: stage9.0;"),
 ])
 def test_run_validates_the_config_first(tmp_path, capfd, override, message):
     out = tmp_path / "run"

@@ -150,5 +150,8 @@ def test_prune_names_what_it_cannot_follow():
     model = Spectral()
     variables = jax.eval_shape(model.init, jax.random.key(0), X)
     assert trace(model, variables, X).untraceable["conv"] == "fft"
+    ones = jax.tree_util.tree_map(lambda x: np.ones(x.shape, x.dtype), variables)
     with pytest.raises(UserError, match="can't be met by shrink on Spectral"):
-        xprune_jax.prune(model, jax.tree_util.tree_map(lambda x: np.ones(x.shape, x.dtype), variables), X, "l1", "flops=-30%")
+        xprune_jax.prune(model, ones, X, "l1", "flops=-30%")
+    with pytest.raises(UserError, match="--protect names no layer or block of this Spectral: conv2; give"):
+        xprune_jax.prune(model, ones, X, "l1", "flops=-30%", protect=["conv", "conv2"])

@@ -11,7 +11,7 @@ from xprune_jax import tree_paths
 from xprune_jax.errors import UserError
 from xprune_jax.models.layers import Edited, Edits
 from xprune_jax.pruning import surgery
-from xprune_jax.pruning.plan import allocate, blocked, group_importance, normalized, parse_budget
+from xprune_jax.pruning.plan import allocate, blocked, check_protect, group_importance, normalized, parse_budget
 from xprune_jax.pruning.trace import trace
 
 
@@ -23,6 +23,7 @@ def prune(module, variables: dict, example_input, scores="l1", budget: str = "fl
     whole. Returns the module under :class:`~xprune_jax.models.layers.Edited` (called as the module is), its
     sliced variables, and the channels each narrowed group keeps."""
     graph = trace(module, variables, example_input, **apply_kwargs)
+    check_protect(graph.shapes, protect, type(module).__name__)
     kind, target = parse_budget(budget)
     if kind == "layers":
         raise UserError("prune allocates channels; give it a flops=-N% or params=-N% budget")

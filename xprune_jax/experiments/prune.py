@@ -36,7 +36,7 @@ import numpy as np
 import tqdm
 from scipy import stats
 
-from xprune_jax import models, parallel, precision, predict, runs, timing
+from xprune_jax import analysis, models, parallel, precision, predict, runs, timing
 from xprune_jax.attribution.compare import compare
 from xprune_jax.attribution.score import calibration_images, draw, score_model, selection_loss
 from xprune_jax.checkpoint import save_model, write_json_atomic
@@ -45,7 +45,7 @@ from xprune_jax.errors import UserError
 from xprune_jax.experiments.common import prepare_model
 from xprune_jax.experiments.registry import register
 from xprune_jax.fileio import locked_directory
-from xprune_jax.pruning.plan import MODES, apply_plan, make_plan
+from xprune_jax.pruning.plan import MODES, apply_plan, check_protect, make_plan
 from xprune_jax.pruning.select import CANDIDATES, select_plan
 from xprune_jax.spec import spec_to_dict
 
@@ -154,8 +154,13 @@ def validate(config) -> None:
         if auto and config.pruning.get("allocation") != "global":
             raise UserError(f"config.prunings {auto[0]!r}: auto chooses among global allocations; set "
                             "config.pruning.allocation='global'")
-        if not all(isinstance(p, str) for p in field("pruning.protect", (tuple, list))):
+        protect = field("pruning.protect", (tuple, list))
+        if not all(isinstance(p, str) for p in protect):
             raise UserError("config.pruning.protect must list layer or block names, e.g. ('model.22',)")
+        if protect:  # names of the architecture's full-width layers (a pruned model's are checked once loaded)
+            spec = architecture.default_spec()
+            check_protect((l.name for l in analysis.describe_layers(config.arch, spec, architecture.input_size)),
+                          protect, config.arch)
     if _recovers(config):
         from xprune_jax.training.loop import OPTIMIZERS
         from xprune_jax.training.objectives import parse_objective
@@ -191,6 +196,8 @@ def prune_experiment(config, folder: runs.RunFolder) -> tuple[dict, str]:
                              config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
     unpriced = plan_options(config)
+    check_protect((l.name for l in analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))),
+                  unpriced.get("protect", ()), model.arch)  # a pruned model's: every plan would call a wrong name infeasible
     priced = ({**unpriced, "latency_price": config.pruning.latency_price,
                "layer_latency": run_layer_latency(config, model, folder)}
               if config.get("pruning", {}).get("latency_price") else unpriced)  # for the PRICED_MODES

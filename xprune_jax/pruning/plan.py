@@ -93,6 +93,7 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
     if latency_price and not layer_latency:
         raise UserError("--latency_price needs the layer latency table (measured by `xprune prune`, or --layer_latency=FILE)")
     layers = analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))
+    check_protect((l.name for l in layers), protect, model.arch)
     score = _scores_by_layer(scores, layers, model)
     heads = set(graph_of(model.arch, model.spec).heads)
     protected = sorted({l.name for l in layers if l.kind == "stem"} | heads | set(protect))
@@ -332,6 +333,17 @@ def _take(ranked, kind, target, savings, flops_before, params_before, mode, arch
 def _count_params(model: Model, spec) -> int:
     """Parameters of ``spec``, from the trace that describes its layers at the model's input size."""
     return analysis.count_params(model.arch, spec, analysis.input_size(model))
+
+
+def check_protect(layer_names, protect, arch: str) -> None:
+    """A protected name must be a layer or block of the model (a module path or its prefix): a typo would
+    otherwise protect nothing, silently."""
+    names = list(layer_names)
+    unknown = [p for p in protect if not any(n == p or n.startswith(p + ".") for n in names)]
+    if unknown:
+        blocks = sorted({".".join(n.split(".")[:2]) for n in names})
+        raise UserError(f"--protect names no layer or block of this {arch}: {', '.join(unknown)}; give torch module "
+                        f"paths or their prefixes, e.g. {', '.join(blocks[:4])}")
 
 
 def _touches(name: str, protected) -> bool:
