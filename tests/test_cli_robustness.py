@@ -310,6 +310,9 @@ def test_bench_labels_models_of_the_same_basename(work, tmp_path, capfd):
     assert "compiling and warming up model 1 of 2" in err and "compiling and warming up model 2 of 2" in err
     assert cli.model_labels(["x/m", "x/m", "y/n"]) == ["m", "m#2", "n"]
     assert cli.model_labels(["a/b/m", "c/b/m/"]) == ["a/b/m", "c/b/m"]
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    code, _, err = xprune(capfd, "bench", f"--model={a},{b}")  # a list where the flag repeats
+    one_line_error(code, err, f"repeat the flag for each model (--model={a} --model={b})")
 
 
 # --- 6. a config is validated before any work -----------------------------------------------------------

@@ -513,6 +513,10 @@ def bench_command() -> None:
     from xprune_jax.checkpoint import model_fingerprint, write_json_atomic
     from xprune_jax.fileio import check_writable
 
+    for path in FLAGS.model:
+        if "," in path and not os.path.isdir(path):
+            raise UserError(f"--model={path} is not a folder: repeat the flag for each model "
+                            f"({' '.join('--model=' + p for p in path.split(','))})")
     models = [_load_for_use(path) for path in FLAGS.model]
     if FLAGS.out:
         check_writable(FLAGS.out)
