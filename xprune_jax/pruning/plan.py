@@ -341,7 +341,7 @@ def check_protect(layer_names, protect, arch: str) -> None:
     names = list(layer_names)
     unknown = [p for p in protect if not any(n == p or n.startswith(p + ".") for n in names)]
     if unknown:
-        blocks = sorted({".".join(n.split(".")[:2]) for n in names})
+        blocks = list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names))  # in the model's order
         raise UserError(f"--protect names no layer or block of this {arch}: {', '.join(unknown)}; give torch module "
                         f"paths or their prefixes, e.g. {', '.join(blocks[:4])}")
 
