@@ -347,6 +347,14 @@ def test_run_validates_the_config_first(tmp_path, capfd, override, message):
     assert not out.exists()
 
 
+def test_run_refuses_a_model_dir_of_another_architecture(work, tmp_path, capfd):
+    code, _, err = xprune(capfd, "run", f"--config={REPO / 'configs' / 'structural.py'}:shufflenet_v2_x0_5",
+                          f"--config.weights={work / 'det'}", f"--config.image_folder={SHAPES / 'classification'}",
+                          f"--config.out_dir={tmp_path / 'run'}")
+    one_line_error(code, err, f"config.weights {work / 'det'} holds a yolov8n model, not a shufflenet_v2_x0_5: give")
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
 # --- 7. numbers and budgets ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command, flag, message", [

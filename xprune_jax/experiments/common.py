@@ -1,5 +1,6 @@
 """What experiments share: getting a converted model to work on."""
 
+import json
 import os
 
 import numpy as np
@@ -9,6 +10,19 @@ from xprune_jax.checkpoint import Model, load_model, save_model
 from xprune_jax.data.images import classification_transform, load_rgb
 from xprune_jax.errors import UserError
 from xprune_jax.runs import RunFolder
+
+
+def check_weights_arch(arch: str, weights: str, field: str = "config.weights") -> None:
+    """A model directory given as ``weights`` must hold ``arch``: checked on its model.json, before any work."""
+    path = os.path.join(weights or "", "model.json")
+    try:
+        with open(path) as f:
+            found = json.load(f).get("arch")
+    except (OSError, ValueError, AttributeError):
+        return  # no model directory, or one load_model will say is corrupt
+    if found != arch:
+        raise UserError(f"{field} {weights} holds a {found} model, not a {arch}: give {arch} weights there (or run "
+                        f"{found} instead)")
 
 
 def prepare_model(arch: str, weights: str, images: list[str], seed: int, folder: RunFolder,

@@ -15,7 +15,7 @@ import numpy as np
 from xprune_jax import models, precision, runs
 from xprune_jax.data.images import classification_transform, list_images, load_rgb
 from xprune_jax.errors import UserError
-from xprune_jax.experiments.common import prepare_model
+from xprune_jax.experiments.common import check_weights_arch, prepare_model
 from xprune_jax.experiments.registry import register
 
 
@@ -27,6 +27,7 @@ def validate(config) -> None:
     for arch in archs:
         if not isinstance(arch, str) or models.get_architecture(arch).task != "classification":
             raise UserError(f"config.archs holds {arch!r}; the parity experiment compares torchvision classifiers")
+        check_weights_arch(arch, config.get("weights", {}).get(arch, ""), f"config.weights['{arch}']")
     if not isinstance(config.get("images"), str) or config.images and not os.path.isdir(config.images):
         raise UserError(f"config.images {config.get('images')!r} is not a folder; point it at images ('' = the bundled ones)")
     if not isinstance(config.get("seed"), int) or isinstance(config.seed, bool):

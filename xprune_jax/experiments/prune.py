@@ -42,7 +42,7 @@ from xprune_jax.attribution.score import calibration_images, draw, score_model, 
 from xprune_jax.checkpoint import save_model, write_json_atomic
 from xprune_jax.data.images import image_folder, list_images, load_rgb
 from xprune_jax.errors import UserError
-from xprune_jax.experiments.common import prepare_model
+from xprune_jax.experiments.common import check_weights_arch, prepare_model
 from xprune_jax.experiments.registry import register
 from xprune_jax.fileio import locked_directory
 from xprune_jax.pruning.plan import MODES, apply_plan, check_protect, make_plan
@@ -71,7 +71,7 @@ def validate(config) -> None:
     if not isinstance(config.get("arch"), str):
         raise UserError(f"config.arch is {config.get('arch')!r}; give an architecture name such as resnet50")
     architecture = models.get_architecture(config.arch)
-    field("weights", str)
+    check_weights_arch(config.arch, field("weights", str))
     for name in ("coco", "image_folder", "out_dir"):
         field(name, str)
     for path in ("coco", "image_folder"):
