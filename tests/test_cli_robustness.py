@@ -320,6 +320,7 @@ def test_bench_labels_models_of_the_same_basename(work, tmp_path, capfd):
 @pytest.mark.parametrize("override, message", [
     ('--config.prunings=("shrink:flops=abc",)', "config.prunings 'shrink:flops=abc': bad --budget"),
     ('--config.prunings=("shrink:flops=30%",)', "takes a minus: flops=-30%"),
+    ('--config.prunings=("shrink:latency=-30%",)', "a latency budget is `xprune prune`'s"),
     ('--config.prunings=("zero:flops=-10%",)', "zero mode keeps every FLOP"),
     ('--config.prunings=("prune-all",)', "write mode:budget"),
     ('--config.criteria=("shap",)', "unknown criterion 'shap'"),

@@ -3,6 +3,7 @@ and Flax's own ResNet as its ImageNet example writes it. Each pruned model equal
 channels masked (zeroed where they are made), its FLOPs meet the budget, and its variables keep their layout."""
 
 import functools
+import re
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -155,3 +156,31 @@ def test_prune_names_what_it_cannot_follow():
         xprune_jax.prune(model, ones, X, "l1", "flops=-30%")
     with pytest.raises(UserError, match="--protect names no layer or block of this Spectral: conv2; give"):
         xprune_jax.prune(model, ones, X, "l1", "flops=-30%", protect=["conv", "conv2"])
+
+
+def _scores(variables, change):
+    from xprune_jax.api import weight_scores
+
+    scores = weight_scores(variables["params"], ["stem", "a", "res_in", "res", "b", "fuse", "head"], "l1")
+    return change(scores)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"scores": "l3"}, "unknown scores 'l3'"),
+    ({"scores": {"bogus": 1}}, "scores must be a dict with a list of layers"),
+    ({"scores": lambda s: {**s, "layers": s["layers"][1:]}}, "the scores lack 1 of the module's 7 layers: stem"),
+    ({"scores": lambda s: {**s, "layers": [dict(e, channel_scores=[1.0]) if e["name"] == "b" else e for e in s["layers"]]}},
+     "the scores give b 1 channel scores, but it has 16 channels"),
+    ({"budget": "latency=-30%"}, "a latency budget is `xprune prune`'s"),
+    ({"round_to": 0}, "--round_to=0 is invalid"),
+    ({"floor": 1.5}, "--floor=1.5 is invalid"),
+    ({"normalize": "median"}, "unknown --normalize 'median'"),
+])
+def test_prune_refuses_bad_scores_and_options(options, message):
+    """Each with one clear error (they were a KeyError, a ZeroDivisionError, or accepted silently)."""
+    variables = _random(CustomCNN())
+    options = {"scores": "l1", "budget": "flops=-30%", **options}
+    if callable(options["scores"]):
+        options["scores"] = _scores(variables, options["scores"])
+    with pytest.raises(UserError, match=re.escape(message)):
+        xprune_jax.prune(CustomCNN(), variables, X, options.pop("scores"), options.pop("budget"), **options)

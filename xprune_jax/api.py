@@ -11,7 +11,8 @@ from xprune_jax import tree_paths
 from xprune_jax.errors import UserError
 from xprune_jax.models.layers import Edited, Edits
 from xprune_jax.pruning import surgery
-from xprune_jax.pruning.plan import allocate, blocked, check_protect, group_importance, normalized, parse_budget
+from xprune_jax.pruning.plan import (allocate, blocked, check_allocation, check_protect, group_importance, normalized,
+                                     parse_budget)
 from xprune_jax.pruning.trace import trace
 
 
@@ -24,12 +25,13 @@ def prune(module, variables: dict, example_input, scores="l1", budget: str = "fl
     sliced variables, and the channels each narrowed group keeps."""
     graph = trace(module, variables, example_input, **apply_kwargs)
     check_protect(graph.shapes, protect, type(module).__name__)
+    check_allocation(round_to, floor, normalize)
     kind, target = parse_budget(budget)
     if kind == "layers":
         raise UserError("prune allocates channels; give it a flops=-N% or params=-N% budget")
     params = variables["params"]
     by_layer = {name: types.SimpleNamespace(shape=shape) for name, shape in graph.shapes.items()}
-    scores = scores if isinstance(scores, dict) else weight_scores(params, list(graph.shapes), scores)
+    scores = _checked(scores, graph) if isinstance(scores, dict) else weight_scores(params, list(graph.shapes), scores)
     protected = [next(iter(graph.shapes)), *graph.heads, *protect]
     groups = {g.name: g for g in graph.groups if not blocked(g, protected, set(graph.heads))}
     importance = {n: normalized(v, normalize) for n, g in groups.items()
@@ -45,6 +47,24 @@ def prune(module, variables: dict, example_input, scores="l1", budget: str = "fl
 @dataclasses.dataclass(frozen=True)
 class _Unedited:
     edits: Edits = Edits()
+
+
+def _checked(scores: dict, graph) -> dict:
+    """A score file must score every traced layer, each ``channel_scores`` as long as the layer is wide."""
+    entries = scores.get("layers")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
+        raise UserError("scores must be a dict with a list of layers, each with a name and channel_scores (the form "
+                        "`xprune score` writes), or one of l1, l2")
+    by_name = {e["name"]: e for e in entries}
+    missing = [n for n in graph.shapes if n not in by_name]
+    if missing:
+        raise UserError(f"the scores lack {len(missing)} of the module's {len(graph.shapes)} layers: "
+                        f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    for name, shape in graph.shapes.items():
+        values = by_name[name].get("channel_scores")
+        if values is not None and len(values) != shape[-1]:
+            raise UserError(f"the scores give {name} {len(values)} channel scores, but it has {shape[-1]} channels")
+    return scores
 
 
 def weight_scores(params: dict, layers: list[str], criterion: str) -> dict:

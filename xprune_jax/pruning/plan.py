@@ -58,10 +58,23 @@ def parse_budget(text: str) -> tuple[str, float]:
     if match and match.group(1) == "layers" and match.group(2):
         raise UserError(f"bad --budget {text!r}: layers=N% is the fraction of units pruned, without a minus: "
                         f"layers={match.group(3)}%")
+    if not match and compact.startswith("latency="):
+        raise UserError(f"budget {text!r}: a latency budget is `xprune prune`'s (it times the pruned candidates on "
+                        "this backend); give flops=-N% or params=-N% here")
     if not match or not 0 < float(match.group(3)) < 100:
-        raise UserError(f"bad --budget {text!r}: use layers=5%, flops=-30%, params=-30% or latency=-30% "
-                        "(between 0 and 100%)")
+        raise UserError(f"bad --budget {text!r}: use layers=5%, flops=-30% or params=-30% (between 0 and 100%; "
+                        "`xprune prune` also takes latency=-30%)")
     return match.group(1), float(match.group(3)) / 100
+
+
+def check_allocation(round_to: int, floor: float, normalize: str) -> None:
+    """The channel allocation's options, as ``xprune prune`` checks its flags."""
+    if normalize not in NORMALIZATIONS:
+        raise UserError(f"unknown --normalize {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise UserError(f"--round_to={round_to!r} is invalid: use an integer >= 1")
+    if not 0 < floor < 1:
+        raise UserError(f"--floor={floor!r} is invalid: use a fraction between 0 and 1, e.g. 0.125")
 
 
 def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *, shrink_ratio: float = 0.5,
@@ -82,8 +95,7 @@ def make_plan(model: Model, scores: dict, mode: str, budget: str, protect=(), *,
         raise UserError(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
     if allocation not in ALLOCATIONS:
         raise UserError(f"unknown --allocation {allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
-    if normalize not in NORMALIZATIONS:
-        raise UserError(f"unknown --normalize {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+    check_allocation(round_to, floor, normalize)
     kind, target = parse_budget(budget)
     if latency_price < 0:
         raise UserError(f"--latency_price={latency_price} is invalid: use 0 (importance alone) or a positive exponent, e.g. 0.25")
