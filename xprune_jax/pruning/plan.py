@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import heapq
 import math
+import numbers
 import re
 
 import jax
@@ -71,7 +72,7 @@ def check_allocation(round_to: int, floor: float, normalize: str) -> None:
     """The channel allocation's options, as ``xprune prune`` checks its flags."""
     if normalize not in NORMALIZATIONS:
         raise UserError(f"unknown --normalize {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
-    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+    if not isinstance(round_to, numbers.Integral) or isinstance(round_to, bool) or round_to < 1:
         raise UserError(f"--round_to={round_to!r} is invalid: use an integer >= 1")
     if not 0 < floor < 1:
         raise UserError(f"--floor={floor!r} is invalid: use a fraction between 0 and 1, e.g. 0.125")
