@@ -165,10 +165,21 @@ def _scores(variables, change):
     return change(scores)
 
 
+def test_prune_reads_no_scores_of_protected_layers():
+    """A score file may leave out what is kept whole (the stem, a protected layer): same channels kept."""
+    variables = _random(CustomCNN())
+    scores = _scores(variables, lambda s: s)
+    _, _, want = xprune_jax.prune(CustomCNN(), variables, X, scores, "flops=-30%", protect=["b"])
+    partial = {**scores, "layers": [e for e in scores["layers"] if e["name"] not in ("stem", "b")]}
+    _, _, keep = xprune_jax.prune(CustomCNN(), variables, X, partial, "flops=-30%", protect=["b"])
+    assert want and keep.keys() == want.keys() and all(np.array_equal(keep[n], want[n]) for n in want)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"scores": "l3"}, "unknown scores 'l3'"),
     ({"scores": {"bogus": 1}}, "scores must be a dict with a list of layers"),
-    ({"scores": lambda s: {**s, "layers": s["layers"][1:]}}, "the scores lack 1 of the module's 7 layers: stem"),
+    ({"scores": lambda s: {**s, "layers": [e for e in s["layers"] if e["name"] != "b"]}},
+     "the scores lack 1 of the 6 layers whose channels are ranked: b; score every layer, or protect"),
     ({"scores": lambda s: {**s, "layers": [dict(e, channel_scores=[1.0]) if e["name"] == "b" else e for e in s["layers"]]}},
      "the scores give b 1 channel scores, but it has 16 channels"),
     ({"budget": "latency=-30%"}, "a latency budget is `xprune prune`'s"),

@@ -31,9 +31,10 @@ def prune(module, variables: dict, example_input, scores="l1", budget: str = "fl
         raise UserError("prune allocates channels; give it a flops=-N% or params=-N% budget")
     params = variables["params"]
     by_layer = {name: types.SimpleNamespace(shape=shape) for name, shape in graph.shapes.items()}
-    scores = _checked(scores, graph) if isinstance(scores, dict) else weight_scores(params, list(graph.shapes), scores)
     protected = [next(iter(graph.shapes)), *graph.heads, *protect]
     groups = {g.name: g for g in graph.groups if not blocked(g, protected, set(graph.heads))}
+    scores = _checked(scores, graph, groups.values()) if isinstance(scores, dict) else \
+        weight_scores(params, list(graph.shapes), scores)
     importance = {n: normalized(v, normalize) for n, g in groups.items()
                   if (v := group_importance(scores, g, by_layer)) is not None}
     total = sum(math.prod(by_layer[n].shape[:-1]) * np.size(tree_paths.get(params, n)["kernel"]) for n in by_layer) \
@@ -49,19 +50,22 @@ class _Unedited:
     edits: Edits = Edits()
 
 
-def _checked(scores: dict, graph) -> dict:
-    """A score file must score every traced layer, each ``channel_scores`` as long as the layer is wide."""
+def _checked(scores: dict, graph, groups) -> dict:
+    """A score file must score every layer of the channel groups ``groups`` (those that may be pruned; a
+    protected layer's scores are never read), and give each layer as many ``channel_scores`` as it has channels."""
     entries = scores.get("layers")
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
         raise UserError("scores must be a dict with a list of layers, each with a name and channel_scores (the form "
                         "`xprune score` writes), or one of l1, l2")
     by_name = {e["name"]: e for e in entries}
-    missing = [n for n in graph.shapes if n not in by_name]
+    ranked = list(dict.fromkeys(s.layer for g in groups for s in g.producers + g.depthwise + g.consumers))
+    missing = [n for n in ranked if n not in by_name]
     if missing:
-        raise UserError(f"the scores lack {len(missing)} of the module's {len(graph.shapes)} layers: "
-                        f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+        raise UserError(f"the scores lack {len(missing)} of the {len(ranked)} layers whose channels are ranked: "
+                        f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; score every layer, or protect "
+                        "those it lacks")
     for name, shape in graph.shapes.items():
-        values = by_name[name].get("channel_scores")
+        values = by_name.get(name, {}).get("channel_scores")
         if values is not None and len(values) != shape[-1]:
             raise UserError(f"the scores give {name} {len(values)} channel scores, but it has {shape[-1]} channels")
     return scores

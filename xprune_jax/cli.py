@@ -14,6 +14,7 @@ import sys
 import textwrap
 from typing import Callable
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -774,10 +775,6 @@ def parse(argv: list[str]) -> str:
 
 
 def _check_config() -> None:
-    import ml_collections
-
-    from ml_collections import config_flags
-
     path = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]  # FILE[:ARGUMENT]
     if not os.path.isfile(path):
         raise UserError(f"--config: no file {os.path.abspath(path)}; give a config file, e.g. "
