@@ -17,7 +17,7 @@ from tests.test_cli import xprune
 from xprune_jax import runs
 from xprune_jax.errors import UserError
 from xprune_jax.experiments import prune
-from xprune_jax.experiments.prune import Measurements, _report, format_metric, summarize
+from xprune_jax.experiments.prune import Measurements, _report, format_metric, read_measurements, summarize
 
 
 def assert_report_holds_results(report: str, results: dict) -> None:
@@ -131,7 +131,8 @@ def test_prune_pipeline_end_to_end_then_a_longer_table_from_its_measurements(tmp
     other.write_text(json.dumps({**made, "context": {**made["context"], "eval_images": 7}}))
     recorded = {name: (gathered_dir / name).read_bytes() for name in ("config.json", "environment.json", "results.json")}
     failed = xprune(*SMALL_RUN, f"--config.out_dir={gathered_dir}", f"--config.measurements_from=('{other}',)", check=False)
-    assert failed.returncode == 2 and "they were made with another eval_images" in failed.stderr, failed.stderr[-2000:]
+    assert failed.returncode == 2 and "they were made with another eval_images (7 there, " in failed.stderr, failed.stderr[-2000:]
+    assert "evaluating the unpruned model" not in failed.stderr  # refused before the long work
     assert {name: (gathered_dir / name).read_bytes() for name in recorded} == recorded
 
     # So does one that stops after it scored and saved models (staged, moved in only by a run that finishes,
@@ -171,8 +172,16 @@ def test_resume_refuses_other_measurements(tmp_path, capsys):
     Measurements(path, context, resume=False).put("plan", {"metrics": {"AP": 0.4}, "latency": {"ratio_median": 0.9}})
     assert Measurements(path, context, resume=True).get("plan")["metrics"] == {"AP": 0.4}
     assert Measurements(path, context, resume=False).get("plan") is None  # a fresh run measures everything again
-    with pytest.raises(UserError, match=r"another eval_images, weights_sha256; reuse only runs of the same"):
+    with pytest.raises(UserError, match=r"another eval_images \(50 there, 10 here\), weights_sha256 \(ab there, cd "
+                                         r"here\); reuse only runs of the same"):
         Measurements(path, {**context, "weights_sha256": "cd", "eval_images": 10}, resume=True)
+    with pytest.raises(UserError, match=r"another unpruned_metrics.AP \(0.5 there, 0.6321 here\);"):  # nested, rounded
+        Measurements(path, {**context, "unpruned_metrics": {"AP": 0.632144}}, resume=True)
+    long = {**context, "weights_sha256": "7babee721203a72cc2f1", "spec": {"widths": [1]}}
+    with pytest.raises(UserError, match=r"another spec, weights_sha256 \(ab there, 7babee72\.\.\. here\);"):
+        Measurements(path, long, resume=True)  # a list by name only, a sha256 shortened
+    assert read_measurements(path, {**context, "unpruned_metrics": {}}, ignore=("unpruned_metrics",)) == \
+        {"plan": {"metrics": {"AP": 0.4}, "latency": {"ratio_median": 0.9}}}  # what a run checks before evaluating
     for broken in ('{"context": ', '{"context": [], "entries": {}}', '[]'):
         (tmp_path / "measurements.json").write_text(broken)
         with pytest.raises(UserError, match="unreadable"):

@@ -203,11 +203,14 @@ def prune_experiment(config, folder: runs.RunFolder) -> tuple[dict, str]:
               if config.get("pruning", {}).get("latency_price") else unpriced)  # for the PRICED_MODES
     recovery = (Recovery(config, model, evaluator, os.path.join(folder.path, CHECKPOINTS) if config.resume else None)
                 if _recovers(config) else None)
+    measurements_file, sources = _resume_file(config, folder, MEASUREMENTS), tuple(config.get("measurements_from", ()))
+    for path in sources + ((measurements_file,) if config.resume and os.path.exists(measurements_file) else ()):
+        read_measurements(path, _measurement_context(config, model), ignore=("unpruned_metrics",))  # before the long work
     _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
-    evaluated = Measurements(_resume_file(config, folder, MEASUREMENTS), _measurement_context(config, model, unpruned),
-                             resume=config.resume, sources=tuple(config.get("measurements_from", ())))
+    evaluated = Measurements(measurements_file, _measurement_context(config, model, unpruned),
+                             resume=config.resume, sources=sources)
     reference = reference_recovery(recovery, model, evaluated)
     rows, scores_by_seed = [], {}
     # the bar counts pruned models done (measured, reused or infeasible); its label says what runs now
@@ -362,8 +365,9 @@ def plan_key(mode: str, plan) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
-    """What a measurement depends on besides its plan: a resumed run must match it exactly."""
+def _measurement_context(config, model, unpruned: "_Evaluated | None" = None) -> dict:
+    """What a measurement depends on besides its plan: a resumed run must match it exactly (without
+    ``unpruned``: all of it but the unpruned model's metrics, known before the evaluation)."""
     return json.loads(json.dumps({
         "arch": model.arch, "weights_sha256": model.meta.get("provenance", {}).get("sha256"),
         "spec": spec_to_dict(model.spec), "eval_images": config.eval_images, "bench": config.bench.to_dict(),
@@ -372,7 +376,8 @@ def _measurement_context(config, model, unpruned: "_Evaluated") -> dict:
                         and (k not in ("latency_price", "layer_latency") or config.pruning.get("latency_price"))}}
            if "pruning" in config else {}),
         **({"recovery": recovery_settings(config.recovery.to_dict())} if _recovers(config) else {}),
-        "seed": config.seed, "precision": precision.current(), "unpruned_metrics": unpruned.metrics}))
+        "seed": config.seed, "precision": precision.current(),
+        **({"unpruned_metrics": unpruned.metrics} if unpruned else {})}))
 
 
 def recovery_settings(recovery: dict) -> dict:
@@ -381,6 +386,48 @@ def recovery_settings(recovery: dict) -> dict:
     from xprune_jax.training.loop import RESUMABLE_SETTINGS
 
     return {**recovery, "finetune": {k: v for k, v in recovery["finetune"].items() if k not in RESUMABLE_SETTINGS}}
+
+
+def read_measurements(path: str, context: dict, ignore: tuple[str, ...] = ()) -> dict:
+    """The entries of a measurements file made in ``context`` (its fields in ``ignore`` aside), else a
+    :class:`UserError` that names each field that differs, with both values where they are short."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        made_in, entries = saved["context"], saved["entries"]
+        if not (isinstance(made_in, dict) and isinstance(entries, dict)):
+            raise ValueError("context and entries must be objects")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot reuse the measurements in {path}: unreadable ({e}); delete it, or run without it") from None
+    differ = _differences({k: v for k, v in context.items() if k not in ignore},
+                          {k: v for k, v in made_in.items() if k not in ignore})
+    if differ:
+        shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+        raise UserError(f"cannot reuse the measurements in {path}: they were made with another {shown}; "
+                        "reuse only runs of the same model and config, or give another out_dir")
+    return entries
+
+
+def _differences(here: dict, there: dict) -> list[str]:
+    """The fields in which two measurement contexts differ, nested ones dotted, each scalar one with its
+    value there (in the file) and here (this run)."""
+    def short(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return f"{value[:8]}..." if isinstance(value, str) and len(value) > 16 else str(value)
+
+    differ = []
+    for name in sorted(here.keys() | there.keys()):
+        a, b = here.get(name), there.get(name)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += [f"{name}.{d}" for d in _differences(a, b)]
+        elif isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+            differ.append(name)
+        else:
+            differ.append(f"{name} ({short(b)} there, {short(a)} here)")
+    return differ
 
 
 class Measurements:
@@ -398,28 +445,12 @@ class Measurements:
             print(f"resume: no {path} yet, so " + ("every plan is measured" if not sources else
                                                     f"only plans in {', '.join(sources)} are reused"))
         elif resume:
-            self.saved.update(self._read(path))
+            self.saved.update(read_measurements(path, context))
         for source in sources:
             if not os.path.isfile(source):
                 raise UserError(f"cannot reuse measurements from {source}: no such file; give the measurements.json "
                                 "of a run of the same model and config")
-            self.saved.update(self._read(source))
-
-    def _read(self, path: str) -> dict:
-        """The entries of a measurements file made in this context (else a :class:`UserError`)."""
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            context, entries = saved["context"], saved["entries"]
-            if not (isinstance(context, dict) and isinstance(entries, dict)):
-                raise ValueError("context and entries must be objects")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot reuse the measurements in {path}: unreadable ({e}); delete it, or run without it") from None
-        differ = sorted(k for k in self.context.keys() | context.keys() if self.context.get(k) != context.get(k))
-        if differ:
-            raise UserError(f"cannot reuse the measurements in {path}: they were made with another {', '.join(differ)}; "
-                            "reuse only runs of the same model and config, or give another out_dir")
-        return entries
+            self.saved.update(read_measurements(source, context))
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries or key in self.saved
