@@ -195,6 +195,9 @@ def prune_experiment(config, folder: runs.RunFolder) -> tuple[dict, str]:
     model, _ = prepare_model(config.arch, config.weights, task_eval.model_images(config, coco), config.seed, folder,
                              config.get("trust_pickle", False))
     evaluator = task_eval(config, coco, model)
+    measurements_file, sources = _resume_file(config, folder, MEASUREMENTS), tuple(config.get("measurements_from", ()))
+    for path in sources + ((measurements_file,) if config.resume and os.path.exists(measurements_file) else ()):
+        read_measurements(path, _measurement_context(config, model), ignore=("unpruned_metrics",))  # before the long work
     unpriced = plan_options(config)
     check_protect((l.name for l in analysis.describe_layers(model.arch, model.spec, analysis.input_size(model))),
                   unpriced.get("protect", ()), model.arch)  # a pruned model's: every plan would call a wrong name infeasible
@@ -203,9 +206,6 @@ def prune_experiment(config, folder: runs.RunFolder) -> tuple[dict, str]:
               if config.get("pruning", {}).get("latency_price") else unpriced)  # for the PRICED_MODES
     recovery = (Recovery(config, model, evaluator, os.path.join(folder.path, CHECKPOINTS) if config.resume else None)
                 if _recovers(config) else None)
-    measurements_file, sources = _resume_file(config, folder, MEASUREMENTS), tuple(config.get("measurements_from", ()))
-    for path in sources + ((measurements_file,) if config.resume and os.path.exists(measurements_file) else ()):
-        read_measurements(path, _measurement_context(config, model), ignore=("unpruned_metrics",))  # before the long work
     _say(f"prune: evaluating the unpruned model on {len(evaluator.paths)} images (the first call compiles it)")
     unpruned = evaluator(model)
     # a plan's content -> its evaluation: a calibration-free criterion (l1) plans alike for every seed
@@ -377,7 +377,7 @@ def _measurement_context(config, model, unpruned: "_Evaluated | None" = None) ->
            if "pruning" in config else {}),
         **({"recovery": recovery_settings(config.recovery.to_dict())} if _recovers(config) else {}),
         "seed": config.seed, "precision": precision.current(),
-        **({"unpruned_metrics": unpruned.metrics} if unpruned else {})}))
+        **({"unpruned_metrics": unpruned.metrics} if unpruned is not None else {})}))
 
 
 def recovery_settings(recovery: dict) -> dict:
