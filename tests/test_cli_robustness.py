@@ -122,7 +122,7 @@ def test_eval_killed_then_another_model_is_refused_and_the_same_resumes(work, tm
 
     other = xprune_subprocess("eval", f"--model={work / 'det_other'}", *args)
     line = one_line_error(other.returncode, other.stderr, "detections.partial.jsonl holds detections made with another "
-                          "model_fingerprint", "--overwrite")
+                          "model_fingerprint (", "--overwrite")
     assert "choose another --out" in line and _lines(partial) == done + 1
 
     code, stdout, err = xprune(capfd, "eval", f"--model={work / 'det'}", *args)  # the same model resumes

@@ -42,6 +42,28 @@ def read_json(path: str, what: str, fix: str):
         raise UserError(f"cannot read {what} {path} ({e.__class__.__name__}); {fix}") from None
 
 
+def differences(here: dict, there: dict) -> list[str]:
+    """The fields in which what made a file (``there``) and what is asked now (``here``) differ, nested
+    ones dotted, each scalar one with both values: ``precision (highest there, default here)``."""
+    def short(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return f"{value[:8]}..." if isinstance(value, str) and len(value) > 16 else str(value)
+
+    differ = []
+    for name in sorted(here.keys() | there.keys()):
+        a, b = here.get(name), there.get(name)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += [f"{name}.{d}" for d in differences(a, b)]
+        elif isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+            differ.append(name)
+        else:
+            differ.append(f"{name} ({short(b)} there, {short(a)} here)")
+    return differ
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

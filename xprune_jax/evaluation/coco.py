@@ -23,7 +23,7 @@ from xprune_jax import models, parallel, precision
 from xprune_jax.checkpoint import Model, model_fingerprint, write_json_atomic
 from xprune_jax.data.images import list_images, load_rgb
 from xprune_jax.errors import UserError
-from xprune_jax.fileio import atomic_path, exclusive, read_json
+from xprune_jax.fileio import atomic_path, differences, exclusive, read_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
@@ -286,7 +286,7 @@ def _start_partial(path: str, made_by: dict, overwrite: bool) -> None:
         if recorded == made_by:
             return
         differ = ("an unrecorded model and settings" if not isinstance(recorded, dict) else
-                  "another " + ", ".join(k for k in made_by if recorded.get(k) != made_by[k]))
+                  "another " + ", ".join(differences(made_by, recorded)))
         raise UserError(f"{path} holds detections made with {differ}; choose another --out, or pass --overwrite "
                         "to start over")
     with atomic_path(path) as tmp, open(tmp, "w") as f:

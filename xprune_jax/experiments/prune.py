@@ -44,7 +44,7 @@ from xprune_jax.data.images import image_folder, list_images, load_rgb
 from xprune_jax.errors import UserError
 from xprune_jax.experiments.common import check_weights_arch, prepare_model
 from xprune_jax.experiments.registry import register
-from xprune_jax.fileio import locked_directory
+from xprune_jax.fileio import differences, locked_directory
 from xprune_jax.pruning.plan import MODES, apply_plan, check_protect, make_plan
 from xprune_jax.pruning.select import CANDIDATES, select_plan
 from xprune_jax.spec import spec_to_dict
@@ -399,35 +399,13 @@ def read_measurements(path: str, context: dict, ignore: tuple[str, ...] = ()) ->
             raise ValueError("context and entries must be objects")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot reuse the measurements in {path}: unreadable ({e}); delete it, or run without it") from None
-    differ = _differences({k: v for k, v in context.items() if k not in ignore},
+    differ = differences({k: v for k, v in context.items() if k not in ignore},
                           {k: v for k, v in made_in.items() if k not in ignore})
     if differ:
         shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
         raise UserError(f"cannot reuse the measurements in {path}: they were made with another {shown}; "
                         "reuse only runs of the same model and config, or give another out_dir")
     return entries
-
-
-def _differences(here: dict, there: dict) -> list[str]:
-    """The fields in which two measurement contexts differ, nested ones dotted, each scalar one with its
-    value there (in the file) and here (this run)."""
-    def short(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return f"{value[:8]}..." if isinstance(value, str) and len(value) > 16 else str(value)
-
-    differ = []
-    for name in sorted(here.keys() | there.keys()):
-        a, b = here.get(name), there.get(name)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            differ += [f"{name}.{d}" for d in _differences(a, b)]
-        elif isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
-            differ.append(name)
-        else:
-            differ.append(f"{name} ({short(b)} there, {short(a)} here)")
-    return differ
 
 
 class Measurements:

@@ -36,6 +36,7 @@ import tqdm
 from xprune_jax import parallel, runs
 from xprune_jax.checkpoint import Model
 from xprune_jax.errors import UserError
+from xprune_jax.fileio import differences
 from xprune_jax.models.layers import BATCH_STATS
 from xprune_jax.training import objectives
 from xprune_jax.training.data import Augmentation, ExampleLoader, TrainingSet, batches
@@ -143,10 +144,6 @@ def _manager(directory: str, config: FinetuneConfig) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def _differences(saved: dict, current: dict) -> list[str]:
-    return [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-
-
 def _check_features(student_family, teacher_family, student: Model, teacher: Model, batch: dict,
                     objective: objectives.Objective) -> list[str]:
     """The neck levels feature distillation will compare (abstractly traced); none is an error."""
@@ -211,10 +208,10 @@ def finetune(student: Model, teacher: Model | None, data: TrainingSet, config: F
             restored = manager.restore(latest, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)),
                 run=ocp.args.JsonRestore()))
-            differ = _differences(restored["run"]["identity"], identity)
+            differ = differences(identity, restored["run"]["identity"])
             if differ:
-                raise UserError(f"the checkpoints in {checkpoint_dir} belong to another run ({', '.join(differ)} "
-                                "differ); remove them, or write this run elsewhere (xprune finetune --out, xprune run "
+                raise UserError(f"the checkpoints in {checkpoint_dir} belong to a run with another {', '.join(differ)}; "
+                                "remove them, or write this run elsewhere (xprune finetune --out, xprune run "
                                 "config.out_dir)")
             state, start_step = restored["state"], latest
             history, window = restored["run"]["history"], restored["run"]["window"]
