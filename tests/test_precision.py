@@ -8,7 +8,7 @@ import pytest
 
 from xprune_jax import models, precision
 from xprune_jax.errors import UserError
-from xprune_jax.models.yolov8 import Detect, output_widths
+from xprune_jax.models.yolov8 import Detect
 
 
 def test_set_precision_current_use_and_cast():
@@ -31,8 +31,8 @@ def test_bfloat16_yolov8_head_decodes_boxes_in_float32():
     """In a bfloat16 network, YOLOv8's Detect head still decodes its boxes (DFL, anchors, strides) and
     scores in float32, close to the float32 head's (its own convs on a 64 px image's feature maps)."""
     spec = models.get_architecture("yolov8n").default_spec()
-    widths = output_widths(spec)
-    features = [np.random.default_rng(i).normal(size=(1, 64 // s, 64 // s, widths[k])).astype(np.float32)
+    widths = {c2f.name: c2f.out for c2f in spec.c2fs}  # the head reads model.15, 18 and 21
+    features = [np.random.default_rng(i).normal(size=(1, 64 // s, 64 // s, widths[f"model.{k}"])).astype(np.float32)
                 for i, (s, k) in enumerate(zip(spec.detect.strides, (15, 18, 21)))]
     head = Detect(spec.detect, spec.bn_eps, spec.fused)
     variables = jax.jit(head.init)(jax.random.key(0), features)

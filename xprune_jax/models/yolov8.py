@@ -122,22 +122,6 @@ def layer_sources(index: int) -> tuple[int, ...]:
     return tuple(index - 1 if s == -1 else s for s in (source if isinstance(source, tuple) else (source,)))
 
 
-def output_widths(spec: "YOLOv8Spec") -> list[int | None]:
-    """The channels of each layer's output, ``model.0`` ... ``model.21`` (Detect: None)."""
-    blocks = {b.name: b for b in (*spec.convs, *spec.c2fs, spec.sppf)}
-    widths = []
-    for index, (_, kind, _) in enumerate(LAYERS):
-        if kind in ("conv", "c2f", "sppf"):
-            widths.append(blocks[f"model.{index}"].out)
-        elif kind == "upsample":
-            widths.append(widths[-1])
-        elif kind == "concat":
-            widths.append(sum(widths[i] for i in layer_sources(index)))
-        else:
-            widths.append(None)
-    return widths
-
-
 def yolov8_spec(scale: str, num_classes: int = 80) -> YOLOv8Spec:
     """The spec Ultralytics' ``parse_model`` builds from ``yolov8{scale}.yaml``."""
     depth, width, max_channels = SCALES[scale]
