@@ -308,7 +308,7 @@ def test_data_parallel_equals_one_device(workdir):
     rounding noise in near-zero gradients into updates of order lr, so it agrees only to ~1e-3."""
     result = subprocess.run([sys.executable, "-c", DATA_PARALLEL, str(workdir / "folder"), str(REPO / ".cache" / "jax")],
                             capture_output=True, text=True, cwd=REPO,
-                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                            env=_env(XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
     assert numbers["moved"] > 1e-4  # training changed the parameters

@@ -83,7 +83,7 @@ def work(tmp_path_factory, coco_root):
 
 def _env(devices: int) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"}
 
 
 def _worker(work, out, names: str, devices: int, *flags) -> subprocess.Popen:
