@@ -18,15 +18,19 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # program, however quick to compile. This process keeps its programs in memory; caching all of them
 # here too made the suite slower (writes), so it stays at 0.5 s.
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-# The tests compile far more than they compute (small shapes): LLVM's optimisation of the CPU code was a fifth
-# of the suite's time. The tests' programs, and their subprocesses' (they inherit the environment), are
-# compiled without it. XLA's own passes and its library kernels (convolutions, matmuls) are unchanged.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # Tracing makes millions of short-lived objects: at Python's default thresholds the collector ran ~7000 times
 # in a minute of planning tests (11% of their time), scanning everything the session keeps. Collect rarely,
 # and never scan what the imports made.
 gc.freeze()
 gc.set_threshold(100_000, 50, 100)
+
+
+def pytest_configure(config):
+    """The tests compile far more than they compute (small shapes): LLVM's optimisation of the CPU code was
+    a fifth of the suite's time, so the tests' programs, and their subprocesses' (they inherit the
+    environment), are compiled without it; XLA's own passes and library kernels are unchanged. Set here,
+    not on import: a script that imports a test module keeps the flags it was started with."""
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 
 @pytest.fixture(scope="session")

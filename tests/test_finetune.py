@@ -305,10 +305,12 @@ def _env(**extra) -> dict:
 def test_data_parallel_equals_one_device(workdir):
     """Two host devices (the batch split in halves, BatchNorm statistics over the whole batch) give the
     parameters that one device gives, to float tolerance. SGD: Adam's per-element normalisation turns
-    rounding noise in near-zero gradients into updates of order lr, so it agrees only to ~1e-3."""
+    rounding noise in near-zero gradients into updates of order lr, so it agrees only to ~1e-3. Compiled as
+    users compile (not as the other tests, without LLVM's optimisation: then the one-device step rounds the
+    near-cancelling gradients of layer3's and layer4's BN biases differently, 4% of their tiny movement)."""
     result = subprocess.run([sys.executable, "-c", DATA_PARALLEL, str(workdir / "folder"), str(REPO / ".cache" / "jax")],
                             capture_output=True, text=True, cwd=REPO,
-                            env=_env(XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2"))
+                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
     assert numbers["moved"] > 1e-4  # training changed the parameters
