@@ -33,6 +33,12 @@ def pytest_configure(config):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 
+def optimised(jitted, *args):
+    """``jitted(*args)`` compiled at XLA's default optimisation level, for the few tests that compute more
+    than they compile: float64 gradients of whole networks, compared with torch autograd."""
+    return jitted.lower(*args).compile({"xla_backend_optimization_level": 3})(*args)
+
+
 @pytest.fixture(scope="session")
 def coco_root() -> pathlib.Path:
     if not (COCO_SUBSET / "val2017").is_dir():

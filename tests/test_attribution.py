@@ -10,6 +10,7 @@ from PIL import Image
 
 from converters.mapping import state_dict_to_variables
 from converters.reference import gradient_x_activation, random_torchvision
+from tests.conftest import optimised
 from xprune_jax import analysis, models
 from xprune_jax.attribution.criteria import ScoringInputs, get_criterion
 from xprune_jax.attribution.objectives import cross_entropy
@@ -67,7 +68,7 @@ def test_grad_x_act_matches_torch_autograd(arch, images):
                                             models.variable_shapes(arch, spec), arch)
         variables = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), variables)
         batch = {"images": images.permute(0, 2, 3, 1).double().numpy(), "weights": np.ones(2), "labels": labels}
-        stats = jax.tree_util.tree_map(np.asarray, statistics_step(module, cross_entropy)(variables, batch))
+        stats = jax.tree_util.tree_map(np.asarray, optimised(statistics_step(module, cross_entropy), variables, batch))
     assert set(stats) == set(want) and len(stats) > 50
     for name, s in stats.items():
         for key in ("abs", "signed"):
@@ -146,8 +147,8 @@ def test_taylor_weight_magnitudes_and_bn_scale_match_torch(images):
                                             models.variable_shapes(arch, spec), arch)
         variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), variables)
         batch = {"images": x.permute(0, 2, 3, 1).numpy(), "weights": np.ones(2), "labels": np.array([3, 7], np.int32)}
-        stats, grads = jax.tree_util.tree_map(np.asarray, statistics_step(models.build(arch, spec), cross_entropy, True)(
-            variables, batch))
+        stats, grads = jax.tree_util.tree_map(np.asarray, optimised(
+            statistics_step(models.build(arch, spec), cross_entropy, True), variables, batch))
     inputs = ScoringInputs(layers, variables["params"], stats, grads, n_images=2)
     scores = {name: get_criterion(name)(inputs) for name in ("taylor_weight", "l1", "l2", "bn_scale")}
     modules = dict(torch_model.named_modules())

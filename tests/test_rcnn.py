@@ -25,6 +25,7 @@ import torchvision
 from PIL import Image
 
 from converters.torchvision_io import convert, upgrade_legacy_keys
+from tests.conftest import optimised
 from tests.pseudo_ground_truth import pseudo_ground_truth
 from converters.reference import detection_confidence, gradient_x_activation, randomize_batch_norm, random_torchvision, relative_error
 from xprune_jax import models
@@ -313,7 +314,7 @@ def test_confidence_grad_x_act_matches_torch_autograd(run):
     with jax.enable_x64(True):
         variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), run["model"].variables)
         batch = {"images": np.asarray(inputs, np.float64), "weights": np.ones(1)}
-        stats = statistics_step(run["pipeline"].module, confidence)(variables, batch)
+        stats = optimised(statistics_step(run["pipeline"].module, confidence), variables, batch)
         stats = jax.tree_util.tree_map(np.asarray, stats)
 
     modules = dict(torch_model.named_modules())

@@ -30,6 +30,7 @@ from ultralytics.utils.patches import imread
 from converters.mapping import state_dict_to_variables
 from converters.reference import gradient_x_activation, outputs_by_name, randomize_batch_norm, relative_error
 from converters.ultralytics_io import DFL_KEY, convert
+from tests.conftest import optimised
 from tests.pseudo_ground_truth import pseudo_ground_truth
 from tests.test_errors import RunsCode
 from xprune_jax import models
@@ -616,7 +617,7 @@ def _float64_statistics(model, objective, batch: dict) -> dict:
     with jax.enable_x64(True):
         variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), model.variables)
         batch = {**batch, "images": np.asarray(batch["images"], np.float64), "weights": np.ones(len(batch["images"]))}
-        return jax.tree_util.tree_map(np.asarray, statistics_step(model.module, objective)(variables, batch))
+        return jax.tree_util.tree_map(np.asarray, optimised(statistics_step(model.module, objective), variables, batch))
 
 
 def test_grad_x_act_matches_torch_autograd(checkpoint, converted, batch):
