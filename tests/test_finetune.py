@@ -390,7 +390,8 @@ def test_bad_inputs_get_one_line_errors(workdir, tmp_path):
     checkpoints, every_step = str(tmp_path / "checkpoints"), dataclasses.replace(config, checkpoint_every=1)
     finetune(student, student, data, every_step, checkpoints, progress=False)  # leaves its checkpoint of step 1
     _raises(r"the checkpoints in .*checkpoints belong to a run with another config\.lr \(0\.001 there, 0\.002 here\); "
-            r"remove them, or write this run elsewhere", finetune, student, student, data, dataclasses.replace(every_step, lr=2e-3), checkpoints, progress=False)
+            r"remove them, or write this run elsewhere", finetune, student, student, data,
+            dataclasses.replace(every_step, lr=2e-3), checkpoints, progress=False)
 
 
 def test_default_teacher_is_the_recorded_source(workdir, tmp_path):

@@ -400,7 +400,7 @@ def read_measurements(path: str, context: dict, ignore: tuple[str, ...] = ()) ->
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot reuse the measurements in {path}: unreadable ({e}); delete it, or run without it") from None
     differ = differences({k: v for k, v in context.items() if k not in ignore},
-                          {k: v for k, v in made_in.items() if k not in ignore})
+                         {k: v for k, v in made_in.items() if k not in ignore})
     if differ:
         shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
         raise UserError(f"cannot reuse the measurements in {path}: they were made with another {shown}; "
